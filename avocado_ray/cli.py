@@ -1,0 +1,107 @@
+"""The `avocado-ray` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from importlib import resources
+from pathlib import Path
+
+from avocado_ray.config import ConfigError, DistillConfig, json_schema, load_config
+
+DEFAULT_CONFIG = "builtin:local"
+
+
+def config_path(name: str) -> Path:
+    """A config file path; `builtin:local` is the embedded default (local Ray, tiny models)."""
+    if name.startswith("builtin:"):
+        return Path(str(resources.files("avocado_ray.resources").joinpath(f"{name[len('builtin:'):]}.yaml")))
+    return Path(name)
+
+
+def _load(args) -> DistillConfig:
+    overrides = list(args.set)
+    if getattr(args, "run_dir", None):
+        overrides.append(f"run_dir={args.run_dir}")
+    return load_config(config_path(args.config), overrides)
+
+
+def cmd_distill(args) -> int:
+    from avocado_ray.pipeline import run_distill
+
+    config = _load(args)
+    summary = run_distill(config)
+    print(json.dumps(summary, indent=2, ensure_ascii=False))
+    print(f"run directory: {summary['run_dir']}")
+    return 0 if summary["counts_add_up"] else 1
+
+
+def cmd_config_check(args) -> int:
+    config = _load(args)
+    print(f"{args.config}: ok ({len(config.teachers)} teachers, run_dir {config.run_dir})")
+    return 0
+
+
+def cmd_config_schema(args) -> int:
+    print(json.dumps(json_schema(), indent=2))
+    return 0
+
+
+def cmd_make_tiny_models(args) -> int:
+    from avocado_ray.models.tiny import build_all
+
+    for name, path in build_all(Path(args.out)).items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def _add_config_args(parser: argparse.ArgumentParser, positional: bool = False) -> None:
+    if positional:
+        parser.add_argument("config", help="YAML config file (or builtin:local)")
+    else:
+        parser.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config file (default: builtin:local)")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. trainer.lr=1e-5"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="avocado-ray", description="Distil one student LLM from several teachers on Ray.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    distill = commands.add_parser("distill", help="run teachers and trainer together on a config")
+    _add_config_args(distill)
+    distill.add_argument("--run-dir", help="override the config's run_dir")
+    distill.set_defaults(func=cmd_distill)
+
+    config = commands.add_parser("config", help="check a config or print its JSON Schema")
+    config_commands = config.add_subparsers(dest="config_command", required=True)
+    check = config_commands.add_parser("check", help="validate a config; exit 1 listing every problem")
+    _add_config_args(check, positional=True)
+    check.set_defaults(func=cmd_config_check)
+    schema = config_commands.add_parser("schema", help="print the config's JSON Schema")
+    schema.set_defaults(func=cmd_config_schema)
+
+    tiny = commands.add_parser("make-tiny-models", help="build tiny teachers and student (no download)")
+    tiny.add_argument("--out", required=True, help="folder to build into")
+    tiny.set_defaults(func=cmd_make_tiny_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    try:
+        return args.func(args)
+    except ConfigError as error:
+        print(f"config error:\n{error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

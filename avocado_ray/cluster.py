@@ -1,0 +1,40 @@
+"""Finding Ray: join the cluster a job runs in, or start a local one on loopback."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+from avocado_ray.config import DistillConfig
+
+log = logging.getLogger(__name__)
+
+
+def cpus_needed(config: DistillConfig) -> int:
+    """Logical CPUs the run reserves: teacher replicas, trainer workers and one for the driver's actors."""
+    teachers = sum(t.num_cpus * t.replicas * t.tensor_parallel_size for t in config.teachers)
+    trainer = config.trainer.num_workers * config.trainer.cpus_per_worker
+    return int(teachers + trainer + 1.999)
+
+
+def connect(config: DistillConfig) -> str:
+    """Join the configured cluster, else RAY_ADDRESS or a running local one, else start Ray here.
+
+    Returns how it connected, for the log. A Ray already initialised in this process is kept.
+    """
+    if ray.is_initialized():
+        return "already connected"
+    address = config.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return f"joined {address}"
+    try:
+        ray.init(address="auto", log_to_driver=True)
+        return "joined the running local cluster"
+    except ConnectionError:
+        pass
+    num_cpus = config.ray.num_cpus or max(cpus_needed(config), os.cpu_count() or 1)
+    ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
+    return f"started a local Ray with {num_cpus} logical CPUs"

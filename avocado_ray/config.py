@@ -1,0 +1,264 @@
+"""The one config schema of avocado-ray.
+
+Every option of a run is defined and documented here, as a pydantic model loaded from YAML.
+Unknown keys and wrong types are errors that name the file, the key path and (where the YAML
+says) the line, so a broken config fails before any Ray actor starts.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from avocado_ray.models.tiny import TINY_SCHEME
+
+DOMAINS = ("code", "chinese", "math", "general", "multimodal")
+Domain = Literal["code", "chinese", "math", "general", "multimodal"]
+
+
+class Strict(BaseModel):
+    """Base for every config section: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SamplingConfig(Strict):
+    """Sampling defaults of one teacher (vLLM SamplingParams), overridable per request."""
+
+    temperature: float = Field(0.8, ge=0.0, description="Softmax temperature; 0 is greedy.")
+    top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    max_tokens: int = Field(64, gt=0, description="Most tokens generated per answer.")
+    stop: list[str] = Field(default_factory=list, description="Strings that end an answer.")
+    logprobs: int = Field(5, ge=0, le=20, description="Top-k logprobs kept per generated token; 0 disables.")
+
+
+class EngineConfig(Strict):
+    """vLLM engine settings of one teacher replica."""
+
+    max_model_len: int = Field(1024, gt=0, description="Context length (prompt + answer) in tokens.")
+    kv_cache_gib: int = Field(1, gt=0, description="KV cache space on CPU (VLLM_CPU_KVCACHE_SPACE).")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1.0, description="Share of GPU memory vLLM may take.")
+    max_num_seqs: int = Field(64, gt=0, description="Most sequences one engine batches together.")
+    enforce_eager: bool = Field(False, description="Skip torch.compile and graphs: faster start, slower steps.")
+    dtype: str = Field("auto", description="Weights dtype; 'auto' is bf16 on GPU and fp32 on CPU.")
+    extra_args: dict[str, Any] = Field(
+        default_factory=dict, description="Further vLLM AsyncEngineArgs passed through as given."
+    )
+
+
+class VLLMTeacher(Strict):
+    """A teacher model served by a pool of vLLM engines, each in a Ray actor."""
+
+    kind: Literal["vllm"] = "vllm"
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$", description="Pool name used by the routing table.")
+    model: str = Field(description="Hugging Face model folder, or tiny:NAME for a locally built tiny model.")
+    family: Literal["qwen2", "qwen3", "gemma3", "gpt_oss"] = Field(description="Model family (chat format).")
+    tensor_parallel_size: int = Field(1, gt=0, description="GPUs per replica (placement group bundles).")
+    replicas: int = Field(1, gt=0, description="Number of engine replicas in the pool.")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs a replica actor reserves.")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+
+
+class RoutingConfig(Strict):
+    """Which teacher pool answers which domain."""
+
+    table: dict[Domain, str] = Field(description="Domain to teacher name.")
+    fallback: str = Field(description="Teacher for domains the table does not name.")
+    priority: list[Domain] = Field(
+        default_factory=lambda: ["multimodal", "code", "chinese", "math", "general"],
+        description="When a prompt has several labels, the first label in this list routes it.",
+    )
+
+
+class StudentConfig(Strict):
+    """The model being trained."""
+
+    model: str = Field(description="Hugging Face model folder, or tiny:student.")
+
+
+class TrainerConfig(Strict):
+    """DeepSpeed training of the student, on Ray Train workers."""
+
+    num_workers: int = Field(1, gt=0, description="Ray Train workers (data-parallel ranks).")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs a worker reserves.")
+    use_gpu: bool = Field(False, description="Train on GPUs (nccl, bf16) instead of CPU (gloo, fp32).")
+    zero_stage: Literal[0, 1, 2, 3] = Field(3, description="DeepSpeed ZeRO stage.")
+    batch_size: int = Field(8, gt=0, description="Samples per optimizer step, over all workers.")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_seq_len: int = Field(256, gt=0, description="Prompt + answer tokens per sample (student tokenizer).")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many steps (default: all samples).")
+    deepspeed: dict[str, Any] = Field(
+        default_factory=dict, description="Raw DeepSpeed config keys, merged over the generated ones."
+    )
+
+
+class DataConfig(Strict):
+    """Where the prompts come from."""
+
+    input: str = Field(description="JSONL file of prompts, or builtin:demo for the embedded demo set.")
+    max_prompts: int | None = Field(None, gt=0, description="Use at most this many prompts.")
+
+
+class DispatchConfig(Strict):
+    """How prompts are batched towards teacher replicas."""
+
+    batch_size: int = Field(8, gt=0, description="Prompts per call to a teacher replica.")
+    max_in_flight_per_replica: int = Field(4, gt=0, description="Calls in flight per replica (bounds memory).")
+    buffer_batches: int = Field(8, gt=0, description="Teacher batches queued for the trainer (backpressure).")
+
+
+class RayConfig(Strict):
+    """How the job finds or starts Ray."""
+
+    address: str | None = Field(
+        None, description="Cluster address; default: RAY_ADDRESS, else a running local cluster, else start one."
+    )
+    num_cpus: int | None = Field(None, gt=0, description="CPUs of a Ray started here (default: what the run needs).")
+
+
+class DistillConfig(Strict):
+    """A whole distillation run."""
+
+    run_dir: str = Field(description="Folder for Parquet outputs, the student, metrics and the summary.")
+    seed: int = 0
+    teachers: list[VLLMTeacher] = Field(min_length=1, description="Teacher pools; `kind` selects the serving backend.")
+    routing: RoutingConfig
+    student: StudentConfig
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    data: DataConfig
+    dispatch: DispatchConfig = Field(default_factory=DispatchConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @field_validator("teachers")
+    @classmethod
+    def _unique_teacher_names(cls, teachers: list[VLLMTeacher]) -> list[VLLMTeacher]:
+        names = [t.name for t in teachers]
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise ValueError(f"teacher names must be unique, repeated: {duplicated}")
+        return teachers
+
+    @model_validator(mode="after")
+    def _routing_names_known_teachers(self) -> DistillConfig:
+        known = {t.name for t in self.teachers}
+        for domain, name in self.routing.table.items():
+            if name not in known:
+                raise ValueError(f"routing.table.{domain} names teacher {name!r}, not among {sorted(known)}")
+        if self.routing.fallback not in known:
+            raise ValueError(f"routing.fallback names teacher {self.routing.fallback!r}, not among {sorted(known)}")
+        return self
+
+    def teacher(self, name: str) -> VLLMTeacher:
+        return next(t for t in self.teachers if t.name == name)
+
+
+class ConfigError(Exception):
+    """A config that cannot run; the message lists every problem with file, line and key path."""
+
+    def __init__(self, path: str, problems: list[str]):
+        self.path = path
+        self.problems = problems
+        super().__init__("\n".join(f"{path}: {p}" for p in problems))
+
+
+def _key_lines(path: Path) -> dict[tuple, int]:
+    """Map each key path in a YAML file to its 1-based line, so errors can point at it."""
+    lines: dict[tuple, int] = {}
+
+    def walk(node: yaml.Node, prefix: tuple) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                here = prefix + (key.value,)
+                lines[here] = key.start_mark.line + 1
+                walk(value, here)
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                lines[prefix + (index,)] = item.start_mark.line + 1
+                walk(item, prefix + (index,))
+
+    root = yaml.compose(path.read_text())
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def _apply_override(data: dict, assignment: str) -> None:
+    """Apply one dotted override `a.b.c=value`; the value is parsed as YAML (so 1e-5 is a float)."""
+    if "=" not in assignment:
+        raise ValueError(f"override {assignment!r} is not KEY=VALUE")
+    dotted, raw = assignment.split("=", 1)
+    keys = dotted.split(".")
+    node: Any = data
+    for key in keys[:-1]:
+        node = node[int(key)] if isinstance(node, list) else node.setdefault(key, {})
+    last = keys[-1]
+    value = yaml.safe_load(raw)
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def _check_model_paths(config: DistillConfig) -> list[str]:
+    """Model folders must exist before anything starts; tiny: models are built on demand instead."""
+    problems = []
+    entries = [(f"teachers.{i}.model", t.model) for i, t in enumerate(config.teachers)]
+    entries.append(("student.model", config.student.model))
+    for key, model in entries:
+        if not model.startswith(TINY_SCHEME) and not Path(model).is_dir():
+            problems.append(f"{key}: model path {model!r} does not exist")
+    if not config.data.input.startswith("builtin:") and not Path(config.data.input).is_file():
+        problems.append(f"data.input: input file {config.data.input!r} does not exist")
+    if Path(config.run_dir).exists() and not Path(config.run_dir).is_dir():
+        problems.append(f"run_dir: {config.run_dir!r} exists and is not a directory")
+    return problems
+
+
+def load_config(path: str | Path, overrides: list[str] = (), check_paths: bool = True) -> DistillConfig:
+    """Load, override and validate a YAML config; raise ConfigError listing every problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(str(path), ["config file does not exist"])
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(str(path), [f"not valid YAML: {error}"]) from None
+    if not isinstance(data, dict):
+        raise ConfigError(str(path), ["the top level must be a mapping of keys"])
+    data = copy.deepcopy(data)
+    try:
+        for assignment in overrides:
+            _apply_override(data, assignment)
+    except (ValueError, IndexError, TypeError) as error:
+        raise ConfigError(str(path), [f"--set: {error}"]) from None
+    try:
+        config = DistillConfig.model_validate(data)
+    except ValidationError as error:
+        lines = _key_lines(path)
+        problems = []
+        for item in error.errors():
+            loc = tuple(item["loc"])
+            line = next((lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in lines), None)
+            where = f"line {line}: " if line else ""
+            key = ".".join(str(part) for part in loc) or "(top level)"
+            message = item["msg"]
+            if item["type"] == "extra_forbidden":
+                message = "unknown key"
+            problems.append(f"{where}{key}: {message}")
+        raise ConfigError(str(path), problems) from None
+    if check_paths:
+        problems = _check_model_paths(config)
+        if problems:
+            raise ConfigError(str(path), problems)
+    return config
+
+
+def json_schema() -> dict:
+    """The JSON Schema of the config, for editors and `avocado-ray config schema`."""
+    return DistillConfig.model_json_schema()

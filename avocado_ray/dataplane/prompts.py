@@ -1,0 +1,132 @@
+"""Reading prompt files: every non-empty input line becomes exactly one prompt or one rejection.
+
+Input rows are JSON objects with an optional `id`, and either `prompt` (a string) or `messages`
+(OpenAI-style chat), plus an optional `teacher` that overrides routing. A row without an id gets a
+stable one, a hash of its content. Malformed rows are rejected with the line and the reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+BUILTIN_PREFIX = "builtin:"
+
+
+@dataclass
+class Prompt:
+    """One valid input row."""
+
+    id: str
+    messages: list[dict]
+    line: int
+    teacher: str | None = None
+
+    @property
+    def text(self) -> str:
+        """All message text, for classification."""
+        return "\n".join(part for m in self.messages for part in _text_parts(m["content"]))
+
+
+@dataclass
+class Rejected:
+    """One input row that will not be answered, and why."""
+
+    line: int
+    id: str | None
+    reason: str
+    code: str = "bad_row"  # short kind of reason, for counts: bad_row, duplicate_id, unknown_teacher, too_long
+
+
+@dataclass
+class PromptSet:
+    """What a prompt file holds: valid prompts and rejected rows, in input order."""
+
+    source: str
+    prompts: list[Prompt] = field(default_factory=list)
+    rejected: list[Rejected] = field(default_factory=list)
+
+
+def _text_parts(content) -> list[str]:
+    if isinstance(content, str):
+        return [content]
+    return [part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text"]
+
+
+def _valid_messages(messages) -> str | None:
+    """The reason `messages` is not a usable chat, or None."""
+    if not isinstance(messages, list) or not messages:
+        return "field 'messages' must be a non-empty list"
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            return f"messages[{index}] must be an object with a string 'role'"
+        content = message.get("content")
+        if not isinstance(content, (str, list)):
+            return f"messages[{index}].content must be a string or a list of parts"
+    if not any(part.strip() for m in messages for part in _text_parts(m["content"])):
+        return "messages hold no text"
+    return None
+
+
+def parse_row(raw: bytes, line: int) -> Prompt | Rejected:
+    """Turn one input line into a prompt, or a rejection that says why."""
+    try:
+        row = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        return Rejected(line, None, f"invalid UTF-8 at byte {error.start}")
+    except json.JSONDecodeError as error:
+        return Rejected(line, None, f"invalid JSON: {error.msg} at column {error.colno}")
+    if not isinstance(row, dict):
+        return Rejected(line, None, "row must be a JSON object")
+    row_id = row.get("id")
+    if row_id is not None and not isinstance(row_id, (str, int)):
+        return Rejected(line, None, "field 'id' must be a string or an integer")
+    row_id = None if row_id is None else str(row_id)
+    if "prompt" in row and "messages" in row:
+        return Rejected(line, row_id, "row has both 'prompt' and 'messages'")
+    if "prompt" in row:
+        if not isinstance(row["prompt"], str) or not row["prompt"].strip():
+            return Rejected(line, row_id, "field 'prompt' must be a non-empty string")
+        messages = [{"role": "user", "content": row["prompt"]}]
+    elif "messages" in row:
+        reason = _valid_messages(row["messages"])
+        if reason:
+            return Rejected(line, row_id, reason)
+        messages = row["messages"]
+    else:
+        return Rejected(line, row_id, "row has neither 'prompt' nor 'messages'")
+    teacher = row.get("teacher")
+    if teacher is not None and not isinstance(teacher, str):
+        return Rejected(line, row_id, "field 'teacher' must be a string")
+    if row_id is None:
+        digest = hashlib.sha256(json.dumps(messages, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+        row_id = f"h-{digest[:16]}"
+    return Prompt(id=row_id, messages=messages, line=line, teacher=teacher)
+
+
+def read_prompts(source: str, max_prompts: int | None = None) -> PromptSet:
+    """Read a JSONL prompt file (or `builtin:NAME`); duplicate ids after the first are rejected."""
+    if source.startswith(BUILTIN_PREFIX):
+        name = source[len(BUILTIN_PREFIX) :]
+        data = resources.files("avocado_ray.resources").joinpath(f"{name}_prompts.jsonl").read_bytes()
+    else:
+        data = Path(source).read_bytes()
+    result = PromptSet(source=source)
+    seen: set[str] = set()
+    for line, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        if max_prompts is not None and len(result.prompts) >= max_prompts:
+            break
+        parsed = parse_row(raw, line)
+        if isinstance(parsed, Prompt) and parsed.id in seen:
+            parsed = Rejected(line, parsed.id, f"duplicate id {parsed.id!r}", "duplicate_id")
+        if isinstance(parsed, Prompt):
+            seen.add(parsed.id)
+            result.prompts.append(parsed)
+        else:
+            result.rejected.append(parsed)
+    return result

@@ -1,0 +1,71 @@
+"""The Arrow schema of a teacher sample: the one format teacher outputs travel and rest in.
+
+One row is one teacher answer to one prompt. Column by column:
+
+| column              | type                        | meaning                                                    |
+|---------------------|-----------------------------|------------------------------------------------------------|
+| sample_id           | string                      | `{prompt_id}:{teacher}`: unique per answer                 |
+| prompt_id           | string                      | id of the input row (given, or a hash of its content)      |
+| domain              | string                      | domain that decided the route (code, chinese, ...)         |
+| labels              | list<string>                | every domain label the classifier gave                     |
+| teacher             | string                      | teacher pool that answered                                 |
+| replica             | int32                       | index of the replica in its pool                           |
+| messages            | string                      | the chat messages as JSON (OpenAI style)                   |
+| answer              | string                      | the teacher's answer text                                  |
+| token_ids           | list<int32>                 | the answer's token ids, in the teacher's tokenizer         |
+| token_logprobs      | list<float16>               | logprob of each generated token                            |
+| topk_ids            | list<list<int32>>           | per generated token, the teacher's top-k token ids by rank |
+| topk_logprobs       | list<list<float16>>         | their logprobs                                             |
+| finish_reason       | string                      | `stop` or `length`                                         |
+| prompt_tokens       | int32                       | prompt length in the teacher's tokenizer                   |
+| latency_s           | float32                     | seconds from the replica receiving the batch to the answer |
+
+The schema version lives in the schema's metadata; readers refuse other versions by name.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+SCHEMA_VERSION = "1"
+VERSION_KEY = b"avocado_ray.schema_version"
+
+SAMPLE_SCHEMA = pa.schema(
+    [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("domain", pa.string(), nullable=False),
+        pa.field("labels", pa.list_(pa.string())),
+        pa.field("teacher", pa.string(), nullable=False),
+        pa.field("replica", pa.int32()),
+        pa.field("messages", pa.string(), nullable=False),
+        pa.field("answer", pa.string(), nullable=False),
+        pa.field("token_ids", pa.list_(pa.int32())),
+        pa.field("token_logprobs", pa.list_(pa.float16())),
+        pa.field("topk_ids", pa.list_(pa.list_(pa.int32()))),
+        pa.field("topk_logprobs", pa.list_(pa.list_(pa.float16()))),
+        pa.field("finish_reason", pa.string()),
+        pa.field("prompt_tokens", pa.int32()),
+        pa.field("latency_s", pa.float32()),
+    ],
+    metadata={VERSION_KEY: SCHEMA_VERSION.encode()},
+)
+
+
+class SchemaVersionError(ValueError):
+    """Data written under another schema version than this code reads."""
+
+
+def check_schema_version(schema: pa.Schema, source: str) -> None:
+    """Refuse data of another schema version, naming both versions and the source."""
+    found = (schema.metadata or {}).get(VERSION_KEY, b"none").decode()
+    if found != SCHEMA_VERSION:
+        raise SchemaVersionError(
+            f"{source}: teacher-sample schema version {found}, but this avocado-ray reads version {SCHEMA_VERSION}"
+        )
+
+
+def samples_to_batch(rows: list[dict]) -> pa.RecordBatch:
+    """Build a record batch of samples from row dicts (keys: the schema's column names)."""
+    columns = {field.name: [row[field.name] for row in rows] for field in SAMPLE_SCHEMA}
+    return pa.RecordBatch.from_pydict(columns, schema=SAMPLE_SCHEMA)

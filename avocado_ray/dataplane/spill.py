@@ -1,0 +1,82 @@
+"""Durable copies of every teacher batch: Parquet shards (zstd) in the run directory.
+
+A shard is written to a temporary name and renamed when complete, so a reader never sees half a
+shard. `ShardWriter` runs as a Ray actor; batches reach it by reference from the object store.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from avocado_ray.dataplane.schema import SAMPLE_SCHEMA, check_schema_version
+
+SHARD_GLOB = "shard-*.parquet"
+
+
+class ShardWriter:
+    """Appends record batches to the current shard; starts a new shard every `rows_per_shard` rows."""
+
+    def __init__(self, folder: str, rows_per_shard: int = 4096):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.rows_per_shard = rows_per_shard
+        self.shard_index = len(list(self.folder.glob(SHARD_GLOB)))
+        self.writer: pq.ParquetWriter | None = None
+        self.rows_in_shard = 0
+        self.shards: list[str] = []
+
+    def _temp_path(self) -> Path:
+        return self.folder / f".shard-{self.shard_index:06d}.parquet.tmp"
+
+    def write(self, batch: pa.RecordBatch) -> int:
+        """Write one batch; returns its row count."""
+        check_schema_version(batch.schema, "teacher batch")
+        if batch.num_rows == 0:
+            return 0
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self._temp_path(), SAMPLE_SCHEMA, compression="zstd")
+        self.writer.write_batch(batch)
+        self.rows_in_shard += batch.num_rows
+        if self.rows_in_shard >= self.rows_per_shard:
+            self._finish_shard()
+        return batch.num_rows
+
+    def _finish_shard(self) -> None:
+        self.writer.close()
+        final = self.folder / f"shard-{self.shard_index:06d}.parquet"
+        os.replace(self._temp_path(), final)
+        self.shards.append(final.name)
+        self.shard_index += 1
+        self.writer, self.rows_in_shard = None, 0
+
+    def close(self) -> list[str]:
+        """Complete the open shard; returns the shards written by this writer."""
+        if self.writer is not None:
+            self._finish_shard()
+        return self.shards
+
+
+def open_samples(folder: str | Path) -> ds.Dataset:
+    """The complete shards of a run as one Arrow dataset (temporary files are not shards)."""
+    files = sorted(str(p) for p in Path(folder).glob(SHARD_GLOB))
+    dataset = ds.dataset(files, format="parquet", schema=SAMPLE_SCHEMA)
+    for path in files:
+        check_schema_version(pq.read_schema(path), path)
+    return dataset
+
+
+def sample_counts(folder: str | Path) -> dict:
+    """Counts of the samples on disk: total, per domain, per teacher, and tokens generated."""
+    table = open_samples(folder).to_table(columns=["domain", "teacher", "token_ids"])
+    per = {}
+    for column in ("domain", "teacher"):
+        grouped = table.group_by(column).aggregate([([], "count_all")]).to_pylist()
+        per[column] = {row[column]: row["count_all"] for row in sorted(grouped, key=lambda r: r[column])}
+    tokens = pc.sum(pc.list_value_length(table["token_ids"])).as_py() or 0
+    return {"samples": table.num_rows, "per_domain": per["domain"], "per_teacher": per["teacher"], "tokens": tokens}

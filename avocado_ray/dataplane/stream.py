@@ -1,0 +1,47 @@
+"""The stream of teacher batches to the trainer: a bounded Ray queue of object references.
+
+Producers put references to Arrow record batches (the batches themselves stay in the Ray object
+store where the teacher replicas put them); when the queue is full, `put` blocks, which is the
+backpressure that keeps memory bounded while the trainer is slower than the teachers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pyarrow as pa
+import ray
+from ray.util.queue import Queue
+
+from avocado_ray.dataplane.schema import check_schema_version
+
+_END = "end-of-stream"
+
+
+class SampleStream:
+    """Bounded queue of record-batch references; picklable, so it can be handed to Ray workers."""
+
+    def __init__(self, max_batches: int):
+        self.queue = Queue(maxsize=max_batches, actor_options={"num_cpus": 0})
+
+    def put(self, batch_ref: ray.ObjectRef) -> None:
+        """Blocks while the queue is full. The reference is wrapped so Ray does not resolve it."""
+        self.queue.put([batch_ref])
+
+    def close(self) -> None:
+        self.queue.put(_END)
+
+    def batches(self) -> Iterator[tuple[pa.RecordBatch, float]]:
+        """Yield (record batch, seconds waited for it) until the producer closes the stream."""
+        while True:
+            started = time.monotonic()
+            item = self.queue.get()
+            if item == _END:
+                return
+            batch = ray.get(item[0])
+            check_schema_version(batch.schema, "sample stream")
+            yield batch, time.monotonic() - started
+
+    def shutdown(self) -> None:
+        self.queue.shutdown()

@@ -1,0 +1,44 @@
+"""Real text that ships with Python itself, so tiny tokenizers can be trained with no download.
+
+Code comes from the standard library's sources, English from its help topics, Chinese from its
+codec test data. Each family's tokenizer is trained on a different mix, as real teachers are.
+"""
+
+from __future__ import annotations
+
+import sysconfig
+from pathlib import Path
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+
+# Used only where the interpreter ships without its `test` package (Debian's python3 does).
+_CHINESE_FALLBACK = (
+    "机器学习是人工智能的一个分支。它研究计算机怎样模拟或实现人类的学习行为，以获取新的知识或技能。"
+    "蒸馏是一种把大模型的知识传给小模型的方法，学生模型学习教师模型的回答。"
+)
+
+
+def code_corpus(max_chars: int = 2_000_000) -> str:
+    """Python source files of the standard library, in a stable order."""
+    parts, size = [], 0
+    for path in sorted(STDLIB.glob("*.py")):
+        text = path.read_text(encoding="utf-8", errors="ignore")
+        parts.append(text)
+        size += len(text)
+        if size >= max_chars:
+            break
+    return "\n".join(parts)
+
+
+def english_corpus() -> str:
+    """The help topics of the interactive `help()`: English prose about Python."""
+    from pydoc_data.topics import topics
+
+    return "\n".join(topics[key] for key in sorted(topics))
+
+
+def chinese_corpus() -> str:
+    """Chinese sample text from the standard library's codec tests."""
+    folder = STDLIB / "test" / "cjkencodings"
+    texts = [path.read_text(encoding="utf-8") for path in sorted(folder.glob("gb*-utf8.txt"))]
+    return "\n".join(texts) if texts else _CHINESE_FALLBACK

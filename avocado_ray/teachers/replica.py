@@ -1,0 +1,128 @@
+"""One teacher replica: a Ray actor hosting a vLLM async engine.
+
+A call carries a batch of prompts; inside the actor they are submitted to vLLM's `AsyncLLM`
+concurrently, so continuous batching also fills across the calls a pool keeps in flight.
+The answers leave as one Arrow record batch (see `dataplane.schema`), stored in the Ray object
+store by the actor, so the driver only passes references on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+
+import pyarrow as pa
+
+from avocado_ray.config import SamplingConfig, VLLMTeacher
+from avocado_ray.dataplane.schema import samples_to_batch
+
+
+def topk_at_position(flat, position: int, sampled: int, k: int) -> tuple[float, list[int], list[float]]:
+    """From vLLM's flat logprobs: the sampled token's logprob and the top-k (ids, logprobs) by rank."""
+    start, end = flat.start_indices[position], flat.end_indices[position]
+    entries = sorted(
+        (flat.ranks[i], flat.token_ids[i], flat.logprobs[i]) for i in range(start, end) if flat.ranks[i] <= k
+    )
+    sampled_logprob = next(flat.logprobs[i] for i in range(start, end) if flat.token_ids[i] == sampled)
+    return sampled_logprob, [e[1] for e in entries], [e[2] for e in entries]
+
+
+class TeacherReplica:
+    """Hosts one vLLM engine for one teacher; `generate` answers a batch of routed prompts."""
+
+    def __init__(self, teacher: VLLMTeacher, model_path: str, index: int, seed: int = 0):
+        from transformers import AutoTokenizer
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.teacher = teacher
+        self.index = index
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        args = AsyncEngineArgs(
+            model=model_path,
+            tensor_parallel_size=teacher.tensor_parallel_size,
+            max_model_len=teacher.engine.max_model_len,
+            max_num_seqs=teacher.engine.max_num_seqs,
+            gpu_memory_utilization=teacher.engine.gpu_memory_utilization,
+            dtype=teacher.engine.dtype,
+            enforce_eager=teacher.engine.enforce_eager,
+            seed=seed + index,
+            max_logprobs=max(teacher.sampling.logprobs, 1),
+            distributed_executor_backend="ray" if teacher.tensor_parallel_size > 1 else "uni",
+            disable_log_stats=True,
+            **teacher.engine.extra_args,
+        )
+        self.engine = AsyncLLM.from_engine_args(args)
+
+    def info(self) -> dict:
+        """Ready check and facts about the engine."""
+        return {"teacher": self.teacher.name, "replica": self.index, "max_model_len": self.teacher.engine.max_model_len}
+
+    def _sampling_params(self, overrides: dict | None):
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        sampling = self.teacher.sampling.model_copy(update=overrides or {})
+        SamplingConfig.model_validate(sampling.model_dump())  # overrides obey the same rules as the config
+        return SamplingParams(
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            max_tokens=sampling.max_tokens,
+            stop=sampling.stop or None,
+            logprobs=sampling.logprobs or None,
+            flat_logprobs=True,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        ), sampling.logprobs
+
+    async def _answer(self, request: dict, started: float) -> dict:
+        prompt_text = self.tokenizer.apply_chat_template(request["messages"], tokenize=False, add_generation_prompt=True)
+        prompt_ids = self.tokenizer.encode(prompt_text, add_special_tokens=False)
+        limit = self.teacher.engine.max_model_len
+        if len(prompt_ids) >= limit:
+            return {"rejected": f"prompt of {len(prompt_ids)} tokens does not fit {self.teacher.name}'s context of {limit}"}
+        params, k = self._sampling_params(request.get("sampling"))
+        final = None
+        async for output in self.engine.generate({"prompt_token_ids": prompt_ids}, params, uuid.uuid4().hex):
+            final = output
+        completion = final.outputs[0]
+        token_ids = list(completion.token_ids)
+        token_logprobs, topk_ids, topk_logprobs = [], [], []
+        if k:
+            for position, token in enumerate(token_ids):
+                sampled, ids, logprobs = topk_at_position(completion.logprobs, position, token, k)
+                token_logprobs.append(sampled)
+                topk_ids.append(ids)
+                topk_logprobs.append(logprobs)
+        return {
+            "sample_id": f"{request['prompt_id']}:{self.teacher.name}",
+            "prompt_id": request["prompt_id"],
+            "domain": request["domain"],
+            "labels": request["labels"],
+            "teacher": self.teacher.name,
+            "replica": self.index,
+            "messages": json.dumps(request["messages"], ensure_ascii=False),
+            "answer": completion.text,
+            "token_ids": token_ids,
+            "token_logprobs": token_logprobs,
+            "topk_ids": topk_ids,
+            "topk_logprobs": topk_logprobs,
+            "finish_reason": completion.finish_reason or "length",
+            "prompt_tokens": len(prompt_ids),
+            "latency_s": time.monotonic() - started,
+        }
+
+    async def generate(self, requests: list[dict]) -> tuple[pa.RecordBatch, list[dict]]:
+        """Answer a batch: (record batch of samples, rejections as {prompt_id, reason}).
+
+        Each request holds prompt_id, domain, labels, messages and optional sampling overrides.
+        Call with `num_returns=2` so the record batch is an object of its own in the object store.
+        """
+        started = time.monotonic()
+        answers = await asyncio.gather(*(self._answer(r, started) for r in requests))
+        samples = [a for a in answers if "rejected" not in a]
+        rejected = [
+            {"prompt_id": r["prompt_id"], "reason": a["rejected"]} for r, a in zip(requests, answers) if "rejected" in a
+        ]
+        return samples_to_batch(samples), rejected

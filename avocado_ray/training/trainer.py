@@ -1,0 +1,203 @@
+"""The student trainer: DeepSpeed (ZeRO-3 by default) on Ray Train workers, fed by the sample stream.
+
+Rank 0 reads teacher batches from the stream and broadcasts each global batch to all ranks; each
+rank trains on its own share. The first loss is supervised on the teacher's answer text, tokenised
+with the student's tokenizer, with the loss on answer tokens only. At the end the student is
+consolidated from its ZeRO shards and saved in Hugging Face format.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from avocado_ray.config import TrainerConfig
+from avocado_ray.dataplane.stream import SampleStream
+
+IGNORE = -100
+
+
+def deepspeed_config(trainer: TrainerConfig, world_size: int) -> dict:
+    """Map our trainer options onto DeepSpeed's own keys; raw keys in `trainer.deepspeed` win."""
+    config = {
+        "train_batch_size": trainer.batch_size,
+        "train_micro_batch_size_per_gpu": trainer.batch_size // world_size,
+        "gradient_accumulation_steps": 1,
+        "optimizer": {"type": "AdamW", "params": {"lr": trainer.lr, "weight_decay": trainer.weight_decay}},
+        "zero_optimization": {"stage": trainer.zero_stage, "stage3_gather_16bit_weights_on_model_save": True},
+        "bf16": {"enabled": trainer.use_gpu},
+        "gradient_clipping": 1.0,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    return _merge(config, trainer.deepspeed)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    merged = dict(base)
+    for key, value in extra.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def encode_sample(tokenizer, messages: list[dict], answer: str, max_len: int) -> tuple[list[int], list[int]]:
+    """Student-tokenised prompt + answer, with labels only on the answer (and its end token)."""
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+    answer_ids = tokenizer.encode(answer, add_special_tokens=False) + [tokenizer.eos_token_id]
+    input_ids = (prompt_ids + answer_ids)[:max_len]
+    labels = ([IGNORE] * len(prompt_ids) + answer_ids)[:max_len]
+    return input_ids, labels
+
+
+class StudentTrainer:
+    """One rank's DeepSpeed engine over the student; `step` trains on this rank's share of a batch."""
+
+    def __init__(self, student_path: str, trainer: TrainerConfig, world_size: int):
+        import deepspeed
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.integrations import HfDeepSpeedConfig
+
+        self.torch = torch
+        self.trainer = trainer
+        self.ds_config = deepspeed_config(trainer, world_size)
+        # Ray Train made the torch process group; DeepSpeed's comm layer adopts it.
+        deepspeed.init_distributed(dist_backend="nccl" if trainer.use_gpu else "gloo")
+        # Keeping this object alive makes from_pretrained build the model under zero.Init (sharded from the start).
+        self._hf_ds = HfDeepSpeedConfig(self.ds_config)
+        self.tokenizer = AutoTokenizer.from_pretrained(student_path)
+        dtype = torch.bfloat16 if trainer.use_gpu else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(student_path, dtype=dtype)
+        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=self.ds_config)
+
+    def _collate(self, rows: list[dict]):
+        torch = self.torch
+        encoded = [
+            encode_sample(self.tokenizer, json.loads(r["messages"]), r["answer"], self.trainer.max_seq_len) for r in rows
+        ]
+        if not encoded:  # this rank has no share: a dummy sequence with no labels keeps ZeRO collectives in step
+            encoded = [([self.tokenizer.pad_token_id], [IGNORE])]
+        width = max(len(ids) for ids, _ in encoded)
+        input_ids = torch.full((len(encoded), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(encoded), width), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(encoded), width), dtype=torch.long)
+        for i, (ids, labs) in enumerate(encoded):
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            labels[i, : len(labs)] = torch.tensor(labs)
+            mask[i, : len(ids)] = 1
+        device = self.engine.device
+        return input_ids.to(device), labels.to(device), mask.to(device)
+
+    def step(self, rows: list[dict]) -> dict:
+        """One optimizer step; the loss is the mean over answer tokens of the whole global batch."""
+        torch = self.torch
+        import torch.distributed as dist
+        import torch.nn.functional as F
+
+        input_ids, labels, mask = self._collate(rows)
+        logits = self.engine(input_ids=input_ids, attention_mask=mask).logits.float()
+        token_loss = F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), ignore_index=IGNORE, reduction="sum"
+        )
+        counts = torch.tensor([(labels[:, 1:] != IGNORE).sum().item(), token_loss.item()], dtype=torch.float64)
+        dist.all_reduce(counts)
+        tokens, loss_sum = max(counts[0].item(), 1.0), counts[1].item()
+        # DeepSpeed averages gradients over ranks, so scale by world size for a global token mean.
+        self.engine.backward(token_loss * dist.get_world_size() / tokens)
+        self.engine.step()
+        return {"loss": loss_sum / tokens, "tokens": int(tokens)}
+
+    def save_hf(self, out: Path, is_writer: bool) -> None:
+        """Consolidate the ZeRO shards and write a Hugging Face model folder (rank 0 writes)."""
+        import deepspeed
+
+        module = self.engine.module
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            if is_writer:
+                state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+        if is_writer:
+            out.mkdir(parents=True, exist_ok=True)
+            module.save_pretrained(out, state_dict=state)
+            self.tokenizer.save_pretrained(out)
+
+
+def _log(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Ray Train worker body: consume the stream in global batches, train, save the student."""
+    import torch.distributed as dist
+    from ray import train
+
+    trainer = TrainerConfig.model_validate(loop_config["trainer"])
+    stream: SampleStream = loop_config["stream"]
+    run_dir = Path(loop_config["run_dir"])
+    context = train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    student = StudentTrainer(loop_config["student_path"], trainer, world)
+    metrics = run_dir / "metrics.jsonl"
+    columns = ["sample_id", "messages", "answer"]
+
+    def global_batches():
+        """Rank 0's view: full global batches from the stream, then the remainder."""
+        pending, waited = [], 0.0
+        for batch, wait_s in stream.batches():
+            waited += wait_s
+            pending.extend(batch.select(columns).to_pylist())
+            while len(pending) >= trainer.batch_size:
+                yield pending[: trainer.batch_size], waited
+                pending, waited = pending[trainer.batch_size :], 0.0
+        if pending:
+            yield pending, waited
+
+    source = global_batches() if rank == 0 else None
+    step, skipped = 0, 0
+    while True:
+        message = [None]
+        if rank == 0:
+            item = next(source, None)
+            while item is not None and trainer.max_steps is not None and step >= trainer.max_steps:
+                skipped += len(item[0])  # keep draining so producers never block on a full stream
+                item = next(source, None)
+            message = [item]
+        dist.broadcast_object_list(message, src=0)
+        if message[0] is None:
+            break
+        rows, wait_s = message[0]
+        started = time.monotonic()
+        result = student.step(rows[rank::world])
+        step += 1
+        if rank == 0:
+            record = {"kind": "train", "step": step, "samples": len(rows), "wait_s": round(wait_s, 4)}
+            record.update(result, step_s=round(time.monotonic() - started, 4), time=time.time())
+            _log(metrics, record)
+    student.save_hf(run_dir / "student", is_writer=rank == 0)
+    if rank == 0:
+        _log(metrics, {"kind": "train_end", "steps": step, "samples_not_trained": skipped, "time": time.time()})
+
+
+def make_trainer(trainer: TrainerConfig, student_path: str, stream: SampleStream, run_dir: Path):
+    """A Ray Train TorchTrainer over `train_loop_per_worker`; call `.fit()` to run it."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "trainer": trainer.model_dump(),
+            "student_path": student_path,
+            "stream": stream,
+            "run_dir": str(run_dir.resolve()),
+        },
+        torch_config=TorchConfig(backend="nccl" if trainer.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=trainer.num_workers,
+            use_gpu=trainer.use_gpu,
+            resources_per_worker={"CPU": trainer.cpus_per_worker},
+        ),
+        run_config=RunConfig(storage_path=str((run_dir / "ray_train").resolve()), name="student"),
+    )

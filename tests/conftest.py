@@ -1,0 +1,43 @@
+"""Shared fixtures: one local Ray for the session, the tiny models, and one real distillation run.
+
+Everything here is real: Ray on loopback, vLLM's CPU engine, DeepSpeed on gloo, pyarrow. Starting
+vLLM engines is the slow part, so the end-to-end run happens once and many tests read its outputs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import ray
+
+from avocado_ray.cli import config_path
+from avocado_ray.config import load_config
+from avocado_ray.models.tiny import build_all, cache_root
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    """The tiny teachers and student, built once into the shared cache (the demo uses the same)."""
+    return build_all(cache_root())
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray on loopback with enough logical CPUs for three teachers and two trainer workers."""
+    ray.init(num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def local_config(tmp_path_factory):
+    """The embedded default config with its run directory in a temporary folder."""
+    run_dir = tmp_path_factory.mktemp("run")
+    return load_config(config_path("builtin:local"), [f"run_dir={run_dir}"])
+
+
+@pytest.fixture(scope="session")
+def demo_run(tiny_models, ray_cluster, local_config):
+    """One real distillation of the tiny student from the three tiny teachers on the demo prompts."""
+    from avocado_ray.pipeline import run_distill
+
+    return run_distill(local_config)

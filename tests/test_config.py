@@ -1,0 +1,81 @@
+"""The config: one schema, strict about keys and types, and checked before anything starts."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from avocado_ray.cli import config_path, main
+from avocado_ray.config import ConfigError, load_config
+
+LOCAL = config_path("builtin:local")
+
+
+def write(tmp_path, text):
+    path = tmp_path / "run.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def local_with(tmp_path, old, new):
+    return write(tmp_path, LOCAL.read_text().replace(old, new, 1))
+
+
+def test_the_embedded_default_config_is_valid():
+    config = load_config(LOCAL)
+    assert [t.name for t in config.teachers] == ["qwen", "gemma", "gptoss"]
+    assert config.trainer.zero_stage == 3
+
+
+def test_an_unknown_key_is_named_with_its_file_and_line(tmp_path):
+    path = local_with(tmp_path, "  lr: 3.0e-3", "  lr: 3.0e-3\n  learning_rate: 0.1")
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    message = str(error.value)
+    assert str(path) in message and "trainer.learning_rate: unknown key" in message
+    line = path.read_text().splitlines().index("  learning_rate: 0.1") + 1
+    assert f"line {line}:" in message
+
+
+def test_a_wrong_type_is_named_with_its_key_path(tmp_path):
+    path = local_with(tmp_path, "  batch_size: 8\n  lr", "  batch_size: eight\n  lr")
+    with pytest.raises(ConfigError, match=r"trainer\.batch_size: Input should be a valid integer"):
+        load_config(path)
+
+
+def test_every_problem_is_listed_not_only_the_first(tmp_path):
+    path = local_with(tmp_path, "seed: 0", "seed: zero\nextra_thing: 1")
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert len(error.value.problems) == 2
+
+
+def test_a_routing_table_naming_a_missing_teacher_is_refused(tmp_path):
+    path = local_with(tmp_path, "math: gptoss", "math: llama")
+    with pytest.raises(ConfigError, match="routing.table.math names teacher 'llama'"):
+        load_config(path)
+
+
+def test_dotted_overrides_are_typed_and_validated():
+    assert load_config(LOCAL, ["trainer.lr=1e-5"]).trainer.lr == 1e-5
+    with pytest.raises(ConfigError, match="trainer.lr"):
+        load_config(LOCAL, ["trainer.lr=-1"])
+
+
+def test_config_check_exits_non_zero_and_names_the_problem(tmp_path, capsys):
+    path = local_with(tmp_path, "model: tiny:student", "model: /nowhere/student")
+    assert main(["config", "check", str(path)]) == 2
+    assert "student.model: model path '/nowhere/student' does not exist" in capsys.readouterr().err
+    assert main(["config", "check", str(LOCAL)]) == 0
+
+
+def test_distill_with_a_missing_model_fails_before_ray_starts(tmp_path):
+    path = local_with(tmp_path, "model: tiny:gemma", "model: /nowhere/gemma")
+    result = subprocess.run(
+        [sys.executable, "-m", "avocado_ray", "distill", "--config", str(path)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "teachers.1.model: model path '/nowhere/gemma' does not exist" in result.stderr
+    assert "ray:" not in result.stderr  # the pipeline logs how it reached Ray; it never got there
