@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from avocado_ray.models.tiny import TINY_SCHEME
+from avocado_ray.models.tiny import HUB_SCHEME, TINY_SCHEME
 
 DOMAINS = ("code", "chinese", "math", "general", "multimodal")
 Domain = Literal["code", "chinese", "math", "general", "multimodal"]
@@ -53,9 +53,11 @@ class EngineConfig(Strict):
 class VLLMTeacher(Strict):
     """A teacher model served by a pool of vLLM engines, each in a Ray actor."""
 
-    kind: Literal["vllm"] = "vllm"
+    kind: Literal["vllm"] = Field("vllm", description="Serving backend; vLLM is the one there is.")
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$", description="Pool name used by the routing table.")
-    model: str = Field(description="Hugging Face model folder, or tiny:NAME for a locally built tiny model.")
+    model: str = Field(
+        description="Model folder; tiny:NAME for a locally built tiny model; hf:ORG/NAME for a hub id that vLLM fetches."
+    )
     family: Literal["qwen2", "qwen3", "gemma3", "gpt_oss"] = Field(description="Model family (chat format).")
     tensor_parallel_size: int = Field(1, gt=0, description="GPUs per replica (placement group bundles).")
     replicas: int = Field(1, gt=0, description="Number of engine replicas in the pool.")
@@ -78,7 +80,7 @@ class RoutingConfig(Strict):
 class StudentConfig(Strict):
     """The model being trained."""
 
-    model: str = Field(description="Hugging Face model folder, or tiny:student.")
+    model: str = Field(description="Model folder, tiny:student, or hf:ORG/NAME (fetched on the trainer nodes).")
 
 
 class TrainerConfig(Strict):
@@ -126,7 +128,7 @@ class DistillConfig(Strict):
     """A whole distillation run."""
 
     run_dir: str = Field(description="Folder for Parquet outputs, the student, metrics and the summary.")
-    seed: int = 0
+    seed: int = Field(0, description="Seed of sampling (per replica: seed + index) and of training.")
     teachers: list[VLLMTeacher] = Field(min_length=1, description="Teacher pools; `kind` selects the serving backend.")
     routing: RoutingConfig
     student: StudentConfig
@@ -211,7 +213,7 @@ def _check_model_paths(config: DistillConfig) -> list[str]:
     entries = [(f"teachers.{i}.model", t.model) for i, t in enumerate(config.teachers)]
     entries.append(("student.model", config.student.model))
     for key, model in entries:
-        if not model.startswith(TINY_SCHEME) and not Path(model).is_dir():
+        if not model.startswith((TINY_SCHEME, HUB_SCHEME)) and not Path(model).is_dir():
             problems.append(f"{key}: model path {model!r} does not exist")
     if not config.data.input.startswith("builtin:") and not Path(config.data.input).is_file():
         problems.append(f"data.input: input file {config.data.input!r} does not exist")

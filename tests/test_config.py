@@ -1,5 +1,6 @@
 """The config: one schema, strict about keys and types, and checked before anything starts."""
 
+import pathlib
 import subprocess
 import sys
 import textwrap
@@ -79,3 +80,16 @@ def test_distill_with_a_missing_model_fails_before_ray_starts(tmp_path):
     assert result.returncode == 2
     assert "teachers.1.model: model path '/nowhere/gemma' does not exist" in result.stderr
     assert "ray:" not in result.stderr  # the pipeline logs how it reached Ray; it never got there
+
+
+def test_the_configuration_reference_matches_the_schema():
+    root = pathlib.Path(__file__).resolve().parents[1]
+    generated = subprocess.run(
+        [sys.executable, str(root / "scripts" / "config_reference.py")], capture_output=True, text=True, check=True
+    ).stdout
+    assert (root / "docs" / "configuration.md").read_text() == generated, "run scripts/config_reference.py"
+
+
+def test_the_gpu_cluster_example_is_a_valid_config():
+    config = load_config(pathlib.Path(__file__).resolve().parents[1] / "configs" / "gpu-cluster.yaml", check_paths=False)
+    assert {t.name: t.tensor_parallel_size for t in config.teachers} == {"qwen": 4, "gemma": 2, "gptoss": 2}

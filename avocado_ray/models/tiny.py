@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 TINY_SCHEME = "tiny:"
+HUB_SCHEME = "hf:"  # a hub model id, fetched where it runs (token from HF_TOKEN in the environment only)
 TINY_VERSION = "v1"  # bump when shapes, tokenizers or templates change, so caches rebuild
 
 HIDDEN, LAYERS, HEADS, HEAD_DIM, MAX_POSITIONS = 128, 2, 2, 64, 2048
@@ -195,7 +196,9 @@ def build_all(out: Path, names: tuple[str, ...] = tuple(TINY_MODELS)) -> dict[st
 
 
 def resolve_model(model: str) -> str:
-    """Turn `tiny:NAME` into its cached folder (building it on first use); pass other paths through."""
+    """Turn `tiny:NAME` into its cached folder (building it on first use), `hf:ID` into the hub id."""
+    if model.startswith(HUB_SCHEME):
+        return model[len(HUB_SCHEME) :]
     if not model.startswith(TINY_SCHEME):
         return model
     name = model[len(TINY_SCHEME) :]

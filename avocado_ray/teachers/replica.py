@@ -20,13 +20,18 @@ from avocado_ray.dataplane.schema import samples_to_batch
 
 
 def topk_at_position(flat, position: int, sampled: int, k: int) -> tuple[float, list[int], list[float]]:
-    """From vLLM's flat logprobs: the sampled token's logprob and the top-k (ids, logprobs) by rank."""
+    """From vLLM's flat logprobs: the sampled token's logprob and the top-k (ids, logprobs) by rank.
+
+    vLLM lists the sampled token first and then the top-k, which may repeat the sampled token.
+    """
     start, end = flat.start_indices[position], flat.end_indices[position]
-    entries = sorted(
-        (flat.ranks[i], flat.token_ids[i], flat.logprobs[i]) for i in range(start, end) if flat.ranks[i] <= k
-    )
-    sampled_logprob = next(flat.logprobs[i] for i in range(start, end) if flat.token_ids[i] == sampled)
-    return sampled_logprob, [e[1] for e in entries], [e[2] for e in entries]
+    best: dict[int, tuple[int, float]] = {}
+    for i in range(start, end):
+        token, rank = flat.token_ids[i], flat.ranks[i]
+        if token not in best or rank < best[token][0]:
+            best[token] = (rank, flat.logprobs[i])
+    ranked = sorted(best.items(), key=lambda item: item[1][0])[:k]
+    return best[sampled][1], [token for token, _ in ranked], [logprob for _, (_, logprob) in ranked]
 
 
 class TeacherReplica:
