@@ -38,6 +38,45 @@ def cmd_distill(args) -> int:
     return 0 if summary["counts_add_up"] else 1
 
 
+def cmd_route(args) -> int:
+    """Dry run of the router: where each input row would go, without starting any teacher."""
+    from collections import Counter
+
+    from avocado_ray.dataplane.prompts import read_prompts
+    from avocado_ray.routing.router import Router
+
+    config = load_config(config_path(args.config), args.set, check_paths=False)
+    prompt_set = read_prompts(args.input)
+    router = Router(config.routing, [t.name for t in config.teachers])
+    output = Path(args.output)
+    rejected_path = output.with_name(output.name.removesuffix(".jsonl") + ".rejected.jsonl")
+    rejected = [{"line": r.line, "id": r.id, "reason": r.reason} for r in prompt_set.rejected]
+    domains, teachers = Counter(), Counter()
+    with open(output, "w") as out:
+        for prompt, route in zip(prompt_set.prompts, router.route(prompt_set.prompts)):
+            if route.teacher is None:
+                rejected.append({"line": prompt.line, "id": prompt.id, "reason": route.reason})
+                continue
+            record = {"id": prompt.id, "domain": route.domain, "teacher": route.teacher, "labels": route.labels}
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            domains[route.domain] += 1
+            teachers[route.teacher] += 1
+    rejected.sort(key=lambda r: r["line"])
+    with open(rejected_path, "w") as out:
+        out.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rejected)
+    counts = {"routed": sum(teachers.values()), "per_domain": dict(domains), "per_teacher": dict(teachers)}
+    counts.update(rejected=len(rejected), output=str(output), rejected_output=str(rejected_path))
+    print(json.dumps(counts, indent=2, ensure_ascii=False))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from avocado_ray.bench import BENCHMARKS
+
+    print(json.dumps(BENCHMARKS[args.which](), indent=2))
+    return 0
+
+
 def cmd_config_check(args) -> int:
     config = _load(args)
     print(f"{args.config}: ok ({len(config.teachers)} teachers, run_dir {config.run_dir})")
@@ -76,6 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(distill)
     distill.add_argument("--run-dir", help="override the config's run_dir")
     distill.set_defaults(func=cmd_distill)
+
+    route = commands.add_parser("route", help="dry run: route prompts without starting any teacher")
+    _add_config_args(route)
+    route.add_argument("--input", required=True, help="prompts, JSONL or Parquet")
+    route.add_argument("--output", required=True, help="OUT.jsonl; rejected rows go to OUT.rejected.jsonl")
+    route.set_defaults(func=cmd_route)
+
+    bench = commands.add_parser("bench", help="run a benchmark; prints one JSON object")
+    bench.add_argument("which", choices=["router"], help="router: classification rate and actor latency")
+    bench.set_defaults(func=cmd_bench)
 
     config = commands.add_parser("config", help="check a config or print its JSON Schema")
     config_commands = config.add_subparsers(dest="config_command", required=True)

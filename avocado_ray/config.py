@@ -69,12 +69,27 @@ class VLLMTeacher(Strict):
 class RoutingConfig(Strict):
     """Which teacher pool answers which domain."""
 
-    table: dict[Domain, str] = Field(description="Domain to teacher name.")
-    fallback: str = Field(description="Teacher for domains the table does not name.")
+    table: dict[Domain, str | dict[str, float]] = Field(
+        description="Domain to a teacher name, or to several teachers with weights (e.g. {gemma: 0.5, gptoss: 0.5})."
+    )
+    fallback: str = Field(description="Teacher for domains the table does not name, and while a routed pool is down.")
     priority: list[Domain] = Field(
         default_factory=lambda: ["multimodal", "code", "chinese", "math", "general"],
         description="When a prompt has several labels, the first label in this list routes it.",
     )
+
+    @field_validator("table")
+    @classmethod
+    def _positive_weights(cls, table: dict) -> dict:
+        for domain, target in table.items():
+            if isinstance(target, dict) and (not target or any(w <= 0 for w in target.values())):
+                raise ValueError(f"{domain}: weights must be a non-empty mapping of positive numbers")
+        return table
+
+    def teachers_of(self, domain: str) -> dict[str, float]:
+        """The teachers a domain routes to, with weights (one teacher has weight 1)."""
+        target = self.table.get(domain, self.fallback)
+        return {target: 1.0} if isinstance(target, str) else target
 
 
 class StudentConfig(Strict):
@@ -149,9 +164,10 @@ class DistillConfig(Strict):
     @model_validator(mode="after")
     def _routing_names_known_teachers(self) -> DistillConfig:
         known = {t.name for t in self.teachers}
-        for domain, name in self.routing.table.items():
-            if name not in known:
-                raise ValueError(f"routing.table.{domain} names teacher {name!r}, not among {sorted(known)}")
+        for domain in self.routing.table:
+            for name in self.routing.teachers_of(domain):
+                if name not in known:
+                    raise ValueError(f"routing.table.{domain} names teacher {name!r}, not among {sorted(known)}")
         if self.routing.fallback not in known:
             raise ValueError(f"routing.fallback names teacher {self.routing.fallback!r}, not among {sorted(known)}")
         return self

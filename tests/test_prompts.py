@@ -40,3 +40,14 @@ def test_a_row_without_id_gets_a_stable_content_hash(tmp_path):
 def test_the_builtin_demo_set_is_all_valid():
     demo = read_prompts("builtin:demo")
     assert len(demo.prompts) == 48 and not demo.rejected
+
+
+def test_parquet_rows_are_read_like_jsonl_rows(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"id": ["a", "b", None], "prompt": ["hello", "", "world"]})
+    pq.write_table(table, tmp_path / "p.parquet")
+    result = read_prompts(str(tmp_path / "p.parquet"))
+    assert [p.id for p in result.prompts][0] == "a" and len(result.prompts) == 2
+    assert [(r.line, r.id) for r in result.rejected] == [(2, "b")]

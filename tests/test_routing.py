@@ -40,3 +40,45 @@ def test_a_row_override_wins_and_an_unknown_teacher_is_rejected():
     assert route.route_one(prompt("Who painted the Mona Lisa?", teacher="gptoss")).teacher == "gptoss"
     refused = route.route_one(prompt("Who painted the Mona Lisa?", teacher="llama"))
     assert refused.teacher is None and "unknown teacher 'llama'" in refused.reason
+
+
+def weighted_router():
+    config = load_config(config_path("builtin:local"), ["routing.table.general={gemma: 0.5, gptoss: 0.5}"])
+    return Router(config.routing, [t.name for t in config.teachers])
+
+
+def test_weights_split_a_domain_within_tolerance_and_stably():
+    route = weighted_router()
+    prompts = [Prompt(id=f"p{i}", messages=[{"role": "user", "content": "Tell me about autumn."}], line=i)
+               for i in range(1000)]
+    teachers = [r.teacher for r in route.route(prompts)]
+    assert 450 <= teachers.count("gemma") <= 550 and teachers.count("gemma") + teachers.count("gptoss") == 1000
+    assert teachers == [r.teacher for r in route.route(prompts)]  # a rerun routes each prompt the same way
+
+
+def test_a_pool_marked_down_sends_its_prompts_to_the_fallback():
+    route = router()
+    question = prompt("请介绍一下长城的历史。")
+    route.set_down("qwen")
+    assert route.route_one(question).teacher == "gemma"
+    route.set_down("qwen", down=False)
+    assert route.route_one(question).teacher == "qwen"
+
+
+def test_the_dry_run_writes_one_line_per_row_in_order_and_the_rejections(tmp_path, capsys):
+    import json
+
+    from avocado_ray.cli import main
+
+    rows = [{"id": "a", "prompt": "请介绍一下长城的历史。"}, {"id": "b"}, {"id": "c", "prompt": "2 + 2 = ?"},
+            {"id": "d", "prompt": "hi", "teacher": "llama"}, {"id": "e", "prompt": "def f(): pass"}]
+    source = tmp_path / "in.jsonl"
+    source.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n")
+    assert main(["route", "--input", str(source), "--output", str(tmp_path / "out.jsonl")]) == 0
+    routed = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["domain"], r["teacher"]) for r in routed] == [
+        ("a", "chinese", "qwen"), ("c", "math", "gptoss"), ("e", "code", "qwen")]
+    rejected = [json.loads(line) for line in (tmp_path / "out.rejected.jsonl").read_text().splitlines()]
+    assert [(r["line"], r["id"]) for r in rejected] == [(2, "b"), (4, "d")]
+    counts = json.loads(capsys.readouterr().out)
+    assert counts["routed"] + counts["rejected"] == len(rows)

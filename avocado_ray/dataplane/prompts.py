@@ -71,14 +71,19 @@ def _valid_messages(messages) -> str | None:
     return None
 
 
-def parse_row(raw: bytes, line: int) -> Prompt | Rejected:
-    """Turn one input line into a prompt, or a rejection that says why."""
+def parse_line(raw: bytes, line: int) -> Prompt | Rejected:
+    """Turn one JSONL line into a prompt, or a rejection that says why."""
     try:
         row = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as error:
         return Rejected(line, None, f"invalid UTF-8 at byte {error.start}")
     except json.JSONDecodeError as error:
         return Rejected(line, None, f"invalid JSON: {error.msg} at column {error.colno}")
+    return parse_row(row, line)
+
+
+def parse_row(row, line: int) -> Prompt | Rejected:
+    """Turn one decoded row (from JSONL or Parquet) into a prompt, or a rejection that says why."""
     if not isinstance(row, dict):
         return Rejected(line, None, "row must be a JSON object")
     row_id = row.get("id")
@@ -107,21 +112,31 @@ def parse_row(raw: bytes, line: int) -> Prompt | Rejected:
     return Prompt(id=row_id, messages=messages, line=line, teacher=teacher)
 
 
-def read_prompts(source: str, max_prompts: int | None = None) -> PromptSet:
-    """Read a JSONL prompt file (or `builtin:NAME`); duplicate ids after the first are rejected."""
+def _parsed_rows(source: str):
+    """(line, prompt or rejection) for every non-empty JSONL line or every Parquet row (row numbers from 1)."""
+    if source.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        for line, row in enumerate(pq.read_table(source).to_pylist(), start=1):
+            yield line, parse_row({k: v for k, v in row.items() if v is not None}, line)
+        return
     if source.startswith(BUILTIN_PREFIX):
         name = source[len(BUILTIN_PREFIX) :]
         data = resources.files("avocado_ray.resources").joinpath(f"{name}_prompts.jsonl").read_bytes()
     else:
         data = Path(source).read_bytes()
+    for line, raw in enumerate(data.split(b"\n"), start=1):
+        if raw.strip():
+            yield line, parse_line(raw, line)
+
+
+def read_prompts(source: str, max_prompts: int | None = None) -> PromptSet:
+    """Read a JSONL or Parquet prompt file (or `builtin:NAME`); duplicate ids after the first are rejected."""
     result = PromptSet(source=source)
     seen: set[str] = set()
-    for line, raw in enumerate(data.split(b"\n"), start=1):
-        if not raw.strip():
-            continue
+    for line, parsed in _parsed_rows(source):
         if max_prompts is not None and len(result.prompts) >= max_prompts:
             break
-        parsed = parse_row(raw, line)
         if isinstance(parsed, Prompt) and parsed.id in seen:
             parsed = Rejected(line, parsed.id, f"duplicate id {parsed.id!r}", "duplicate_id")
         if isinstance(parsed, Prompt):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 TINY_SCHEME = "tiny:"
 HUB_SCHEME = "hf:"  # a hub model id, fetched where it runs (token from HF_TOKEN in the environment only)
-TINY_VERSION = "v1"  # bump when shapes, tokenizers or templates change, so caches rebuild
+TINY_VERSION = "v2"  # bump when shapes, tokenizers or templates change, so caches rebuild
 
 HIDDEN, LAYERS, HEADS, HEAD_DIM, MAX_POSITIONS = 128, 2, 2, 64, 2048
 
@@ -155,6 +155,15 @@ def _model_config(family_name: str, tokenizer):
         num_local_experts=4,
         num_experts_per_tok=2,
         tie_word_embeddings=False,  # vLLM's gpt-oss always has its own lm_head
+        rope_parameters={  # gpt-oss's YaRN, scaled to the tiny context
+            "rope_type": "yarn",
+            "factor": 32.0,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "truncate": False,
+            "original_max_position_embeddings": MAX_POSITIONS // 32,
+            "rope_theta": 150000.0,
+        },
         sliding_window=128,
         layer_types=["sliding_attention", "full_attention"],
         architectures=["GptOssForCausalLM"],

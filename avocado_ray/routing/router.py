@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from dataclasses import asdict, dataclass
 
 from avocado_ray.config import RoutingConfig
 from avocado_ray.dataplane.prompts import Prompt
@@ -19,13 +20,30 @@ class Route:
     teacher: str | None
     reason: str | None = None
 
+    def as_record(self) -> dict:
+        return asdict(self)
 
-def _has_image(prompt: Prompt) -> bool:
+
+def has_image(prompt: Prompt) -> bool:
     return any(
         isinstance(m["content"], list)
         and any(isinstance(p, dict) and p.get("type") in ("image_url", "image") for p in m["content"])
         for m in prompt.messages
     )
+
+
+def _unit_interval(prompt_id: str) -> float:
+    """A stable pseudo-random number in [0, 1) per prompt: a rerun routes a prompt the same way."""
+    return int.from_bytes(hashlib.blake2b(prompt_id.encode(), digest_size=8).digest(), "big") / 2**64
+
+
+def pick_weighted(weights: dict[str, float], prompt_id: str) -> str:
+    point, total = _unit_interval(prompt_id) * sum(weights.values()), 0.0
+    for name, weight in weights.items():
+        total += weight
+        if point < total:
+            return name
+    return name
 
 
 class Router:
@@ -34,17 +52,25 @@ class Router:
     def __init__(self, routing: RoutingConfig, teachers: list[str], classifier: DomainClassifier | None = None):
         self.routing = routing
         self.teachers = set(teachers)
+        self.down: set[str] = set()
         self.classifier = classifier or RuleClassifier()
 
+    def set_down(self, teacher: str, down: bool = True) -> None:
+        """Mark a pool down (or up again); prompts for a down pool go to the fallback teacher."""
+        (self.down.add if down else self.down.discard)(teacher)
+
     def route_one(self, prompt: Prompt) -> Route:
-        labels = self.classifier.labels(prompt.text, _has_image(prompt))
+        labels = self.classifier.labels(prompt.text, has_image(prompt))
         domain = next((d for d in self.routing.priority if d in labels), labels[0])
         if prompt.teacher is not None:
             if prompt.teacher not in self.teachers:
                 reason = f"unknown teacher {prompt.teacher!r} in row override; known: {sorted(self.teachers)}"
                 return Route(prompt.id, domain, labels, None, reason)
             return Route(prompt.id, domain, labels, prompt.teacher)
-        return Route(prompt.id, domain, labels, self.routing.table.get(domain, self.routing.fallback))
+        teacher = pick_weighted(self.routing.teachers_of(domain), prompt.id)
+        if teacher in self.down:
+            teacher = self.routing.fallback
+        return Route(prompt.id, domain, labels, teacher)
 
     def route(self, prompts: list[Prompt]) -> list[Route]:
         """Route a batch; one actor call per batch keeps the per-prompt cost low."""

@@ -18,7 +18,10 @@ from avocado_ray.teachers.replica import TeacherReplica
 
 
 def _replica_env(teacher: VLLMTeacher) -> dict[str, str]:
-    env = {"VLLM_CPU_KVCACHE_SPACE": str(teacher.engine.kv_cache_gib)}
+    env = {
+        "VLLM_CPU_KVCACHE_SPACE": str(teacher.engine.kv_cache_gib),
+        "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),  # keep job logs readable
+    }
     # Secrets for gated models come from the driver's environment only, never from the config.
     for key in ("HF_TOKEN", "HF_HUB_OFFLINE"):
         if key in os.environ:
