@@ -82,3 +82,14 @@ def test_the_dry_run_writes_one_line_per_row_in_order_and_the_rejections(tmp_pat
     assert [(r["line"], r["id"]) for r in rejected] == [(2, "b"), (4, "d")]
     counts = json.loads(capsys.readouterr().out)
     assert counts["routed"] + counts["rejected"] == len(rows)
+
+
+def test_the_classifier_is_accurate_on_real_text_of_each_domain():
+    """tests/data/router_eval.jsonl: 300 real prompts per domain (see scripts/build_router_eval.py)."""
+    from avocado_ray.bench import classifier_quality, labelled_prompts
+
+    quality = classifier_quality(labelled_prompts(), load_config(config_path("builtin:local")).routing.priority)
+    for domain in ("code", "chinese", "general"):
+        assert quality[domain]["n"] >= 200
+        assert quality[domain]["precision"] >= 0.98 and quality[domain]["recall"] >= 0.98, (domain, quality[domain])
+    assert quality["math"]["precision"] >= 0.95 and quality["math"]["recall"] >= 0.95, quality["math"]
