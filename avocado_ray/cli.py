@@ -58,6 +58,8 @@ def cmd_route(args) -> int:
                 rejected.append({"line": prompt.line, "id": prompt.id, "reason": route.reason})
                 continue
             record = {"id": prompt.id, "domain": route.domain, "teacher": route.teacher, "labels": route.labels}
+            if route.candidates:
+                record["candidates"] = route.candidates
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
             domains[route.domain] += 1
             teachers[route.teacher] += 1

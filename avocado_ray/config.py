@@ -66,6 +66,25 @@ class VLLMTeacher(Strict):
     engine: EngineConfig = Field(default_factory=EngineConfig)
 
 
+class BestOfConfig(Strict):
+    """Ask several teachers and keep one answer, chosen by a scorer that is comparable across tokenizers."""
+
+    teachers: list[str] = Field(min_length=2, description="Teachers that all answer the domain's prompts.")
+    scorer: Literal["judge", "agreement", "code_tests"] = Field(
+        description="judge: mean token logprob of each answer under the judge teacher; agreement: majority on the "
+        "final answer (the last number for math); code_tests: the row's `tests` run against each answer's code "
+        "in a sandbox (no network, time and memory limits)."
+    )
+    judge: str | None = Field(None, description="Teacher that scores answers, for scorer: judge.")
+    sandbox_timeout_s: float = Field(5.0, gt=0, description="Wall and CPU time limit of one code_tests run.")
+
+    @model_validator(mode="after")
+    def _judge_named(self) -> BestOfConfig:
+        if self.scorer == "judge" and self.judge is None:
+            raise ValueError("scorer judge needs `judge`, the teacher that scores")
+        return self
+
+
 class RoutingConfig(Strict):
     """Which teacher pool answers which domain."""
 
@@ -76,6 +95,14 @@ class RoutingConfig(Strict):
     priority: list[Domain] = Field(
         default_factory=lambda: ["multimodal", "code", "chinese", "math", "general"],
         description="When a prompt has several labels, the first label in this list routes it.",
+    )
+    classifier: str = Field(
+        "rules",
+        description="Domain classifier: `rules` (built in), or the name of an entry point in the "
+        "`avocado_ray.classifiers` group of an installed package (the only code a config can select).",
+    )
+    best_of: dict[Domain, BestOfConfig] = Field(
+        default_factory=dict, description="Domains whose prompts go to several teachers, keeping the best answer."
     )
 
     @field_validator("table")
@@ -128,6 +155,7 @@ class DispatchConfig(Strict):
     batch_size: int = Field(8, gt=0, description="Prompts per call to a teacher replica.")
     max_in_flight_per_replica: int = Field(4, gt=0, description="Calls in flight per replica (bounds memory).")
     buffer_batches: int = Field(8, gt=0, description="Teacher batches queued for the trainer (backpressure).")
+    rows_per_shard: int = Field(4096, gt=0, description="Samples per Parquet shard; a shard is durable once complete.")
 
 
 class RayConfig(Strict):
@@ -168,6 +196,10 @@ class DistillConfig(Strict):
             for name in self.routing.teachers_of(domain):
                 if name not in known:
                     raise ValueError(f"routing.table.{domain} names teacher {name!r}, not among {sorted(known)}")
+        for domain, best in self.routing.best_of.items():
+            for name in best.teachers + ([best.judge] if best.judge else []):
+                if name not in known:
+                    raise ValueError(f"routing.best_of.{domain} names teacher {name!r}, not among {sorted(known)}")
         if self.routing.fallback not in known:
             raise ValueError(f"routing.fallback names teacher {self.routing.fallback!r}, not among {sorted(known)}")
         return self

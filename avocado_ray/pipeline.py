@@ -18,10 +18,11 @@ import ray
 from avocado_ray import cluster
 from avocado_ray.config import DistillConfig
 from avocado_ray.dataplane.prompts import Rejected, read_prompts
-from avocado_ray.dataplane.spill import ShardWriter, sample_counts
+from avocado_ray.dataplane.spill import ShardWriter, answered_prompt_ids, complete_shards, sample_counts
 from avocado_ray.dataplane.stream import SampleStream
 from avocado_ray.models.tiny import resolve_model
 from avocado_ray.routing.router import Router
+from avocado_ray.routing.selection import Selector
 from avocado_ray.teachers.pool import TeacherPool
 from avocado_ray.training.trainer import make_trainer
 
@@ -75,18 +76,31 @@ def run_distill(config: DistillConfig) -> dict:
     rejected: list[Rejected] = list(prompt_set.rejected)
     log.info("prompts: %d valid, %d rejected from %s", len(prompt_set.prompts), len(rejected), prompt_set.source)
 
+    samples_dir = run_dir / "samples"
+    answered = answered_prompt_ids(samples_dir)
+    to_answer = [p for p in prompt_set.prompts if p.id not in answered]
+    if answered:
+        log.info("resuming: %d prompts already answered on disk, %d to answer", len(answered), len(to_answer))
+
     router = ray.remote(Router).options(num_cpus=0).remote(config.routing, [t.name for t in config.teachers])
-    routes = ray.get(router.route.remote(prompt_set.prompts))
-    by_teacher: dict[str, list[dict]] = {}
+    routes = ray.get(router.route.remote(to_answer))
+    work: dict[tuple[str, bool], list[dict]] = {}  # (teacher, best-of?) -> requests
+    best_of_prompts = []
     lines = {p.id: p.line for p in prompt_set.prompts}
-    for prompt, route in zip(prompt_set.prompts, routes):
+    for prompt, route in zip(to_answer, routes):
         if route.teacher is None:
             rejected.append(Rejected(prompt.line, prompt.id, route.reason, "unknown_teacher"))
             continue
         request = {"prompt_id": prompt.id, "domain": route.domain, "labels": route.labels, "messages": prompt.messages}
-        by_teacher.setdefault(route.teacher, []).append(request)
-    log.info("routed: %s", {name: len(requests) for name, requests in by_teacher.items()})
+        if route.candidates:
+            best_of_prompts.append({**request, "teachers": route.candidates, "tests": prompt.tests})
+            for teacher in route.candidates:
+                work.setdefault((teacher, True), []).append(request)
+        else:
+            work.setdefault((route.teacher, False), []).append(request)
+    log.info("routed: %s", {f"{t}{' (best-of)' if best else ''}": len(r) for (t, best), r in work.items()})
 
+    judges = {config.routing.best_of[p["domain"]].judge for p in best_of_prompts} - {None}
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     pools = {
         name: TeacherPool(
@@ -96,16 +110,26 @@ def run_distill(config: DistillConfig) -> dict:
             config.dispatch.max_in_flight_per_replica,
             config.seed,
         )
-        for name in by_teacher
+        for name in {t for t, _ in work} | judges
     }
+    selector = None
+    if best_of_prompts:
+        judge_replicas = {name: pools[name].replicas for name in judges}
+        selector = ray.remote(Selector).options(num_cpus=0, max_concurrency=64).remote(
+            config.routing.best_of, judge_replicas
+        )
+        ray.get(selector.expect.remote(best_of_prompts))
     stream = SampleStream(config.dispatch.buffer_batches)
-    writer = ray.remote(ShardWriter).options(num_cpus=0).remote(str(run_dir / "samples"))
-    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    previous_shards = complete_shards(samples_dir)
+    writer = ray.remote(ShardWriter).options(num_cpus=0).remote(str(samples_dir), config.dispatch.rows_per_shard)
+    for name in ("metrics.jsonl", "trained_ids.txt"):  # this run's trainer starts from the base student
+        (run_dir / name).unlink(missing_ok=True)
     training = _Training(make_trainer(config.trainer, resolve_model(config.student.model), stream, run_dir))
     try:
+        _replay(previous_shards, stream)
         for name, pool in pools.items():
             log.info("teacher %s ready: %s", name, pool.ready())
-        rejected += _dispatch(config, pools, by_teacher, stream, writer, lines)
+        rejected += _dispatch(config, pools, work, selector, stream, writer, lines)
     finally:
         stream.close()
         training.join()
@@ -114,7 +138,7 @@ def run_distill(config: DistillConfig) -> dict:
         pool.shutdown()
 
     _write_jsonl(run_dir / "rejected.jsonl", [vars(r) for r in rejected])
-    counts = sample_counts(run_dir / "samples")
+    counts = sample_counts(samples_dir)
     prompts_in = len(prompt_set.prompts) + len(prompt_set.rejected)
     summary = {
         "run_dir": str(run_dir),
@@ -135,24 +159,35 @@ def run_distill(config: DistillConfig) -> dict:
     return summary
 
 
-def _dispatch(config, pools, by_teacher, stream, writer, lines) -> list[Rejected]:
-    """Keep every pool's replicas busy up to their in-flight bound; pass finished batches on."""
+def _replay(shards: list[Path], stream: SampleStream) -> None:
+    """Send samples already on disk (from an interrupted run) to this run's trainer, without asking teachers."""
+    import pyarrow.parquet as pq
+
+    for shard in shards:
+        for batch in pq.ParquetFile(shard).iter_batches(batch_size=256):
+            stream.put(ray.put(batch))
+
+
+def _dispatch(config, pools, work, selector, stream, writer, lines) -> list[Rejected]:
+    """Keep every pool's replicas busy up to their in-flight bound; pass finished batches on.
+
+    Best-of answers go through the selector first, which passes on one winner per prompt.
+    """
     batch_size = config.dispatch.batch_size
-    queues = {
-        name: [requests[i : i + batch_size] for i in range(0, len(requests), batch_size)]
-        for name, requests in by_teacher.items()
-    }
-    in_flight: dict[ray.ObjectRef, tuple[str, int, ray.ObjectRef]] = {}
+    queues = {key: [reqs[i : i + batch_size] for i in range(0, len(reqs), batch_size)] for key, reqs in work.items()}
+    in_flight: dict[ray.ObjectRef, tuple[str, bool, int, ray.ObjectRef]] = {}
     rejected, writes = [], []
     while any(queues.values()) or in_flight:
-        for name, pool in pools.items():
-            while queues[name] and pool.has_room():
-                replica, batch_ref, rejected_ref = pool.submit(queues[name].pop(0))
-                in_flight[batch_ref] = (name, replica, rejected_ref)
+        for (name, best_of), queue in queues.items():
+            while queue and pools[name].has_room():
+                replica, batch_ref, rejected_ref = pools[name].submit(queue.pop(0))
+                in_flight[batch_ref] = (name, best_of, replica, rejected_ref)
         done, _ = ray.wait(list(in_flight), num_returns=1)
         for batch_ref in done:
-            name, replica, rejected_ref = in_flight.pop(batch_ref)
+            name, best_of, replica, rejected_ref = in_flight.pop(batch_ref)
             pools[name].done(replica)
+            if best_of:
+                batch_ref, rejected_ref = selector.add.options(num_returns=2).remote(batch_ref, rejected_ref, name)
             for item in ray.get(rejected_ref):
                 rejected.append(Rejected(lines[item["prompt_id"]], item["prompt_id"], item["reason"], "too_long"))
             writes.append(writer.write.remote(batch_ref))

@@ -18,19 +18,20 @@ overridden on the command line with `--set key.path=value`.
 
 
 def section_of(annotation) -> tuple[type[BaseModel] | None, bool]:
-    """The nested config model of a field, and whether the field is a list of it."""
+    """The nested config model of a field, and whether the field is a list or mapping of it."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation, False
-    args = typing.get_args(annotation)
-    if args and isinstance(args[0], type) and issubclass(args[0], BaseModel):
-        return args[0], True
+    for arg in typing.get_args(annotation):
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg, True
     return None, False
 
 
 def rows(model: type[BaseModel], prefix: str = ""):
     for name, field in model.model_fields.items():
         section, is_list = section_of(field.annotation)
-        key = f"{prefix}{name}{'[]' if is_list else ''}"
+        many = "[]" if typing.get_origin(field.annotation) is list else ".DOMAIN"
+        key = f"{prefix}{name}{many if is_list else ''}"
         doc = field.description or ((section.__doc__ or "").strip() if section else "")
         if section:
             yield key, "section", "", doc

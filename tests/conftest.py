@@ -41,3 +41,19 @@ def demo_run(tiny_models, ray_cluster, local_config):
     from avocado_ray.pipeline import run_distill
 
     return run_distill(local_config)
+
+
+@pytest.fixture(scope="session")
+def teacher_pools(tiny_models, ray_cluster, local_config):
+    """Real qwen and gemma replicas (vLLM CPU engines in Ray actors) for tests that call teachers directly."""
+    from avocado_ray.teachers.pool import TeacherPool
+
+    pools = {
+        name: TeacherPool(local_config.teacher(name), str(tiny_models[name]), use_gpu=False, max_in_flight=4)
+        for name in ("qwen", "gemma")
+    }
+    for pool in pools.values():
+        pool.ready()
+    yield pools
+    for pool in pools.values():
+        pool.shutdown()

@@ -41,7 +41,17 @@ def test_chinese_code_and_english_prompts_reach_the_teacher_the_table_names(demo
     assert routed["demo-016"] == ("chinese", "qwen")  # 请介绍一下长城的历史。
     assert routed["demo-000"] == ("code", "qwen")  # Write a Python function that reverses a linked list.
     assert routed["demo-032"] == ("general", "gemma")  # What is the capital of Australia?
-    assert routed["demo-041"] == ("math", "gptoss")  # Solve for x: 3x + 5 = 20.
+
+
+
+def test_math_prompts_are_answered_by_two_teachers_and_keep_both_candidates(demo_run):
+    table = open_samples(demo_run["run_dir"] + "/samples").to_table()
+    math = table.filter(pc.equal(table["domain"], "math")).to_pylist()
+    assert len(math) == demo_run["per_domain"]["math"] > 0
+    for row in math:  # the local config's best_of: math to gptoss and gemma, agreement scorer
+        assert row["scorer"] == "agreement"
+        assert [c["teacher"] for c in row["candidates"]] == ["gptoss", "gemma"]
+        assert row["teacher"] in ("gptoss", "gemma") and 0 < max(c["score"] for c in row["candidates"]) <= 1
 
 
 def test_each_prompt_has_exactly_one_sample(demo_run):

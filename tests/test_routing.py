@@ -93,3 +93,15 @@ def test_the_classifier_is_accurate_on_real_text_of_each_domain():
         assert quality[domain]["n"] >= 200
         assert quality[domain]["precision"] >= 0.98 and quality[domain]["recall"] >= 0.98, (domain, quality[domain])
     assert quality["math"]["precision"] >= 0.95 and quality["math"]["recall"] >= 0.95, quality["math"]
+
+
+def test_a_config_can_only_select_installed_classifier_entry_points():
+    from avocado_ray.routing.classifier import load_classifier
+
+    assert isinstance(load_classifier("rules"), RuleClassifier)
+    try:
+        load_classifier("os:system")
+    except ValueError as error:
+        assert "no classifier 'os:system'" in str(error)
+    else:
+        raise AssertionError("an arbitrary module path was loaded")

@@ -24,6 +24,7 @@ class Prompt:
     messages: list[dict]
     line: int
     teacher: str | None = None
+    tests: str | None = None  # Python asserts for the code_tests scorer
 
     @property
     def text(self) -> str:
@@ -106,10 +107,13 @@ def parse_row(row, line: int) -> Prompt | Rejected:
     teacher = row.get("teacher")
     if teacher is not None and not isinstance(teacher, str):
         return Rejected(line, row_id, "field 'teacher' must be a string")
+    tests = row.get("tests")
+    if tests is not None and not isinstance(tests, str):
+        return Rejected(line, row_id, "field 'tests' must be a string of Python asserts")
     if row_id is None:
         digest = hashlib.sha256(json.dumps(messages, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
         row_id = f"h-{digest[:16]}"
-    return Prompt(id=row_id, messages=messages, line=line, teacher=teacher)
+    return Prompt(id=row_id, messages=messages, line=line, teacher=teacher, tests=tests)
 
 
 def _parsed_rows(source: str):

@@ -19,6 +19,8 @@ One row is one teacher answer to one prompt. Column by column:
 | finish_reason       | string                      | `stop` or `length`                                         |
 | prompt_tokens       | int32                       | prompt length in the teacher's tokenizer                   |
 | latency_s           | float32                     | seconds from the replica receiving the batch to the answer |
+| scorer              | string                      | best-of-teachers scorer that chose this answer, else null  |
+| candidates          | list<struct<teacher, answer, score, reason>> | every candidate of a best-of prompt |
 
 The schema version lives in the schema's metadata; readers refuse other versions by name.
 """
@@ -29,6 +31,15 @@ import pyarrow as pa
 
 SCHEMA_VERSION = "1"
 VERSION_KEY = b"avocado_ray.schema_version"
+
+CANDIDATE = pa.struct(
+    [
+        pa.field("teacher", pa.string()),
+        pa.field("answer", pa.string()),
+        pa.field("score", pa.float32()),
+        pa.field("reason", pa.string()),
+    ]
+)
 
 SAMPLE_SCHEMA = pa.schema(
     [
@@ -47,6 +58,8 @@ SAMPLE_SCHEMA = pa.schema(
         pa.field("finish_reason", pa.string()),
         pa.field("prompt_tokens", pa.int32()),
         pa.field("latency_s", pa.float32()),
+        pa.field("scorer", pa.string()),
+        pa.field("candidates", pa.list_(CANDIDATE)),
     ],
     metadata={VERSION_KEY: SCHEMA_VERSION.encode()},
 )
@@ -66,6 +79,6 @@ def check_schema_version(schema: pa.Schema, source: str) -> None:
 
 
 def samples_to_batch(rows: list[dict]) -> pa.RecordBatch:
-    """Build a record batch of samples from row dicts (keys: the schema's column names)."""
-    columns = {field.name: [row[field.name] for row in rows] for field in SAMPLE_SCHEMA}
+    """Build a record batch of samples from row dicts (keys: the schema's column names; missing keys are null)."""
+    columns = {field.name: [row.get(field.name) for row in rows] for field in SAMPLE_SCHEMA}
     return pa.RecordBatch.from_pydict(columns, schema=SAMPLE_SCHEMA)

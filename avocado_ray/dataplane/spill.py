@@ -6,6 +6,7 @@ shard. `ShardWriter` runs as a Ray actor; batches reach it by reference from the
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import pyarrow.parquet as pq
 from avocado_ray.dataplane.schema import SAMPLE_SCHEMA, check_schema_version
 
 SHARD_GLOB = "shard-*.parquet"
+log = logging.getLogger(__name__)
 
 
 class ShardWriter:
@@ -26,7 +28,8 @@ class ShardWriter:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.rows_per_shard = rows_per_shard
-        self.shard_index = len(list(self.folder.glob(SHARD_GLOB)))
+        existing = [int(p.name[len("shard-") : -len(".parquet")]) for p in self.folder.glob(SHARD_GLOB)]
+        self.shard_index = max(existing, default=-1) + 1
         self.writer: pq.ParquetWriter | None = None
         self.rows_in_shard = 0
         self.shards: list[str] = []
@@ -62,13 +65,32 @@ class ShardWriter:
         return self.shards
 
 
+def complete_shards(folder: str | Path) -> list[Path]:
+    """Shards whose Parquet footer reads, in order. A torn or corrupt shard is renamed `*.corrupt` (kept for
+    inspection, never read again) so its prompts count as unanswered; a shard of another schema version fails."""
+    good = []
+    for path in sorted(Path(folder).glob(SHARD_GLOB)):
+        try:
+            schema = pq.read_schema(path)
+        except (pa.ArrowInvalid, OSError) as error:
+            log.warning("ignoring torn shard %s: %s", path, error)
+            path.rename(path.with_name(path.name + ".corrupt"))
+            continue
+        check_schema_version(schema, str(path))
+        good.append(path)
+    return good
+
+
 def open_samples(folder: str | Path) -> ds.Dataset:
-    """The complete shards of a run as one Arrow dataset (temporary files are not shards)."""
-    files = sorted(str(p) for p in Path(folder).glob(SHARD_GLOB))
-    dataset = ds.dataset(files, format="parquet", schema=SAMPLE_SCHEMA)
-    for path in files:
-        check_schema_version(pq.read_schema(path), path)
-    return dataset
+    """The complete shards of a run as one Arrow dataset (temporary and torn files are not shards)."""
+    return ds.dataset([str(p) for p in complete_shards(folder)], format="parquet", schema=SAMPLE_SCHEMA)
+
+
+def answered_prompt_ids(folder: str | Path) -> set[str]:
+    """Prompts that already have their sample on disk: a resumed run does not ask the teachers again."""
+    if not Path(folder).is_dir():
+        return set()
+    return set(open_samples(folder).to_table(columns=["prompt_id"])["prompt_id"].to_pylist())
 
 
 def sample_counts(folder: str | Path) -> dict:

@@ -22,12 +22,11 @@ CHINESE_SHARE = 0.3  # Han characters among non-space characters for a prompt to
 # Characters that are frequent in source code and rare in prose (math's + - * / = ( ) are left out).
 CODE_SYMBOLS = b"{}[];<>_|&#$\\"
 CODE_SYMBOL_DENSITY = 0.03
-# Substrings that, lower-cased, are almost never prose.
-CODE_MARKERS = (
-    "```", "#include", "def ", "=>", "();", "){", ") {", "};", "</", "/>", "#!/", "console.", "printf",
-    "println", "print(", "std::", "elif ", "lambda", "func ", "fn ", "var ", "null", "++", "!=", "==",
-    "/*", "*/", " // ", "::", ":-", '("',
-)
+# Substrings that, lower-cased, are almost never prose: symbol runs (one regex whose branches all start
+# with a symbol, which the regex engine scans for quickly) and keywords.
+CODE_SYMBOL_MARKERS = re.compile(r'```|#include|#!/|=>|\(\);|\) ?\{|\};|</|/>|::|\+\+|!=|==|/\*|\*/| // |:-|\("')
+CODE_MARKERS = ("def ", "elif ", "lambda", "func ", "fn ", "var ", "null", "printf", "println", "print(", "console.",
+                "std::")
 # Line shapes of code (a line that ends in one of these, or starts with one of those).
 CODE_LINE_ENDS = ("{", "}", ")", "(", "=", "[", "]", " then", " do", "end")
 CODE_LINE_STARTS = ("#", "//", "(", "!", "}", "<", "@", "end", "if ", "let ", "open ", "import ", "return")
@@ -100,7 +99,9 @@ def _any_in(text: str, parts: tuple[str, ...]) -> bool:
 
 
 def looks_like_code(text: str, lowered: str, ascii_text: bytes, words: set[bytes]) -> bool:
-    if not words.isdisjoint(CODE_WORDS) or _any_in(lowered, CODE_MARKERS) or _any_in(lowered, CODE_PHRASES):
+    if not words.isdisjoint(CODE_WORDS) or CODE_SYMBOL_MARKERS.search(lowered) or _any_in(lowered, CODE_MARKERS):
+        return True
+    if _any_in(lowered, CODE_PHRASES):
         return True
     if count_of(ascii_text, CODE_SYMBOLS) >= CODE_SYMBOL_DENSITY * len(text):
         return True
@@ -123,6 +124,23 @@ def looks_like_math(lowered: str, ascii_lowered: bytes, words: set[bytes]) -> bo
         or _any_in(lowered, MATH_PHRASES_WITH_NUMBERS)
         or (han and _any_in(lowered, MATH_HAN_WITH_NUMBERS))
     )
+
+
+ENTRY_POINT_GROUP = "avocado_ray.classifiers"
+
+
+def load_classifier(name: str) -> DomainClassifier:
+    """The classifier an installed package registers under `name` in the `avocado_ray.classifiers` entry points.
+
+    Only installed entry points can be named (avocado-ray registers `rules`): a config string is never
+    imported as a module path.
+    """
+    from importlib.metadata import entry_points
+
+    found = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    if name not in found:
+        raise ValueError(f"no classifier {name!r} among the installed {ENTRY_POINT_GROUP} entry points {sorted(found)}")
+    return found[name].load()()
 
 
 class RuleClassifier:

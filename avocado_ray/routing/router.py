@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 
 from avocado_ray.config import RoutingConfig
 from avocado_ray.dataplane.prompts import Prompt
-from avocado_ray.routing.classifier import DomainClassifier, RuleClassifier
+from avocado_ray.routing.classifier import DomainClassifier, load_classifier
 
 
 @dataclass
@@ -19,6 +19,7 @@ class Route:
     labels: list[str]
     teacher: str | None
     reason: str | None = None
+    candidates: list[str] | None = None  # best-of-teachers: every teacher that answers
 
     def as_record(self) -> dict:
         return asdict(self)
@@ -53,7 +54,7 @@ class Router:
         self.routing = routing
         self.teachers = set(teachers)
         self.down: set[str] = set()
-        self.classifier = classifier or RuleClassifier()
+        self.classifier = classifier or load_classifier(routing.classifier)
 
     def set_down(self, teacher: str, down: bool = True) -> None:
         """Mark a pool down (or up again); prompts for a down pool go to the fallback teacher."""
@@ -67,6 +68,11 @@ class Router:
                 reason = f"unknown teacher {prompt.teacher!r} in row override; known: {sorted(self.teachers)}"
                 return Route(prompt.id, domain, labels, None, reason)
             return Route(prompt.id, domain, labels, prompt.teacher)
+        best_of = self.routing.best_of.get(domain)
+        if best_of is not None:
+            candidates = [t for t in best_of.teachers if t not in self.down]
+            if len(candidates) > 1:
+                return Route(prompt.id, domain, labels, candidates[0], candidates=candidates)
         teacher = pick_weighted(self.routing.teachers_of(domain), prompt.id)
         if teacher in self.down:
             teacher = self.routing.fallback

@@ -118,6 +118,27 @@ class TeacherReplica:
             "latency_s": time.monotonic() - started,
         }
 
+    async def judge(self, messages: list[dict], answers: list[str]) -> list[float]:
+        """Mean logprob per token of each answer under this teacher: one tokenizer, so comparable across answers."""
+        from vllm import SamplingParams
+
+        prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prompt_ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
+
+        async def score(answer: str) -> float:
+            answer_ids = self.tokenizer.encode(answer, add_special_tokens=False)[: self.teacher.engine.max_model_len // 2]
+            ids = (prompt_ids + answer_ids)[-(self.teacher.engine.max_model_len - 1) :]
+            if not answer_ids:
+                return float("-inf")
+            final = None
+            async for output in self.engine.generate({"prompt_token_ids": ids}, params, uuid.uuid4().hex):
+                final = output
+            positions = range(len(ids) - len(answer_ids), len(ids))
+            return sum(final.prompt_logprobs[i][ids[i]].logprob for i in positions) / len(answer_ids)
+
+        return list(await asyncio.gather(*(score(a) for a in answers)))
+
     async def generate(self, requests: list[dict]) -> tuple[pa.RecordBatch, list[dict]]:
         """Answer a batch: (record batch of samples, rejections as {prompt_id, reason}).
 

@@ -172,6 +172,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         result = student.step(rows[rank::world])
         step += 1
         if rank == 0:
+            with open(run_dir / "trained_ids.txt", "a") as f:  # which samples this run trained on, once each
+                f.writelines(row["sample_id"] + "\n" for row in rows)
             record = {"kind": "train", "step": step, "samples": len(rows), "wait_s": round(wait_s, 4)}
             record.update(result, step_s=round(time.monotonic() - started, 4), time=time.time())
             _log(metrics, record)

@@ -1,0 +1,110 @@
+"""Best-of-teachers: several teachers answer one prompt; a scorer keeps one answer, and every candidate.
+
+The teachers' own log-likelihoods are not comparable across tokenizers, so the scorers are:
+- `judge`: the mean token logprob of each answer under one judge teacher (one tokenizer for all);
+- `agreement`: majority on the final answer (the last number in a math answer, else the normalised text);
+- `code_tests`: the prompt row's `tests` run against each answer's code in the sandbox.
+Ties go to the teacher listed first in the config.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections import Counter
+
+import pyarrow as pa
+
+from avocado_ray.config import BestOfConfig
+from avocado_ray.dataplane.schema import samples_to_batch
+from avocado_ray.routing.sandbox import run_python_tests
+
+NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:/\d+)?")
+CODE_BLOCK = re.compile(r"```[a-zA-Z0-9_+-]*\n(.*?)```", re.DOTALL)
+
+
+def final_answer(answer: str) -> str:
+    """What two answers must share to agree: the last number if there is one, else the normalised text."""
+    numbers = NUMBER.findall(answer)
+    return numbers[-1] if numbers else " ".join(answer.lower().split())
+
+
+def score_agreement(answers: list[str]) -> list[tuple[float, str]]:
+    finals = [final_answer(a) for a in answers]
+    votes = Counter(finals)
+    return [(votes[f] / len(finals), f"final answer {f[:40]!r} shared by {votes[f]} of {len(finals)}") for f in finals]
+
+
+def extract_code(answer: str) -> str:
+    """The first fenced code block of an answer, or the whole answer."""
+    match = CODE_BLOCK.search(answer)
+    return match.group(1) if match else answer
+
+
+def score_code_tests(answers: list[str], tests: str | None, timeout_s: float) -> list[tuple[float, str]]:
+    if not tests:
+        return [(0.0, "the prompt row carries no tests") for _ in answers]
+    results = [run_python_tests(extract_code(a), tests, timeout_s=timeout_s) for a in answers]
+    return [(1.0 if r.passed else 0.0, r.reason) for r in results]
+
+
+class Selector:
+    """Collects the candidates of best-of prompts and emits each prompt's winner once all have answered.
+
+    Runs as an async Ray actor; teacher batches reach it by reference. `judges` maps a judge teacher's name
+    to its replica actors.
+    """
+
+    def __init__(self, best_of: dict[str, BestOfConfig], judges: dict[str, list]):
+        self.best_of = best_of
+        self.judges = judges
+        self.expected: dict[str, dict] = {}  # prompt_id -> {"teachers": [...], "tests": ..., "domain": ...}
+        self.arrived: dict[str, dict[str, dict | None]] = {}  # prompt_id -> teacher -> row (None: rejected)
+        self.judge_calls = 0
+
+    def expect(self, items: list[dict]) -> None:
+        """Announce best-of prompts: {prompt_id, domain, teachers, tests}."""
+        for item in items:
+            self.expected[item["prompt_id"]] = item
+            self.arrived[item["prompt_id"]] = {}
+
+    async def add(self, batch: pa.RecordBatch, rejected: list[dict], teacher: str) -> tuple[pa.RecordBatch, list[dict]]:
+        """Add one teacher's answers; returns (winners of completed prompts, prompts every teacher rejected)."""
+        touched = []
+        for row in batch.to_pylist():
+            self.arrived[row["prompt_id"]][teacher] = row
+            touched.append(row["prompt_id"])
+        for item in rejected:
+            self.arrived[item["prompt_id"]][teacher] = None
+            touched.append(item["prompt_id"])
+        complete = [p for p in dict.fromkeys(touched) if len(self.arrived[p]) == len(self.expected[p]["teachers"])]
+        winners, all_rejected = [], []
+        for prompt_id in complete:
+            expected, arrived = self.expected.pop(prompt_id), self.arrived.pop(prompt_id)
+            rows = [arrived[t] for t in expected["teachers"] if arrived[t] is not None]
+            if not rows:
+                all_rejected.append({"prompt_id": prompt_id, "reason": "every best-of teacher rejected the prompt"})
+                continue
+            winners.append(await self._choose(expected, rows))
+        return samples_to_batch(winners), all_rejected
+
+    async def _choose(self, expected: dict, rows: list[dict]) -> dict:
+        config = self.best_of[expected["domain"]]
+        answers = [r["answer"] for r in rows]
+        if config.scorer == "agreement":
+            scored = score_agreement(answers)
+        elif config.scorer == "code_tests":
+            scored = await asyncio.to_thread(score_code_tests, answers, expected.get("tests"), config.sandbox_timeout_s)
+        else:
+            replicas = self.judges[config.judge]
+            self.judge_calls += 1
+            judge = replicas[self.judge_calls % len(replicas)]
+            logprobs = await judge.judge.remote(expected["messages"], answers)
+            scored = [(lp, f"mean token logprob under {config.judge}") for lp in logprobs]
+        best = max(range(len(rows)), key=lambda i: (scored[i][0], -i))
+        winner = dict(rows[best])
+        winner["scorer"] = config.scorer
+        winner["candidates"] = [
+            {"teacher": r["teacher"], "answer": r["answer"], "score": s, "reason": why} for r, (s, why) in zip(rows, scored)
+        ]
+        return winner
