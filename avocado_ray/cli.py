@@ -28,14 +28,28 @@ def _load(args) -> DistillConfig:
     return load_config(config_path(args.config), overrides)
 
 
+def _report(summary: dict) -> int:
+    print(json.dumps(summary, indent=2, ensure_ascii=False))
+    print(f"run directory: {summary['run_dir']}")
+    return 0 if summary.get("counts_add_up", True) else 1
+
+
 def cmd_distill(args) -> int:
     from avocado_ray.pipeline import run_distill
 
-    config = _load(args)
-    summary = run_distill(config)
-    print(json.dumps(summary, indent=2, ensure_ascii=False))
-    print(f"run directory: {summary['run_dir']}")
-    return 0 if summary["counts_add_up"] else 1
+    return _report(run_distill(_load(args)))
+
+
+def cmd_generate(args) -> int:
+    from avocado_ray.pipeline import run_distill
+
+    return _report(run_distill(_load(args), train=False))
+
+
+def cmd_train(args) -> int:
+    from avocado_ray.pipeline import run_train
+
+    return _report(run_train(_load(args), args.data))
 
 
 def cmd_route(args) -> int:
@@ -117,6 +131,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(distill)
     distill.add_argument("--run-dir", help="override the config's run_dir")
     distill.set_defaults(func=cmd_distill)
+
+    generate = commands.add_parser("generate", help="teachers only: answer the prompts into Parquet shards")
+    _add_config_args(generate)
+    generate.add_argument("--run-dir", help="override the config's run_dir")
+    generate.set_defaults(func=cmd_generate)
+
+    train = commands.add_parser("train", help="trainer only: train the student on Parquet shards")
+    _add_config_args(train)
+    train.add_argument("--data", required=True, help="folder of shard-*.parquet (e.g. RUN/samples)")
+    train.add_argument("--run-dir", help="override the config's run_dir")
+    train.set_defaults(func=cmd_train)
 
     route = commands.add_parser("route", help="dry run: route prompts without starting any teacher")
     _add_config_args(route)

@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import ray
 
 from avocado_ray import cluster
@@ -65,8 +66,9 @@ class _Training:
             raise RuntimeError(f"training failed: {self.error}") from self.error
 
 
-def run_distill(config: DistillConfig) -> dict:
-    """Run a whole distillation; returns the summary also written to `run_dir/summary.json`."""
+def run_distill(config: DistillConfig, train: bool = True) -> dict:
+    """Run a whole distillation (or, with train=False, the teachers only, to Parquet); returns the summary
+    also written to `run_dir/summary.json`."""
     started = time.time()
     run_dir = Path(config.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -119,20 +121,19 @@ def run_distill(config: DistillConfig) -> dict:
             config.routing.best_of, judge_replicas
         )
         ray.get(selector.expect.remote(best_of_prompts))
-    stream = SampleStream(config.dispatch.buffer_batches)
     previous_shards = complete_shards(samples_dir)
     writer = ray.remote(ShardWriter).options(num_cpus=0).remote(str(samples_dir), config.dispatch.rows_per_shard)
-    for name in ("metrics.jsonl", "trained_ids.txt"):  # this run's trainer starts from the base student
-        (run_dir / name).unlink(missing_ok=True)
-    training = _Training(make_trainer(config.trainer, resolve_model(config.student.model), stream, run_dir))
+    stream, training = (_start_training(config, run_dir) if train else (None, None))
     try:
-        _replay(previous_shards, stream)
+        if stream is not None:
+            _replay(previous_shards, stream)
         for name, pool in pools.items():
             log.info("teacher %s ready: %s", name, pool.ready())
         rejected += _dispatch(config, pools, work, selector, stream, writer, lines)
     finally:
-        stream.close()
-        training.join()
+        if training is not None:
+            stream.close()
+            training.join()
     shards = ray.get(writer.close.remote())
     for pool in pools.values():
         pool.shutdown()
@@ -151,18 +152,51 @@ def run_distill(config: DistillConfig) -> dict:
         "per_teacher": counts["per_teacher"],
         "tokens_generated": counts["tokens"],
         "shards": len(shards),
-        **_train_metrics(run_dir / "metrics.jsonl"),
-        "student_dir": str(run_dir / "student"),
+        **(_train_metrics(run_dir / "metrics.jsonl") if train else {}),
+        "student_dir": str(run_dir / "student") if train else None,
         "wall_time_s": round(time.time() - started, 1),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     return summary
 
 
+def _start_training(config: DistillConfig, run_dir: Path) -> tuple[SampleStream, _Training]:
+    """The bounded stream and a trainer consuming it; the trainer starts from the base student each run."""
+    for name in ("metrics.jsonl", "trained_ids.txt"):
+        (run_dir / name).unlink(missing_ok=True)
+    stream = SampleStream(config.dispatch.buffer_batches)
+    return stream, _Training(make_trainer(config.trainer, resolve_model(config.student.model), stream, run_dir))
+
+
+def run_train(config: DistillConfig, data_dir: str | Path) -> dict:
+    """Train the student on teacher samples already on disk (e.g. from `avocado-ray generate`), no teachers."""
+    started = time.time()
+    run_dir = Path(config.run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    shards = complete_shards(data_dir)
+    if not shards:
+        raise ValueError(f"{data_dir}: no complete sample shards (shard-*.parquet)")
+    log.info("ray: %s", cluster.connect(config))
+    stream, training = _start_training(config, run_dir)
+    try:
+        _replay(shards, stream)
+    finally:
+        stream.close()
+        training.join()
+    summary = {
+        "run_dir": str(run_dir),
+        "data_dir": str(Path(data_dir).resolve()),
+        "samples_in": sum(pq.ParquetFile(shard).metadata.num_rows for shard in shards),
+        **_train_metrics(run_dir / "metrics.jsonl"),
+        "student_dir": str(run_dir / "student"),
+        "wall_time_s": round(time.time() - started, 1),
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
 def _replay(shards: list[Path], stream: SampleStream) -> None:
     """Send samples already on disk (from an interrupted run) to this run's trainer, without asking teachers."""
-    import pyarrow.parquet as pq
-
     for shard in shards:
         for batch in pq.ParquetFile(shard).iter_batches(batch_size=256):
             stream.put(ray.put(batch))
@@ -191,6 +225,7 @@ def _dispatch(config, pools, work, selector, stream, writer, lines) -> list[Reje
             for item in ray.get(rejected_ref):
                 rejected.append(Rejected(lines[item["prompt_id"]], item["prompt_id"], item["reason"], "too_long"))
             writes.append(writer.write.remote(batch_ref))
-            stream.put(batch_ref)  # blocks while the trainer's buffer is full: backpressure
+            if stream is not None:
+                stream.put(batch_ref)  # blocks while the trainer's buffer is full: backpressure
     ray.get(writes)
     return rejected

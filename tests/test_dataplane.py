@@ -53,7 +53,7 @@ def test_the_demo_shards_load_in_datasets_and_duckdb(demo_run):
     pattern = demo_run["run_dir"] + "/samples/shard-*.parquet"
     loaded = load_dataset("parquet", data_files=pattern, split="train")
     assert loaded.num_rows == demo_run["samples_out"] and "topk_logprobs" in loaded.column_names
-    count = duckdb.sql(f"select count(distinct prompt_id) from read_parquet('{pattern}')").fetchone()[0]
+    count = duckdb.sql(f"select count(distinct prompt_id) from read_parquet('{pattern}')").fetchall()[0][0]
     assert count == demo_run["samples_out"]
 
 
@@ -78,3 +78,15 @@ def test_a_resumed_run_answers_only_the_missing_prompts_and_trains_each_sample_o
     assert all(kept[r["sample_id"]] == r["answer"] for r in done.to_pylist())  # not asked again
     trained = (tmp_path / "trained_ids.txt").read_text().split()
     assert sorted(trained) == sorted(kept)  # every sample, old and new, trained on exactly once
+
+
+@pytest.mark.slow
+def test_train_only_mode_trains_once_on_every_sample_on_disk(demo_run, local_config, tmp_path, ray_cluster):
+    from avocado_ray.pipeline import run_train
+
+    data = demo_run["run_dir"] + "/samples"
+    summary = run_train(local_config.model_copy(update={"run_dir": str(tmp_path)}), data)
+    assert summary["samples_in"] == 48 and summary["train_steps"] == 6
+    on_disk = open_samples(data).to_table(columns=["sample_id"])["sample_id"].to_pylist()
+    assert sorted((tmp_path / "trained_ids.txt").read_text().split()) == sorted(on_disk)
+    assert (tmp_path / "student" / "model.safetensors").is_file()
