@@ -85,7 +85,7 @@ def bench_router(seconds: float = 3.0, actor_calls: int = 2000, concurrencies: t
         config.routing, [t.name for t in config.teachers]
     )
     prompts = [Prompt(id=str(i), messages=[{"role": "user", "content": t}], line=i) for i, t in enumerate(texts)]
-    ray.get(router.route.remote(prompts[:1]))  # warm
+    _actor_latencies(router, prompts, 500, 4)  # warm-up: a freshly started Ray is still busy starting itself
     by_concurrency = {}
     for concurrency in concurrencies:
         latencies = _actor_latencies(router, prompts, actor_calls, concurrency)
@@ -106,4 +106,113 @@ def bench_router(seconds: float = 3.0, actor_calls: int = 2000, concurrencies: t
     }
 
 
-BENCHMARKS = {"router": bench_router}
+
+
+def _synthetic_samples(count: int, tokens: int, k: int, vocab: int, seed: int = 0) -> list[dict]:
+    """Teacher samples shaped like real ones: token ids drawn Zipf-like over the vocabulary (as token
+    frequencies in text are), top-k logprobs decreasing by rank."""
+    rng = np.random.default_rng(seed)
+    samples = []
+    for i in range(count):
+        ids = ((rng.zipf(1.2, size=(tokens, k)) - 1) % vocab).astype(np.int32)
+        top1 = -rng.exponential(0.5, size=(tokens, 1))
+        logprobs = (top1 - np.cumsum(rng.exponential(0.4, size=(tokens, k)), axis=1) + 0.4).clip(max=0)
+        samples.append(
+            dict(
+                sample_id=f"p{i}:t", prompt_id=f"p{i}", domain="general", labels=["general"], teacher="t",
+                replica=0, messages=json.dumps([{"role": "user", "content": f"prompt {i}"}]), answer="x " * tokens,
+                token_ids=ids[:, 0].tolist(), token_logprobs=logprobs[:, 0].tolist(), topk_ids=ids.tolist(),
+                topk_logprobs=logprobs.tolist(), finish_reason="length", prompt_tokens=16, latency_s=0.1,
+            )
+        )
+    return samples
+
+
+def bench_dataplane(samples: int = 2048, tokens: int = 64, k: int = 20, batch_rows: int = 64,
+                    buffer_batches: int = 4, vocab: int = 151_936) -> dict:
+    """Parquet write rate and top-k bytes on disk; stream rate to a counting trainer; buffer bound under a
+    slow consumer. All in one run, on the same synthetic samples."""
+    import tempfile
+    import threading
+
+    import pyarrow.parquet as pq
+    import ray
+
+    from avocado_ray.dataplane.schema import samples_to_batch
+    from avocado_ray.dataplane.spill import ShardWriter, complete_shards
+    from avocado_ray.dataplane.stream import SampleStream
+
+    rows = _synthetic_samples(samples, tokens, k, vocab)
+    batches = [samples_to_batch(rows[i : i + batch_rows]) for i in range(0, samples, batch_rows)]
+
+    with tempfile.TemporaryDirectory() as folder:
+        started = time.perf_counter()
+        writer = ShardWriter(folder, rows_per_shard=samples)
+        for batch in batches:
+            writer.write(batch)
+        writer.close()
+        parquet_s = time.perf_counter() - started
+        topk_bytes = 0
+        for shard in complete_shards(folder):
+            metadata = pq.ParquetFile(shard).metadata
+            for group in range(metadata.num_row_groups):
+                for column in range(metadata.num_columns):
+                    chunk = metadata.row_group(group).column(column)
+                    if chunk.path_in_schema.startswith(("topk_ids", "topk_logprobs")):
+                        topk_bytes += chunk.total_compressed_size
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    refs = [ray.put(batch) for batch in batches]
+
+    @ray.remote(num_cpus=0)
+    def count(stream: SampleStream, delay_s: float) -> int:
+        total = 0
+        for batch, _ in stream.batches():
+            total += batch.num_rows
+            time.sleep(delay_s)
+        return total
+
+    def through_stream(delay_s: float) -> tuple[float, int, int]:
+        stream = SampleStream(buffer_batches)
+        peak, done = [0], threading.Event()
+
+        def watch():
+            while not done.is_set():
+                peak[0] = max(peak[0], stream.queue.qsize())
+                time.sleep(0.005)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        started = time.perf_counter()
+        counted = count.remote(stream, delay_s)
+        for ref in refs:
+            stream.put(ref)
+        stream.close()
+        total = ray.get(counted)
+        elapsed = time.perf_counter() - started
+        done.set()
+        watcher.join()
+        stream.shutdown()
+        return elapsed, total, peak[0]
+
+    through_stream(0.0)  # warm-up: starts the consumer's worker process and the queue actor code paths
+    stream_s, streamed, _ = through_stream(0.0)
+    _, slow_total, peak_batches = through_stream(0.02)
+    batch_bytes = max(b.nbytes for b in batches)
+    return {
+        "benchmark": "dataplane",
+        "samples": samples,
+        "tokens_per_sample": tokens,
+        "k": k,
+        "bytes_per_topk_entry": round(topk_bytes / (samples * tokens * k), 3),
+        "bytes_per_topk_entry_uncompressed_int32_float32": 8,
+        "parquet_samples_per_s": round(samples / parquet_s),
+        "stream_samples_per_s": round(streamed / stream_s),
+        "stream_delivered_all": streamed == samples and slow_total == samples,
+        "peak_buffer_bytes": peak_batches * batch_bytes,
+        "buffer_bound_bytes": (buffer_batches + 1) * batch_bytes,  # the queue plus the one put that waits
+    }
+
+
+BENCHMARKS = {"router": bench_router, "dataplane": bench_dataplane}

@@ -150,7 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     route.set_defaults(func=cmd_route)
 
     bench = commands.add_parser("bench", help="run a benchmark; prints one JSON object")
-    bench.add_argument("which", choices=["router"], help="router: classification rate and actor latency")
+    bench.add_argument(
+        "which", choices=["router", "dataplane"], help="router: rate, latency, accuracy; dataplane: bytes, rates, buffer"
+    )
     bench.set_defaults(func=cmd_bench)
 
     config = commands.add_parser("config", help="check a config or print its JSON Schema")

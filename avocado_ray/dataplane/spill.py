@@ -18,6 +18,17 @@ import pyarrow.parquet as pq
 from avocado_ray.dataplane.schema import SAMPLE_SCHEMA, check_schema_version
 
 SHARD_GLOB = "shard-*.parquet"
+ROW_GROUP_ROWS = 1024  # batches are gathered into row groups this large: better compression, fewer pages
+# Logprobs compress best split by byte (exponent bytes together); every other column keeps dictionaries.
+_SPLIT_COLUMNS = ("token_logprobs.list.element", "topk_logprobs.list.element.list.element")
+PARQUET_OPTIONS = dict(
+    compression="zstd",
+    column_encoding={column: "BYTE_STREAM_SPLIT" for column in _SPLIT_COLUMNS},
+    use_dictionary=[
+        "sample_id", "prompt_id", "domain", "labels.list.element", "teacher", "finish_reason",
+        "token_ids.list.element", "topk_ids.list.element.list.element",
+    ],
+)
 log = logging.getLogger(__name__)
 
 
@@ -31,6 +42,7 @@ class ShardWriter:
         existing = [int(p.name[len("shard-") : -len(".parquet")]) for p in self.folder.glob(SHARD_GLOB)]
         self.shard_index = max(existing, default=-1) + 1
         self.writer: pq.ParquetWriter | None = None
+        self.pending: list[pa.RecordBatch] = []
         self.rows_in_shard = 0
         self.shards: list[str] = []
 
@@ -43,14 +55,22 @@ class ShardWriter:
         if batch.num_rows == 0:
             return 0
         if self.writer is None:
-            self.writer = pq.ParquetWriter(self._temp_path(), SAMPLE_SCHEMA, compression="zstd")
-        self.writer.write_batch(batch)
+            self.writer = pq.ParquetWriter(self._temp_path(), SAMPLE_SCHEMA, **PARQUET_OPTIONS)
+        self.pending.append(batch)
         self.rows_in_shard += batch.num_rows
+        if sum(b.num_rows for b in self.pending) >= ROW_GROUP_ROWS:
+            self._flush()
         if self.rows_in_shard >= self.rows_per_shard:
             self._finish_shard()
         return batch.num_rows
 
+    def _flush(self) -> None:
+        if self.pending:
+            self.writer.write_table(pa.Table.from_batches(self.pending), row_group_size=self.rows_per_shard)
+            self.pending = []
+
     def _finish_shard(self) -> None:
+        self._flush()
         self.writer.close()
         final = self.folder / f"shard-{self.shard_index:06d}.parquet"
         os.replace(self._temp_path(), final)
