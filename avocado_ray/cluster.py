@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 import os
 
 import ray
 
 from avocado_ray.config import DistillConfig
-
-log = logging.getLogger(__name__)
 
 
 def cpus_needed(config: DistillConfig) -> int:
