@@ -215,4 +215,93 @@ def bench_dataplane(samples: int = 2048, tokens: int = 64, k: int = 20, batch_ro
     }
 
 
-BENCHMARKS = {"router": bench_router, "dataplane": bench_dataplane}
+
+
+def bench_teachers(prompts: int = 200, max_tokens: int = 16, batch: int = 25, in_flight: int = 8) -> dict:
+    """Output tokens/s of the tiny Qwen teacher through router actor + replica actor + Arrow batches, against a
+    bare `vllm.LLM.generate` on the same model, prompts and sampling, measured one after the other in this run."""
+    import gc
+
+    import ray
+    from vllm import LLM, SamplingParams
+
+    from avocado_ray.cli import config_path
+    from avocado_ray.config import load_config
+    from avocado_ray.dataplane.prompts import Prompt
+    from avocado_ray.models.tiny import resolve_model
+    from avocado_ray.routing.router import Router
+    from avocado_ray.teachers.pool import TeacherPool
+
+    config = load_config(config_path("builtin:local"), ["routing.best_of={}"])
+    teacher = config.teacher("qwen")
+    teacher = teacher.model_copy(update={"sampling": teacher.sampling.model_copy(update={"max_tokens": max_tokens})})
+    model = resolve_model(teacher.model)
+    texts = [row["prompt"] for row in labelled_prompts() if row["domain"] in ("code", "chinese")][:prompts]
+    messages = [[{"role": "user", "content": text[:400]}] for text in texts]
+
+    llm = LLM(model=model, max_model_len=teacher.engine.max_model_len, enforce_eager=True, seed=0,
+              max_logprobs=teacher.sampling.logprobs)
+    params = SamplingParams(temperature=teacher.sampling.temperature, top_p=teacher.sampling.top_p,
+                            max_tokens=max_tokens, logprobs=teacher.sampling.logprobs)
+    tokenizer = llm.get_tokenizer()
+    token_prompts = [
+        {"prompt_token_ids": tokenizer.encode(tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True),
+                                              add_special_tokens=False)}
+        for m in messages
+    ]
+    llm.generate(token_prompts[:batch], params, use_tqdm=False)  # warm-up
+    started = time.perf_counter()
+    outputs = llm.generate(token_prompts, params, use_tqdm=False)
+    bare_s = time.perf_counter() - started
+    bare_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    router = ray.remote(Router).options(num_cpus=0).remote(config.routing, [t.name for t in config.teachers])
+    pool = TeacherPool(teacher, model, use_gpu=False, max_in_flight=in_flight)
+    pool.ready()
+    rows = [Prompt(id=str(i), messages=m, line=i + 1, teacher="qwen") for i, m in enumerate(messages)]
+
+    def through_pool(selected: list[Prompt]) -> int:
+        routes = ray.get(router.route.remote(selected))
+        requests = [{"prompt_id": r.prompt_id, "domain": r.domain, "labels": r.labels, "messages": p.messages}
+                    for p, r in zip(selected, routes)]
+        pending = [requests[i : i + batch] for i in range(0, len(requests), batch)]
+        flying, tokens = {}, 0
+        while pending or flying:
+            while pending and pool.has_room():
+                replica, batch_ref, _ = pool.submit(pending.pop(0))
+                flying[batch_ref] = replica
+            done, _ = ray.wait(list(flying), num_returns=1)
+            for ref in done:
+                pool.done(flying.pop(ref))
+                tokens += sum(len(ids) for ids in ray.get(ref).column("token_ids").to_pylist())
+        return tokens
+
+    through_pool(rows[:batch])  # warm-up
+    started = time.perf_counter()
+    pool_tokens = through_pool(rows)
+    pool_s = time.perf_counter() - started
+    pool.shutdown()
+    ray.kill(router)
+    bare_rate, pool_rate = bare_tokens / bare_s, pool_tokens / pool_s
+    return {
+        "benchmark": "teachers",
+        "model": "tiny:qwen",
+        "prompts": len(rows),
+        "max_tokens": max_tokens,
+        "logprobs": teacher.sampling.logprobs,
+        "batch": batch,
+        "in_flight": in_flight,
+        "bare_tokens": bare_tokens,
+        "pool_tokens": pool_tokens,
+        "bare_tokens_per_s": round(bare_rate, 1),
+        "pool_tokens_per_s": round(pool_rate, 1),
+        "ratio": round(pool_rate / bare_rate, 3),
+    }
+
+
+BENCHMARKS = {"router": bench_router, "dataplane": bench_dataplane, "teachers": bench_teachers}

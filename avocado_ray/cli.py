@@ -151,7 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="run a benchmark; prints one JSON object")
     bench.add_argument(
-        "which", choices=["router", "dataplane"], help="router: rate, latency, accuracy; dataplane: bytes, rates, buffer"
+        "which",
+        choices=["router", "dataplane", "teachers"],
+        help="router: rate, latency, accuracy; dataplane: bytes, rates, buffer; teachers: pool vs bare vLLM",
     )
     bench.set_defaults(func=cmd_bench)
 
