@@ -228,6 +228,7 @@ def bench_teachers(prompts: int = 200, max_tokens: int = 16, batch: int = 25, in
     from avocado_ray.cli import config_path
     from avocado_ray.config import load_config
     from avocado_ray.dataplane.prompts import Prompt
+    from avocado_ray.models.chat import chat_prompt_ids
     from avocado_ray.models.tiny import resolve_model
     from avocado_ray.routing.router import Router
     from avocado_ray.teachers.pool import TeacherPool
@@ -244,11 +245,7 @@ def bench_teachers(prompts: int = 200, max_tokens: int = 16, batch: int = 25, in
     params = SamplingParams(temperature=teacher.sampling.temperature, top_p=teacher.sampling.top_p,
                             max_tokens=max_tokens, logprobs=teacher.sampling.logprobs)
     tokenizer = llm.get_tokenizer()
-    token_prompts = [
-        {"prompt_token_ids": tokenizer.encode(tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True),
-                                              add_special_tokens=False)}
-        for m in messages
-    ]
+    token_prompts = [{"prompt_token_ids": chat_prompt_ids(tokenizer, m)} for m in messages]
     llm.generate(token_prompts[:batch], params, use_tqdm=False)  # warm-up
     started = time.perf_counter()
     outputs = llm.generate(token_prompts, params, use_tqdm=False)

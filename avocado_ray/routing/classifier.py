@@ -25,8 +25,8 @@ CODE_SYMBOL_DENSITY = 0.03
 # Substrings that, lower-cased, are almost never prose: symbol runs (one regex whose branches all start
 # with a symbol, which the regex engine scans for quickly) and keywords.
 CODE_SYMBOL_MARKERS = re.compile(r'```|#include|#!/|=>|\(\);|\) ?\{|\};|</|/>|::|\+\+|!=|==|/\*|\*/| // |:-|\("')
-CODE_MARKERS = ("def ", "elif ", "lambda", "func ", "fn ", "var ", "null", "printf", "println", "print(", "console.",
-                "std::")
+# ("std::" needs no keyword entry: "::" above catches it.)
+CODE_MARKERS = ("def ", "elif ", "lambda", "func ", "fn ", "var ", "null", "printf", "println", "print(", "console.")
 # Line shapes of code (a line that ends in one of these, or starts with one of those).
 CODE_LINE_ENDS = ("{", "}", ")", "(", "=", "[", "]", " then", " do", "end")
 CODE_LINE_STARTS = ("#", "//", "(", "!", "}", "<", "@", "end", "if ", "let ", "open ", "import ", "return")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from avocado_ray.config import RoutingConfig
 from avocado_ray.dataplane.prompts import Prompt
@@ -20,9 +20,6 @@ class Route:
     teacher: str | None
     reason: str | None = None
     candidates: list[str] | None = None  # best-of-teachers: every teacher that answers
-
-    def as_record(self) -> dict:
-        return asdict(self)
 
 
 def has_image(prompt: Prompt) -> bool:

@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from avocado_ray.config import SamplingConfig, VLLMTeacher
 from avocado_ray.dataplane.schema import samples_to_batch
+from avocado_ray.models.chat import chat_prompt_ids
 
 
 def topk_at_position(flat, position: int, sampled: int, k: int) -> tuple[float, list[int], list[float]]:
@@ -81,17 +82,20 @@ class TeacherReplica:
             output_kind=RequestOutputKind.FINAL_ONLY,
         ), sampling.logprobs
 
+    async def _final_output(self, prompt_ids: list[int], params):
+        """Run one request through the engine and return its finished output."""
+        final = None
+        async for output in self.engine.generate({"prompt_token_ids": prompt_ids}, params, uuid.uuid4().hex):
+            final = output
+        return final
+
     async def _answer(self, request: dict, started: float) -> dict:
-        prompt_text = self.tokenizer.apply_chat_template(request["messages"], tokenize=False, add_generation_prompt=True)
-        prompt_ids = self.tokenizer.encode(prompt_text, add_special_tokens=False)
+        prompt_ids = chat_prompt_ids(self.tokenizer, request["messages"])
         limit = self.teacher.engine.max_model_len
         if len(prompt_ids) >= limit:
             return {"rejected": f"prompt of {len(prompt_ids)} tokens does not fit {self.teacher.name}'s context of {limit}"}
         params, k = self._sampling_params(request.get("sampling"))
-        final = None
-        async for output in self.engine.generate({"prompt_token_ids": prompt_ids}, params, uuid.uuid4().hex):
-            final = output
-        completion = final.outputs[0]
+        completion = (await self._final_output(prompt_ids, params)).outputs[0]
         token_ids = list(completion.token_ids)
         token_logprobs, topk_ids, topk_logprobs = [], [], []
         if k:
@@ -122,8 +126,7 @@ class TeacherReplica:
         """Mean logprob per token of each answer under this teacher: one tokenizer, so comparable across answers."""
         from vllm import SamplingParams
 
-        prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        prompt_ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        prompt_ids = chat_prompt_ids(self.tokenizer, messages)
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
 
         async def score(answer: str) -> float:
@@ -131,9 +134,7 @@ class TeacherReplica:
             ids = (prompt_ids + answer_ids)[-(self.teacher.engine.max_model_len - 1) :]
             if not answer_ids:
                 return float("-inf")
-            final = None
-            async for output in self.engine.generate({"prompt_token_ids": ids}, params, uuid.uuid4().hex):
-                final = output
+            final = await self._final_output(ids, params)
             positions = range(len(ids) - len(answer_ids), len(ids))
             return sum(final.prompt_logprobs[i][ids[i]].logprob for i in positions) / len(answer_ids)
 

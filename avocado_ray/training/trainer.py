@@ -14,6 +14,7 @@ from pathlib import Path
 
 from avocado_ray.config import TrainerConfig
 from avocado_ray.dataplane.stream import SampleStream
+from avocado_ray.models.chat import chat_prompt_ids
 
 IGNORE = -100
 
@@ -43,8 +44,7 @@ def _merge(base: dict, extra: dict) -> dict:
 
 def encode_sample(tokenizer, messages: list[dict], answer: str, max_len: int) -> tuple[list[int], list[int]]:
     """Student-tokenised prompt + answer, with labels only on the answer (and its end token)."""
-    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+    prompt_ids = chat_prompt_ids(tokenizer, messages)
     answer_ids = tokenizer.encode(answer, add_special_tokens=False) + [tokenizer.eos_token_id]
     input_ids = (prompt_ids + answer_ids)[:max_len]
     labels = ([IGNORE] * len(prompt_ids) + answer_ids)[:max_len]
