@@ -19,7 +19,7 @@ import ray
 from avocado_ray import cluster
 from avocado_ray.config import DistillConfig
 from avocado_ray.dataplane.prompts import Rejected, read_prompts
-from avocado_ray.dataplane.spill import ShardWriter, answered_prompt_ids, complete_shards, sample_counts
+from avocado_ray.dataplane.spill import ShardWriter, complete_shards, prompt_ids_in, sample_counts
 from avocado_ray.dataplane.stream import SampleStream
 from avocado_ray.models.tiny import resolve_model
 from avocado_ray.routing.router import Router
@@ -79,7 +79,8 @@ def run_distill(config: DistillConfig, train: bool = True) -> dict:
     log.info("prompts: %d valid, %d rejected from %s", len(prompt_set.prompts), len(rejected), prompt_set.source)
 
     samples_dir = run_dir / "samples"
-    answered = answered_prompt_ids(samples_dir)
+    previous_shards = complete_shards(samples_dir) if samples_dir.is_dir() else []  # read once: footers checked
+    answered = prompt_ids_in(previous_shards)
     to_answer = [p for p in prompt_set.prompts if p.id not in answered]
     if answered:
         log.info("resuming: %d prompts already answered on disk, %d to answer", len(answered), len(to_answer))
@@ -121,7 +122,6 @@ def run_distill(config: DistillConfig, train: bool = True) -> dict:
             config.routing.best_of, judge_replicas
         )
         ray.get(selector.expect.remote(best_of_prompts))
-    previous_shards = complete_shards(samples_dir)
     writer = ray.remote(ShardWriter).options(num_cpus=0).remote(str(samples_dir), config.dispatch.rows_per_shard)
     stream, training = (_start_training(config, run_dir) if train else (None, None))
     try:

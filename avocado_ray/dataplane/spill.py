@@ -106,11 +106,15 @@ def open_samples(folder: str | Path) -> ds.Dataset:
     return ds.dataset([str(p) for p in complete_shards(folder)], format="parquet", schema=SAMPLE_SCHEMA)
 
 
+def prompt_ids_in(shards: list[Path]) -> set[str]:
+    """Prompts that have their sample in these shards: a resumed run does not ask the teachers again."""
+    dataset = ds.dataset([str(p) for p in shards], format="parquet", schema=SAMPLE_SCHEMA)
+    return set(dataset.to_table(columns=["prompt_id"])["prompt_id"].to_pylist())
+
+
 def answered_prompt_ids(folder: str | Path) -> set[str]:
-    """Prompts that already have their sample on disk: a resumed run does not ask the teachers again."""
-    if not Path(folder).is_dir():
-        return set()
-    return set(open_samples(folder).to_table(columns=["prompt_id"])["prompt_id"].to_pylist())
+    """Prompts that already have their sample in the complete shards of `folder`."""
+    return prompt_ids_in(complete_shards(folder)) if Path(folder).is_dir() else set()
 
 
 def sample_counts(folder: str | Path) -> dict:
