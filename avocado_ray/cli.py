@@ -93,6 +93,28 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_status(args) -> int:
+    from avocado_ray.report import run_status
+
+    try:
+        print(json.dumps(run_status(args.run), indent=2, ensure_ascii=False))
+    except FileNotFoundError as error:
+        print(error, file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_report(args) -> int:
+    from avocado_ray.report import write_report
+
+    try:
+        print(write_report(args.run))
+    except FileNotFoundError as error:
+        print(error, file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_config_check(args) -> int:
     config = _load(args)
     print(f"{args.config}: ok ({len(config.teachers)} teachers, run_dir {config.run_dir})")
@@ -156,6 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="router: rate, latency, accuracy; dataplane: bytes, rates, buffer; teachers: pool vs bare vLLM",
     )
     bench.set_defaults(func=cmd_bench)
+
+    status = commands.add_parser("status", help="progress of a running or finished run, as JSON (reads files only)")
+    status.add_argument("run", metavar="RUN", help="run directory (the config's run_dir)")
+    status.set_defaults(func=cmd_status)
+
+    report = commands.add_parser("report", help="write RUN/report.html: plots and the summary table, readable offline")
+    report.add_argument("run", metavar="RUN", help="run directory (the config's run_dir); plots also go to RUN/report/")
+    report.set_defaults(func=cmd_report)
 
     config = commands.add_parser("config", help="check a config or print its JSON Schema")
     config_commands = config.add_subparsers(dest="config_command", required=True)

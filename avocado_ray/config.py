@@ -137,6 +137,10 @@ class TrainerConfig(Strict):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_seq_len: int = Field(256, gt=0, description="Prompt + answer tokens per sample (student tokenizer).")
     max_steps: int | None = Field(None, gt=0, description="Stop after this many steps (default: all samples).")
+    checkpoint_every: int = Field(
+        50, gt=0, description="Steps between DeepSpeed checkpoints (one is also taken at the end); a rerun resumes."
+    )
+    keep_checkpoints: int = Field(2, gt=0, description="Checkpoints kept in `run_dir/ray_train`; older ones go.")
     deepspeed: dict[str, Any] = Field(
         default_factory=dict, description="Raw DeepSpeed config keys, merged over the generated ones."
     )

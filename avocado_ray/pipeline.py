@@ -19,7 +19,7 @@ import ray
 from avocado_ray import cluster
 from avocado_ray.config import DistillConfig
 from avocado_ray.dataplane.prompts import Rejected, read_prompts
-from avocado_ray.dataplane.spill import ShardWriter, complete_shards, prompt_ids_in, sample_counts
+from avocado_ray.dataplane.spill import ShardWriter, complete_shards, prompt_ids_in, sample_counts, write_manifest
 from avocado_ray.dataplane.stream import SampleStream
 from avocado_ray.models.tiny import resolve_model
 from avocado_ray.routing.router import Router
@@ -37,7 +37,13 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
 
 
 def _train_metrics(path: Path) -> dict:
-    steps = [json.loads(line) for line in path.read_text().splitlines() if '"kind": "train"' in line]
+    """Training figures of the student's lineage: a step retrained after a resume counts once (its last try)."""
+    by_step = {}
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        if record["kind"] == "train":
+            by_step[record["step"]] = record
+    steps = [by_step[step] for step in sorted(by_step)]
     return {
         "train_steps": len(steps),
         "first_loss": steps[0]["loss"] if steps else None,
@@ -123,7 +129,7 @@ def run_distill(config: DistillConfig, train: bool = True) -> dict:
         )
         ray.get(selector.expect.remote(best_of_prompts))
     writer = ray.remote(ShardWriter).options(num_cpus=0).remote(str(samples_dir), config.dispatch.rows_per_shard)
-    stream, training = (_start_training(config, run_dir) if train else (None, None))
+    stream, training = (_start_training(config, run_dir, writer) if train else (None, None))
     try:
         if stream is not None:
             _replay(previous_shards, stream)
@@ -137,6 +143,7 @@ def run_distill(config: DistillConfig, train: bool = True) -> dict:
     shards = ray.get(writer.close.remote())
     for pool in pools.values():
         pool.shutdown()
+    write_manifest(run_dir, complete_shards=[p.name for p in complete_shards(samples_dir)])
 
     _write_jsonl(run_dir / "rejected.jsonl", [vars(r) for r in rejected])
     counts = sample_counts(samples_dir)
@@ -160,12 +167,11 @@ def run_distill(config: DistillConfig, train: bool = True) -> dict:
     return summary
 
 
-def _start_training(config: DistillConfig, run_dir: Path) -> tuple[SampleStream, _Training]:
-    """The bounded stream and a trainer consuming it; the trainer starts from the base student each run."""
-    for name in ("metrics.jsonl", "trained_ids.txt"):
-        (run_dir / name).unlink(missing_ok=True)
+def _start_training(config: DistillConfig, run_dir: Path, writer=None) -> tuple[SampleStream, _Training]:
+    """The bounded stream and a trainer consuming it; the trainer resumes from the run's last checkpoint."""
     stream = SampleStream(config.dispatch.buffer_batches)
-    return stream, _Training(make_trainer(config.trainer, resolve_model(config.student.model), stream, run_dir))
+    trainer = make_trainer(config.trainer, resolve_model(config.student.model), stream, run_dir, writer)
+    return stream, _Training(trainer)
 
 
 def run_train(config: DistillConfig, data_dir: str | Path) -> dict:
@@ -210,7 +216,7 @@ def _dispatch(config, pools, work, selector, stream, writer, lines) -> list[Reje
     batch_size = config.dispatch.batch_size
     queues = {key: [reqs[i : i + batch_size] for i in range(0, len(reqs), batch_size)] for key, reqs in work.items()}
     in_flight: dict[ray.ObjectRef, tuple[str, bool, int, ray.ObjectRef]] = {}
-    rejected, writes = [], []
+    rejected, writes, seq = [], [], 0
     while any(queues.values()) or in_flight:
         for (name, best_of), queue in queues.items():
             while queue and pools[name].has_room():
@@ -224,8 +230,9 @@ def _dispatch(config, pools, work, selector, stream, writer, lines) -> list[Reje
                 batch_ref, rejected_ref = selector.add.options(num_returns=2).remote(batch_ref, rejected_ref, name)
             for item in ray.get(rejected_ref):
                 rejected.append(Rejected(lines[item["prompt_id"]], item["prompt_id"], item["reason"], "too_long"))
-            writes.append(writer.write.remote(batch_ref))
+            seq += 1
+            writes.append(writer.write.remote(batch_ref, seq))
             if stream is not None:
-                stream.put(batch_ref)  # blocks while the trainer's buffer is full: backpressure
+                stream.put(batch_ref, seq)  # blocks while the trainer's buffer is full: backpressure
     ray.get(writes)
     return rejected

@@ -1,12 +1,19 @@
 """The data plane: versioned Arrow schema, atomic Parquet shards, torn-shard detection, and resume."""
 
 import json
-import shutil
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray
+import yaml
 
+from avocado_ray.cli import config_path
 from avocado_ray.dataplane.schema import SAMPLE_SCHEMA, VERSION_KEY, SchemaVersionError, samples_to_batch
 from avocado_ray.dataplane.spill import ShardWriter, answered_prompt_ids, complete_shards, open_samples
 
@@ -57,27 +64,55 @@ def test_the_demo_shards_load_in_datasets_and_duckdb(demo_run):
     assert count == demo_run["samples_out"]
 
 
-@pytest.mark.slow
-def test_a_resumed_run_answers_only_the_missing_prompts_and_trains_each_sample_once(
-    demo_run, local_config, tmp_path, ray_cluster
-):
-    from avocado_ray.pipeline import run_distill
+def _one_teacher_config(tmp_path, run_dir):
+    """The demo config with qwen alone answering everything, in small shards and checkpoints every step,
+    so that a run has many durable points to be killed between."""
+    config = yaml.safe_load(config_path("builtin:local").read_text())
+    config["teachers"] = [t for t in config["teachers"] if t["name"] == "qwen"]
+    config["routing"] = {"table": {d: "qwen" for d in ("code", "chinese", "multimodal", "math", "general")},
+                         "fallback": "qwen"}
+    config["run_dir"] = str(run_dir)
+    config["trainer"].update(batch_size=4, checkpoint_every=1)
+    config["dispatch"].update(batch_size=4, max_in_flight_per_replica=1, rows_per_shard=8)
+    path = tmp_path / "one-teacher.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
 
-    # An interrupted run: 20 answered prompts in a complete shard, and a torn shard that was being written.
-    done = open_samples(demo_run["run_dir"] + "/samples").to_table().slice(0, 20)
-    samples = tmp_path / "samples"
-    samples.mkdir()
-    pq.write_table(done, samples / "shard-000000.parquet")
-    shutil.copy(samples / "shard-000000.parquet", samples / "shard-000001.parquet")
-    (samples / "shard-000001.parquet").write_bytes((samples / "shard-000001.parquet").read_bytes()[:300])
-    summary = run_distill(local_config.model_copy(update={"run_dir": str(tmp_path)}))
-    table = open_samples(samples).to_table()
-    assert summary["counts_add_up"] and summary["samples_out"] == 48
-    assert sorted(table["prompt_id"].to_pylist()) == sorted(set(table["prompt_id"].to_pylist()))  # one each
-    kept = {r["sample_id"]: r["answer"] for r in table.to_pylist()}
-    assert all(kept[r["sample_id"]] == r["answer"] for r in done.to_pylist())  # not asked again
-    trained = (tmp_path / "trained_ids.txt").read_text().split()
-    assert sorted(trained) == sorted(kept)  # every sample, old and new, trained on exactly once
+
+@pytest.mark.slow
+def test_a_run_killed_with_sigkill_resumes_with_one_sample_per_prompt_each_trained_once(
+    tiny_models, ray_cluster, tmp_path
+):
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "avocado_ray", "distill", "--config", str(_one_teacher_config(tmp_path, run_dir))]
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}  # the tests' Ray cluster
+    manifest = run_dir / "manifest.json"
+    with open(tmp_path / "killed.log", "w") as log:
+        driver = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 600
+        while not (manifest.is_file() and json.loads(manifest.read_text())["trained"]["step"] >= 2):
+            assert driver.poll() is None and time.monotonic() < deadline, (tmp_path / "killed.log").read_text()
+            time.sleep(0.1)
+        driver.send_signal(signal.SIGKILL)  # the driver dies mid-run: no cleanup of any kind
+        driver.wait()
+    killed_at = json.loads(manifest.read_text())["trained"]
+    assert killed_at["samples"] < 48
+    shards = complete_shards(run_dir / "samples")
+    torn = shards[0]  # and one of its shards is torn, as by a full disk
+    torn_prompts = set(pq.read_table(torn, columns=["prompt_id"])["prompt_id"].to_pylist())
+    torn.write_bytes(torn.read_bytes()[:200])
+
+    resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["counts_add_up"] and summary["samples_out"] == 48 and summary["rejected"] == 0
+    table = open_samples(run_dir / "samples").to_table(columns=["sample_id", "prompt_id"])
+    prompt_ids = table["prompt_id"].to_pylist()
+    assert len(prompt_ids) == len(set(prompt_ids)) == 48  # one sample per prompt
+    assert torn_prompts <= set(prompt_ids)  # the torn shard's prompts were answered again
+    trained = (run_dir / "trained_ids.txt").read_text().split()
+    assert sorted(trained) == sorted(table["sample_id"].to_pylist())  # each sample trained on once
+    assert json.loads(manifest.read_text())["trained"]["samples"] == 48
 
 
 @pytest.mark.slow

@@ -51,3 +51,38 @@ def test_zero3_loss_goes_down_over_thirty_steps_on_a_fixed_batch(tiny_models, ra
     assert len(losses) == 30
     assert losses[-1] < 0.5 * losses[0]
     assert (tmp_path / "student" / "model.safetensors").is_file()
+
+
+def _fit(tiny_models, run_dir, batches, **options):
+    """Train on `batches` (lists of samples) through a real stream; returns the train records of metrics.jsonl."""
+    stream = SampleStream(max_batches=4)
+
+    def produce():
+        for rows in batches:
+            stream.put(ray.put(samples_to_batch(rows)))
+        stream.close()
+
+    threading.Thread(target=produce, daemon=True).start()
+    config = TrainerConfig(num_workers=1, batch_size=8, lr=3e-3, **options)
+    make_trainer(config, str(tiny_models["student"]), stream, run_dir).fit()
+    stream.shutdown()
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if r["kind"] == "train"]
+
+
+def test_a_rerun_resumes_from_the_checkpoint_and_continues_the_loss_curve_and_the_sample_ids(
+    tiny_models, ray_cluster, tmp_path
+):
+    batches = [[sample(8 * b + i) for i in range(8)] for b in range(6)]
+    straight = _fit(tiny_models, tmp_path / "straight", batches, checkpoint_every=2)
+    interrupted = tmp_path / "interrupted"
+    _fit(tiny_models, interrupted, batches[:3], checkpoint_every=2)  # checkpoints after steps 2 and 3 (the end)
+    manifest = json.loads((interrupted / "manifest.json").read_text())
+    assert manifest["trained"]["step"] == 3 and manifest["trained"]["samples"] == 24
+    resumed = _fit(tiny_models, interrupted, batches, checkpoint_every=2)  # the stream replays all 48 samples
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]  # steps 4-6 appended to the first run's 1-3
+    trained = (interrupted / "trained_ids.txt").read_text().split()
+    assert trained == [s["sample_id"] for rows in batches for s in rows]  # each once, in stream order
+    for before, after in zip(straight[3:], resumed[3:]):  # model and AdamW state restored: the same curve
+        assert after["loss"] == pytest.approx(before["loss"], rel=1e-3)
+    assert (interrupted / "student" / "model.safetensors").is_file()

@@ -6,8 +6,10 @@ shard. `ShardWriter` runs as a Ray actor; batches reach it by reference from the
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -45,13 +47,15 @@ class ShardWriter:
         self.pending: list[pa.RecordBatch] = []
         self.rows_in_shard = 0
         self.shards: list[str] = []
+        self.last_seq = 0  # the highest batch number written (batches of one producer arrive in order)
 
     def _temp_path(self) -> Path:
         return self.folder / f".shard-{self.shard_index:06d}.parquet.tmp"
 
-    def write(self, batch: pa.RecordBatch) -> int:
-        """Write one batch; returns its row count."""
+    def write(self, batch: pa.RecordBatch, seq: int = 0) -> int:
+        """Write one batch (numbered `seq` by its producer); returns its row count."""
         check_schema_version(batch.schema, "teacher batch")
+        self.last_seq = max(self.last_seq, seq)
         if batch.num_rows == 0:
             return 0
         if self.writer is None:
@@ -78,11 +82,31 @@ class ShardWriter:
         self.shard_index += 1
         self.writer, self.rows_in_shard = None, 0
 
+    def seal(self, upto_seq: int) -> list[str] | None:
+        """Make every batch up to `upto_seq` durable by completing the open shard; None if some have not
+        arrived yet (ask again). Returns the folder's complete shards."""
+        if self.last_seq < upto_seq:
+            return None
+        if self.writer is not None:
+            self._finish_shard()
+        return sorted(p.name for p in self.folder.glob(SHARD_GLOB))
+
     def close(self) -> list[str]:
         """Complete the open shard; returns the shards written by this writer."""
         if self.writer is not None:
             self._finish_shard()
         return self.shards
+
+
+def write_manifest(run_dir: Path, **fields) -> None:
+    """Update `run_dir/manifest.json` atomically: which shards are complete, and what the trainer consumed
+    up to its last checkpoint (step, sample count, checkpoint folder; the ids are in the checkpoint)."""
+    path = run_dir / "manifest.json"
+    manifest = json.loads(path.read_text()) if path.is_file() else {}
+    manifest.update(fields, updated=time.time())
+    temp = path.with_suffix(".json.tmp")
+    temp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(temp, path)
 
 
 def complete_shards(folder: str | Path) -> list[Path]:

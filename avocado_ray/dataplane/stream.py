@@ -25,15 +25,19 @@ class SampleStream:
     def __init__(self, max_batches: int):
         self.queue = Queue(maxsize=max_batches, actor_options={"num_cpus": 0})
 
-    def put(self, batch_ref: ray.ObjectRef) -> None:
-        """Blocks while the queue is full. The reference is wrapped so Ray does not resolve it."""
-        self.queue.put([batch_ref])
+    def put(self, batch_ref: ray.ObjectRef, seq: int = 0) -> None:
+        """Blocks while the queue is full. The reference is wrapped so Ray does not resolve it.
+
+        `seq` is the batch's number at the shard writer (0: already on disk), so the trainer can ask for
+        everything it consumed to be made durable before a checkpoint.
+        """
+        self.queue.put([batch_ref, seq])
 
     def close(self) -> None:
         self.queue.put(_END)
 
-    def batches(self) -> Iterator[tuple[pa.RecordBatch, float]]:
-        """Yield (record batch, seconds waited for it) until the producer closes the stream."""
+    def batches(self) -> Iterator[tuple[pa.RecordBatch, float, int]]:
+        """Yield (record batch, seconds waited for it, its writer seq) until the producer closes the stream."""
         while True:
             started = time.monotonic()
             item = self.queue.get()
@@ -41,7 +45,7 @@ class SampleStream:
                 return
             batch = ray.get(item[0])
             check_schema_version(batch.schema, "sample stream")
-            yield batch, time.monotonic() - started
+            yield batch, time.monotonic() - started, item[1]
 
     def shutdown(self) -> None:
         self.queue.shutdown()
