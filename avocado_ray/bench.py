@@ -8,13 +8,27 @@ from pathlib import Path
 
 import numpy as np
 
+from avocado_ray.cluster import SYSTEM_CONFIG
 
-LABELLED_SET = Path(__file__).resolve().parents[1] / "tests" / "data" / "router_eval.jsonl"
+
+LABELLED_DIR = Path(__file__).resolve().parents[1] / "tests" / "data"
 
 
-def labelled_prompts() -> list[dict]:
-    """Real prompts of every domain with their true domain (tests/data/router_eval.jsonl, see its builder)."""
-    return [json.loads(line) for line in LABELLED_SET.read_text().splitlines() if line.strip()]
+def labelled_prompts(split: str = "dev") -> list[dict]:
+    """Real prompts of every domain with their true domain (tests/data, built by scripts/build_router_eval.py).
+
+    'dev': router_eval.jsonl, which the rules were written against, and the dev half of router_heldout.jsonl,
+    used to tune them since. 'test': the other half of router_heldout.jsonl (other files, modules, seeds and
+    request wordings than router_eval.jsonl), never used to tune the rules, only to report them.
+    """
+    if split not in ("dev", "test"):
+        raise ValueError(f"split must be 'dev' or 'test', not {split!r}")
+
+    def read(name: str) -> list[dict]:
+        return [json.loads(line) for line in (LABELLED_DIR / name).read_text().splitlines() if line.strip()]
+
+    heldout = [row for row in read("router_heldout.jsonl") if row["split"] == split]
+    return (read("router_eval.jsonl") if split == "dev" else []) + heldout
 
 
 def classifier_quality(rows: list[dict], priority: list[str]) -> dict:
@@ -39,26 +53,44 @@ def classifier_quality(rows: list[dict], priority: list[str]) -> dict:
     return quality
 
 
-def _actor_latencies(router, prompts, calls: int, concurrency: int) -> list[float]:
-    """Milliseconds per single-prompt routing call, with `concurrency` calls kept in flight."""
+class _NoopRouter:
+    """An actor method that does nothing with the same argument: the latency of the Ray call itself."""
+
+    def route(self, prompts: list) -> list:
+        return []
+
+
+def _actor_latencies(router, prompts: list, calls: int, in_flight: int) -> dict:
+    """p50 and p99 milliseconds from submitting a one-prompt `route` call to having its result, over `calls`
+    calls with `in_flight` of them kept in flight (a closed loop: a new call as soon as one returns)."""
     import ray
 
-    latencies, in_flight, sent = [], {}, 0
-    while sent < calls or in_flight:
-        while sent < calls and len(in_flight) < concurrency:
-            in_flight[router.route.remote([prompts[sent % len(prompts)]])] = time.perf_counter()
+    latencies, started, sent = [], {}, 0
+    while sent < calls or started:
+        while sent < calls and len(started) < in_flight:
+            started[router.route.remote([prompts[sent % len(prompts)]])] = time.perf_counter()
             sent += 1
-        done, _ = ray.wait(list(in_flight), num_returns=1)
+        done, _ = ray.wait(list(started), num_returns=1)
         for ref in done:
-            latencies.append((time.perf_counter() - in_flight.pop(ref)) * 1000)
-    return latencies
+            latencies.append((time.perf_counter() - started.pop(ref)) * 1000)
+    return {"p50_ms": round(float(np.percentile(latencies, 50)), 3),
+            "p99_ms": round(float(np.percentile(latencies, 99)), 3)}
 
 
-def bench_router(seconds: float = 3.0, actor_calls: int = 2000, concurrencies: tuple[int, ...] = (1, 4, 16)) -> dict:
-    """Classification rate on one core, and routing-decision latency through the router actor under load.
+def bench_router(seconds: float = 3.0, calls: int = 2000, in_flight: tuple[int, ...] = (1, 2, 4, 16),
+                 load: int = 4) -> dict:
+    """Classification rate on one core, routing-decision latency through the router actor under load, and
+    per-domain precision and recall on the dev prompts and on the held-out test prompts.
 
-    `p99_ms` is at 4 calls in flight; `latency_by_concurrency` shows how queueing at the one actor grows it.
+    Rate: `RuleClassifier.labels` over the dev prompts in rounds of one pass, for `seconds`. `prompts_per_s` is
+    the best round, as timeit reports the best (other work on a shared machine only slows rounds down), and
+    `prompts_per_s_median` the median round.
+    Latency: one-prompt `Router.route` calls to a Router actor started as the pipeline starts it (a sync actor,
+    one call at a time), `calls` calls with `in_flight` of them kept in flight; `p99_ms` is at `load` in flight.
+    The same loop against a no-op actor method shows how much of it is the Ray call itself.
     """
+    import os
+
     import ray
 
     from avocado_ray.cli import config_path
@@ -67,45 +99,45 @@ def bench_router(seconds: float = 3.0, actor_calls: int = 2000, concurrencies: t
     from avocado_ray.routing.classifier import RuleClassifier
     from avocado_ray.routing.router import Router
 
-    rows = labelled_prompts()
+    rows = labelled_prompts("dev")
     texts = [row["prompt"] for row in rows]
     classifier = RuleClassifier()
-    classified, started = 0, time.perf_counter()
+    rates, started = [], time.perf_counter()
     while time.perf_counter() - started < seconds:
+        round_started = time.perf_counter()
         for text in texts:
             classifier.labels(text)
-        classified += len(texts)
-    prompts_per_s = classified / (time.perf_counter() - started)
+        rates.append(len(texts) / (time.perf_counter() - round_started))
 
     config = load_config(config_path("builtin:local"), check_paths=False)
-    quality = classifier_quality(rows, config.routing.priority)
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
-    router = ray.remote(Router).options(num_cpus=0, max_concurrency=1).remote(
-        config.routing, [t.name for t in config.teachers]
-    )
+    if not ray.is_initialized():  # a Ray of its own (address="local"), not one another process started
+        ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 log_to_driver=False, _system_config=SYSTEM_CONFIG)
+    router = ray.remote(Router).options(num_cpus=0).remote(config.routing, [t.name for t in config.teachers])
+    noop = ray.remote(_NoopRouter).options(num_cpus=0).remote()
     prompts = [Prompt(id=str(i), messages=[{"role": "user", "content": t}], line=i) for i, t in enumerate(texts)]
-    _actor_latencies(router, prompts, 500, 4)  # warm-up: a freshly started Ray is still busy starting itself
-    by_concurrency = {}
-    for concurrency in concurrencies:
-        latencies = _actor_latencies(router, prompts, actor_calls, concurrency)
-        by_concurrency[concurrency] = {
-            "p50_ms": round(float(np.percentile(latencies, 50)), 3),
-            "p99_ms": round(float(np.percentile(latencies, 99)), 3),
-        }
+    for actor in (router, noop):
+        _actor_latencies(actor, prompts, 500, load)  # warm-up: a freshly started Ray is still busy starting itself
+    load_avg = os.getloadavg()[0]
+    by_in_flight = {n: _actor_latencies(router, prompts, calls, n) for n in in_flight}
+    noop_latency = _actor_latencies(noop, prompts, calls, load)
     ray.kill(router)
+    ray.kill(noop)
     return {
         "benchmark": "router",
         "prompts": len(texts),
         "mean_prompt_chars": round(sum(map(len, texts)) / len(texts), 1),
-        "prompts_per_s": round(prompts_per_s),
-        "actor_calls": actor_calls,
-        "p99_ms": by_concurrency.get(4, next(iter(by_concurrency.values())))["p99_ms"],
-        "latency_by_concurrency": by_concurrency,
-        "quality": quality,
+        "prompts_per_s": round(max(rates)),
+        "prompts_per_s_median": round(float(np.median(rates))),
+        "p99_ms": by_in_flight[load]["p99_ms"],
+        "load": {"calls": calls, "in_flight": load, "prompts_per_call": 1,
+                 "actor": "Router, sync, one call at a time (as pipeline.py starts it)"},
+        "latency_by_in_flight": by_in_flight,
+        "noop_actor_latency": noop_latency,
+        "machine": {"cpus": os.cpu_count(), "load_avg_1m": round(load_avg, 2)},
+        "quality_dev": classifier_quality(rows, config.routing.priority),
+        "quality_heldout": classifier_quality(labelled_prompts("test"), config.routing.priority),
     }
-
-
 
 
 def _synthetic_samples(count: int, tokens: int, k: int, vocab: int, seed: int = 0) -> list[dict]:
@@ -133,14 +165,12 @@ def bench_dataplane(samples: int = 2048, tokens: int = 64, k: int = 20, batch_ro
     """Parquet write rate and top-k bytes on disk; stream rate to a counting trainer; buffer bound under a
     slow consumer. All in one run, on the same synthetic samples."""
     import tempfile
-    import threading
 
     import pyarrow.parquet as pq
     import ray
 
     from avocado_ray.dataplane.schema import samples_to_batch
     from avocado_ray.dataplane.spill import ShardWriter, complete_shards
-    from avocado_ray.dataplane.stream import SampleStream
 
     rows = _synthetic_samples(samples, tokens, k, vocab)
     batches = [samples_to_batch(rows[i : i + batch_rows]) for i in range(0, samples, batch_rows)]
@@ -162,44 +192,12 @@ def bench_dataplane(samples: int = 2048, tokens: int = 64, k: int = 20, batch_ro
                         topk_bytes += chunk.total_compressed_size
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
-    refs = [ray.put(batch) for batch in batches]
-
-    @ray.remote(num_cpus=0)
-    def count(stream: SampleStream, delay_s: float) -> int:
-        total = 0
-        for batch, _ in stream.batches():
-            total += batch.num_rows
-            time.sleep(delay_s)
-        return total
-
-    def through_stream(delay_s: float) -> tuple[float, int, int]:
-        stream = SampleStream(buffer_batches)
-        peak, done = [0], threading.Event()
-
-        def watch():
-            while not done.is_set():
-                peak[0] = max(peak[0], stream.queue.qsize())
-                time.sleep(0.005)
-
-        watcher = threading.Thread(target=watch, daemon=True)
-        watcher.start()
-        started = time.perf_counter()
-        counted = count.remote(stream, delay_s)
-        for ref in refs:
-            stream.put(ref)
-        stream.close()
-        total = ray.get(counted)
-        elapsed = time.perf_counter() - started
-        done.set()
-        watcher.join()
-        stream.shutdown()
-        return elapsed, total, peak[0]
-
-    through_stream(0.0)  # warm-up: starts the consumer's worker process and the queue actor code paths
-    stream_s, streamed, _ = through_stream(0.0)
-    _, slow_total, peak_batches = through_stream(0.02)
-    batch_bytes = max(b.nbytes for b in batches)
+        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+                 _system_config=SYSTEM_CONFIG)
+    stream_through(batches[:buffer_batches], buffer_batches)  # warm-up: consumer worker and queue actor start
+    fast = stream_through(batches, buffer_batches)
+    slow_batches = batches[: 4 * buffer_batches]
+    slow = stream_through(slow_batches, buffer_batches, consumer_delay_s=0.2)
     return {
         "benchmark": "dataplane",
         "samples": samples,
@@ -208,13 +206,86 @@ def bench_dataplane(samples: int = 2048, tokens: int = 64, k: int = 20, batch_ro
         "bytes_per_topk_entry": round(topk_bytes / (samples * tokens * k), 3),
         "bytes_per_topk_entry_uncompressed_int32_float32": 8,
         "parquet_samples_per_s": round(samples / parquet_s),
-        "stream_samples_per_s": round(streamed / stream_s),
-        "stream_delivered_all": streamed == samples and slow_total == samples,
-        "peak_buffer_bytes": peak_batches * batch_bytes,
-        "buffer_bound_bytes": (buffer_batches + 1) * batch_bytes,  # the queue plus the one put that waits
+        "stream_samples_per_s": round(fast["samples"] / fast["seconds"]),
+        "stream_delivered_all": fast["samples"] == samples and slow["samples"] == sum(b.num_rows for b in slow_batches),
+        "slow_consumer_delay_s_per_batch": 0.2,
+        "batch_bytes_in_object_store": slow["batch_bytes"],
+        "peak_buffer_bytes": slow["peak_bytes"],
+        "buffer_bound_bytes": slow["bound_bytes"],
+        "producer_blocked_s": slow["producer_blocked_s"],
     }
 
 
+def object_store_bytes_used() -> int:
+    """Bytes in use in the Ray object store, as the raylet reports them (the figure `ray memory` prints)."""
+    import ray
+    from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+
+    state = get_state_from_address(ray.get_runtime_context().gcs_address)
+    return get_memory_info_reply(state).store_stats.object_store_bytes_used
+
+
+def stream_through(batches: list, buffer_batches: int, consumer_delay_s: float = 0.0) -> dict:
+    """Put `batches` into the object store one by one and through a `SampleStream` to a consumer that only
+    counts rows (sleeping `consumer_delay_s` per batch), watching the object store's use meanwhile.
+
+    The producer keeps no reference once a batch is in the stream, as the pipeline does, so the store holds at
+    most the queued batches, the one being put, the one the consumer holds, and one already released that the
+    raylet has not yet deleted (it deletes in periods, see `cluster.SYSTEM_CONFIG`; with a consumer slower than
+    that period this is one batch): `bound_bytes` = (buffer_batches + 3) x the stored size of one batch.
+    """
+    import threading
+
+    import ray
+
+    from avocado_ray.dataplane.stream import SampleStream
+
+    @ray.remote(num_cpus=0)
+    def count(stream: SampleStream, delay_s: float) -> int:
+        total = 0
+        for batch, *_ in stream.batches():
+            total += batch.num_rows
+            time.sleep(delay_s)
+        return total
+
+    baseline = object_store_bytes_used()
+    probe = ray.put(batches[0])
+    batch_bytes = object_store_bytes_used() - baseline
+    del probe
+    stream = SampleStream(buffer_batches)
+    peak, done = [0], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            peak[0] = max(peak[0], object_store_bytes_used() - baseline)
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    started = time.perf_counter()
+    counted = count.remote(stream, consumer_delay_s)
+    watcher.start()
+    blocked = 0.0
+    for batch in batches:
+        ref = ray.put(batch)
+        put_started = time.perf_counter()
+        stream.put(ref)
+        blocked += time.perf_counter() - put_started
+        del ref
+    stream.close()
+    total = ray.get(counted)
+    seconds = time.perf_counter() - started
+    done.set()
+    watcher.join()
+    stream.shutdown()
+    return {
+        "samples": total,
+        "seconds": seconds,
+        "batch_bytes": batch_bytes,
+        "peak_bytes": peak[0],
+        "peak_batches": round(peak[0] / batch_bytes, 2),  # other tasks' small objects may add a few KB
+        "bound_bytes": (buffer_batches + 3) * batch_bytes,
+        "producer_blocked_s": round(blocked, 3),
+    }
 
 
 def bench_teachers(prompts: int = 200, max_tokens: int = 16, batch: int = 25, in_flight: int = 8) -> dict:
@@ -256,7 +327,8 @@ def bench_teachers(prompts: int = 200, max_tokens: int = 16, batch: int = 25, in
     gc.collect()
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+        ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+                 _system_config=SYSTEM_CONFIG)
     router = ray.remote(Router).options(num_cpus=0).remote(config.routing, [t.name for t in config.teachers])
     pool = TeacherPool(teacher, model, use_gpu=False, max_in_flight=in_flight)
     pool.ready()
@@ -270,11 +342,11 @@ def bench_teachers(prompts: int = 200, max_tokens: int = 16, batch: int = 25, in
         flying, tokens = {}, 0
         while pending or flying:
             while pending and pool.has_room():
-                replica, batch_ref, _ = pool.submit(pending.pop(0))
-                flying[batch_ref] = replica
+                flying[pool.submit(pending.pop(0))] = True
             done, _ = ray.wait(list(flying), num_returns=1)
             for ref in done:
-                pool.done(flying.pop(ref))
+                del flying[ref]
+                pool.complete(ref)
                 tokens += sum(len(ids) for ids in ray.get(ref).column("token_ids").to_pylist())
         return tokens
 
@@ -301,4 +373,148 @@ def bench_teachers(prompts: int = 200, max_tokens: int = 16, batch: int = 25, in
     }
 
 
-BENCHMARKS = {"router": bench_router, "dataplane": bench_dataplane, "teachers": bench_teachers}
+def _bench_student(folder: Path, hidden: int, layers: int) -> Path:
+    """The tiny student's tokenizer and architecture at a size where compute dominates; the cached tiny models stay."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from avocado_ray.models.tiny import HEAD_DIM, resolve_model
+
+    source = resolve_model("tiny:student")
+    config = AutoConfig.from_pretrained(source)
+    heads = hidden // HEAD_DIM
+    config.update(dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                       num_key_value_heads=heads, head_dim=HEAD_DIM, intermediate_size=4 * hidden))
+    if hasattr(config, "layer_types"):
+        config.layer_types = ["full_attention"] * layers
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(source).save_pretrained(folder)
+    return folder
+
+
+def _bench_trainer(steps: int = 4, batch_size: int = 8, hidden: int = 512, layers: int = 4, max_seq_len: int = 512,
+                   rounds: int = 2, warmup: int = 1) -> dict:
+    """Training tokens/s of our DeepSpeed ZeRO-3 step (`StudentTrainer.step`, 1 rank, in this process on a 1-rank
+    gloo group) against a plain PyTorch AdamW loop on the same student, batches and loss, in this run.
+
+    Both paths encode and pack the same length-bucketed batches with the trainer's `SampleEncoder` and compute the
+    same supervised loss (`micro_loss`), clip gradients at 1.0 like the DeepSpeed config and step AdamW; the two
+    paths take turns step by step, `rounds` times over the batches, so load from other processes hits both alike
+    (both models see every batch `rounds` times; their losses stay equal, which checks the paths agree). Tokens are
+    non-padding prompt + answer tokens. The student is the tiny student's architecture at `hidden` x `layers`.
+    """
+    import os
+    import socket
+    import tempfile
+
+    import torch
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    from avocado_ray.config import TrainerConfig
+    from avocado_ray.training.trainer import StudentTrainer, bucket, forward, micro_loss, padding_waste
+
+    texts = [row["prompt"] for row in labelled_prompts()]
+    count = (warmup + steps) * batch_size
+    rows = [  # real prompts of every domain; answers are other prompts' text cut to lengths from short to long
+        {"sample_id": f"b{i}", "messages": json.dumps([{"role": "user", "content": texts[i % len(texts)][:120]}]),
+         "answer": texts[(7 * i + 3) % len(texts)][: 20 + (97 * i) % 1200], "teacher": "t"}
+        for i in range(count)
+    ]
+    batches = [rows[i : i + batch_size] for i in range(0, count, batch_size)]
+    settings = TrainerConfig(num_workers=1, zero_stage=3, batch_size=batch_size, lr=1e-4, max_seq_len=max_seq_len)
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
+                      LOCAL_WORLD_SIZE="1")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    with tempfile.TemporaryDirectory(prefix="avocado-bench-") as folder:
+        student_path = str(_bench_student(Path(folder), hidden, layers))
+        # the plain model first: while a StudentTrainer lives, from_pretrained builds models under zero.Init
+        plain = AutoModelForCausalLM.from_pretrained(student_path, dtype=torch.float32)
+        plain.train()
+        optimizer = torch.optim.AdamW(plain.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+        zero3 = StudentTrainer(student_path, settings, world_size=1)
+        encoder = zero3.encoder
+        parameters = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in zero3.engine.module.parameters())
+
+    def plan(batch):
+        return bucket(encoder.sort_by_length(batch), 1, zero3.accumulation)[0]
+
+    def zero3_step(batch) -> tuple[int, float]:
+        result = zero3.step(plan(batch))
+        return result["seq_tokens"], result["loss"]
+
+    def torch_step(batch) -> tuple[int, float]:
+        micros = [encoder.collate(part) for part in plan(batch)]
+        tokens = max(sum(m.tokens for m in micros), 1)
+        total = 0.0
+        for micro in micros:
+            logits = forward(plain, micro)
+            mixed = micro_loss(logits, micro, zero3.weights, zero3.options)
+            (mixed.total / tokens).backward()
+            total += mixed.total.item()
+        torch.nn.utils.clip_grad_norm_(plain.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return sum(m.real for m in micros), total / tokens
+
+    paths = {"zero3": zero3_step, "torch": torch_step}
+    seconds, tokens, losses = {p: 0.0 for p in paths}, {p: 0 for p in paths}, {p: [] for p in paths}
+    for name, step in paths.items():
+        for batch in batches[:warmup]:
+            losses[name].append(step(batch)[1])
+    for round_ in range(rounds):
+        for index, batch in enumerate(batches[warmup:]):
+            # step by step, in alternating order: load from other processes falls on both paths alike
+            for name in (("zero3", "torch") if (round_ + index) % 2 == 0 else ("torch", "zero3")):
+                started = time.perf_counter()
+                done, loss = paths[name](batch)
+                seconds[name] += time.perf_counter() - started
+                tokens[name] += done
+                losses[name].append(loss)
+    dist.destroy_process_group()
+    rates = {name: tokens[name] / seconds[name] for name in paths}
+    micros = [encoder.collate(part) for batch in batches for part in plan(batch)]
+    packed_waste = 1 - sum(m.real for m in micros) / sum(m.slots for m in micros)
+    lengths = [[encoder.length(row) for row in batch] for batch in batches]  # padded, in stream order
+    return {
+        "benchmark": "trainer",
+        "zero3_path": "StudentTrainer.step in this process, 1-rank gloo group (no Ray Train worker)",
+        "student": {"hidden": hidden, "layers": layers, "parameters": parameters, "vocab": len(encoder.tokenizer)},
+        "batch_size": batch_size,
+        "steps_timed": rounds * steps,
+        "torch_threads": torch.get_num_threads(),
+        "zero3_tokens_per_s": round(rates["zero3"], 1),
+        "torch_tokens_per_s": round(rates["torch"], 1),
+        "ratio": round(rates["zero3"] / rates["torch"], 3),
+        "padding_waste_pct": round(100 * packed_waste, 2),
+        "padding_waste_pct_if_padded": round(100 * padding_waste(lengths), 2),
+        "first_loss": {name: round(values[0], 4) for name, values in losses.items()},
+        "last_loss": {name: round(values[-1], 4) for name, values in losses.items()},
+    }
+
+
+def bench_trainer(**options) -> dict:
+    """`_bench_trainer` with file descriptor 1 on stderr: DeepSpeed's logs and op builds print to stdout, which
+    stays for the one JSON object."""
+    import os
+    import sys
+
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        return _bench_trainer(**options)
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+BENCHMARKS = {
+    "router": bench_router, "dataplane": bench_dataplane, "teachers": bench_teachers, "trainer": bench_trainer,
+}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from importlib import resources
 from pathlib import Path
@@ -93,6 +94,21 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_scale(args) -> int:
+    """Resize a teacher pool of a running run, through the run's control actor on the cluster."""
+    import ray
+
+    from avocado_ray.teachers.control import request_scale
+
+    ray.init(address=args.address or os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=False)
+    try:
+        print(request_scale(args.run, args.teacher, args.replicas))
+    except (LookupError, ValueError) as error:
+        print(f"avocado-ray scale: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_status(args) -> int:
     from avocado_ray.report import run_status
 
@@ -174,10 +190,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="run a benchmark; prints one JSON object")
     bench.add_argument(
         "which",
-        choices=["router", "dataplane", "teachers"],
-        help="router: rate, latency, accuracy; dataplane: bytes, rates, buffer; teachers: pool vs bare vLLM",
+        choices=["router", "dataplane", "teachers", "trainer"],
+        help="router: rate, latency, accuracy; dataplane: bytes, rates, buffer; teachers: pool vs bare vLLM; "
+        "trainer: DeepSpeed ZeRO-3 step vs plain PyTorch AdamW tokens/s, padding waste",
     )
     bench.set_defaults(func=cmd_bench)
+
+    scale = commands.add_parser("scale", help="resize a teacher pool of a running run (drains when shrinking)")
+    scale.add_argument("--run", required=True, metavar="RUN", help="the run's run directory, as the run sees it")
+    scale.add_argument("--teacher", required=True, help="teacher pool name from the run's config")
+    scale.add_argument("--replicas", required=True, type=int, help="the pool's new number of replicas (>= 1)")
+    scale.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else the local cluster)")
+    scale.set_defaults(func=cmd_scale)
 
     status = commands.add_parser("status", help="progress of a running or finished run, as JSON (reads files only)")
     status.add_argument("run", metavar="RUN", help="run directory (the config's run_dir)")

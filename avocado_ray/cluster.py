@@ -8,6 +8,11 @@ import ray
 
 from avocado_ray.config import DistillConfig
 
+# Raylet settings for a Ray this process starts. Released objects are deleted from the object store in periods
+# (1 s by default); a shorter period keeps the store's use at the stream's bound when the trainer is slow.
+# A cluster started with `ray start` takes the same as RAY_free_objects_period_milliseconds=100 (see cluster/).
+SYSTEM_CONFIG = {"free_objects_period_milliseconds": 100}
+
 
 def cpus_needed(config: DistillConfig) -> int:
     """Logical CPUs the run reserves: teacher replicas, trainer workers and one for the driver's actors."""
@@ -33,5 +38,5 @@ def connect(config: DistillConfig) -> str:
     except ConnectionError:
         pass
     num_cpus = config.ray.num_cpus or max(cpus_needed(config), os.cpu_count() or 1)
-    ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
+    ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", _system_config=SYSTEM_CONFIG)
     return f"started a local Ray with {num_cpus} logical CPUs"

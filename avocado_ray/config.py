@@ -50,6 +50,20 @@ class EngineConfig(Strict):
     )
 
 
+class AutoscaleConfig(Strict):
+    """Replica bounds for a pool that follows its queue: it grows while more batches wait than its replicas
+    take in flight, and shrinks (draining) when nothing waits."""
+
+    min_replicas: int = Field(1, gt=0, description="Fewest replicas.")
+    max_replicas: int = Field(gt=0, description="Most replicas.")
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas {self.min_replicas} is above max_replicas {self.max_replicas}")
+        return self
+
+
 class VLLMTeacher(Strict):
     """A teacher model served by a pool of vLLM engines, each in a Ray actor."""
 
@@ -62,6 +76,11 @@ class VLLMTeacher(Strict):
     tensor_parallel_size: int = Field(1, gt=0, description="GPUs per replica (placement group bundles).")
     replicas: int = Field(1, gt=0, description="Number of engine replicas in the pool.")
     num_cpus: float = Field(1.0, gt=0, description="CPUs a replica actor reserves.")
+    node_labels: dict[str, str] = Field(
+        default_factory=dict, description="Ray node labels a replica's node must carry (e.g. a GPU type)."
+    )
+    max_restarts: int = Field(3, ge=0, description="Ray restarts of a crashed replica before it is replaced.")
+    autoscale: AutoscaleConfig | None = Field(None, description="Scale between bounds by queue depth.")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
 
@@ -141,9 +160,55 @@ class TrainerConfig(Strict):
         50, gt=0, description="Steps between DeepSpeed checkpoints (one is also taken at the end); a rerun resumes."
     )
     keep_checkpoints: int = Field(2, gt=0, description="Checkpoints kept in `run_dir/ray_train`; older ones go.")
-    deepspeed: dict[str, Any] = Field(
-        default_factory=dict, description="Raw DeepSpeed config keys, merged over the generated ones."
+    losses: dict[str, float] = Field(
+        default_factory=lambda: {"supervised": 1.0},
+        description="Loss weights by name: supervised, forward_kl, reverse_kl, jsd (avocado_ray/training/losses.py). "
+        "A divergence applies where the sample has the teacher's top-k and its tokens align with the student's "
+        "(identity for the student's own tokenizer, byte spans otherwise); elsewhere its weight goes to the "
+        "supervised loss. Each term is logged as loss_NAME; a weight of 0 logs a term without training on it.",
     )
+    temperature: float = Field(1.0, gt=0, description="Temperature of the distillation divergences (scaled by T^2).")
+    jsd_beta: float = Field(0.5, gt=0, lt=1, description="The teacher's weight in the mixture of the `jsd` loss.")
+    gradient_accumulation_steps: int = Field(
+        1, gt=0, description="Micro-batches per optimizer step on each worker (DeepSpeed gradient_accumulation_steps)."
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass (less memory, about a third more compute)."
+    )
+    offload: Literal["none", "optimizer", "optimizer+params"] = Field(
+        "none",
+        description="ZeRO offload to CPU memory: the optimizer state (offload_optimizer), and with +params the "
+        "parameters too (offload_param, ZeRO-3 only).",
+    )
+    deepspeed: dict[str, Any] = Field(
+        default_factory=dict, description="Raw DeepSpeed config keys, merged over the generated ones (they win)."
+    )
+
+    @field_validator("losses")
+    @classmethod
+    def _known_losses(cls, losses: dict[str, float]) -> dict[str, float]:
+        from avocado_ray.training.losses import LOSSES  # imports torch: only when a config names losses
+
+        unknown = sorted(set(losses) - set(LOSSES))
+        if unknown:
+            raise ValueError(f"unknown losses {unknown}; known: {sorted(LOSSES)}")
+        if not losses or any(w < 0 for w in losses.values()) or not any(w > 0 for w in losses.values()):
+            raise ValueError("loss weights must be >= 0 with at least one > 0")
+        return losses
+
+    @model_validator(mode="after")
+    def _batch_splits_and_offload_fits_stage(self) -> TrainerConfig:
+        shares = self.num_workers * self.gradient_accumulation_steps
+        if self.batch_size % shares:
+            raise ValueError(
+                f"batch_size {self.batch_size} must be a multiple of "
+                f"num_workers x gradient_accumulation_steps = {shares}"
+            )
+        if self.offload == "optimizer+params" and self.zero_stage != 3:
+            raise ValueError("offload optimizer+params needs zero_stage 3 (DeepSpeed offloads parameters in ZeRO-3)")
+        if self.offload == "optimizer" and self.zero_stage == 0:
+            raise ValueError("offload optimizer needs zero_stage 1, 2 or 3")
+        return self
 
 
 class DataConfig(Strict):

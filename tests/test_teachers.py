@@ -1,7 +1,21 @@
 """Teacher outputs: vLLM's logprobs turned into the top-k columns of the sample schema."""
 
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+
+import pytest
+import ray
 from vllm.logprobs import FlatLogprobs
 
+from avocado_ray.bench import labelled_prompts
+from avocado_ray.dataplane.spill import ShardWriter, open_samples
+from avocado_ray.pipeline import Dispatcher
+from avocado_ray.teachers.control import request_scale, start_control
 from avocado_ray.teachers.replica import topk_at_position
 
 
@@ -14,3 +28,124 @@ def test_topk_is_ranked_and_free_of_the_repeated_sampled_token():
     assert topk_at_position(flat, 0, sampled=7, k=2) == (-1.0, [7, 9], [-1.0, -2.0])
     # sampled token 5 is outside the top-2: its logprob is kept, the top-k is the best two
     assert topk_at_position(flat, 1, sampled=5, k=2) == (-3.0, [1, 2], [-0.5, -0.7])
+
+
+# --- Elastic, fault-tolerant pools on real vLLM CPU engines ------------------------------------------------------
+# These tests share the session's qwen pool (one replica), grow it, kill replicas, and leave it at one replica.
+
+
+@pytest.fixture
+def run_work(tmp_path, teacher_pools, local_config):
+    """Runs requests through the real dispatcher, shard-writer actor and run control; returns what was written."""
+
+    def run(requests, during=None):
+        pools = {"qwen": teacher_pools["qwen"]}
+        writer = ray.remote(ShardWriter).options(num_cpus=0).remote(str(tmp_path / "samples"), 4096)
+        control = start_control(tmp_path, list(pools))
+        metrics = tmp_path / "metrics.jsonl"
+        config = local_config.model_copy(update={"dispatch": local_config.dispatch.model_copy(update={"batch_size": 4})})
+        dispatcher = Dispatcher(config, pools, None, None, writer, control, metrics)
+        watcher = threading.Thread(target=during, args=(metrics,), daemon=True) if during else None
+        if watcher:
+            watcher.start()
+        rejected = dispatcher.run({("qwen", False): requests})
+        if watcher:
+            watcher.join()
+        ray.get(writer.close.remote())
+        ray.kill(control)
+        records = [json.loads(line) for line in metrics.read_text().splitlines()]
+        return open_samples(tmp_path / "samples").to_table(), rejected, records, dispatcher
+
+    return run
+
+
+def requests_for(count, max_tokens=32):
+    texts = [row["prompt"][:200] for row in labelled_prompts() if row["domain"] != "chinese"][:count]  # all fit
+    return [{"prompt_id": f"p{i}", "domain": "general", "labels": ["general"], "sampling": {"max_tokens": max_tokens},
+             "messages": [{"role": "user", "content": text}]} for i, text in enumerate(texts)]
+
+
+def served_by(records):
+    return Counter(r["replica"] for r in records if r["kind"] == "generate" for _ in range(r["samples"]))
+
+
+def wait_for(condition, metrics, timeout_s=300):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+        if condition(records):
+            return records
+        time.sleep(0.2)
+    raise AssertionError("condition not reached")
+
+
+def assert_each_answered_once(table, requests):
+    ids = table["prompt_id"].to_pylist()
+    assert sorted(ids) == sorted(r["prompt_id"] for r in requests)  # nothing lost, nothing twice
+
+
+@pytest.mark.slow
+def test_a_pool_scales_from_one_to_two_replicas_and_back_during_a_run(run_work, teacher_pools, tmp_path):
+    pool = teacher_pools["qwen"]
+    first = set(pool.replicas)
+    requests = requests_for(400, max_tokens=128)
+
+    def steer(metrics):
+        request_scale(tmp_path, "qwen", 2)
+        wait_for(lambda rs: sum(1 for r in rs if r["kind"] == "generate" and r["replica"] not in first) >= 3, metrics)
+        request_scale(tmp_path, "qwen", 1)
+
+    table, rejected, records, _ = run_work(requests, during=steer)
+    assert rejected == []
+    assert_each_answered_once(table, requests)
+    assert [(r["replicas"], r["reason"]) for r in records if r["kind"] == "scale"] == [(2, "request"), (1, "request")]
+    assert len(served_by(records)) == 2 and pool.size() == 1
+
+
+@pytest.mark.slow
+def test_least_loaded_dispatch_spreads_200_prompts_within_60_40(run_work, teacher_pools):
+    pool = teacher_pools["qwen"]
+    pool.scale(2)
+    pool.ready()
+    requests = requests_for(200)
+    table, _, records, _ = run_work(requests)
+    assert_each_answered_once(table, requests)
+    shares = sorted(served_by(records).values())
+    assert len(shares) == 2 and shares[0] >= 0.4 * 200, shares
+
+
+@pytest.mark.slow
+def test_a_replica_killed_mid_run_loses_and_duplicates_nothing(run_work, teacher_pools):
+    pool = teacher_pools["qwen"]
+    assert pool.size() == 2  # left by the spread test
+    requests = requests_for(300, max_tokens=64)
+
+    def kill(metrics):
+        wait_for(lambda rs: sum(1 for r in rs if r["kind"] == "generate") >= 5, metrics)
+        ray.kill(pool.actors()[0])  # no restart: the pool must replace it and send its calls again
+
+    table, _, _, dispatcher = run_work(requests, during=kill)
+    assert_each_answered_once(table, requests)
+    assert pool.lost_replicas == 1 and dispatcher.retried_prompts > 0
+    pool.ready()  # the replacement comes up
+    pool.scale(1)
+    assert pool.size() == 1
+
+
+@pytest.mark.slow
+def test_an_over_long_prompt_is_rejected_with_its_reason(teacher_pools):
+    pool = teacher_pools["qwen"]
+    long = {"prompt_id": "long", "domain": "general", "labels": [], "messages": [{"role": "user", "content": "word " * 2000}]}
+    ref = pool.submit([long])
+    report, _ = pool.complete(ref)
+    assert report["samples"] == 0
+    assert report["rejected"][0]["prompt_id"] == "long"
+    assert "does not fit qwen's context of 512" in report["rejected"][0]["reason"]
+
+
+def test_scale_from_the_command_line_names_a_run_that_is_not_running(ray_cluster, tmp_path):
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    command = [sys.executable, "-m", "avocado_ray", "scale", "--run", str(tmp_path), "--teacher", "qwen", "--replicas", "2"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert f"no running avocado-ray run with run directory {tmp_path}" in done.stderr

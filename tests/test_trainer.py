@@ -1,31 +1,79 @@
-"""The trainer: DeepSpeed ZeRO-3 on two Ray Train workers (gloo on CPU), fed through the sample stream."""
+"""The trainer: DeepSpeed ZeRO-3 on Ray Train workers (gloo on CPU), fed through the sample stream.
+
+Ray Train fits are the slow part (about 30-45 s each on two cores), so four fits carry every check: one
+worker straight through (the reference), one worker interrupted and resumed (the resume test), and two
+workers with ZeRO-3 (the same curve as one worker). All of them train on the same samples with the
+supervised loss and forward KL mixed: samples of teacher `qwen` carry top-k from the student's own tokenizer
+(identity alignment), samples of `gemma` top-k in another tokenizer (byte-span alignment), samples of `t`
+no known tokenizer (supervised only).
+"""
 
 import json
 import threading
 
 import pytest
 import ray
+import torch
+from pydantic import ValidationError
+from transformers import AutoTokenizer
 
 from avocado_ray.config import TrainerConfig
 from avocado_ray.dataplane.schema import samples_to_batch
 from avocado_ray.dataplane.stream import SampleStream
-from avocado_ray.training.trainer import encode_sample, make_trainer
+from avocado_ray.training.losses import LossOptions
+from avocado_ray.training.trainer import (
+    IGNORE,
+    SampleEncoder,
+    bucket,
+    deepspeed_config,
+    encode_sample,
+    forward,
+    make_trainer,
+    micro_loss,
+    pack,
+    padding_waste,
+)
 
-pytestmark = pytest.mark.slow
+LOSSES = {"supervised": 1.0, "forward_kl": 1.0}
+TEACHERS = ("qwen", "gemma", "t")  # same tokenizer as the student, another tokenizer, unknown tokenizer
 
 
-def sample(i):
-    return dict(
-        sample_id=f"s{i}", prompt_id=f"p{i}", domain="general", labels=["general"], teacher="t", replica=0,
-        messages=json.dumps([{"role": "user", "content": f"question {i}"}]), answer=f"the answer is {i * 7}",
+def sample(i, tokenizers=None):
+    """A teacher sample of varied length; with `tokenizers` (teacher name -> tokenizer) it carries top-k."""
+    teacher = TEACHERS[i % 3]
+    answer = f"the answer is {i * 7}" + " and so on" * (i % 5) ** 2
+    row = dict(
+        sample_id=f"s{i}", prompt_id=f"p{i}", domain="general", labels=["general"], teacher=teacher, replica=0,
+        messages=json.dumps([{"role": "user", "content": f"question {i}"}]), answer=answer,
         token_ids=[], token_logprobs=[], topk_ids=[], topk_logprobs=[], finish_reason="stop", prompt_tokens=3,
         latency_s=0.1,
     )
+    if tokenizers is not None:
+        tokenizer = tokenizers[teacher if teacher in tokenizers else "qwen"]
+        ids = tokenizer.encode(answer, add_special_tokens=False) + [tokenizer.eos_token_id]
+        # the answer's token first, then three others, with logprobs a sampling teacher could give
+        row.update(
+            token_ids=ids,
+            token_logprobs=[-0.2] * len(ids),
+            topk_ids=[[t] + [o for o in (5, 17, 99, 250) if o != t][:3] for t in ids],
+            topk_logprobs=[[-0.2, -2.5, -3.0, -4.0]] * len(ids),
+        )
+    return row
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tiny_models):
+    return {name: AutoTokenizer.from_pretrained(tiny_models[name]) for name in ("student", "qwen", "gemma")}
+
+
+@pytest.fixture(scope="module")
+def batches(tokenizers):
+    """Six global batches of 8 and a remainder of 1 (on 2 workers one rank gets no share of it)."""
+    rows = [sample(i, tokenizers) for i in range(49)]
+    return [rows[i : i + 8] for i in range(0, 49, 8)]
 
 
 def test_loss_is_only_on_answer_tokens(tiny_models):
-    from transformers import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["student"])
     ids, labels = encode_sample(tokenizer, [{"role": "user", "content": "2+2?"}], "4", 64)
     answer = [label for label in labels if label != -100]
@@ -33,24 +81,84 @@ def test_loss_is_only_on_answer_tokens(tiny_models):
     assert ids[-len(answer):] == answer
 
 
-def test_zero3_loss_goes_down_over_thirty_steps_on_a_fixed_batch(tiny_models, ray_cluster, tmp_path):
-    batch_ref = ray.put(samples_to_batch([sample(i) for i in range(8)]))
-    stream = SampleStream(max_batches=4)
+def test_options_map_onto_deepspeed_keys_and_raw_keys_win():
+    config = deepspeed_config(TrainerConfig(batch_size=16, gradient_accumulation_steps=2, offload="optimizer"), 2)
+    assert (config["train_batch_size"], config["train_micro_batch_size_per_gpu"]) == (16, 4)
+    assert config["gradient_accumulation_steps"] == 2
+    assert config["zero_optimization"]["offload_optimizer"] == {"device": "cpu"}
+    assert "offload_param" not in config["zero_optimization"]
+    raw = {"zero_optimization": {"offload_param": {"device": "nvme"}}}
+    both = TrainerConfig(offload="optimizer+params", deepspeed=raw)
+    zero = deepspeed_config(both, 1)["zero_optimization"]
+    assert zero["offload_optimizer"] == {"device": "cpu"} and zero["offload_param"] == {"device": "nvme"}
+    assert zero["stage"] == 3
 
-    def produce():
-        for _ in range(30):
-            stream.put(batch_ref)
-        stream.close()
 
-    threading.Thread(target=produce, daemon=True).start()
-    config = TrainerConfig(num_workers=2, zero_stage=3, batch_size=8, lr=3e-3)
-    make_trainer(config, str(tiny_models["student"]), stream, tmp_path).fit()
-    stream.shutdown()
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["loss"] for r in records if r["kind"] == "train"]
-    assert len(losses) == 30
-    assert losses[-1] < 0.5 * losses[0]
-    assert (tmp_path / "student" / "model.safetensors").is_file()
+def test_trainer_options_are_validated():
+    assert TrainerConfig().losses == {"supervised": 1.0}
+    with pytest.raises(ValidationError, match="unknown losses"):
+        TrainerConfig(losses={"fwd_kl": 1.0})
+    with pytest.raises(ValidationError, match="at least one > 0"):
+        TrainerConfig(losses={"forward_kl": 0.0})
+    with pytest.raises(ValidationError, match="zero_stage 3"):
+        TrainerConfig(zero_stage=2, offload="optimizer+params")
+    with pytest.raises(ValidationError, match="multiple of"):
+        TrainerConfig(batch_size=8, num_workers=3)
+    with pytest.raises(ValidationError):
+        TrainerConfig(jsd_beta=1.0)
+
+
+def test_length_bucketing_cuts_sorted_rows_into_balanced_micro_batches():
+    lengths = [5, 90, 12, 70, 33, 8, 64, 41]
+    plan = bucket(sorted(lengths), world_size=2, accumulation=2)  # chunk c: rank c % 2, micro-batch c // 2
+    assert plan == [[[5, 8], [41, 64]], [[12, 33], [70, 90]]]
+    assert [len(m) for rank in plan for m in rank] == [2, 2, 2, 2]
+    assert sorted(x for rank in plan for m in rank for x in m) == sorted(lengths)
+    unsorted = bucket(lengths, 2, 2)
+    assert padding_waste([m for rank in plan for m in rank]) < padding_waste([m for rank in unsorted for m in rank])
+    assert bucket([1], 2, 1) == [[[1]], [[]]]  # a remainder smaller than the ranks: one rank has no share
+
+
+def test_samples_get_the_teachers_distribution_by_tokenizer(tiny_models, tokenizers):
+    paths = {name: str(tiny_models[name]) for name in ("qwen", "gemma")}
+    encoder = SampleEncoder(tokenizers["student"], TrainerConfig(losses=LOSSES), paths)
+    assert encoder.aligner("qwen").identity and not encoder.aligner("gemma").identity
+    qwen, gemma, t = (encoder.collate([sample(i, tokenizers)]) for i in (0, 1, 2))  # one sample per teacher
+    # qwen: the student's tokenizer, so every answer token has the teacher's row and its top candidate is the label
+    answer = qwen.labels != IGNORE
+    assert qwen.distill[answer].all() and not qwen.distill[~answer].any()
+    assert torch.equal(qwen.topk_ids[..., 0][answer], qwen.labels[answer])
+    # gemma: byte-span alignment keeps part of the answer; t: no known tokenizer, supervised only
+    assert 0 < gemma.distill[gemma.labels != IGNORE].float().mean() < 1
+    assert not t.distill.any() and t.tokens > 0
+    # with the supervised loss alone the encoder reads no top-k at all
+    plain = SampleEncoder(tokenizers["student"], TrainerConfig(), paths)
+    assert "topk_ids" not in plain.columns and not plain.collate([sample(0, tokenizers)]).distill.any()
+
+
+def test_packing_fills_rows_and_keeps_each_sample_to_itself(tiny_models, tokenizers):
+    from transformers import AutoModelForCausalLM
+
+    assert pack([5, 9, 3, 4, 2]) == [[1], [0, 3], [2, 4]]  # longest first, each into the first row with room
+    paths = {name: str(tiny_models[name]) for name in ("qwen", "gemma")}
+    encoder = SampleEncoder(tokenizers["student"], TrainerConfig(losses=LOSSES), paths)
+    rows = [sample(i, tokenizers) for i in range(8)]
+    packed = encoder.collate(rows)
+    alone = [encoder.collate([row]) for row in rows]
+    assert packed.input_ids.shape[0] < len(rows) and packed.real == sum(a.real for a in alone)
+    padded = len(rows) * packed.input_ids.shape[1]  # slots of the same samples padded to the longest
+    assert packed.slots - packed.real < 0.5 * (padded - packed.real)  # packing removes most of the padding
+    assert packed.tokens == sum(a.tokens for a in alone)
+    # the packed forward sees each sample alone: the same loss as eight separate forwards
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["student"])
+    options = LossOptions()
+    with torch.no_grad():
+        together = micro_loss(forward(model, packed), packed, LOSSES, options)
+        separate = [micro_loss(forward(model, a), a, LOSSES, options) for a in alone]
+    assert together.total.item() == pytest.approx(sum(m.total.item() for m in separate), rel=1e-5)
+    for name in LOSSES:
+        assert together.terms[name][1].item() == sum(m.terms[name][1].item() for m in separate)
+    assert padding_waste([[len(r)] for r in ([1, 2], [3])]) == 0.0 and padding_waste([[2, 4]]) == 0.25
 
 
 def _fit(tiny_models, run_dir, batches, **options):
@@ -63,26 +171,71 @@ def _fit(tiny_models, run_dir, batches, **options):
         stream.close()
 
     threading.Thread(target=produce, daemon=True).start()
-    config = TrainerConfig(num_workers=1, batch_size=8, lr=3e-3, **options)
-    make_trainer(config, str(tiny_models["student"]), stream, run_dir).fit()
+    settings = dict(num_workers=1, batch_size=8, lr=3e-3, losses=LOSSES, gradient_accumulation_steps=2)
+    config = TrainerConfig(**{**settings, **options})
+    teachers = {name: str(tiny_models[name]) for name in ("qwen", "gemma")}
+    make_trainer(config, str(tiny_models["student"]), stream, run_dir, teacher_tokenizers=teachers).fit()
     stream.shutdown()
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r for r in records if r["kind"] == "train"]
 
 
+@pytest.fixture(scope="module")
+def straight(tiny_models, ray_cluster, batches, tmp_path_factory):
+    """One worker, two accumulation steps of 4 samples, straight through every batch: the reference curve."""
+    run_dir = tmp_path_factory.mktemp("straight")
+    return run_dir, _fit(tiny_models, run_dir, batches, checkpoint_every=2)
+
+
+@pytest.mark.slow
+def test_one_worker_distils_with_forward_kl_and_logs_every_term(straight, batches, tokenizers):
+    run_dir, records = straight
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6, 7]
+    for r in records[:6]:
+        assert {"loss", "loss_supervised", "loss_forward_kl", "padding_waste", "distilled"} <= set(r)
+        assert 0.3 < r["distilled"] < 1  # qwen rows distil throughout, gemma rows in part, t rows not at all
+    # bucketing and packing leave less than half the padding of each global batch padded to its longest sample
+    encoder = SampleEncoder(tokenizers["student"], TrainerConfig())
+    padded = [padding_waste([[encoder.length(row) for row in rows]]) for rows in batches[:6]]
+    assert sum(r["padding_waste"] for r in records[:6]) < 0.5 * sum(padded)
+    assert records[-1]["samples"] == 1 and records[-1]["distilled"] == 1.0  # s48, a qwen sample: identity
+    assert records[5]["loss"] < 0.7 * records[0]["loss"]
+    assert records[5]["loss_forward_kl"] < 0.7 * records[0]["loss_forward_kl"]
+    assert (run_dir / "student" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_two_zero3_workers_follow_the_one_worker_loss_curve(tiny_models, straight, batches, tmp_path):
+    # 2 ranks x 1 micro-batch against 1 rank x 2 accumulation steps: the same global batches and token mean.
+    # Gradient checkpointing recomputes the same activations, so it must not change the curve either.
+    _, one = straight
+    two = _fit(
+        tiny_models, tmp_path, batches, num_workers=2, zero_stage=3, gradient_accumulation_steps=1,
+        gradient_checkpointing=True, checkpoint_every=100,
+    )
+    assert [r["step"] for r in two] == [r["step"] for r in one]
+    for a, b in zip(one, two):
+        assert (a["tokens"], a["seq_tokens"], a["padding_waste"]) == (b["tokens"], b["seq_tokens"], b["padding_waste"])
+        for term in ("loss", "loss_supervised", "loss_forward_kl"):
+            assert (term in a) == (term in b)
+            if term in a:
+                assert b[term] == pytest.approx(a[term], rel=1e-3)
+    assert (tmp_path / "student" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
 def test_a_rerun_resumes_from_the_checkpoint_and_continues_the_loss_curve_and_the_sample_ids(
-    tiny_models, ray_cluster, tmp_path
+    tiny_models, straight, batches, tmp_path
 ):
-    batches = [[sample(8 * b + i) for i in range(8)] for b in range(6)]
-    straight = _fit(tiny_models, tmp_path / "straight", batches, checkpoint_every=2)
+    _, straight_records = straight
     interrupted = tmp_path / "interrupted"
     _fit(tiny_models, interrupted, batches[:3], checkpoint_every=2)  # checkpoints after steps 2 and 3 (the end)
     manifest = json.loads((interrupted / "manifest.json").read_text())
     assert manifest["trained"]["step"] == 3 and manifest["trained"]["samples"] == 24
-    resumed = _fit(tiny_models, interrupted, batches, checkpoint_every=2)  # the stream replays all 48 samples
-    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]  # steps 4-6 appended to the first run's 1-3
+    resumed = _fit(tiny_models, interrupted, batches, checkpoint_every=2)  # the stream replays all 49 samples
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6, 7]  # steps 4-7 appended to the first run's 1-3
     trained = (interrupted / "trained_ids.txt").read_text().split()
     assert trained == [s["sample_id"] for rows in batches for s in rows]  # each once, in stream order
-    for before, after in zip(straight[3:], resumed[3:]):  # model and AdamW state restored: the same curve
+    for before, after in zip(straight_records[3:], resumed[3:]):  # model and AdamW state restored: the same curve
         assert after["loss"] == pytest.approx(before["loss"], rel=1e-3)
     assert (interrupted / "student" / "model.safetensors").is_file()

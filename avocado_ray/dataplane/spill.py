@@ -21,15 +21,16 @@ from avocado_ray.dataplane.schema import SAMPLE_SCHEMA, check_schema_version
 
 SHARD_GLOB = "shard-*.parquet"
 ROW_GROUP_ROWS = 1024  # batches are gathered into row groups this large: better compression, fewer pages
-# Logprobs compress best split by byte (exponent bytes together); every other column keeps dictionaries.
-_SPLIT_COLUMNS = ("token_logprobs.list.element", "topk_logprobs.list.element.list.element")
+# Numbers compress best split by byte: logprobs keep their exponent bytes together, and token ids (BPE gives
+# frequent tokens low ids) leave their high bytes nearly all zero. Text and label columns keep dictionaries.
+_SPLIT_COLUMNS = (
+    "token_ids.list.element", "token_logprobs.list.element",
+    "topk_ids.list.element.list.element", "topk_logprobs.list.element.list.element",
+)
 PARQUET_OPTIONS = dict(
     compression="zstd",
     column_encoding={column: "BYTE_STREAM_SPLIT" for column in _SPLIT_COLUMNS},
-    use_dictionary=[
-        "sample_id", "prompt_id", "domain", "labels.list.element", "teacher", "finish_reason",
-        "token_ids.list.element", "topk_ids.list.element.list.element",
-    ],
+    use_dictionary=["sample_id", "prompt_id", "domain", "labels.list.element", "teacher", "finish_reason"],
 )
 log = logging.getLogger(__name__)
 

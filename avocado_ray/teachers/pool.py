@@ -1,20 +1,31 @@
-"""A pool of replicas of one teacher, with least-loaded dispatch and a bound on calls in flight.
+"""A pool of replicas of one teacher: least-loaded dispatch, elastic size, and replacement of dead replicas.
 
-Each replica is a `TeacherReplica` actor placed in a placement group of `tensor_parallel_size`
-bundles packed on one node (STRICT_PACK), the layout vLLM expects inside Ray. On CPU the same code
-runs with one CPU bundle per replica.
+Each replica is a `TeacherReplica` actor placed in a placement group of `tensor_parallel_size` bundles
+packed on one node (STRICT_PACK), the layout vLLM expects inside Ray; on CPU the same code runs with one
+CPU bundle per replica. The pool never blocks the driver: new replicas join when their engine reports
+ready, a shrinking pool drains a replica before it stops, and a call lost with its replica comes back to
+the caller to be sent again (a lost call produced no output, so nothing is answered twice).
 """
 
 from __future__ import annotations
 
+import logging
 import os
+from dataclasses import dataclass, field
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.exceptions import RayActorError
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from avocado_ray.config import VLLMTeacher
 from avocado_ray.teachers.replica import TeacherReplica
+
+log = logging.getLogger(__name__)
+
+
+class PlacementError(RuntimeError):
+    """The cluster cannot hold the pool the config asks for; the message says what is missing."""
 
 
 def _replica_env(teacher: VLLMTeacher) -> dict[str, str]:
@@ -29,50 +40,180 @@ def _replica_env(teacher: VLLMTeacher) -> dict[str, str]:
     return env
 
 
-class TeacherPool:
-    """Replicas of one teacher; the driver submits batches and is told when a replica has room."""
+def check_fits(teacher: VLLMTeacher, replicas: int, use_gpu: bool) -> None:
+    """Fail early, before any placement group waits forever, when no layout of the cluster's alive nodes holds
+    `replicas` replicas of `tensor_parallel_size` bundles each on one node (with the node labels asked for)."""
+    size, unit = (teacher.tensor_parallel_size, "GPU") if use_gpu else (teacher.tensor_parallel_size * teacher.num_cpus, "CPU")
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    matching = [n for n in nodes if all(n.get("Labels", {}).get(k) == v for k, v in teacher.node_labels.items())]
+    per_node = [n["Resources"].get(unit, 0) for n in matching]
+    fits = sum(int(have // size) for have in per_node)
+    if fits >= replicas:
+        return
+    where = f"nodes labelled {teacher.node_labels}" if teacher.node_labels else "nodes"
+    raise PlacementError(
+        f"teacher {teacher.name!r} asks for {replicas} replicas of {size:g} {unit} each, all on one node; "
+        f"the cluster's {len(matching)} {where} (of {len(nodes)} alive) have {unit} {per_node}, which hold "
+        f"{fits}: missing {replicas - fits} x {size:g} {unit} on one node"
+    )
 
-    def __init__(self, teacher: VLLMTeacher, model_path: str, use_gpu: bool, max_in_flight: int, seed: int = 0):
-        self.teacher = teacher
+
+@dataclass
+class _Replica:
+    actor: ray.actor.ActorHandle
+    group: PlacementGroup
+    index: int
+    probe: ray.ObjectRef | None  # engine start (or restart) not yet confirmed while set
+    in_flight: int = 0
+    draining: bool = False
+
+
+@dataclass
+class _Call:
+    replica: int
+    requests: list[dict]
+    report: ray.ObjectRef = field(repr=False)
+
+
+class TeacherPool:
+    """Replicas of one teacher. The driver submits batches while `has_room()`, waits on `refs()`, and hands each
+    finished batch reference to `complete`, which gives back the report, or the requests to send again."""
+
+    def __init__(self, teacher: VLLMTeacher, model_path: str, use_gpu: bool, max_in_flight: int, seed: int = 0,
+                 replica_class: type = TeacherReplica):
+        self.teacher, self.model_path, self.use_gpu, self.seed = teacher, model_path, use_gpu, seed
         self.max_in_flight = max_in_flight
-        self.replicas: list = []
-        self.groups: list = []
-        self.in_flight: list[int] = []
-        bundle = {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": teacher.num_cpus}
-        remote_class = ray.remote(TeacherReplica)
-        for index in range(teacher.replicas):
-            group = placement_group([dict(bundle)] * teacher.tensor_parallel_size, strategy="STRICT_PACK")
-            actor = remote_class.options(
-                name=None,
-                num_cpus=0 if use_gpu else teacher.num_cpus,
-                num_gpus=1 if use_gpu and teacher.tensor_parallel_size == 1 else 0,
-                max_concurrency=1000,
-                runtime_env={"env_vars": _replica_env(teacher)},
-                scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True),
-            ).remote(teacher, model_path, index, seed)
-            self.groups.append(group)
-            self.replicas.append(actor)
-            self.in_flight.append(0)
+        self.remote_class = ray.remote(replica_class)  # a test double stands in where no GPU is
+        self.replicas: dict[int, _Replica] = {}
+        self.calls: dict[ray.ObjectRef, _Call] = {}
+        self.next_index = 0
+        self.lost_replicas = 0
+        check_fits(teacher, teacher.replicas, use_gpu)
+        for _ in range(teacher.replicas):
+            self._start(self._new_group())
+
+    def _new_group(self) -> PlacementGroup:
+        bundle = {"GPU": 1, "CPU": 1} if self.use_gpu else {"CPU": self.teacher.num_cpus}
+        size = self.teacher.tensor_parallel_size
+        selector = [dict(self.teacher.node_labels)] * size if self.teacher.node_labels else None
+        return placement_group([dict(bundle)] * size, strategy="STRICT_PACK", bundle_label_selector=selector)
+
+    def _start(self, group: PlacementGroup) -> None:
+        index, self.next_index = self.next_index, self.next_index + 1
+        gpu_actor = self.use_gpu and self.teacher.tensor_parallel_size == 1
+        actor = self.remote_class.options(
+            num_cpus=0 if self.use_gpu else self.teacher.num_cpus,
+            num_gpus=1 if gpu_actor else 0,
+            max_concurrency=1000,
+            max_restarts=self.teacher.max_restarts,  # a crashed engine process restarts in its placement group
+            runtime_env={"env_vars": _replica_env(self.teacher)},
+            scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True),
+        ).remote(self.teacher, self.model_path, index, self.seed)
+        self.replicas[index] = _Replica(actor, group, index, probe=actor.warm_up.remote())
+
+    # -- readiness -------------------------------------------------------------------------------------------
 
     def ready(self) -> list[dict]:
-        """Wait until every replica's engine is up."""
-        return ray.get([r.info.remote() for r in self.replicas])
+        """Wait until every replica's engine is up (start-up failures raise here)."""
+        infos = ray.get([r.probe for r in self.replicas.values() if r.probe is not None])
+        for replica in self.replicas.values():
+            replica.probe = None
+        return infos
+
+    def _check_probes(self) -> None:
+        for replica in list(self.replicas.values()):
+            if replica.probe is None or not ray.wait([replica.probe], timeout=0)[0]:
+                continue
+            try:
+                ray.get(replica.probe)
+                replica.probe = None
+            except RayActorError:  # dead for good (killed, or out of restarts): a new actor in the same group
+                self.lost_replicas += 1
+                del self.replicas[replica.index]
+                ray.kill(replica.actor)
+                if replica.draining:
+                    remove_placement_group(replica.group)
+                else:
+                    log.warning("teacher %s replica %d is dead; starting a replacement", self.teacher.name, replica.index)
+                    self._start(replica.group)
+
+    # -- dispatch --------------------------------------------------------------------------------------------
+
+    def _serving(self) -> list[_Replica]:
+        return [r for r in self.replicas.values() if r.probe is None and not r.draining]
 
     def has_room(self) -> bool:
-        return min(self.in_flight) < self.max_in_flight
+        self._check_probes()
+        return any(r.in_flight < self.max_in_flight for r in self._serving())
 
-    def submit(self, requests: list[dict]) -> tuple[int, ray.ObjectRef, ray.ObjectRef]:
-        """Send a batch to the least-loaded replica: (replica index, batch ref, rejections ref)."""
-        index = min(range(len(self.replicas)), key=self.in_flight.__getitem__)
-        self.in_flight[index] += 1
-        batch_ref, rejected_ref = self.replicas[index].generate.options(num_returns=2).remote(requests)
-        return index, batch_ref, rejected_ref
+    def submit(self, requests: list[dict]) -> ray.ObjectRef:
+        """Send a batch to the least-loaded serving replica; returns the reference of its record batch."""
+        replica = min(self._serving(), key=lambda r: r.in_flight)
+        replica.in_flight += 1
+        batch_ref, report_ref = replica.actor.generate.options(num_returns=2).remote(requests)
+        self.calls[batch_ref] = _Call(replica.index, requests, report_ref)
+        return batch_ref
 
-    def done(self, index: int) -> None:
-        self.in_flight[index] -= 1
+    def actors(self) -> list[ray.actor.ActorHandle]:
+        """The replica actors now (for the selector's judge calls, which bypass dispatch)."""
+        return [r.actor for r in self.replicas.values()]
+
+    def refs(self) -> list[ray.ObjectRef]:
+        """What the driver waits on: calls in flight and engines starting (so a new replica is noticed)."""
+        return list(self.calls) + [r.probe for r in self.replicas.values() if r.probe is not None]
+
+    def complete(self, batch_ref: ray.ObjectRef) -> tuple[dict | None, list[dict]]:
+        """A finished call: (report with `rejected`, `samples`, `tokens`, `replica`; no requests), or, if the
+        replica was lost, (None, the requests to send again). Unknown refs (probes) give (None, [])."""
+        call = self.calls.pop(batch_ref, None)
+        if call is None:
+            self._check_probes()
+            return None, []
+        replica = self.replicas.get(call.replica)
+        try:
+            report = ray.get(call.report)
+        except RayActorError as error:
+            log.warning("teacher %s replica %d lost a call of %d prompts (%s); sending them again",
+                        self.teacher.name, call.replica, len(call.requests), type(error).__name__)
+            if replica is not None:
+                replica.in_flight -= 1
+                if replica.probe is None:
+                    replica.probe = replica.actor.warm_up.remote()  # restarting, or dead: the probe tells
+            return None, call.requests
+        if replica is not None:
+            replica.in_flight -= 1
+            self._retire_drained()
+        return {**report, "replica": call.replica}, []
+
+    # -- elasticity ------------------------------------------------------------------------------------------
+
+    def size(self) -> int:
+        """Replicas that serve or will serve (draining ones excluded)."""
+        return sum(1 for r in self.replicas.values() if not r.draining)
+
+    def scale(self, replicas: int) -> None:
+        """Grow or shrink to `replicas` while the run goes on. New replicas serve once their engine is up;
+        shrinking drains the least-loaded replicas: they take no new calls and stop when their calls finish."""
+        if replicas < 1:
+            raise ValueError(f"teacher {self.teacher.name}: a pool needs at least 1 replica, not {replicas}")
+        grow = replicas - self.size()
+        if grow > 0:
+            check_fits(self.teacher, grow, self.use_gpu)
+            for _ in range(grow):
+                self._start(self._new_group())
+        for replica in sorted(self._serving(), key=lambda r: r.in_flight)[: max(-grow, 0)]:
+            replica.draining = True
+        self._retire_drained()
+        log.info("teacher %s scaled to %d replicas", self.teacher.name, replicas)
+
+    def _retire_drained(self) -> None:
+        for replica in [r for r in self.replicas.values() if r.draining and r.in_flight == 0]:
+            del self.replicas[replica.index]
+            ray.kill(replica.actor)
+            remove_placement_group(replica.group)
 
     def shutdown(self) -> None:
-        for actor in self.replicas:
-            ray.kill(actor)
-        for group in self.groups:
-            remove_placement_group(group)
+        for replica in self.replicas.values():
+            ray.kill(replica.actor)
+            remove_placement_group(replica.group)
+        self.replicas.clear()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 import uuid
 
@@ -63,8 +64,17 @@ class TeacherReplica:
         self.engine = AsyncLLM.from_engine_args(args)
 
     def info(self) -> dict:
-        """Ready check and facts about the engine."""
+        """Facts about the engine (answers while the actor lives)."""
         return {"teacher": self.teacher.name, "replica": self.index, "max_model_len": self.teacher.engine.max_model_len}
+
+    async def warm_up(self) -> dict:
+        """Ready check: one short generation first, so the replica's slow first batch is not a routed one and
+        least-loaded dispatch sees its real speed from the start."""
+        from vllm import SamplingParams
+
+        prompt_ids = chat_prompt_ids(self.tokenizer, [{"role": "user", "content": "hello"}])
+        await self._final_output(prompt_ids, SamplingParams(max_tokens=8, temperature=0.0))
+        return self.info()
 
     def _sampling_params(self, overrides: dict | None):
         from vllm import SamplingParams
@@ -140,16 +150,28 @@ class TeacherReplica:
 
         return list(await asyncio.gather(*(score(a) for a in answers)))
 
-    async def generate(self, requests: list[dict]) -> tuple[pa.RecordBatch, list[dict]]:
-        """Answer a batch: (record batch of samples, rejections as {prompt_id, reason}).
+    async def generate(self, requests: list[dict]) -> tuple[pa.RecordBatch, dict]:
+        """Answer a batch: (record batch of samples, report). The report holds `rejected` ({prompt_id, reason}),
+        `samples`, `tokens` and `batch_s`, so the driver learns progress without fetching the batch.
 
         Each request holds prompt_id, domain, labels, messages and optional sampling overrides.
         Call with `num_returns=2` so the record batch is an object of its own in the object store.
         """
+        from vllm.v1.engine.exceptions import EngineDeadError
+
         started = time.monotonic()
-        answers = await asyncio.gather(*(self._answer(r, started) for r in requests))
+        try:
+            answers = await asyncio.gather(*(self._answer(r, started) for r in requests))
+        except EngineDeadError:  # the engine process is gone: end this actor so Ray restarts it, engine and all
+            os._exit(1)
         samples = [a for a in answers if "rejected" not in a]
         rejected = [
             {"prompt_id": r["prompt_id"], "reason": a["rejected"]} for r, a in zip(requests, answers) if "rejected" in a
         ]
-        return samples_to_batch(samples), rejected
+        report = {
+            "rejected": rejected,
+            "samples": len(samples),
+            "tokens": sum(len(s["token_ids"]) for s in samples),
+            "batch_s": round(time.monotonic() - started, 4),
+        }
+        return samples_to_batch(samples), report

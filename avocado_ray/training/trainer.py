@@ -1,9 +1,21 @@
 """The student trainer: DeepSpeed (ZeRO-3 by default) on Ray Train workers, fed by the sample stream.
 
-Rank 0 reads teacher batches from the stream and broadcasts each global batch to all ranks; each
-rank trains on its own share. The first loss is supervised on the teacher's answer text, tokenised
-with the student's tokenizer, with the loss on answer tokens only. At the end the student is
-consolidated from its ZeRO shards and saved in Hugging Face format.
+Rank 0 reads teacher batches from the stream, sorts each global batch by length and broadcasts it to all
+ranks; the sorted rows are cut into `num_workers x gradient_accumulation_steps` chunks of neighbouring
+lengths (length bucketing), chunk c going to rank c mod N as its micro-batch c div N, so each micro-batch
+holds rows of similar length and every rank a similar mix of short and long rows. Within a micro-batch the
+samples are packed (`pack`) into rows as wide as the longest sample, each with position ids from 0, which
+Hugging Face models turn into a block-causal mask: a sample attends to itself only, and the loss is the
+same as unpacked. What padding remains is logged per step (`padding_waste`: padding tokens / all tokens of
+the step's micro-batches, over all ranks). The samples of a step do not depend on lengths (the stream's
+order decides them), so resume and the trained-ids lineage are unaffected.
+
+Losses (weights in `trainer.losses`, see losses.py) are chosen per sample: a divergence from the teacher's
+top-k where the sample has top-k logprobs and its teacher's tokens align with the student's (the identity
+when the teacher uses the student's tokenizer, `TokenAligner`'s byte spans otherwise), and the supervised
+loss on the teacher's answer text (student tokenizer, answer tokens only) everywhere else. The loss of a step
+is the mean over the answer tokens of the whole global batch; each term is logged as `loss_NAME`. At the end
+the student is consolidated from its ZeRO shards and saved in Hugging Face format.
 """
 
 from __future__ import annotations
@@ -11,7 +23,9 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from avocado_ray.config import TrainerConfig
 from avocado_ray.dataplane.spill import write_manifest
@@ -25,12 +39,19 @@ DEEPSPEED_TAG = "state"
 
 def deepspeed_config(trainer: TrainerConfig, world_size: int) -> dict:
     """Map our trainer options onto DeepSpeed's own keys; raw keys in `trainer.deepspeed` win."""
+    accumulation = trainer.gradient_accumulation_steps
+    micro = max(1, trainer.batch_size // (world_size * accumulation))
+    zero: dict[str, Any] = {"stage": trainer.zero_stage, "stage3_gather_16bit_weights_on_model_save": True}
+    if trainer.offload in ("optimizer", "optimizer+params"):
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if trainer.offload == "optimizer+params":
+        zero["offload_param"] = {"device": "cpu"}
     config = {
-        "train_batch_size": trainer.batch_size,
-        "train_micro_batch_size_per_gpu": trainer.batch_size // world_size,
-        "gradient_accumulation_steps": 1,
+        "train_batch_size": micro * accumulation * world_size,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accumulation,
         "optimizer": {"type": "AdamW", "params": {"lr": trainer.lr, "weight_decay": trainer.weight_decay}},
-        "zero_optimization": {"stage": trainer.zero_stage, "stage3_gather_16bit_weights_on_model_save": True},
+        "zero_optimization": zero,
         "bf16": {"enabled": trainer.use_gpu},
         "gradient_clipping": 1.0,
         "steps_per_print": 10**9,
@@ -55,63 +76,273 @@ def encode_sample(tokenizer, messages: list[dict], answer: str, max_len: int) ->
     return input_ids, labels
 
 
-class StudentTrainer:
-    """One rank's DeepSpeed engine over the student; `step` trains on this rank's share of a batch."""
+def bucket(rows: list, world_size: int, accumulation: int) -> list[list[list]]:
+    """Cut rows (sorted by length) into world x accumulation chunks of neighbouring rows: [rank][micro] -> rows.
 
-    def __init__(self, student_path: str, trainer: TrainerConfig, world_size: int):
+    Chunk c goes to rank c % world as micro-batch c // world, so each micro-batch holds rows of similar length
+    and every rank a similar spread of lengths. Chunks differ in size by at most one row; some may be empty.
+    """
+    chunks = world_size * accumulation
+    base, extra = divmod(len(rows), chunks)
+    plan: list[list[list]] = [[[] for _ in range(accumulation)] for _ in range(world_size)]
+    start = 0
+    for c in range(chunks):
+        size = base + (1 if c < extra else 0)
+        plan[c % world_size][c // world_size] = rows[start : start + size]
+        start += size
+    return plan
+
+
+def padding_waste(lengths: list[list[int]]) -> float:
+    """Padding tokens / all tokens when each inner list of sequence lengths is padded to its longest."""
+    slots = sum(max(group) * len(group) for group in lengths if group)
+    return 1 - sum(map(sum, lengths)) / slots if slots else 0.0
+
+
+def pack(lengths: list[int]) -> list[list[int]]:
+    """Indices of sequences packed into rows no longer than the longest (first fit, longest first).
+
+    A packed micro-batch is never wider than a padded one and has at most as many rows.
+    """
+    width = max(lengths, default=0)
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        slot = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
+        if slot is None:
+            rows.append([])
+            room.append(width)
+            slot = len(rows) - 1
+        rows[slot].append(i)
+        room[slot] -= lengths[i]
+    return rows
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch, samples packed into rows; target rows sit at the position of the token they describe.
+
+    Each packed sample has its own position ids from 0, which makes Hugging Face models (no attention mask, no
+    cache) attend within each sample only; padding at a row's end is a segment of its own that no loss reads.
+    """
+
+    input_ids: Any  # [B, L] int64
+    position_ids: Any  # [B, L] int64, from 0 at each sample's start
+    labels: Any  # [B, L] int64, IGNORE outside answers and at each sample's first token
+    topk_ids: Any  # [B, L, K] int64 teacher candidates in student ids, -1 pads
+    topk_logprobs: Any  # [B, L, K] float32
+    distill: Any  # [B, L] bool: a teacher distribution for the token at this position
+    tokens: int  # answer tokens that carry a loss
+    real: int  # sample tokens (not padding)
+    slots: int  # B x L
+
+
+def forward(model, micro: MicroBatch):
+    """The logits of a packed micro-batch: position ids keep samples apart (HF builds a block-causal mask from
+    them when no attention mask and no cache are given)."""
+    return model(input_ids=micro.input_ids, position_ids=micro.position_ids, use_cache=False).logits
+
+
+class SampleEncoder:
+    """Turns teacher samples into student micro-batches: token ids, labels and the teacher's aligned top-k.
+
+    `teacher_tokenizers` maps teacher names to tokenizer folders (or hub ids): samples of a teacher named there
+    that carry top-k logprobs get its distribution through a `TokenAligner` (the identity for the student's own
+    tokenizer); the rest, and every sample when no divergence is weighted, are supervised only.
+    """
+
+    def __init__(self, tokenizer, trainer: TrainerConfig, teacher_tokenizers: dict[str, str] | None = None):
+        self.tokenizer = tokenizer
+        self.max_len = trainer.max_seq_len
+        self.distilling = any(name != "supervised" for name in trainer.losses)
+        self.teacher_tokenizers = dict(teacher_tokenizers or {})
+        self._aligners: dict[str, Any] = {}
+
+    @property
+    def columns(self) -> list[str]:
+        """The sample columns `encode` reads (top-k only when a divergence is weighted)."""
+        extra = ["teacher", "token_ids", "topk_ids", "topk_logprobs"] if self.distilling else []
+        return ["sample_id", "messages", "answer", *extra]
+
+    def length(self, row: dict) -> int:
+        """The row's tokens in the student's tokenizer (prompt + answer + end, capped at max_seq_len)."""
+        prompt = chat_prompt_ids(self.tokenizer, json.loads(row["messages"]))
+        answer = self.tokenizer.encode(row["answer"], add_special_tokens=False)
+        return min(len(prompt) + len(answer) + 1, self.max_len)
+
+    def sort_by_length(self, rows: list[dict]) -> list[dict]:
+        """Rows by length, shortest first (stable), for `bucket`."""
+        lengths = [self.length(row) for row in rows]
+        return [rows[i] for i in sorted(range(len(rows)), key=lengths.__getitem__)]
+
+    def aligner(self, teacher: str | None):
+        """The teacher's `TokenAligner` (built on first use), or None for a teacher with no known tokenizer."""
+        if teacher not in self.teacher_tokenizers:
+            return None
+        if teacher not in self._aligners:
+            from transformers import AutoTokenizer
+
+            from avocado_ray.training.losses import TokenAligner
+
+            teacher_tokenizer = AutoTokenizer.from_pretrained(self.teacher_tokenizers[teacher])
+            self._aligners[teacher] = TokenAligner(teacher_tokenizer, self.tokenizer)
+        return self._aligners[teacher]
+
+    def encode(self, row: dict):
+        """(input ids, labels, answer start, `Alignment` or None) of one sample, truncated to max_seq_len."""
+        tokenizer = self.tokenizer
+        prompt_ids = chat_prompt_ids(tokenizer, json.loads(row["messages"]))
+        alignment = None
+        topk = row.get("topk_ids") or []
+        if self.distilling and topk and (aligner := self.aligner(row.get("teacher"))) is not None:
+            alignment = aligner.align(row["answer"], row.get("token_ids") or [], topk, row.get("topk_logprobs") or [])
+            answer_ids = alignment.student_ids  # the student's answer tokens + end, as `encode_sample` makes them
+        else:
+            answer_ids = tokenizer.encode(row["answer"], add_special_tokens=False) + [tokenizer.eos_token_id]
+        input_ids = (prompt_ids + answer_ids)[: self.max_len]
+        labels = ([IGNORE] * len(prompt_ids) + answer_ids)[: self.max_len]
+        return input_ids, labels, len(prompt_ids), alignment
+
+    def collate(self, rows: list[dict], device=None) -> MicroBatch:
+        """Encode and pack one micro-batch (`pack`); no rows give one dummy token with no label (a rank with no
+        share still takes part in ZeRO's collectives). The dummy counts as padding."""
+        import torch
+
+        encoded = [self.encode(row) for row in rows]
+        dummy = not encoded
+        if dummy:
+            encoded = [([self.tokenizer.pad_token_id], [IGNORE], 1, None)]
+        packed = pack([len(ids) for ids, *_ in encoded])
+        n, width = len(packed), max(len(ids) for ids, *_ in encoded)
+        k = max([1] + [a.topk_ids.shape[1] for *_, a in encoded if a is not None])
+        input_ids = torch.full((n, width), self.tokenizer.pad_token_id, dtype=torch.long)
+        positions = torch.zeros((n, width), dtype=torch.long)
+        labels = torch.full((n, width), IGNORE, dtype=torch.long)
+        topk_ids = torch.full((n, width, k), -1, dtype=torch.long)
+        topk_logprobs = torch.zeros((n, width, k), dtype=torch.float32)
+        distill = torch.zeros((n, width), dtype=torch.bool)
+        for row, members in enumerate(packed):
+            at = 0
+            for index in members:
+                ids, labs, start, alignment = encoded[index]
+                end = at + len(ids)
+                input_ids[row, at:end] = torch.tensor(ids)
+                positions[row, at:end] = torch.arange(len(ids))
+                labels[row, at + 1 : end] = torch.tensor(labs[1:], dtype=torch.long)  # nothing predicts a first token
+                if alignment is not None and start < len(ids):
+                    kept, width_k = len(ids) - start, alignment.topk_ids.shape[1]  # answer rows after truncation
+                    topk_ids[row, at + start : end, :width_k] = alignment.topk_ids[:kept]
+                    topk_logprobs[row, at + start : end, :width_k] = alignment.topk_logprobs[:kept]
+                    distill[row, at + start : end] = alignment.distill[:kept]
+                at = end
+            positions[row, at:] = torch.arange(width - at)  # the padding: a segment of its own
+        real = 0 if dummy else sum(len(ids) for ids, *_ in encoded)
+        return MicroBatch(
+            input_ids.to(device), positions.to(device), labels.to(device), topk_ids.to(device),
+            topk_logprobs.to(device), distill.to(device), tokens=int((labels != IGNORE).sum()), real=real,
+            slots=n * width,
+        )
+
+
+def micro_loss(logits, micro: MicroBatch, weights: dict[str, float], options):
+    """`mix` over the answer positions of a micro-batch: the logits at t predict the token (and targets) at t + 1."""
+    import torch
+
+    from avocado_ray.training.losses import Targets, mix
+
+    keep = micro.labels[:, 1:] != IGNORE
+    targets = Targets(
+        labels=micro.labels[:, 1:][keep],
+        topk_ids=micro.topk_ids[:, 1:][keep],
+        topk_logprobs=micro.topk_logprobs[:, 1:][keep],
+        distill=micro.distill[:, 1:][keep],
+    )
+    return mix(logits[:, :-1][keep], targets, torch.ones_like(targets.distill), weights, options)
+
+
+class StudentTrainer:
+    """One rank's DeepSpeed engine over the student; `step` trains on this rank's micro-batches of a global batch."""
+
+    def __init__(
+        self,
+        student_path: str,
+        trainer: TrainerConfig,
+        world_size: int,
+        teacher_tokenizers: dict[str, str] | None = None,
+    ):
         import deepspeed
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.integrations import HfDeepSpeedConfig
 
+        from avocado_ray.training.losses import LossOptions
+
         self.torch = torch
         self.trainer = trainer
+        self.world_size = world_size
         self.ds_config = deepspeed_config(trainer, world_size)
+        self.accumulation = int(self.ds_config["gradient_accumulation_steps"])  # raw DeepSpeed keys may set it
+        self.weights = dict(trainer.losses)
+        self.options = LossOptions(temperature=trainer.temperature, jsd_beta=trainer.jsd_beta)
         # Ray Train made the torch process group; DeepSpeed's comm layer adopts it.
         deepspeed.init_distributed(dist_backend="nccl" if trainer.use_gpu else "gloo")
         # Keeping this object alive makes from_pretrained build the model under zero.Init (sharded from the start).
         self._hf_ds = HfDeepSpeedConfig(self.ds_config)
         self.tokenizer = AutoTokenizer.from_pretrained(student_path)
+        self.encoder = SampleEncoder(self.tokenizer, trainer, teacher_tokenizers)
         dtype = torch.bfloat16 if trainer.use_gpu else torch.float32
         model = AutoModelForCausalLM.from_pretrained(student_path, dtype=dtype)
+        if trainer.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()  # from_pretrained returns eval mode, in which HF skips gradient checkpointing
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=self.ds_config)
 
-    def _collate(self, rows: list[dict]):
-        torch = self.torch
-        encoded = [
-            encode_sample(self.tokenizer, json.loads(r["messages"]), r["answer"], self.trainer.max_seq_len) for r in rows
-        ]
-        if not encoded:  # this rank has no share: a dummy sequence with no labels keeps ZeRO collectives in step
-            encoded = [([self.tokenizer.pad_token_id], [IGNORE])]
-        width = max(len(ids) for ids, _ in encoded)
-        input_ids = torch.full((len(encoded), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(encoded), width), IGNORE, dtype=torch.long)
-        mask = torch.zeros((len(encoded), width), dtype=torch.long)
-        for i, (ids, labs) in enumerate(encoded):
-            input_ids[i, : len(ids)] = torch.tensor(ids)
-            labels[i, : len(labs)] = torch.tensor(labs)
-            mask[i, : len(ids)] = 1
-        device = self.engine.device
-        return input_ids.to(device), labels.to(device), mask.to(device)
+    def plan(self, rows: list[dict]) -> list[list[list[dict]]]:
+        """Rank -> micro-batch -> rows of a global batch (sorted by `encoder.sort_by_length` first)."""
+        return bucket(rows, self.world_size, self.accumulation)
 
-    def step(self, rows: list[dict]) -> dict:
-        """One optimizer step; the loss is the mean over answer tokens of the whole global batch."""
+    def step(self, micro_rows: list[list[dict]]) -> dict:
+        """One optimizer step over this rank's micro-batches (`plan(rows)[rank]`, one list per accumulation step).
+
+        The loss is the mean over answer tokens of the whole global batch; terms are means over the positions
+        they cover. Every rank runs the same number of forward/backward passes, empty shares included.
+        """
         torch = self.torch
         import torch.distributed as dist
-        import torch.nn.functional as F
 
-        input_ids, labels, mask = self._collate(rows)
-        logits = self.engine(input_ids=input_ids, attention_mask=mask).logits.float()
-        token_loss = F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), ignore_index=IGNORE, reduction="sum"
+        if len(micro_rows) != self.accumulation:
+            raise ValueError(f"expected {self.accumulation} micro-batches, got {len(micro_rows)}")
+        micros = [self.encoder.collate(rows, self.engine.device) for rows in micro_rows]
+        counts = torch.tensor(
+            [sum(m.tokens for m in micros), sum(m.real for m in micros), sum(m.slots for m in micros)],
+            dtype=torch.float64,
         )
-        counts = torch.tensor([(labels[:, 1:] != IGNORE).sum().item(), token_loss.item()], dtype=torch.float64)
-        dist.all_reduce(counts)
-        tokens, loss_sum = max(counts[0].item(), 1.0), counts[1].item()
-        # DeepSpeed averages gradients over ranks, so scale by world size for a global token mean.
-        self.engine.backward(token_loss * dist.get_world_size() / tokens)
-        self.engine.step()
-        return {"loss": loss_sum / tokens, "tokens": int(tokens)}
+        dist.all_reduce(counts)  # the global token count, needed before the first backward
+        tokens, real, slots = max(counts[0].item(), 1.0), counts[1].item(), counts[2].item()
+        names = list(self.weights)
+        sums = torch.zeros(2 + 2 * len(names), dtype=torch.float64)  # total, distilled, (term sum, term count)...
+        for micro in micros:
+            logits = forward(self.engine, micro)
+            mixed = micro_loss(logits, micro, self.weights, self.options)
+            # DeepSpeed averages gradients over ranks: scale by world size for a global token mean. Each
+            # micro-batch's loss is already its share of that mean, so no division by accumulation steps.
+            self.engine.backward(mixed.total * dist.get_world_size() / tokens, scale_wrt_gas=False)
+            self.engine.step()  # the optimizer steps at the accumulation boundary only
+            sums[0] += mixed.total.item()
+            sums[1] += int((micro.distill[:, 1:] & (micro.labels[:, 1:] != IGNORE)).sum())
+            for i, name in enumerate(names):
+                term_sum, term_count = mixed.terms[name]
+                sums[2 + 2 * i] += term_sum.item()
+                sums[3 + 2 * i] += term_count.item()
+        dist.all_reduce(sums)
+        result = {"loss": sums[0].item() / tokens, "tokens": int(tokens)}
+        for i, name in enumerate(names):
+            if sums[3 + 2 * i] > 0:  # a divergence with no aligned position this step is left out, not 0
+                result[f"loss_{name}"] = sums[2 + 2 * i].item() / sums[3 + 2 * i].item()
+        result["distilled"] = round(sums[1].item() / tokens, 4)  # answer tokens with a teacher distribution
+        result["seq_tokens"] = int(real)  # non-padding tokens of the step
+        result["padding_waste"] = round(1 - real / slots, 4) if slots else 0.0
+        return result
 
     def save_hf(self, out: Path, is_writer: bool) -> None:
         """Consolidate the ZeRO shards and write a Hugging Face model folder (rank 0 writes)."""
@@ -201,7 +432,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     run_dir = Path(loop_config["run_dir"])
     context = train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    student = StudentTrainer(loop_config["student_path"], trainer, world)
+    student = StudentTrainer(loop_config["student_path"], trainer, world, loop_config.get("teacher_tokenizers"))
     restored, lineage = train.get_checkpoint(), None
     if restored is not None:
         with restored.as_directory() as folder:
@@ -210,7 +441,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     elif rank == 0:
         lineage = _Lineage(run_dir, None)
     metrics = run_dir / "metrics.jsonl"
-    columns = ["sample_id", "messages", "answer"]
+    columns = student.encoder.columns
 
     def global_batches():
         """Rank 0's view: full global batches of samples not yet trained on, then the remainder."""
@@ -228,7 +459,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     start = [lineage.step if rank == 0 else 0]
     dist.broadcast_object_list(start, src=0)
     step = checkpointed = start[0]
-    skipped, last_seq = 0, 0
+    skipped, last_seq, item = 0, 0, None
     while True:
         message = [None]
         if rank == 0:
@@ -236,15 +467,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
             while item is not None and trainer.max_steps is not None and step >= trainer.max_steps:
                 skipped += len(item[0])  # keep draining so producers never block on a full stream
                 item = next(source, None)
-            message = [item]
+            # sorted by length for `bucket`; the lineage keeps stream order (item's rows)
+            message = [None if item is None else (student.encoder.sort_by_length(item[0]), *item[1:])]
         dist.broadcast_object_list(message, src=0)
         if message[0] is not None:
             rows, wait_s, last_seq = message[0]
             started = time.monotonic()
-            result = student.step(rows[rank::world])
+            result = student.step(student.plan(rows)[rank])
             step += 1
             if rank == 0:
-                lineage.add(rows)
+                lineage.add(item[0])
                 record = {"kind": "train", "step": step, "samples": len(rows), "wait_s": round(wait_s, 4)}
                 record.update(result, step_s=round(time.monotonic() - started, 4), time=time.time())
                 _log(metrics, record)
@@ -259,10 +491,19 @@ def train_loop_per_worker(loop_config: dict) -> None:
         _log(metrics, {"kind": "train_end", "steps": step, "samples_not_trained": skipped, "time": time.time()})
 
 
-def make_trainer(trainer: TrainerConfig, student_path: str, stream: SampleStream, run_dir: Path, writer=None):
+def make_trainer(
+    trainer: TrainerConfig,
+    student_path: str,
+    stream: SampleStream,
+    run_dir: Path,
+    writer=None,
+    teacher_tokenizers: dict[str, str] | None = None,
+):
     """A Ray Train TorchTrainer over `train_loop_per_worker`; call `.fit()` to run it.
 
     `writer` is the run's `ShardWriter` actor, asked to make samples durable before a checkpoint counts them.
+    `teacher_tokenizers` maps teacher names to their tokenizer folders (or hub ids), for the distillation
+    losses; samples of teachers not in it are trained with the supervised loss only.
     Storage and name are fixed per run directory, so Ray Train restores the last checkpoint on a rerun.
     """
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
@@ -276,6 +517,7 @@ def make_trainer(trainer: TrainerConfig, student_path: str, stream: SampleStream
             "stream": stream,
             "writer": writer,
             "run_dir": str(run_dir.resolve()),
+            "teacher_tokenizers": dict(teacher_tokenizers or {}),
         },
         torch_config=TorchConfig(backend="nccl" if trainer.use_gpu else "gloo"),
         scaling_config=ScalingConfig(

@@ -1,0 +1,88 @@
+"""Multi-node placement without GPUs: a simulated cluster of several Ray nodes on this machine, each declaring
+GPUs as a resource (`ray.cluster_utils.Cluster`; its nodes use the machine's own address, not loopback). vLLM cannot run on those fake GPUs, so a test double stands in
+for the replica actor: it only reports where it runs. The pool's placement code runs for real."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+class WhereAmI:
+    """Test double for `TeacherReplica` (no GPU here): reports its node and its placement group's bundle nodes."""
+
+    def __init__(self, teacher, model_path, index, seed=0):
+        self.index = index
+
+    def warm_up(self) -> dict:
+        import ray
+        from ray.util.placement_group import get_current_placement_group, placement_group_table
+
+        group = placement_group_table(get_current_placement_group())
+        return {"replica": self.index, "node": ray.get_runtime_context().get_node_id(),
+                "bundle_nodes": sorted(set(group["bundles_to_node_id"].values())), "bundles": len(group["bundles"])}
+
+
+def scenario() -> dict:
+    """Two 4-GPU nodes labelled for teachers and one 2-GPU node that is not; runs in its own process."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from avocado_ray.config import VLLMTeacher
+    from avocado_ray.teachers.pool import PlacementError, TeacherPool
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    gpu_nodes = [cluster.add_node(num_cpus=8, num_gpus=4, labels={"pool": "teachers"})
+                 for _ in range(2)]
+    cluster.add_node(num_cpus=8, num_gpus=2)
+    ray.init(address=cluster.address)
+    labelled = {n.node_id for n in gpu_nodes}
+
+    def teacher(**options):
+        return VLLMTeacher(name="qwen", model="/nonexistent", family="qwen2", node_labels={"pool": "teachers"}, **options)
+
+    pool = TeacherPool(teacher(tensor_parallel_size=2, replicas=4), "/nonexistent", True, 4, replica_class=WhereAmI)
+    placed = pool.ready()
+    result = {
+        "replicas": len(placed),
+        "on_labelled_nodes": all(p["node"] in labelled for p in placed),
+        "never_split": all(p["bundle_nodes"] == [p["node"]] and p["bundles"] == 2 for p in placed),
+        "per_node": sorted(sum(1 for p in placed if p["node"] == n) for n in labelled),
+    }
+    pool.shutdown()
+    for options in ({"tensor_parallel_size": 8, "replicas": 1}, {"tensor_parallel_size": 2, "replicas": 5}):
+        try:
+            TeacherPool(teacher(**options), "/nonexistent", True, 4, replica_class=WhereAmI)
+            result[f"tp{options['tensor_parallel_size']}x{options['replicas']}"] = "placed"
+        except PlacementError as error:
+            result[f"tp{options['tensor_parallel_size']}x{options['replicas']}"] = str(error)
+    ray.shutdown()
+    cluster.shutdown()
+    return result
+
+
+@pytest.fixture(scope="module")
+def placement():
+    """The scenario in a subprocess: this test session already has its own single-node Ray."""
+    code = "import json, tests.test_multinode as t; print('RESULT', json.dumps(t.scenario()))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, done.stdout[-2000:] + done.stderr[-4000:]
+    return json.loads(lines[0][len("RESULT ") :])
+
+
+def test_tensor_parallel_replicas_land_whole_on_the_labelled_gpu_nodes(placement):
+    assert placement["replicas"] == 4
+    assert placement["on_labelled_nodes"] and placement["never_split"]
+    assert placement["per_node"] == [2, 2]  # 4 GPUs per node hold two replicas of 2
+
+
+def test_a_pool_larger_than_the_cluster_fails_early_saying_what_is_missing(placement):
+    assert placement["tp8x1"] == (
+        "teacher 'qwen' asks for 1 replicas of 8 GPU each, all on one node; the cluster's 2 nodes labelled "
+        "{'pool': 'teachers'} (of 4 alive) have GPU [4.0, 4.0], which hold 0: missing 1 x 8 GPU on one node"
+    )
+    assert "asks for 5 replicas of 2 GPU" in placement["tp2x5"] and "missing 1 x 2 GPU" in placement["tp2x5"]
