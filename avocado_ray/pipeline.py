@@ -23,6 +23,7 @@ from avocado_ray.dataplane.prompts import Rejected, read_prompts
 from avocado_ray.dataplane.spill import ShardWriter, complete_shards, prompt_ids_in, sample_counts, write_manifest
 from avocado_ray.dataplane.stream import SampleStream
 from avocado_ray.models.tiny import resolve_model
+from avocado_ray.report import read_metrics, train_steps
 from avocado_ray.routing.router import Router
 from avocado_ray.routing.selection import Selector
 from avocado_ray.teachers.control import start_control
@@ -40,12 +41,7 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
 
 def _train_metrics(path: Path) -> dict:
     """Training figures of the student's lineage: a step retrained after a resume counts once (its last try)."""
-    by_step = {}
-    for line in path.read_text().splitlines():
-        record = json.loads(line)
-        if record["kind"] == "train":
-            by_step[record["step"]] = record
-    steps = [by_step[step] for step in sorted(by_step)]
+    steps = train_steps(read_metrics(path))
     return {
         "train_steps": len(steps),
         "first_loss": steps[0]["loss"] if steps else None,
@@ -265,12 +261,12 @@ class Dispatcher:
             for (name, best_of), queue in queues.items():
                 while queue and self.pools[name].has_room():
                     in_flight[self.pools[name].submit(queue.pop(0))] = (name, best_of)
-            waiting = list(in_flight) + [ref for pool in self.pools.values() for ref in pool.refs() if ref not in in_flight]
+            waiting = list(in_flight) + [ref for pool in self.pools.values() for ref in pool.probes()]
             done, _ = ray.wait(waiting, num_returns=1, timeout=self.POLL_S) if waiting else ([], [])
             for ref in done:
                 if ref not in in_flight:  # an engine came up (or failed to): the pools look at their probes
                     for pool in self.pools.values():
-                        pool.has_room()
+                        pool.check_probes()
                     continue
                 name, best_of = in_flight.pop(ref)
                 report, retry = self.pools[name].complete(ref)

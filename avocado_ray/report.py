@@ -25,7 +25,7 @@ ACTIVE_S = 300  # a run with no file written for this long is not known to be ru
 THROUGHPUT_BINS = 30
 
 
-def _read_metrics(path: Path) -> list[dict]:
+def read_metrics(path: Path) -> list[dict]:
     """Records of `metrics.jsonl`; a line being appended while we read (no newline yet, torn JSON) is skipped."""
     if not path.is_file():
         return []
@@ -42,7 +42,7 @@ def _of_kind(records: list[dict], kind: str) -> list[dict]:
     return [r for r in records if r.get("kind") == kind]
 
 
-def _train_steps(records: list[dict]) -> list[dict]:
+def train_steps(records: list[dict]) -> list[dict]:
     """The student's lineage, one record per step: a resumed run retrains the steps after its last checkpoint and
     logs them again, and the last try is the one the student kept (as the pipeline's summary counts them)."""
     by_step = {r["step"]: r for r in _of_kind(records, "train")}
@@ -101,8 +101,8 @@ def run_status(run_dir: str | Path) -> dict:
     file in the last ACTIVE_S seconds; else `unknown` (stopped, crashed, or between long batches).
     """
     run_dir = _run_dir(run_dir)
-    records = _read_metrics(run_dir / "metrics.jsonl")
-    train = _train_steps(records)
+    records = read_metrics(run_dir / "metrics.jsonl")
+    train = train_steps(records)
     generated: dict[str, dict] = {}
     for record in _of_kind(records, "generate"):
         totals = generated.setdefault(record["teacher"], {"samples": 0, "tokens": 0})
@@ -232,8 +232,8 @@ def write_report(run_dir: str | Path) -> Path:
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     # `train` runs read their samples from another run's folder (`data_dir` in their summary).
     counts = summary if "per_domain" in summary else sample_counts(summary.get("data_dir", run_dir / "samples"))
-    records = _read_metrics(run_dir / "metrics.jsonl")
-    train, generate = _train_steps(records), _of_kind(records, "generate")
+    records = read_metrics(run_dir / "metrics.jsonl")
+    train, generate = train_steps(records), _of_kind(records, "generate")
     figures = {
         "loss": ("Loss per term over steps", _loss_plot(train) if train else None),
         "throughput": ("Tokens/s per teacher over time", _throughput_plot(generate) if generate else None),

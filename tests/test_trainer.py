@@ -26,7 +26,6 @@ from avocado_ray.training.trainer import (
     SampleEncoder,
     bucket,
     deepspeed_config,
-    encode_sample,
     forward,
     make_trainer,
     micro_loss,
@@ -75,7 +74,8 @@ def batches(tokenizers):
 
 def test_loss_is_only_on_answer_tokens(tiny_models):
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["student"])
-    ids, labels = encode_sample(tokenizer, [{"role": "user", "content": "2+2?"}], "4", 64)
+    row = {"messages": json.dumps([{"role": "user", "content": "2+2?"}]), "answer": "4"}
+    ids, labels, _, _ = SampleEncoder(tokenizer, TrainerConfig(max_seq_len=64)).encode(row)
     answer = [label for label in labels if label != -100]
     assert answer == tokenizer.encode("4", add_special_tokens=False) + [tokenizer.eos_token_id]
     assert ids[-len(answer):] == answer

@@ -76,8 +76,9 @@ class _Call:
 
 
 class TeacherPool:
-    """Replicas of one teacher. The driver submits batches while `has_room()`, waits on `refs()`, and hands each
-    finished batch reference to `complete`, which gives back the report, or the requests to send again."""
+    """Replicas of one teacher. The driver submits batches while `has_room()`, waits on its calls and on
+    `probes()`, hands each finished call to `complete` (which gives back the report, or the requests to send
+    again) and, when a probe finishes, calls `check_probes`."""
 
     def __init__(self, teacher: VLLMTeacher, model_path: str, use_gpu: bool, max_in_flight: int, seed: int = 0,
                  replica_class: type = TeacherReplica):
@@ -120,7 +121,8 @@ class TeacherPool:
             replica.probe = None
         return infos
 
-    def _check_probes(self) -> None:
+    def check_probes(self) -> None:
+        """Replicas whose engine came up start serving; dead ones are replaced."""
         for replica in list(self.replicas.values()):
             if replica.probe is None or not ray.wait([replica.probe], timeout=0)[0]:
                 continue
@@ -143,7 +145,7 @@ class TeacherPool:
         return [r for r in self.replicas.values() if r.probe is None and not r.draining]
 
     def has_room(self) -> bool:
-        self._check_probes()
+        self.check_probes()
         return any(r.in_flight < self.max_in_flight for r in self._serving())
 
     def submit(self, requests: list[dict]) -> ray.ObjectRef:
@@ -158,17 +160,14 @@ class TeacherPool:
         """The replica actors now (for the selector's judge calls, which bypass dispatch)."""
         return [r.actor for r in self.replicas.values()]
 
-    def refs(self) -> list[ray.ObjectRef]:
-        """What the driver waits on: calls in flight and engines starting (so a new replica is noticed)."""
-        return list(self.calls) + [r.probe for r in self.replicas.values() if r.probe is not None]
+    def probes(self) -> list[ray.ObjectRef]:
+        """Engines starting or restarting: the driver waits on these too, so a new replica is noticed."""
+        return [r.probe for r in self.replicas.values() if r.probe is not None]
 
     def complete(self, batch_ref: ray.ObjectRef) -> tuple[dict | None, list[dict]]:
         """A finished call: (report with `rejected`, `samples`, `tokens`, `replica`; no requests), or, if the
-        replica was lost, (None, the requests to send again). Unknown refs (probes) give (None, [])."""
-        call = self.calls.pop(batch_ref, None)
-        if call is None:
-            self._check_probes()
-            return None, []
+        replica was lost, (None, the requests to send again)."""
+        call = self.calls.pop(batch_ref)
         replica = self.replicas.get(call.replica)
         try:
             report = ray.get(call.report)

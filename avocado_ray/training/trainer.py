@@ -67,15 +67,6 @@ def _merge(base: dict, extra: dict) -> dict:
     return merged
 
 
-def encode_sample(tokenizer, messages: list[dict], answer: str, max_len: int) -> tuple[list[int], list[int]]:
-    """Student-tokenised prompt + answer, with labels only on the answer (and its end token)."""
-    prompt_ids = chat_prompt_ids(tokenizer, messages)
-    answer_ids = tokenizer.encode(answer, add_special_tokens=False) + [tokenizer.eos_token_id]
-    input_ids = (prompt_ids + answer_ids)[:max_len]
-    labels = ([IGNORE] * len(prompt_ids) + answer_ids)[:max_len]
-    return input_ids, labels
-
-
 def bucket(rows: list, world_size: int, accumulation: int) -> list[list[list]]:
     """Cut rows (sorted by length) into world x accumulation chunks of neighbouring rows: [rank][micro] -> rows.
 
@@ -189,14 +180,15 @@ class SampleEncoder:
         return self._aligners[teacher]
 
     def encode(self, row: dict):
-        """(input ids, labels, answer start, `Alignment` or None) of one sample, truncated to max_seq_len."""
+        """(input ids, labels, answer start, `Alignment` or None) of one sample, truncated to max_seq_len: the
+        student-tokenised prompt + answer + end token, with labels only on the answer and its end token."""
         tokenizer = self.tokenizer
         prompt_ids = chat_prompt_ids(tokenizer, json.loads(row["messages"]))
         alignment = None
         topk = row.get("topk_ids") or []
         if self.distilling and topk and (aligner := self.aligner(row.get("teacher"))) is not None:
             alignment = aligner.align(row["answer"], row.get("token_ids") or [], topk, row.get("topk_logprobs") or [])
-            answer_ids = alignment.student_ids  # the student's answer tokens + end, as `encode_sample` makes them
+            answer_ids = alignment.student_ids  # the student's answer tokens + end, as the branch below makes them
         else:
             answer_ids = tokenizer.encode(row["answer"], add_special_tokens=False) + [tokenizer.eos_token_id]
         input_ids = (prompt_ids + answer_ids)[: self.max_len]
