@@ -77,6 +77,33 @@ def _actor_latencies(router, prompts: list, calls: int, in_flight: int) -> dict:
             "p99_ms": round(float(np.percentile(latencies, 99)), 3)}
 
 
+def _compiled_latencies(router, prompts: list, calls: int, in_flight: int) -> dict:
+    """The same closed loop through a Ray Compiled Graph over the router's `route` (shared-memory channels
+    instead of a task submission per call): what the actor's latency is without Ray's per-call overhead."""
+    from collections import deque
+
+    import ray
+    from ray.dag import InputNode
+
+    with InputNode() as prompt_batch:
+        graph = router.route.bind(prompt_batch).experimental_compile(_max_inflight_executions=in_flight)
+    try:
+        for _ in range(200):  # warm-up
+            ray.get(graph.execute(prompts[:1]))
+        latencies, pending, sent = [], deque(), 0
+        while sent < calls or pending:
+            while sent < calls and len(pending) < in_flight:
+                pending.append((graph.execute([prompts[sent % len(prompts)]]), time.perf_counter()))
+                sent += 1
+            ref, started = pending.popleft()
+            ray.get(ref)
+            latencies.append((time.perf_counter() - started) * 1000)
+    finally:
+        graph.teardown()
+    return {"p50_ms": round(float(np.percentile(latencies, 50)), 3),
+            "p99_ms": round(float(np.percentile(latencies, 99)), 3)}
+
+
 def bench_router(seconds: float = 3.0, calls: int = 2000, in_flight: tuple[int, ...] = (1, 2, 4, 16),
                  load: int = 4) -> dict:
     """Classification rate on one core, routing-decision latency through the router actor under load, and
@@ -87,7 +114,8 @@ def bench_router(seconds: float = 3.0, calls: int = 2000, in_flight: tuple[int, 
     `prompts_per_s_median` the median round.
     Latency: one-prompt `Router.route` calls to a Router actor started as the pipeline starts it (a sync actor,
     one call at a time), `calls` calls with `in_flight` of them kept in flight; `p99_ms` is at `load` in flight.
-    The same loop against a no-op actor method shows how much of it is the Ray call itself.
+    The same loop against a no-op actor method shows how much of it is the Ray call itself, and through a Ray
+    Compiled Graph over the same router actor how much of that is per-call task submission.
     """
     import os
 
@@ -97,7 +125,7 @@ def bench_router(seconds: float = 3.0, calls: int = 2000, in_flight: tuple[int, 
     from avocado_ray.config import load_config
     from avocado_ray.dataplane.prompts import Prompt
     from avocado_ray.routing.classifier import RuleClassifier
-    from avocado_ray.routing.router import Router
+    from avocado_ray.routing.router import start_router
 
     rows = labelled_prompts("dev")
     texts = [row["prompt"] for row in rows]
@@ -113,7 +141,7 @@ def bench_router(seconds: float = 3.0, calls: int = 2000, in_flight: tuple[int, 
     if not ray.is_initialized():  # a Ray of its own (address="local"), not one another process started
         ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
                  log_to_driver=False, _system_config=SYSTEM_CONFIG)
-    router = ray.remote(Router).options(num_cpus=0).remote(config.routing, [t.name for t in config.teachers])
+    router = start_router(config.routing, [t.name for t in config.teachers])
     noop = ray.remote(_NoopRouter).options(num_cpus=0).remote()
     prompts = [Prompt(id=str(i), messages=[{"role": "user", "content": t}], line=i) for i, t in enumerate(texts)]
     for actor in (router, noop):
@@ -121,6 +149,7 @@ def bench_router(seconds: float = 3.0, calls: int = 2000, in_flight: tuple[int, 
     load_avg = os.getloadavg()[0]
     by_in_flight = {n: _actor_latencies(router, prompts, calls, n) for n in in_flight}
     noop_latency = _actor_latencies(noop, prompts, calls, load)
+    compiled_latency = _compiled_latencies(router, prompts, calls, load)
     ray.kill(router)
     ray.kill(noop)
     return {
@@ -134,6 +163,7 @@ def bench_router(seconds: float = 3.0, calls: int = 2000, in_flight: tuple[int, 
                  "actor": "Router, sync, one call at a time (as pipeline.py starts it)"},
         "latency_by_in_flight": by_in_flight,
         "noop_actor_latency": noop_latency,
+        "compiled_graph_latency": compiled_latency,
         "machine": {"cpus": os.cpu_count(), "load_avg_1m": round(load_avg, 2)},
         "quality_dev": classifier_quality(rows, config.routing.priority),
         "quality_heldout": classifier_quality(labelled_prompts("test"), config.routing.priority),
@@ -301,7 +331,7 @@ def bench_teachers(prompts: int = 200, max_tokens: int = 16, batch: int = 25, in
     from avocado_ray.dataplane.prompts import Prompt
     from avocado_ray.models.chat import chat_prompt_ids
     from avocado_ray.models.tiny import resolve_model
-    from avocado_ray.routing.router import Router
+    from avocado_ray.routing.router import start_router
     from avocado_ray.teachers.pool import TeacherPool
 
     config = load_config(config_path("builtin:local"), ["routing.best_of={}"])
@@ -329,7 +359,7 @@ def bench_teachers(prompts: int = 200, max_tokens: int = 16, batch: int = 25, in
     if not ray.is_initialized():
         ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
                  _system_config=SYSTEM_CONFIG)
-    router = ray.remote(Router).options(num_cpus=0).remote(config.routing, [t.name for t in config.teachers])
+    router = start_router(config.routing, [t.name for t in config.teachers])
     pool = TeacherPool(teacher, model, use_gpu=False, max_in_flight=in_flight)
     pool.ready()
     rows = [Prompt(id=str(i), messages=m, line=i + 1, teacher="qwen") for i, m in enumerate(messages)]
@@ -498,23 +528,41 @@ def _bench_trainer(steps: int = 4, batch_size: int = 8, hidden: int = 512, layer
     }
 
 
-def bench_trainer(**options) -> dict:
-    """`_bench_trainer` with file descriptor 1 on stderr: DeepSpeed's logs and op builds print to stdout, which
-    stays for the one JSON object."""
-    import os
-    import sys
+def _stdout_on_stderr(bench):
+    """`bench` with file descriptor 1 on stderr: DeepSpeed's logs and op builds (and vLLM's) print to stdout,
+    which stays for the one JSON object."""
+    import functools
 
-    sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(2, 1)
-    try:
-        return _bench_trainer(**options)
-    finally:
+    @functools.wraps(bench)
+    def run(**options) -> dict:
+        import os
+        import sys
+
         sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
+        saved = os.dup(1)
+        os.dup2(2, 1)
+        try:
+            return bench(**options)
+        finally:
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
 
+    return run
+
+
+def _bench_quality(**options) -> dict:
+    """Bits per byte of the student on every teacher's held-out answers, before and after a distillation
+    (avocado_ray/training/quality.py)."""
+    from avocado_ray.training.quality import run_quality
+
+    return run_quality(**options)
+
+
+bench_trainer = _stdout_on_stderr(_bench_trainer)
+bench_quality = _stdout_on_stderr(_bench_quality)
 
 BENCHMARKS = {
     "router": bench_router, "dataplane": bench_dataplane, "teachers": bench_teachers, "trainer": bench_trainer,
+    "quality": bench_quality,
 }

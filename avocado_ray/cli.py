@@ -11,6 +11,7 @@ from importlib import resources
 from pathlib import Path
 
 from avocado_ray.config import ConfigError, DistillConfig, json_schema, load_config
+from avocado_ray.dataplane.prompts import InputError
 
 DEFAULT_CONFIG = "builtin:local"
 
@@ -57,20 +58,20 @@ def cmd_route(args) -> int:
     """Dry run of the router: where each input row would go, without starting any teacher."""
     from collections import Counter
 
-    from avocado_ray.dataplane.prompts import read_prompts
+    from avocado_ray.dataplane.prompts import Rejected, read_prompts
     from avocado_ray.routing.router import Router
 
     config = load_config(config_path(args.config), args.set, check_paths=False)
-    prompt_set = read_prompts(args.input)
+    prompt_set = read_prompts(args.input, max_bytes=config.data.max_prompt_bytes)
     router = Router(config.routing, [t.name for t in config.teachers])
     output = Path(args.output)
     rejected_path = output.with_name(output.name.removesuffix(".jsonl") + ".rejected.jsonl")
-    rejected = [{"line": r.line, "id": r.id, "reason": r.reason} for r in prompt_set.rejected]
+    rejected = [vars(r) for r in prompt_set.rejected]  # the records of a run's rejected.jsonl
     domains, teachers = Counter(), Counter()
     with open(output, "w") as out:
         for prompt, route in zip(prompt_set.prompts, router.route(prompt_set.prompts)):
             if route.teacher is None:
-                rejected.append({"line": prompt.line, "id": prompt.id, "reason": route.reason})
+                rejected.append(vars(Rejected(prompt.line, prompt.id, route.reason, "unknown_teacher")))
                 continue
             record = {"id": prompt.id, "domain": route.domain, "teacher": route.teacher, "labels": route.labels}
             if route.candidates:
@@ -143,10 +144,13 @@ def cmd_config_schema(args) -> int:
 
 
 def cmd_make_tiny_models(args) -> int:
-    from avocado_ray.models.tiny import build_all
+    from avocado_ray.models.teach import TEACHER_DOMAINS, TRAIN_STEPS, training_record
+    from avocado_ray.models.tiny import TINY_MODELS, TRAINED, build_all
 
-    for name, path in build_all(Path(args.out)).items():
-        print(f"{name}: {path}")
+    trained = tuple(name + TRAINED for name in TEACHER_DOMAINS) if args.train_steps else ()
+    for name, path in build_all(Path(args.out), tuple(TINY_MODELS) + trained, args.train_steps or TRAIN_STEPS).items():
+        record = training_record(path)
+        print(f"{name}: {path}" + (f" (trained: {json.dumps(record)})" if record else ""))
     return 0
 
 
@@ -190,9 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="run a benchmark; prints one JSON object")
     bench.add_argument(
         "which",
-        choices=["router", "dataplane", "teachers", "trainer"],
+        choices=["router", "dataplane", "teachers", "trainer", "quality"],
         help="router: rate, latency, accuracy; dataplane: bytes, rates, buffer; teachers: pool vs bare vLLM; "
-        "trainer: DeepSpeed ZeRO-3 step vs plain PyTorch AdamW tokens/s, padding waste",
+        "trainer: DeepSpeed ZeRO-3 step vs plain PyTorch AdamW tokens/s, padding waste; quality: the student's "
+        "bits per byte on each teacher's held-out answers before and after a distillation (runs/quality)",
     )
     bench.set_defaults(func=cmd_bench)
 
@@ -221,6 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     tiny = commands.add_parser("make-tiny-models", help="build tiny teachers and student (no download)")
     tiny.add_argument("--out", required=True, help="folder to build into")
+    tiny.add_argument(
+        "--train-steps", type=int, default=0, metavar="N",
+        help="also build NAME-trained teachers: N AdamW steps on text of their domain (150, the default of "
+        "tiny:NAME-trained, take about a minute per teacher on 2 cores)",
+    )
     tiny.set_defaults(func=cmd_make_tiny_models)
     return parser
 
@@ -234,6 +244,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as error:
         print(f"config error:\n{error}", file=sys.stderr)
+        return 2
+    except (InputError, OSError) as error:  # a file that cannot be read or written: name it, no traceback
+        logging.getLogger("avocado_ray").debug("%s failed", args.command, exc_info=True)
+        print(f"avocado-ray {args.command}: {error}", file=sys.stderr)
         return 2
 
 

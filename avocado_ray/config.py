@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from avocado_ray.dataplane.prompts import MAX_PROMPT_BYTES
 from avocado_ray.models.tiny import HUB_SCHEME, TINY_SCHEME
 
 DOMAINS = ("code", "chinese", "math", "general", "multimodal")
@@ -34,6 +35,21 @@ class SamplingConfig(Strict):
     max_tokens: int = Field(64, gt=0, description="Most tokens generated per answer.")
     stop: list[str] = Field(default_factory=list, description="Strings that end an answer.")
     logprobs: int = Field(5, ge=0, le=20, description="Top-k logprobs kept per generated token; 0 disables.")
+    regex: str | None = Field(
+        None, description="Constrain answers to this regular expression (vLLM structured outputs), e.g. a fixed format."
+    )
+
+
+# vLLM engine arguments a config may pass through: tuning knobs that are plain data. Arguments that name code
+# to import or run (trust_remote_code, worker_cls, scheduler_cls, logits_processors, compilation_config, ...),
+# take secrets (hf_token) or are set from the config's own fields stay out.
+ENGINE_EXTRA_ARGS = frozenset({
+    "block_size", "enable_prefix_caching", "enable_chunked_prefill", "max_num_batched_tokens", "kv_cache_dtype",
+    "quantization", "cpu_offload_gb", "kv_cache_memory_bytes", "num_gpu_blocks_override", "pipeline_parallel_size",
+    "enable_expert_parallel", "disable_custom_all_reduce", "disable_sliding_window", "disable_cascade_attn",
+    "long_prefill_token_threshold", "limit_mm_per_prompt", "language_model_only", "revision", "tokenizer_revision",
+    "download_dir", "max_parallel_loading_workers", "async_scheduling", "stream_interval",
+})
 
 
 class EngineConfig(Strict):
@@ -46,9 +62,18 @@ class EngineConfig(Strict):
     enforce_eager: bool = Field(False, description="Skip torch.compile and graphs: faster start, slower steps.")
     dtype: str = Field("auto", description="Weights dtype; 'auto' is bf16 on GPU and fp32 on CPU.")
     extra_args: dict[str, Any] = Field(
-        default_factory=dict, description="Further vLLM AsyncEngineArgs passed through as given."
+        default_factory=dict,
+        description="Further vLLM AsyncEngineArgs passed through as given; only the data-only tuning keys in "
+        "config.ENGINE_EXTRA_ARGS (arguments that load code, such as trust_remote_code or worker_cls, are refused).",
     )
 
+    @field_validator("extra_args")
+    @classmethod
+    def _data_only_engine_args(cls, extra_args: dict[str, Any]) -> dict[str, Any]:
+        refused = sorted(set(extra_args) - ENGINE_EXTRA_ARGS)
+        if refused:
+            raise ValueError(f"engine arguments {refused} are not allowed; allowed: {sorted(ENGINE_EXTRA_ARGS)}")
+        return extra_args
 
 class AutoscaleConfig(Strict):
     """Replica bounds for a pool that follows its queue: it grows while more batches wait than its replicas
@@ -81,6 +106,17 @@ class VLLMTeacher(Strict):
     )
     max_restarts: int = Field(3, ge=0, description="Ray restarts of a crashed replica before it is replaced.")
     autoscale: AutoscaleConfig | None = Field(None, description="Scale between bounds by queue depth.")
+    reasoning_parser: str | None = Field(
+        None,
+        description="A reasoning teacher: the vLLM reasoning parser that splits its completions into `reasoning` and "
+        "`answer` (openai_gptoss for gpt-oss's harmony channels, deepseek_r1, qwen3, ...; an unknown name fails when "
+        "the replica starts, with vLLM's list). Null: not a reasoning teacher, the whole completion is the answer.",
+    )
+    vision: bool = Field(
+        False,
+        description="The model takes images: image parts of chat messages go to it as vLLM multi-modal input. A "
+        "teacher without vision rejects such prompts with the reason.",
+    )
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
 
@@ -92,7 +128,7 @@ class BestOfConfig(Strict):
     scorer: Literal["judge", "agreement", "code_tests"] = Field(
         description="judge: mean token logprob of each answer under the judge teacher; agreement: majority on the "
         "final answer (the last number for math); code_tests: the row's `tests` run against each answer's code "
-        "in a sandbox (no network, time and memory limits)."
+        "in a sandbox (no network, a read-only file system, time, memory and output limits; docs/security.md)."
     )
     judge: str | None = Field(None, description="Teacher that scores answers, for scorer: judge.")
     sandbox_timeout_s: float = Field(5.0, gt=0, description="Wall and CPU time limit of one code_tests run.")
@@ -111,6 +147,13 @@ class RoutingConfig(Strict):
         description="Domain to a teacher name, or to several teachers with weights (e.g. {gemma: 0.5, gptoss: 0.5})."
     )
     fallback: str = Field(description="Teacher for domains the table does not name, and while a routed pool is down.")
+    saturated_after_batches: int | None = Field(
+        None,
+        gt=0,
+        description="Spill-over to `fallback`: when a pool has no room for another call and more than this many of "
+        "its batches wait, its newest waiting batches go to the fallback teacher while that pool has room (logged "
+        "as `reroute` records). Null: prompts wait for the teacher the table chose.",
+    )
     priority: list[Domain] = Field(
         default_factory=lambda: ["multimodal", "code", "chinese", "math", "general"],
         description="When a prompt has several labels, the first label in this list routes it.",
@@ -123,6 +166,18 @@ class RoutingConfig(Strict):
     best_of: dict[Domain, BestOfConfig] = Field(
         default_factory=dict, description="Domains whose prompts go to several teachers, keeping the best answer."
     )
+
+    @field_validator("classifier")
+    @classmethod
+    def _installed_classifier(cls, name: str) -> str:
+        from importlib.metadata import entry_points
+
+        from avocado_ray.routing.classifier import ENTRY_POINT_GROUP
+
+        installed = sorted(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
+        if name not in installed:
+            raise ValueError(f"no classifier {name!r} among the installed {ENTRY_POINT_GROUP} entry points {installed}")
+        return name
 
     @field_validator("table")
     @classmethod
@@ -155,11 +210,22 @@ class TrainerConfig(Strict):
     lr: float = Field(1e-3, gt=0, description="AdamW learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_seq_len: int = Field(256, gt=0, description="Prompt + answer tokens per sample (student tokenizer).")
+    learn_reasoning: bool = Field(
+        False,
+        description="The student also learns a reasoning teacher's reasoning: its target is "
+        "`<think>\\nREASONING\\n</think>\\n\\nANSWER` (docs/training.md); otherwise the final answer only.",
+    )
     max_steps: int | None = Field(None, gt=0, description="Stop after this many steps (default: all samples).")
     checkpoint_every: int = Field(
         50, gt=0, description="Steps between DeepSpeed checkpoints (one is also taken at the end); a rerun resumes."
     )
     keep_checkpoints: int = Field(2, gt=0, description="Checkpoints kept in `run_dir/ray_train`; older ones go.")
+    max_failures: int = Field(
+        3,
+        ge=0,
+        description="Restarts of the worker group after a worker dies (Ray Train FailureConfig): it restores the last "
+        "checkpoint and first trains the samples the lost attempt had taken from the stream, read back from the spill.",
+    )
     losses: dict[str, float] = Field(
         default_factory=lambda: {"supervised": 1.0},
         description="Loss weights by name: supervised, forward_kl, reverse_kl, jsd (avocado_ray/training/losses.py). "
@@ -181,8 +247,18 @@ class TrainerConfig(Strict):
         "parameters too (offload_param, ZeRO-3 only).",
     )
     deepspeed: dict[str, Any] = Field(
-        default_factory=dict, description="Raw DeepSpeed config keys, merged over the generated ones (they win)."
+        default_factory=dict,
+        description="Raw DeepSpeed config keys, merged over the generated ones (they win); "
+        "torch_autocast.lower_precision_safe_modules (module paths DeepSpeed imports) is refused.",
     )
+
+    @field_validator("deepspeed")
+    @classmethod
+    def _no_import_paths(cls, deepspeed: dict[str, Any]) -> dict[str, Any]:
+        autocast = deepspeed.get("torch_autocast")
+        if isinstance(autocast, dict) and "lower_precision_safe_modules" in autocast:
+            raise ValueError("torch_autocast.lower_precision_safe_modules names modules to import: not allowed")
+        return deepspeed
 
     @field_validator("losses")
     @classmethod
@@ -216,6 +292,12 @@ class DataConfig(Strict):
 
     input: str = Field(description="JSONL file of prompts, or builtin:demo for the embedded demo set.")
     max_prompts: int | None = Field(None, gt=0, description="Use at most this many prompts.")
+    max_prompt_bytes: int = Field(
+        MAX_PROMPT_BYTES,
+        gt=0,
+        description="Largest input row (prompt or messages, id and tests, as UTF-8 JSON) in bytes; a larger row is "
+        "rejected (reason too_large) before any teacher tokenizes it or it enters the object store.",
+    )
 
 
 class DispatchConfig(Strict):
@@ -334,8 +416,9 @@ def _check_model_paths(config: DistillConfig) -> list[str]:
             problems.append(f"{key}: model path {model!r} does not exist")
     if not config.data.input.startswith("builtin:") and not Path(config.data.input).is_file():
         problems.append(f"data.input: input file {config.data.input!r} does not exist")
-    if Path(config.run_dir).exists() and not Path(config.run_dir).is_dir():
-        problems.append(f"run_dir: {config.run_dir!r} exists and is not a directory")
+    existing = next(p for p in [Path(config.run_dir).absolute(), *Path(config.run_dir).absolute().parents] if p.exists())
+    if not existing.is_dir():
+        problems.append(f"run_dir: {config.run_dir!r} cannot be a directory: {str(existing)!r} is a file")
     return problems
 
 
@@ -343,19 +426,19 @@ def load_config(path: str | Path, overrides: list[str] = (), check_paths: bool =
     """Load, override and validate a YAML config; raise ConfigError listing every problem."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(str(path), ["config file does not exist"])
+        raise ConfigError(str(path), ["config path is not a file" if path.exists() else "config file does not exist"])
     try:
         data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
         raise ConfigError(str(path), [f"not valid YAML: {error}"]) from None
     if not isinstance(data, dict):
         raise ConfigError(str(path), ["the top level must be a mapping of keys"])
     data = copy.deepcopy(data)
-    try:
-        for assignment in overrides:
+    for assignment in overrides:
+        try:
             _apply_override(data, assignment)
-    except (ValueError, IndexError, TypeError) as error:
-        raise ConfigError(str(path), [f"--set: {error}"]) from None
+        except (ValueError, IndexError, TypeError, AttributeError, yaml.YAMLError) as error:
+            raise ConfigError(str(path), [f"--set {assignment}: {error}"]) from None
     try:
         config = DistillConfig.model_validate(data)
     except ValidationError as error:

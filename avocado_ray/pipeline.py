@@ -19,16 +19,17 @@ import ray
 
 from avocado_ray import cluster
 from avocado_ray.config import DistillConfig
-from avocado_ray.dataplane.prompts import Rejected, read_prompts
+from avocado_ray.dataplane.prompts import InputError, Rejected, read_prompts
 from avocado_ray.dataplane.spill import ShardWriter, complete_shards, prompt_ids_in, sample_counts, write_manifest
 from avocado_ray.dataplane.stream import SampleStream
 from avocado_ray.models.tiny import resolve_model
+from avocado_ray.progress import GenerationMonitor
 from avocado_ray.report import read_metrics, train_steps
-from avocado_ray.routing.router import Router
+from avocado_ray.routing.router import start_router
 from avocado_ray.routing.selection import Selector
 from avocado_ray.teachers.control import start_control
 from avocado_ray.teachers.pool import TeacherPool
-from avocado_ray.training.trainer import make_trainer
+from avocado_ray.training.trainer import TAKEN_SEQ, make_trainer
 
 log = logging.getLogger("avocado_ray")
 
@@ -70,6 +71,27 @@ class _Training:
             raise RuntimeError(f"training failed: {self.error}") from self.error
 
 
+# `ray job stop` sends the driver SIGTERM (which Ray's driver turns into SystemExit) and SIGKILL 3 s later
+# (RAY_JOB_STOP_WAIT_TIME_S on the cluster); Ctrl-C is a KeyboardInterrupt.
+STOP = (SystemExit, KeyboardInterrupt)
+STOP_WRITER_S = 1.5  # of those 3 s, what the writer gets to complete its open shard
+STOPPED = "stopped: rerun on the same run directory to resume (complete shards and the last checkpoint are kept)"
+
+
+def _stop(pools: dict, control, writer) -> None:
+    """End a stopped run's engines and its control actor now, and keep the answers its writer holds; Ray ends
+    the job's other actors (trainer, writer, queues) when the driver exits."""
+    log.warning(STOPPED)
+    for pool in pools.values():
+        pool.shutdown()
+    ray.kill(control)
+    try:
+        ray.get(writer.close.remote(), timeout=STOP_WRITER_S)
+    except ray.exceptions.GetTimeoutError:
+        log.warning("the shard writer did not finish in %.1f s: its open shard's prompts will be asked again",
+                    STOP_WRITER_S)
+
+
 def run_distill(config: DistillConfig, train: bool = True) -> dict:
     """Run a whole distillation (or, with train=False, the teachers only, to Parquet); returns the summary
     also written to `run_dir/summary.json`."""
@@ -78,7 +100,7 @@ def run_distill(config: DistillConfig, train: bool = True) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     log.info("ray: %s", cluster.connect(config))
 
-    prompt_set = read_prompts(config.data.input, config.data.max_prompts)
+    prompt_set = read_prompts(config.data.input, config.data.max_prompts, config.data.max_prompt_bytes)
     rejected: list[Rejected] = list(prompt_set.rejected)
     log.info("prompts: %d valid, %d rejected from %s", len(prompt_set.prompts), len(rejected), prompt_set.source)
 
@@ -89,7 +111,7 @@ def run_distill(config: DistillConfig, train: bool = True) -> dict:
     if answered:
         log.info("resuming: %d prompts already answered on disk, %d to answer", len(answered), len(to_answer))
 
-    router = ray.remote(Router).options(num_cpus=0).remote(config.routing, [t.name for t in config.teachers])
+    router = start_router(config.routing, [t.name for t in config.teachers])
     routes = ray.get(router.route.remote(to_answer))
     work: dict[tuple[str, bool], list[dict]] = {}  # (teacher, best-of?) -> requests
     best_of_prompts = []
@@ -108,6 +130,7 @@ def run_distill(config: DistillConfig, train: bool = True) -> dict:
     log.info("routed: %s", {f"{t}{' (best-of)' if best else ''}": len(r) for (t, best), r in work.items()})
 
     judges = {config.routing.best_of[p["domain"]].judge for p in best_of_prompts} - {None}
+    spill_over = {config.routing.fallback} if config.routing.saturated_after_batches and work else set()
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     pools = {
         name: TeacherPool(
@@ -117,7 +140,7 @@ def run_distill(config: DistillConfig, train: bool = True) -> dict:
             config.dispatch.max_in_flight_per_replica,
             config.seed,
         )
-        for name in {t for t, _ in work} | judges
+        for name in {t for t, _ in work} | judges | spill_over
     }
     selector = None
     if best_of_prompts:
@@ -136,7 +159,11 @@ def run_distill(config: DistillConfig, train: bool = True) -> dict:
             log.info("teacher %s ready: %s", name, pool.ready())
         dispatch = Dispatcher(config, pools, selector, stream, writer, control, run_dir / "metrics.jsonl")
         for item in dispatch.run(work):
-            rejected.append(Rejected(lines[item["prompt_id"]], item["prompt_id"], item["reason"], "too_long"))
+            rejected.append(Rejected(lines[item["prompt_id"]], item["prompt_id"], item["reason"], item["code"]))
+    except STOP:
+        training = None  # a stop is not the end of the data: the trainer must not finish the run (see finally)
+        _stop(pools, control, writer)
+        raise
     finally:
         if training is not None:
             stream.close()
@@ -164,6 +191,7 @@ def run_distill(config: DistillConfig, train: bool = True) -> dict:
         "shards": len(shards),
         "replicas_lost": lost_replicas,
         "prompts_sent_again": dispatch.retried_prompts,
+        "prompts_rerouted": dispatch.rerouted_prompts,
         **(_train_metrics(run_dir / "metrics.jsonl") if train else {}),
         "student_dir": str(run_dir / "student") if train else None,
         "wall_time_s": round(time.time() - started, 1),
@@ -175,6 +203,7 @@ def run_distill(config: DistillConfig, train: bool = True) -> dict:
 def _start_training(config: DistillConfig, run_dir: Path, writer=None) -> tuple[SampleStream, _Training]:
     """The bounded stream and a trainer consuming it; the trainer resumes from the run's last checkpoint."""
     stream = SampleStream(config.dispatch.buffer_batches)
+    (run_dir / TAKEN_SEQ).unlink(missing_ok=True)  # seq numbers start again with this run's shard writer
     tokenizers = {t.name: resolve_model(t.model) for t in config.teachers}  # for the distillation losses
     trainer = make_trainer(config.trainer, resolve_model(config.student.model), stream, run_dir, writer, tokenizers)
     return stream, _Training(trainer)
@@ -187,14 +216,19 @@ def run_train(config: DistillConfig, data_dir: str | Path) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     shards = complete_shards(data_dir)
     if not shards:
-        raise ValueError(f"{data_dir}: no complete sample shards (shard-*.parquet)")
+        raise InputError(f"{data_dir}: no complete sample shards (shard-*.parquet)")
     log.info("ray: %s", cluster.connect(config))
     stream, training = _start_training(config, run_dir)
     try:
         _replay(shards, stream)
+    except STOP:
+        training = None  # as in run_distill: Ray ends the trainer with the job, a rerun resumes it
+        log.warning(STOPPED)
+        raise
     finally:
-        stream.close()
-        training.join()
+        if training is not None:
+            stream.close()
+            training.join()
     summary = {
         "run_dir": str(run_dir),
         "data_dir": str(Path(data_dir).resolve()),
@@ -227,12 +261,13 @@ class Dispatcher:
         self.stream, self.writer, self.control, self.metrics = stream, writer, control, metrics
         self.rejected: list[dict] = []
         self.retried_prompts = 0
+        self.rerouted_prompts = 0
 
     def _log(self, record: dict) -> None:
         with open(self.metrics, "a") as f:
             f.write(json.dumps({**record, "time": time.time()}) + "\n")
 
-    def _steer(self, queues: dict) -> None:
+    def steer(self, queues: dict) -> None:
         """Scale requests from outside first, then each autoscaled pool towards its queue depth."""
         sizes = {name: pool.size() for name, pool in self.pools.items()}
         requested = ray.get(self.control.take.remote(sizes)) if self.control is not None else {}
@@ -248,19 +283,38 @@ class Dispatcher:
                 pool.scale(target)
                 self._log({"kind": "scale", "teacher": name, "replicas": target, "reason": reason})
 
+    def _spill_over(self, queues: dict, in_flight: dict) -> None:
+        """Send the newest waiting batches of a saturated pool to the fallback teacher while it has room
+        (`routing.saturated_after_batches`); best-of batches stay, since their teachers are the point."""
+        threshold, fallback = self.config.routing.saturated_after_batches, self.config.routing.fallback
+        if threshold is None or fallback not in self.pools:
+            return
+        for (name, best_of), queue in queues.items():
+            if best_of or name == fallback:
+                continue
+            while len(queue) > threshold and not self.pools[name].has_room() and self.pools[fallback].has_room():
+                batch = queue.pop()
+                in_flight[self.pools[fallback].submit(batch)] = (fallback, False)
+                self.rerouted_prompts += len(batch)
+                self._log({"kind": "reroute", "teacher": name, "to": fallback, "prompts": len(batch),
+                           "reason": "saturated"})
+
     def run(self, work: dict[tuple[str, bool], list[dict]]) -> list[dict]:
         """Answer all the work; returns the rejections as {prompt_id, reason}."""
         batch_size = self.config.dispatch.batch_size
         queues = {key: [reqs[i : i + batch_size] for i in range(0, len(reqs), batch_size)] for key, reqs in work.items()}
         in_flight: dict[ray.ObjectRef, tuple[str, bool]] = {}
         writes, seq, next_steer = [], 0, 0.0
+        monitor = GenerationMonitor(work, self._log)
         while any(queues.values()) or in_flight:
+            monitor.tick(queues, in_flight.values())
             if time.monotonic() >= next_steer:
-                self._steer(queues)
+                self.steer(queues)
                 next_steer = time.monotonic() + self.POLL_S
             for (name, best_of), queue in queues.items():
                 while queue and self.pools[name].has_room():
                     in_flight[self.pools[name].submit(queue.pop(0))] = (name, best_of)
+            self._spill_over(queues, in_flight)
             waiting = list(in_flight) + [ref for pool in self.pools.values() for ref in pool.probes()]
             done, _ = ray.wait(waiting, num_returns=1, timeout=self.POLL_S) if waiting else ([], [])
             for ref in done:
@@ -270,11 +324,15 @@ class Dispatcher:
                     continue
                 name, best_of = in_flight.pop(ref)
                 report, retry = self.pools[name].complete(ref)
+                queues.setdefault((name, best_of), [])[:0] = retry
+                self.retried_prompts += sum(map(len, retry))
                 if report is None:
-                    queues[(name, best_of)].insert(0, retry)
-                    self.retried_prompts += len(retry)
+                    continue
+                if report.get("failed"):  # a call that raised has no record batch; its prompts out of tries
+                    self.rejected += report["rejected"]
                     continue
                 self._log({"kind": "generate", "teacher": name, **{k: v for k, v in report.items() if k != "rejected"}})
+                monitor.answered(name, report)
                 batch_ref, rejected = ref, report["rejected"]
                 if best_of:
                     batch_ref, rejected_ref = self.selector.add.options(num_returns=2).remote(ref, rejected, name)
@@ -284,5 +342,6 @@ class Dispatcher:
                 writes.append(self.writer.write.remote(batch_ref, seq))
                 if self.stream is not None:
                     self.stream.put(batch_ref, seq)  # blocks while the trainer's buffer is full: backpressure
+        monitor.tick(queues, in_flight.values(), final=True)
         ray.get(writes)
         return self.rejected

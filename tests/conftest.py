@@ -6,13 +6,20 @@ vLLM engines is the slow part, so the end-to-end run happens once and many tests
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import ray
 
 from avocado_ray.cli import config_path
 from avocado_ray.cluster import SYSTEM_CONFIG
 from avocado_ray.config import load_config
-from avocado_ray.models.tiny import build_all, cache_root
+from avocado_ray.models.tiny import UNTRAINED_ENV, build_all, cache_root
+
+# The demo config names trained teachers (tiny:NAME-trained, about a minute of training each on a fresh machine);
+# the suite checks the machinery, not what teachers know, so it serves them untrained (tests/test_models.py
+# trains one briefly). Set AVOCADO_RAY_UNTRAINED_TEACHERS= (empty) to run it with the trained ones.
+os.environ.setdefault(UNTRAINED_ENV, "1")
 
 
 @pytest.fixture(scope="session")
@@ -23,11 +30,17 @@ def tiny_models():
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A local Ray on loopback with enough logical CPUs for three teachers and two trainer workers."""
-    ray.init(address="local", num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-             _system_config=SYSTEM_CONFIG)
-    yield
-    ray.shutdown()
+    """A local Ray on loopback with enough logical CPUs for three teachers and two trainer workers.
+
+    The driver and every Ray process see a fake hub token, as a cluster's would see a real one:
+    test_security checks that it reaches none of the run's outputs.
+    """
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("HF_TOKEN", "hf_avocadoFakeSessionToken0123456789")
+        ray.init(address="local", num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 log_to_driver=False, _system_config=SYSTEM_CONFIG)
+        yield
+        ray.shutdown()
 
 
 @pytest.fixture(scope="session")

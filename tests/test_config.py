@@ -72,7 +72,7 @@ def test_config_check_exits_non_zero_and_names_the_problem(tmp_path, capsys):
 
 
 def test_distill_with_a_missing_model_fails_before_ray_starts(tmp_path):
-    path = local_with(tmp_path, "model: tiny:gemma", "model: /nowhere/gemma")
+    path = local_with(tmp_path, "model: tiny:gemma-trained", "model: /nowhere/gemma")
     result = subprocess.run(
         [sys.executable, "-m", "avocado_ray", "distill", "--config", str(path)],
         capture_output=True, text=True, timeout=120,

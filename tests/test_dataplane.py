@@ -14,7 +14,7 @@ import ray
 import yaml
 
 from avocado_ray.cli import config_path
-from avocado_ray.dataplane.schema import SAMPLE_SCHEMA, VERSION_KEY, SchemaVersionError, samples_to_batch
+from avocado_ray.dataplane.schema import SAMPLE_SCHEMA, SCHEMA_VERSION, VERSION_KEY, SchemaVersionError, samples_to_batch
 from avocado_ray.dataplane.spill import ShardWriter, answered_prompt_ids, complete_shards, open_samples
 
 
@@ -52,7 +52,7 @@ def test_a_shard_of_another_schema_version_fails_naming_both_versions(tmp_path):
     table = pa.Table.from_batches([samples_to_batch([sample(0)])])
     old = table.replace_schema_metadata({VERSION_KEY: b"0"})
     pq.write_table(old, tmp_path / "shard-000000.parquet")
-    with pytest.raises(SchemaVersionError, match="schema version 0, but this avocado-ray reads version 1"):
+    with pytest.raises(SchemaVersionError, match=f"schema version 0, but this avocado-ray reads version {SCHEMA_VERSION}"):
         open_samples(tmp_path)
 
 

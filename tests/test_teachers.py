@@ -13,6 +13,7 @@ import ray
 from vllm.logprobs import FlatLogprobs
 
 from avocado_ray.bench import labelled_prompts
+from avocado_ray.config import AutoscaleConfig
 from avocado_ray.dataplane.spill import ShardWriter, open_samples
 from avocado_ray.pipeline import Dispatcher
 from avocado_ray.teachers.control import request_scale, start_control
@@ -38,12 +39,14 @@ def test_topk_is_ranked_and_free_of_the_repeated_sampled_token():
 def run_work(tmp_path, teacher_pools, local_config):
     """Runs requests through the real dispatcher, shard-writer actor and run control; returns what was written."""
 
-    def run(requests, during=None):
-        pools = {"qwen": teacher_pools["qwen"]}
+    def run(requests, during=None, teachers=("qwen",), **routing):
+        """Every request goes to qwen; `routing` overrides options of the routing config."""
+        pools = {name: teacher_pools[name] for name in teachers}
         writer = ray.remote(ShardWriter).options(num_cpus=0).remote(str(tmp_path / "samples"), 4096)
         control = start_control(tmp_path, list(pools))
         metrics = tmp_path / "metrics.jsonl"
-        config = local_config.model_copy(update={"dispatch": local_config.dispatch.model_copy(update={"batch_size": 4})})
+        config = local_config.model_copy(update={"dispatch": local_config.dispatch.model_copy(update={"batch_size": 4}),
+                                                 "routing": local_config.routing.model_copy(update=routing)})
         dispatcher = Dispatcher(config, pools, None, None, writer, control, metrics)
         watcher = threading.Thread(target=during, args=(metrics,), daemon=True) if during else None
         if watcher:
@@ -130,6 +133,38 @@ def test_a_replica_killed_mid_run_loses_and_duplicates_nothing(run_work, teacher
     pool.ready()  # the replacement comes up
     pool.scale(1)
     assert pool.size() == 1
+
+
+@pytest.mark.slow
+def test_a_saturated_pool_spills_its_newest_batches_to_the_fallback_teacher(run_work, teacher_pools):
+    assert teacher_pools["qwen"].size() == 1  # 4 calls in flight at most
+    requests = requests_for(120)  # 30 batches of 4 for qwen; gemma is the fallback
+    table, rejected, records, dispatcher = run_work(requests, teachers=("qwen", "gemma"), saturated_after_batches=4)
+    assert rejected == []
+    assert_each_answered_once(table, requests)
+    answered = Counter(table["teacher"].to_pylist())
+    reroutes = [r for r in records if r["kind"] == "reroute"]
+    assert {(r["teacher"], r["to"], r["reason"]) for r in reroutes} == {("qwen", "gemma", "saturated")}
+    assert answered["gemma"] == sum(r["prompts"] for r in reroutes) == dispatcher.rerouted_prompts > 0
+    assert answered["qwen"] >= (4 + 4) * 4  # its first calls, and the last 4 batches that never spill
+
+
+def test_autoscale_follows_the_queue_and_drops_replicas_still_starting_first(teacher_pools, local_config, tmp_path):
+    pool = teacher_pools["qwen"]
+    serving = set(pool.replicas)
+    assert len(serving) == 1
+    fixed = pool.teacher
+    pool.teacher = fixed.model_copy(update={"autoscale": AutoscaleConfig(min_replicas=1, max_replicas=3)})
+    dispatcher = Dispatcher(local_config, {"qwen": pool}, None, None, None, None, tmp_path / "metrics.jsonl")
+    try:
+        dispatcher.steer({("qwen", False): [[{}]] * 9})  # 9 batches wait, 4 in flight per replica: 3 replicas
+        assert pool.size() == 3
+        dispatcher.steer({("qwen", False): []})  # nothing waits: back to the minimum
+    finally:
+        pool.teacher = fixed
+    assert pool.size() == 1 and set(pool.replicas) == serving  # the new ones went before their engines came up
+    scales = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["replicas"], r["reason"]) for r in scales] == [(3, "autoscale"), (1, "autoscale")]
 
 
 @pytest.mark.slow

@@ -2,7 +2,9 @@
 
 Input rows are JSON objects with an optional `id`, and either `prompt` (a string) or `messages`
 (OpenAI-style chat), plus an optional `teacher` that overrides routing. A row without an id gets a
-stable one, a hash of its content. Malformed rows are rejected with the line and the reason.
+stable one, a hash of its content. Malformed rows are rejected with the line and the reason, and so
+are rows over a byte limit: a 10 MB prompt is turned away here, before any teacher tokenizes it. A
+file that cannot be read at all is an `InputError` naming it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from importlib import resources
 from pathlib import Path
 
 BUILTIN_PREFIX = "builtin:"
+MAX_PROMPT_BYTES = 1 << 20  # default limit of one input row, as UTF-8 JSON: far beyond any teacher's context
 
 
 @dataclass
@@ -39,7 +42,14 @@ class Rejected:
     line: int
     id: str | None
     reason: str
-    code: str = "bad_row"  # short kind of reason, for counts: bad_row, duplicate_id, unknown_teacher, too_long
+    # kind of reason, for counts: bad_row, too_large, duplicate_id, unknown_teacher; from a teacher replica: too_long,
+    # no_vision, bad_image, refused; all_rejected (every best-of teacher rejected it)
+    code: str = "bad_row"
+
+
+class InputError(Exception):
+    """An input that cannot be read at all (a missing prompt file, not Parquet, no sample shards); the message
+    names it."""
 
 
 @dataclass
@@ -72,25 +82,49 @@ def _valid_messages(messages) -> str | None:
     return None
 
 
-def parse_line(raw: bytes, line: int) -> Prompt | Rejected:
+def parse_line(raw: bytes, line: int, max_bytes: int = MAX_PROMPT_BYTES) -> Prompt | Rejected:
     """Turn one JSONL line into a prompt, or a rejection that says why."""
     try:
         row = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as error:
-        return Rejected(line, None, f"invalid UTF-8 at byte {error.start}")
+        return Rejected(line, None, f"invalid UTF-8 at byte {error.start + 1} of the line")
     except json.JSONDecodeError as error:
         return Rejected(line, None, f"invalid JSON: {error.msg} at column {error.colno}")
-    return parse_row(row, line)
+    except (ValueError, RecursionError) as error:  # nesting too deep, integers too long
+        return Rejected(line, None, f"invalid JSON: {error}")
+    return parse_row(row, line, max_bytes)
 
 
-def parse_row(row, line: int) -> Prompt | Rejected:
+def _id_problem(row_id) -> str | None:
+    """Why an `id` cannot be used, or None: ids go to Parquet and one per line into trained_ids.txt."""
+    if isinstance(row_id, bool) or not isinstance(row_id, (str, int)):
+        return "field 'id' must be a string or an integer"
+    if isinstance(row_id, str) and (not row_id or any(c.isspace() or not c.isprintable() for c in row_id)):
+        return "field 'id' must be non-empty, without whitespace or control characters"
+    return None
+
+
+def _size_problem(row: dict, max_bytes: int) -> tuple[str, str] | None:
+    """(code, reason) when a row is not valid Unicode (a lone surrogate escaped in JSON) or over the byte limit."""
+    try:
+        size = len(json.dumps(row, ensure_ascii=False, default=str).encode("utf-8"))  # default: Parquet types
+    except UnicodeEncodeError as error:
+        return "bad_row", f"row holds a lone surrogate {error.object[error.start]!r}, which is not valid Unicode"
+    if size > max_bytes:
+        return "too_large", f"row of {size} bytes is over the limit of {max_bytes} (data.max_prompt_bytes)"
+    return None
+
+
+def parse_row(row, line: int, max_bytes: int = MAX_PROMPT_BYTES) -> Prompt | Rejected:
     """Turn one decoded row (from JSONL or Parquet) into a prompt, or a rejection that says why."""
     if not isinstance(row, dict):
         return Rejected(line, None, "row must be a JSON object")
     row_id = row.get("id")
-    if row_id is not None and not isinstance(row_id, (str, int)):
-        return Rejected(line, None, "field 'id' must be a string or an integer")
+    if row_id is not None and (reason := _id_problem(row_id)):
+        return Rejected(line, None, reason)
     row_id = None if row_id is None else str(row_id)
+    if problem := _size_problem(row, max_bytes):
+        return Rejected(line, row_id, problem[1], problem[0])
     if "prompt" in row and "messages" in row:
         return Rejected(line, row_id, "row has both 'prompt' and 'messages'")
     if "prompt" in row:
@@ -116,29 +150,39 @@ def parse_row(row, line: int) -> Prompt | Rejected:
     return Prompt(id=row_id, messages=messages, line=line, teacher=teacher, tests=tests)
 
 
-def _parsed_rows(source: str):
+def _parsed_rows(source: str, max_bytes: int):
     """(line, prompt or rejection) for every non-empty JSONL line or every Parquet row (row numbers from 1)."""
     if source.endswith(".parquet"):
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        for line, row in enumerate(pq.read_table(source).to_pylist(), start=1):
-            yield line, parse_row({k: v for k, v in row.items() if v is not None}, line)
+        try:
+            rows = pq.read_table(source).to_pylist()
+        except (OSError, pa.ArrowException) as error:
+            raise InputError(f"{source}: cannot read as Parquet: {error}") from None
+        for line, row in enumerate(rows, start=1):
+            yield line, parse_row({k: v for k, v in row.items() if v is not None}, line, max_bytes)
         return
     if source.startswith(BUILTIN_PREFIX):
-        name = source[len(BUILTIN_PREFIX) :]
-        data = resources.files("avocado_ray.resources").joinpath(f"{name}_prompts.jsonl").read_bytes()
+        path = resources.files("avocado_ray.resources").joinpath(f"{source[len(BUILTIN_PREFIX):]}_prompts.jsonl")
     else:
-        data = Path(source).read_bytes()
-    for line, raw in enumerate(data.split(b"\n"), start=1):
-        if raw.strip():
-            yield line, parse_line(raw, line)
+        path = Path(source)
+    try:
+        lines = path.open("rb")
+    except OSError as error:
+        raise InputError(f"{source}: cannot read prompts: {error.strerror or error}") from None
+    with lines:
+        for line, raw in enumerate(lines, start=1):
+            if raw.strip():
+                yield line, parse_line(raw.rstrip(b"\r\n"), line, max_bytes)
 
 
-def read_prompts(source: str, max_prompts: int | None = None) -> PromptSet:
-    """Read a JSONL or Parquet prompt file (or `builtin:NAME`); duplicate ids after the first are rejected."""
+def read_prompts(source: str, max_prompts: int | None = None, max_bytes: int = MAX_PROMPT_BYTES) -> PromptSet:
+    """Read a JSONL or Parquet prompt file (or `builtin:NAME`); duplicate ids after the first are rejected, and
+    so are rows over `max_bytes`."""
     result = PromptSet(source=source)
     seen: set[str] = set()
-    for line, parsed in _parsed_rows(source):
+    for line, parsed in _parsed_rows(source, max_bytes):
         if max_prompts is not None and len(result.prompts) >= max_prompts:
             break
         if isinstance(parsed, Prompt) and parsed.id in seen:

@@ -11,8 +11,10 @@ One row is one teacher answer to one prompt. Column by column:
 | teacher             | string                      | teacher pool that answered                                 |
 | replica             | int32                       | index of the replica in its pool                           |
 | messages            | string                      | the chat messages as JSON (OpenAI style)                   |
-| answer              | string                      | the teacher's answer text                                  |
-| token_ids           | list<int32>                 | the answer's token ids, in the teacher's tokenizer         |
+| answer              | string                      | the teacher's final answer text (without its reasoning)    |
+| reasoning           | string                      | a reasoning teacher's reasoning (vLLM's reasoning parser), |
+|                     |                             | else null; `token_ids` and the top-k cover both parts      |
+| token_ids           | list<int32>                 | the generated token ids, in the teacher's tokenizer        |
 | token_logprobs      | list<float16>               | logprob of each generated token                            |
 | topk_ids            | list<list<int32>>           | per generated token, the teacher's top-k token ids by rank |
 | topk_logprobs       | list<list<float16>>         | their logprobs                                             |
@@ -29,7 +31,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"  # 2: the reasoning column
 VERSION_KEY = b"avocado_ray.schema_version"
 
 CANDIDATE = pa.struct(
@@ -51,6 +53,7 @@ SAMPLE_SCHEMA = pa.schema(
         pa.field("replica", pa.int32()),
         pa.field("messages", pa.string(), nullable=False),
         pa.field("answer", pa.string(), nullable=False),
+        pa.field("reasoning", pa.string()),
         pa.field("token_ids", pa.list_(pa.int32())),
         pa.field("token_logprobs", pa.list_(pa.float16())),
         pa.field("topk_ids", pa.list_(pa.list_(pa.int32()))),

@@ -6,7 +6,8 @@ The student shares the Qwen-family tokenizer, as a Qwen-based student would. Sha
 vLLM's CPU attention accepts (head_dim 64).
 
 Configs refer to these models as `tiny:NAME`; `resolve_model` builds them on first use into a
-cache folder and returns the folder.
+cache folder and returns the folder. `tiny:NAME-trained` (NAME a teacher) is the same teacher after a short
+training on text of its domain (teach.py), so that it answers in its domain's style.
 """
 
 from __future__ import annotations
@@ -18,9 +19,15 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from avocado_ray.models.teach import TEACHER_DOMAINS, TRAIN_STEPS, train_teacher, training_record
+
 TINY_SCHEME = "tiny:"
 HUB_SCHEME = "hf:"  # a hub model id, fetched where it runs (token from HF_TOKEN in the environment only)
-TINY_VERSION = "v2"  # bump when shapes, tokenizers or templates change, so caches rebuild
+TINY_VERSION = "v3"  # bump when shapes, tokenizers, templates or teacher training change, so caches rebuild
+TRAINED = "-trained"  # suffix of a teacher's name for its trained variant
+# Set (to anything but empty) to serve every `tiny:NAME-trained` untrained, as `tiny:NAME`: the test suite does,
+# as its runs check the machinery, not what teachers know, and training costs about a minute per teacher.
+UNTRAINED_ENV = "AVOCADO_RAY_UNTRAINED_TEACHERS"
 
 HIDDEN, LAYERS, HEADS, HEAD_DIM, MAX_POSITIONS = 128, 2, 2, 64, 2048
 
@@ -73,7 +80,8 @@ FAMILIES: dict[str, Family] = {
         pad="<|endoftext|>",
         chat_template=(
             "{% for m in messages %}<|start|>{{ m['role'] }}<|message|>{{ m['content'] }}<|end|>{% endfor %}"
-            "{% if add_generation_prompt %}<|start|>assistant<|channel|>final<|message|>{% endif %}"
+            # as gpt-oss's own: the model opens its channel (analysis: reasoning, final: answer; vLLM's harmony parser)
+            "{% if add_generation_prompt %}<|start|>assistant{% endif %}"
         ),
     ),
 }
@@ -84,6 +92,7 @@ TINY_MODELS: dict[str, tuple[str, int]] = {
     "gemma": ("gemma3", 2),
     "gptoss": ("gpt_oss", 3),
     "student": ("qwen2", 4),
+    "vision": ("qwen2", 5),  # Qwen-family text and images: an Idefics3 model (tiny_vision.py)
 }
 
 
@@ -171,46 +180,74 @@ def _model_config(family_name: str, tokenizer):
     )
 
 
-def build_tiny_model(name: str, out: Path) -> Path:
-    """Build one tiny model (weights, config, tokenizer, chat template) into `out`."""
+def build_tiny_model(name: str, out: Path, train_steps: int = 0) -> Path:
+    """Build one tiny model (weights, config, tokenizer, chat template) into `out`; with `train_steps`, a
+    teacher is then trained that many steps on its domains (teach.py)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     family_name, seed = TINY_MODELS[name]
     tokenizer = _train_tokenizer(FAMILIES[family_name])
+    if name == "vision":
+        from avocado_ray.models.tiny_vision import build_tiny_vision
+
+        return build_tiny_vision(tokenizer, out, seed)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(_model_config(family_name, tokenizer), dtype=torch.float32)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    if train_steps:
+        train_teacher(out, TEACHER_DOMAINS[name], train_steps, seed)
     return out
 
 
-def build_all(out: Path, names: tuple[str, ...] = tuple(TINY_MODELS)) -> dict[str, Path]:
-    """Build every tiny model into `out/NAME`, atomically: a half-built folder is never visible."""
+def _built(target: Path, train_steps: int) -> bool:
+    """Whether `target` holds a finished model, trained `train_steps` steps (0: untrained)."""
+    record = training_record(target) if train_steps else None
+    return (target / "config.json").is_file() and (not train_steps or (record or {}).get("steps") == train_steps)
+
+
+def build_all(
+    out: Path, names: tuple[str, ...] = tuple(TINY_MODELS), train_steps: int = TRAIN_STEPS
+) -> dict[str, Path]:
+    """Build tiny models into `out/NAME`, atomically: a half-built folder is never visible. A `NAME-trained`
+    teacher is trained `train_steps` steps, and rebuilt when it was trained another number of steps."""
+    if train_steps <= 0:
+        raise ValueError(f"train_steps must be > 0, got {train_steps}")
     out.mkdir(parents=True, exist_ok=True)
     built = {}
     with open(out / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent builders (tests, demo) wait for one another
         for name in names:
+            base = name.removesuffix(TRAINED)
+            if base not in TINY_MODELS or (name != base and base not in TEACHER_DOMAINS):
+                raise ValueError(f"unknown tiny model {name!r}; known: {sorted(known_models())}")
+            steps = train_steps if name != base else 0
             target = out / name
-            if not (target / "config.json").is_file():
+            if not _built(target, steps):
                 staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out))
-                build_tiny_model(name, staging)
+                build_tiny_model(base, staging, steps)
                 shutil.rmtree(target, ignore_errors=True)
                 staging.rename(target)
             built[name] = target
     return built
 
 
+def known_models() -> list[str]:
+    """Every name `tiny:NAME` accepts: the models, and the trained variant of each teacher."""
+    return [*TINY_MODELS, *(name + TRAINED for name in TEACHER_DOMAINS)]
+
+
 def resolve_model(model: str) -> str:
-    """Turn `tiny:NAME` into its cached folder (building it on first use), `hf:ID` into the hub id."""
+    """Turn `tiny:NAME` into its cached folder (building, and for `NAME-trained` training, it on first use),
+    `hf:ID` into the hub id."""
     if model.startswith(HUB_SCHEME):
         return model[len(HUB_SCHEME) :]
     if not model.startswith(TINY_SCHEME):
         return model
     name = model[len(TINY_SCHEME) :]
-    if name not in TINY_MODELS:
-        raise ValueError(f"unknown tiny model {name!r}; known: {sorted(TINY_MODELS)}")
+    if os.environ.get(UNTRAINED_ENV):
+        name = name.removesuffix(TRAINED)
     return str(build_all(cache_root(), (name,))[name])

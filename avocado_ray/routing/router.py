@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+import ray
+
 from avocado_ray.config import RoutingConfig
 from avocado_ray.dataplane.prompts import Prompt
 from avocado_ray.routing.classifier import DomainClassifier, load_classifier
@@ -78,3 +80,9 @@ class Router:
     def route(self, prompts: list[Prompt]) -> list[Route]:
         """Route a batch; one actor call per batch keeps the per-prompt cost low."""
         return [self.route_one(p) for p in prompts]
+
+
+def start_router(routing: RoutingConfig, teachers: list[str]) -> ray.actor.ActorHandle:
+    """The router as a Ray actor that Ray restarts when its process dies, retrying the calls it had in flight
+    (routing is a pure function of the prompt; only the pools marked down are lost with it)."""
+    return ray.remote(Router).options(num_cpus=0, max_restarts=3, max_task_retries=3).remote(routing, teachers)

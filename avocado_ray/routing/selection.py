@@ -83,7 +83,9 @@ class Selector:
             expected, arrived = self.expected.pop(prompt_id), self.arrived.pop(prompt_id)
             rows = [arrived[t] for t in expected["teachers"] if arrived[t] is not None]
             if not rows:
-                all_rejected.append({"prompt_id": prompt_id, "reason": "every best-of teacher rejected the prompt"})
+                all_rejected.append(
+                    {"prompt_id": prompt_id, "reason": "every best-of teacher rejected the prompt", "code": "all_rejected"}
+                )
                 continue
             winners.append(await self._choose(expected, rows))
         return samples_to_batch(winners), all_rejected

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -33,10 +33,10 @@ def _replica_env(teacher: VLLMTeacher) -> dict[str, str]:
         "VLLM_CPU_KVCACHE_SPACE": str(teacher.engine.kv_cache_gib),
         "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),  # keep job logs readable
     }
-    # Secrets for gated models come from the driver's environment only, never from the config.
-    for key in ("HF_TOKEN", "HF_HUB_OFFLINE"):
-        if key in os.environ:
-            env[key] = os.environ[key]
+    # Hub tokens (HF_TOKEN) are not passed on here: Ray's runtime-env agent logs a runtime env and the dashboard
+    # shows it. Replicas read the token from their node's environment (docs/security.md).
+    if "HF_HUB_OFFLINE" in os.environ:
+        env["HF_HUB_OFFLINE"] = os.environ["HF_HUB_OFFLINE"]
     return env
 
 
@@ -56,6 +56,9 @@ def check_fits(teacher: VLLMTeacher, replicas: int, use_gpu: bool) -> None:
         f"the cluster's {len(matching)} {where} (of {len(nodes)} alive) have {unit} {per_node}, which hold "
         f"{fits}: missing {replicas - fits} x {size:g} {unit} on one node"
     )
+
+
+MAX_ATTEMPTS = 3  # calls that raised, per prompt, before the prompt is dead-lettered
 
 
 @dataclass
@@ -164,13 +167,19 @@ class TeacherPool:
         """Engines starting or restarting: the driver waits on these too, so a new replica is noticed."""
         return [r.probe for r in self.replicas.values() if r.probe is not None]
 
-    def complete(self, batch_ref: ray.ObjectRef) -> tuple[dict | None, list[dict]]:
-        """A finished call: (report with `rejected`, `samples`, `tokens`, `replica`; no requests), or, if the
-        replica was lost, (None, the requests to send again)."""
+    def complete(self, batch_ref: ray.ObjectRef) -> tuple[dict | None, list[list[dict]]]:
+        """A finished call: (report with `rejected`, `samples`, `tokens`, `replica`; no batches to send again).
+        If the replica was lost: (None, [its requests]), to send again. If the call raised: each prompt goes
+        again in a batch of its own (so one bad prompt cannot fail the others twice), and a prompt that raised
+        `MAX_ATTEMPTS` times comes back rejected in a report with `failed` set (the call has no record batch)."""
         call = self.calls.pop(batch_ref)
         replica = self.replicas.get(call.replica)
         try:
             report = ray.get(call.report)
+        except RayTaskError as error:
+            if replica is not None:
+                replica.in_flight -= 1
+            return self._failed(call, error)
         except RayActorError as error:
             log.warning("teacher %s replica %d lost a call of %d prompts (%s); sending them again",
                         self.teacher.name, call.replica, len(call.requests), type(error).__name__)
@@ -178,11 +187,22 @@ class TeacherPool:
                 replica.in_flight -= 1
                 if replica.probe is None:
                     replica.probe = replica.actor.warm_up.remote()  # restarting, or dead: the probe tells
-            return None, call.requests
+            return None, [call.requests]
         if replica is not None:
             replica.in_flight -= 1
             self._retire_drained()
         return {**report, "replica": call.replica}, []
+
+    def _failed(self, call: _Call, error: RayTaskError) -> tuple[dict | None, list[list[dict]]]:
+        cause = str(error.cause if error.cause is not None else error).strip().splitlines()[-1][:300]
+        log.warning("teacher %s replica %d raised on a call of %d prompts: %s", self.teacher.name, call.replica,
+                    len(call.requests), cause)
+        tried = [{**r, "attempts": r.get("attempts", 0) + 1} for r in call.requests]
+        rejected = [{"prompt_id": r["prompt_id"], "code": "teacher_error",
+                     "reason": f"teacher {self.teacher.name} raised {MAX_ATTEMPTS} times: {cause}"}
+                    for r in tried if r["attempts"] >= MAX_ATTEMPTS]
+        report = {"rejected": rejected, "samples": 0, "tokens": 0, "replica": call.replica, "failed": True}
+        return (report if rejected else None), [[r] for r in tried if r["attempts"] < MAX_ATTEMPTS]
 
     # -- elasticity ------------------------------------------------------------------------------------------
 
@@ -192,7 +212,8 @@ class TeacherPool:
 
     def scale(self, replicas: int) -> None:
         """Grow or shrink to `replicas` while the run goes on. New replicas serve once their engine is up;
-        shrinking drains the least-loaded replicas: they take no new calls and stop when their calls finish."""
+        shrinking drops replicas still starting first (no engine time spent on them yet), then drains the
+        least-loaded serving ones: they take no new calls and stop when their calls finish."""
         if replicas < 1:
             raise ValueError(f"teacher {self.teacher.name}: a pool needs at least 1 replica, not {replicas}")
         grow = replicas - self.size()
@@ -200,7 +221,8 @@ class TeacherPool:
             check_fits(self.teacher, grow, self.use_gpu)
             for _ in range(grow):
                 self._start(self._new_group())
-        for replica in sorted(self._serving(), key=lambda r: r.in_flight)[: max(-grow, 0)]:
+        staying = [r for r in self.replicas.values() if not r.draining]
+        for replica in sorted(staying, key=lambda r: (r.probe is None, r.in_flight))[: max(-grow, 0)]:
             replica.draining = True
         self._retire_drained()
         log.info("teacher %s scaled to %d replicas", self.teacher.name, replicas)

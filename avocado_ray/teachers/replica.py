@@ -4,6 +4,10 @@ A call carries a batch of prompts; inside the actor they are submitted to vLLM's
 concurrently, so continuous batching also fills across the calls a pool keeps in flight.
 The answers leave as one Arrow record batch (see `dataplane.schema`), stored in the Ray object
 store by the actor, so the driver only passes references on.
+
+A reasoning teacher's completion is split by vLLM's own parser (`ReasoningSplitter`) into the reasoning and
+the final answer. Image parts of chat messages go to a vision teacher as vLLM multi-modal input; any other
+teacher rejects such a prompt with its reason.
 """
 
 from __future__ import annotations
@@ -19,6 +23,59 @@ import pyarrow as pa
 from avocado_ray.config import SamplingConfig, VLLMTeacher
 from avocado_ray.dataplane.schema import samples_to_batch
 from avocado_ray.models.chat import chat_prompt_ids
+
+HARMONY_PARSER = "openai_gptoss"  # gpt-oss: vLLM parses its harmony channels with HarmonyParser
+
+
+def image_urls(messages: list[dict]) -> list[str]:
+    """The URLs (http(s) or base64 `data:`) of the image parts of chat messages, in order: OpenAI-style
+    `{"type": "image_url", "image_url": {"url": ...}}`, and `{"type": "image", "image": ...}` as the router counts."""
+    urls = []
+    for message in messages:
+        parts = message["content"] if isinstance(message["content"], list) else []
+        for part in parts:
+            if isinstance(part, dict) and part.get("type") in ("image_url", "image"):
+                image = part.get(part["type"])
+                urls.append(image.get("url", "") if isinstance(image, dict) else str(image))
+    return urls
+
+
+class ReasoningSplitter:
+    """Splits a reasoning teacher's completion into (reasoning, final answer) with vLLM's parser of that name.
+
+    gpt-oss (`openai_gptoss`) writes harmony channels, which vLLM parses with `HarmonyParser` over token ids of
+    the o200k_harmony encoding (bundled with openai_harmony, so offline). The completion text is re-encoded in
+    that encoding first: the real gpt-oss tokenizer is that encoding, and a teacher with another vocabulary that
+    writes the same channel markers (the tiny gpt-oss) parses the same way. Other parsers (deepseek_r1, qwen3,
+    ...) read the text with their markers, which needs the markers in the teacher's vocabulary.
+    """
+
+    def __init__(self, name: str, tokenizer):
+        from vllm.parser.parser_manager import ParserManager
+
+        self.harmony = name == HARMONY_PARSER
+        if self.harmony:
+            from vllm.entrypoints.openai.parser.harmony_utils import get_encoding
+
+            self.encoding = get_encoding()
+            tokenizer = self  # the parser decodes harmony ids (when it recovers from malformed output) through us
+        self.tokenizer = tokenizer
+        self.parser_class = ParserManager.get_parser(reasoning_parser_name=name, is_harmony=self.harmony, tokenizer=tokenizer)
+
+    def decode(self, token_ids: list[int]) -> str:
+        """Harmony ids to text: HarmonyParser decodes what it recovers from malformed output with its tokenizer."""
+        return self.encoding.decode(token_ids)
+
+    def split(self, text: str, messages: list[dict]) -> tuple[str | None, str]:
+        """(reasoning or None, final answer) of a completion `text` that keeps its special tokens."""
+        from vllm.entrypoints.openai.chat_completion.protocol import (
+            ChatCompletionRequest,
+        )
+
+        request = ChatCompletionRequest(model="teacher", messages=messages)
+        ids = self.encoding.encode(text, allowed_special="all") if self.harmony else ()
+        reasoning, content, _ = self.parser_class(self.tokenizer).parse(text, request, model_output_token_ids=ids)
+        return reasoning, content or ""
 
 
 def topk_at_position(flat, position: int, sampled: int, k: int) -> tuple[float, list[int], list[float]]:
@@ -47,6 +104,8 @@ class TeacherReplica:
         self.teacher = teacher
         self.index = index
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        # before the engine starts, so an unknown parser name fails fast
+        self.splitter = ReasoningSplitter(teacher.reasoning_parser, self.tokenizer) if teacher.reasoning_parser else None
         args = AsyncEngineArgs(
             model=model_path,
             tensor_parallel_size=teacher.tensor_parallel_size,
@@ -62,6 +121,10 @@ class TeacherReplica:
             **teacher.engine.extra_args,
         )
         self.engine = AsyncLLM.from_engine_args(args)
+        if teacher.vision:
+            from vllm.multimodal.media import MediaConnector
+
+            self.media = MediaConnector()  # data: and http(s) URLs; no local files
 
     def info(self) -> dict:
         """Facts about the engine (answers while the actor lives)."""
@@ -78,7 +141,7 @@ class TeacherReplica:
 
     def _sampling_params(self, overrides: dict | None):
         from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
         sampling = self.teacher.sampling.model_copy(update=overrides or {})
         SamplingConfig.model_validate(sampling.model_dump())  # overrides obey the same rules as the config
@@ -90,22 +153,53 @@ class TeacherReplica:
             logprobs=sampling.logprobs or None,
             flat_logprobs=True,
             output_kind=RequestOutputKind.FINAL_ONLY,
+            skip_special_tokens=self.splitter is None,  # the reasoning parser reads the special-token markers
+            structured_outputs=StructuredOutputsParams(regex=sampling.regex) if sampling.regex else None,
         ), sampling.logprobs
 
-    async def _final_output(self, prompt_ids: list[int], params):
-        """Run one request through the engine and return its finished output."""
+    async def _final_output(self, prompt: list[int] | dict, params):
+        """Run one request (prompt token ids, or a vLLM prompt dict) through the engine; return its finished output."""
         final = None
-        async for output in self.engine.generate({"prompt_token_ids": prompt_ids}, params, uuid.uuid4().hex):
+        prompt = {"prompt_token_ids": prompt} if isinstance(prompt, list) else prompt
+        async for output in self.engine.generate(prompt, params, uuid.uuid4().hex):
             final = output
         return final
 
-    async def _answer(self, request: dict, started: float) -> dict:
-        prompt_ids = chat_prompt_ids(self.tokenizer, request["messages"])
+    async def _engine_input(self, messages: list[dict]) -> dict:
+        """The vLLM prompt of a chat (token ids, and images as multi-modal data), or {"rejected": reason, "code":
+        kind} when it is not to be sent."""
+        urls = image_urls(messages)
+        if urls and not self.teacher.vision:
+            reason = f"teacher {self.teacher.name} has no vision (vision: false); the prompt holds {len(urls)} image(s)"
+            return {"rejected": reason, "code": "no_vision"}
+        prompt_ids = chat_prompt_ids(self.tokenizer, messages)
         limit = self.teacher.engine.max_model_len
         if len(prompt_ids) >= limit:
-            return {"rejected": f"prompt of {len(prompt_ids)} tokens does not fit {self.teacher.name}'s context of {limit}"}
+            reason = f"prompt of {len(prompt_ids)} tokens does not fit {self.teacher.name}'s context of {limit}"
+            return {"rejected": reason, "code": "too_long"}
+        if not urls:
+            return {"prompt_token_ids": prompt_ids}
+        from aiohttp import ClientError
+
+        try:
+            images = [await self.media.fetch_image_async(url) for url in urls]
+        except (ValueError, OSError, ClientError) as error:  # bad data or scheme, unreadable image; a failed fetch
+            return {"rejected": f"image not readable: {type(error).__name__}: {error}"[:500], "code": "bad_image"}
+        return {"prompt_token_ids": prompt_ids, "multi_modal_data": {"image": images}}
+
+    async def _answer(self, request: dict, started: float) -> dict:
+        engine_input = await self._engine_input(request["messages"])
+        if "rejected" in engine_input:
+            return engine_input
         params, k = self._sampling_params(request.get("sampling"))
-        completion = (await self._final_output(prompt_ids, params)).outputs[0]
+        try:
+            output = await self._final_output(engine_input, params)
+        except ValueError as error:  # vLLM refused this input (e.g. too long once its images are expanded)
+            return {"rejected": f"vLLM refused the prompt: {error}"[:500], "code": "refused"}
+        completion = output.outputs[0]
+        reasoning, answer = (None, completion.text) if self.splitter is None else self.splitter.split(
+            completion.text, request["messages"]
+        )
         token_ids = list(completion.token_ids)
         token_logprobs, topk_ids, topk_logprobs = [], [], []
         if k:
@@ -122,13 +216,14 @@ class TeacherReplica:
             "teacher": self.teacher.name,
             "replica": self.index,
             "messages": json.dumps(request["messages"], ensure_ascii=False),
-            "answer": completion.text,
+            "answer": answer,
+            "reasoning": reasoning,
             "token_ids": token_ids,
             "token_logprobs": token_logprobs,
             "topk_ids": topk_ids,
             "topk_logprobs": topk_logprobs,
             "finish_reason": completion.finish_reason or "length",
-            "prompt_tokens": len(prompt_ids),
+            "prompt_tokens": len(output.prompt_token_ids),  # with image placeholders expanded
             "latency_s": time.monotonic() - started,
         }
 
@@ -151,7 +246,7 @@ class TeacherReplica:
         return list(await asyncio.gather(*(score(a) for a in answers)))
 
     async def generate(self, requests: list[dict]) -> tuple[pa.RecordBatch, dict]:
-        """Answer a batch: (record batch of samples, report). The report holds `rejected` ({prompt_id, reason}),
+        """Answer a batch: (record batch of samples, report). The report holds `rejected` ({prompt_id, reason, code}),
         `samples`, `tokens` and `batch_s`, so the driver learns progress without fetching the batch.
 
         Each request holds prompt_id, domain, labels, messages and optional sampling overrides.
@@ -166,7 +261,9 @@ class TeacherReplica:
             os._exit(1)
         samples = [a for a in answers if "rejected" not in a]
         rejected = [
-            {"prompt_id": r["prompt_id"], "reason": a["rejected"]} for r, a in zip(requests, answers) if "rejected" in a
+            {"prompt_id": r["prompt_id"], "reason": a["rejected"], "code": a["code"]}
+            for r, a in zip(requests, answers)
+            if "rejected" in a
         ]
         report = {
             "rejected": rejected,

@@ -13,7 +13,9 @@ order decides them), so resume and the trained-ids lineage are unaffected.
 Losses (weights in `trainer.losses`, see losses.py) are chosen per sample: a divergence from the teacher's
 top-k where the sample has top-k logprobs and its teacher's tokens align with the student's (the identity
 when the teacher uses the student's tokenizer, `TokenAligner`'s byte spans otherwise), and the supervised
-loss on the teacher's answer text (student tokenizer, answer tokens only) everywhere else. The loss of a step
+loss on the teacher's answer text (student tokenizer, answer tokens only) everywhere else. The answer text is
+`SampleEncoder.target`: the final answer, or with `trainer.learn_reasoning` a reasoning teacher's reasoning in
+<think> tags before it (docs/training.md). The loss of a step
 is the mean over the answer tokens of the whole global batch; each term is logged as `loss_NAME`. At the end
 the student is consolidated from its ZeRO shards and saved in Hugging Face format.
 """
@@ -21,6 +23,7 @@ the student is consolidated from its ZeRO shards and saved in Hugging Face forma
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -28,12 +31,14 @@ from pathlib import Path
 from typing import Any
 
 from avocado_ray.config import TrainerConfig
-from avocado_ray.dataplane.spill import write_manifest
+from avocado_ray.dataplane.spill import open_samples, write_manifest
 from avocado_ray.dataplane.stream import SampleStream
 from avocado_ray.models.chat import chat_prompt_ids
 
 IGNORE = -100
+THINK_FORMAT = "<think>\n{reasoning}\n</think>\n\n{answer}"  # the student's target with trainer.learn_reasoning
 TRAINED_IDS = "trained_ids.txt"  # the sample ids the student has been trained on, one per line, in order
+TAKEN_SEQ = "trainer_taken_seq"  # the highest writer seq rank 0 took from the stream in this run (for restarts)
 DEEPSPEED_TAG = "state"
 
 
@@ -146,6 +151,7 @@ class SampleEncoder:
         self.tokenizer = tokenizer
         self.max_len = trainer.max_seq_len
         self.distilling = any(name != "supervised" for name in trainer.losses)
+        self.learn_reasoning = trainer.learn_reasoning
         self.teacher_tokenizers = dict(teacher_tokenizers or {})
         self._aligners: dict[str, Any] = {}
 
@@ -153,12 +159,19 @@ class SampleEncoder:
     def columns(self) -> list[str]:
         """The sample columns `encode` reads (top-k only when a divergence is weighted)."""
         extra = ["teacher", "token_ids", "topk_ids", "topk_logprobs"] if self.distilling else []
-        return ["sample_id", "messages", "answer", *extra]
+        reasoning = ["reasoning"] if self.learn_reasoning else []
+        return ["sample_id", "messages", "answer", *reasoning, *extra]
+
+    def target(self, row: dict) -> str:
+        """The text the student learns to answer: the final answer; with `learn_reasoning`, a reasoning teacher's
+        reasoning before it in <think> tags (the format of open reasoning models such as DeepSeek-R1 and Qwen3)."""
+        reasoning = row.get("reasoning") if self.learn_reasoning else None
+        return THINK_FORMAT.format(reasoning=reasoning, answer=row["answer"]) if reasoning else row["answer"]
 
     def length(self, row: dict) -> int:
         """The row's tokens in the student's tokenizer (prompt + answer + end, capped at max_seq_len)."""
         prompt = chat_prompt_ids(self.tokenizer, json.loads(row["messages"]))
-        answer = self.tokenizer.encode(row["answer"], add_special_tokens=False)
+        answer = self.tokenizer.encode(self.target(row), add_special_tokens=False)
         return min(len(prompt) + len(answer) + 1, self.max_len)
 
     def sort_by_length(self, rows: list[dict]) -> list[dict]:
@@ -187,10 +200,10 @@ class SampleEncoder:
         alignment = None
         topk = row.get("topk_ids") or []
         if self.distilling and topk and (aligner := self.aligner(row.get("teacher"))) is not None:
-            alignment = aligner.align(row["answer"], row.get("token_ids") or [], topk, row.get("topk_logprobs") or [])
+            alignment = aligner.align(self.target(row), row.get("token_ids") or [], topk, row.get("topk_logprobs") or [])
             answer_ids = alignment.student_ids  # the student's answer tokens + end, as the branch below makes them
         else:
-            answer_ids = tokenizer.encode(row["answer"], add_special_tokens=False) + [tokenizer.eos_token_id]
+            answer_ids = tokenizer.encode(self.target(row), add_special_tokens=False) + [tokenizer.eos_token_id]
         input_ids = (prompt_ids + answer_ids)[: self.max_len]
         labels = ([IGNORE] * len(prompt_ids) + answer_ids)[: self.max_len]
         return input_ids, labels, len(prompt_ids), alignment
@@ -368,6 +381,24 @@ def _seal_spill(writer, seq: int, poll_s: float = 0.05) -> list[str]:
     return shards
 
 
+def _taken_but_not_trained(writer, run_dir: Path, columns: list[str], trained: set[str]) -> list[dict]:
+    """After a worker restart within a run: the samples a lost attempt took from the stream without a checkpoint
+    counting them. The stream hands each batch out once, but the spill keeps every batch, so they are read back
+    from there (with any spilled sample not yet trained; the caller skips those when the stream brings them)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    _seal_spill(writer, int((run_dir / TAKEN_SEQ).read_text()))
+    table = open_samples(run_dir / "samples").to_table(columns=columns)
+    return table.filter(pc.invert(pc.is_in(table["sample_id"], pa.array(sorted(trained), pa.string())))).to_pylist()
+
+
+def _record_taken(run_dir: Path, seq: int) -> None:
+    temp = run_dir / f".{TAKEN_SEQ}.tmp"
+    temp.write_text(str(seq))
+    os.replace(temp, run_dir / TAKEN_SEQ)
+
+
 class _Lineage:
     """What the student has been trained on, in order: restored from the checkpoint, extended per step."""
 
@@ -418,6 +449,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import torch.distributed as dist
     from ray import train
 
+    from avocado_ray.progress import TrainMonitor
+
     trainer = TrainerConfig.model_validate(loop_config["trainer"])
     stream: SampleStream = loop_config["stream"]
     writer = loop_config["writer"]  # None when every sample is already on disk (train-only mode)
@@ -433,14 +466,22 @@ def train_loop_per_worker(loop_config: dict) -> None:
     elif rank == 0:
         lineage = _Lineage(run_dir, None)
     metrics = run_dir / "metrics.jsonl"
+    monitor = TrainMonitor() if rank == 0 else None  # progress line in the job log, Ray metrics
     columns = student.encoder.columns
 
     def global_batches():
         """Rank 0's view: full global batches of samples not yet trained on, then the remainder."""
-        pending, waited, last_seq = [], 0.0, 0
+        waited, last_seq = 0.0, 0
+        pending = []
+        if writer is not None and (run_dir / TAKEN_SEQ).is_file():  # not the run's first attempt
+            pending = _taken_but_not_trained(writer, run_dir, columns, lineage.already_trained)
+            _log(metrics, {"kind": "train_restart", "samples_from_spill": len(pending), "time": time.time()})
+        skip = lineage.already_trained | {r["sample_id"] for r in pending}
         for batch, wait_s, seq in stream.batches():
+            if seq > last_seq:
+                _record_taken(run_dir, seq)
             waited, last_seq = waited + wait_s, max(last_seq, seq)
-            pending.extend(r for r in batch.select(columns).to_pylist() if r["sample_id"] not in lineage.already_trained)
+            pending.extend(r for r in batch.select(columns).to_pylist() if r["sample_id"] not in skip)
             while len(pending) >= trainer.batch_size:
                 yield pending[: trainer.batch_size], waited, last_seq
                 pending, waited = pending[trainer.batch_size :], 0.0
@@ -472,6 +513,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 record = {"kind": "train", "step": step, "samples": len(rows), "wait_s": round(wait_s, 4)}
                 record.update(result, step_s=round(time.monotonic() - started, 4), time=time.time())
                 _log(metrics, record)
+                monitor.step(record)
         if step > checkpointed and (message[0] is None or step - checkpointed >= trainer.checkpoint_every):
             shards = _seal_spill(writer, last_seq) if rank == 0 and writer is not None else []
             _checkpoint(student, step, lineage, run_dir, shards)
@@ -481,6 +523,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     student.save_hf(run_dir / "student", is_writer=rank == 0)
     if rank == 0:
         _log(metrics, {"kind": "train_end", "steps": step, "samples_not_trained": skipped, "time": time.time()})
+        monitor.finish()
 
 
 def make_trainer(
@@ -498,7 +541,7 @@ def make_trainer(
     losses; samples of teachers not in it are trained with the supervised loss only.
     Storage and name are fixed per run directory, so Ray Train restores the last checkpoint on a rerun.
     """
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     return TorchTrainer(
@@ -521,5 +564,6 @@ def make_trainer(
             storage_path=str((run_dir / "ray_train").resolve()),
             name="student",
             checkpoint_config=CheckpointConfig(num_to_keep=trainer.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=trainer.max_failures),
         ),
     )

@@ -1,0 +1,235 @@
+"""`ray job submit` end to end on a real Ray head started with `ray start` (loopback, token auth): a submitted
+distillation is stopped with `ray job stop` midway, leaves nothing running, and a resubmission on the same run
+directory finishes it, every prompt answered once and every sample trained once; the job log shows progress
+lines, and the head's metrics endpoint the run's Ray metrics.
+
+The head has its own temp dir and ports, beside the test session's own Ray (conftest's `ray.init`) and any
+other Ray on the machine. It is not ended with `ray stop`, which stops every Ray of the machine (the session's
+too), but by ending the processes that name its session folder, and their children.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
+from avocado_ray.dataplane.spill import open_samples
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+CONFIG = ROOT / "tests" / "data" / "job.yaml"  # qwen alone, 32 prompts, a checkpoint every step
+PROMPTS = 32
+METRICS = {  # as Prometheus shows them (Ray's `ray_` prefix)
+    "ray_avocado_prompts_routed_total", "ray_avocado_queue_depth", "ray_avocado_requests_in_flight",
+    "ray_avocado_teacher_tokens_per_second", "ray_avocado_trainer_step_seconds_bucket", "ray_avocado_trainer_loss",
+    "ray_avocado_trainer_samples_per_second",
+}
+RAY_TRAIN_SINGLETONS = {"_AutoscalingCoordinatorActor"}  # Ray Train's detached per-cluster actor, not the job's
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+class Head:
+    """A one-node Ray cluster from `ray start --head`, driven through the `ray` CLI and its HTTP API."""
+
+    def __init__(self):
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="arj-", dir="/tmp"))  # short: Ray's socket paths have a limit
+        gcs, dashboard, client, agent, metrics = _free_ports(5)
+        self.url = f"http://127.0.0.1:{dashboard}"
+        self.metrics_url = f"http://127.0.0.1:{metrics}/metrics"
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        # The job's `python` is the venv's. RAY_API_SERVER_ADDRESS points the `ray job`/`ray list` commands at this
+        # head, and Ray's own state API calls inside the cluster (Ray Train's placement group cleaner) too, which
+        # would otherwise guess among the machine's Rays.
+        self.env = {**env, "RAY_AUTH_MODE": "token", "PATH": f"{VENV_BIN}:{env['PATH']}",
+                    "RAY_API_SERVER_ADDRESS": self.url}
+        self.ray("start", "--head", "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
+                 "--temp-dir", str(self.temp_dir), "--port", str(gcs), "--dashboard-port", str(dashboard),
+                 "--ray-client-server-port", str(client), "--dashboard-agent-listen-port", str(agent),
+                 "--metrics-export-port", str(metrics), "--num-cpus", "4", "--object-store-memory", str(500 * 2**20),
+                 "--disable-usage-stats")
+        self.token = (Path.home() / ".ray" / "auth_token").read_text().strip()
+
+    def ray(self, *args: str, timeout: float = 300) -> str:
+        """Run the `ray` CLI against this head; returns its output, fails the test on a non-zero exit."""
+        command = [str(VENV_BIN / "ray"), *args]
+        done = subprocess.run(command, check=False, cwd=ROOT, env=self.env, capture_output=True, text=True,
+                              timeout=timeout)
+        assert done.returncode == 0, f"{command}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        return done.stdout + done.stderr
+
+    def submit(self, submission_id: str, run_dir: Path) -> None:
+        """README's command: the repository as working dir through deploy/runtime_env.yaml."""
+        self.ray("job", "submit", "--submission-id", submission_id, "--runtime-env", "deploy/runtime_env.yaml",
+                 "--no-wait", "--", "python", "jobs/distill.py", "--config", str(CONFIG), "--run-dir", str(run_dir))
+
+    def get(self, path: str, token: bool = True) -> dict:
+        headers = {"Authorization": f"Bearer {self.token}"} if token else {}
+        request = urllib.request.Request(self.url + path, headers=headers)
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+
+    def job(self, submission_id: str) -> dict:
+        return self.get(f"/api/jobs/{submission_id}")
+
+    def actors(self, job_id: str) -> list[dict]:
+        """The job's actors that are alive, from the state API (`ray list actors`)."""
+        out = self.ray("list", "actors", "--format", "json", "--limit", "1000", "--filter", f"job_id={job_id}",
+                       "--filter", "state=ALIVE")
+        return json.loads(out[out.index("[") :])
+
+    def live_placement_groups(self, job_id: str) -> list[dict]:
+        out = self.ray("list", "placement-groups", "--format", "json", "--filter", f"creator_job_id={job_id}")
+        return [g for g in json.loads(out[out.index("[") :]) if g["state"] != "REMOVED"]
+
+    def metric_names(self) -> set[str]:
+        try:
+            with urllib.request.urlopen(self.metrics_url, timeout=10) as response:
+                text = response.read().decode()
+        except OSError:  # the metrics agent starts a little after the head
+            return set()
+        return {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line.startswith("ray_avocado_")}
+
+    def stop(self) -> None:
+        """End this head's processes (those naming its session folder) and their children: workers, engines."""
+        marker = f"{self.temp_dir}/session_"
+        roots = []
+        for process in psutil.process_iter(["cmdline"]):
+            if process.pid != os.getpid() and any(marker in arg for arg in process.info["cmdline"] or []):
+                roots.append(process)
+        processes = {}
+        for root in roots:
+            try:
+                processes.update({p.pid: p for p in [root, *root.children(recursive=True)]})
+            except psutil.NoSuchProcess:
+                continue
+        for process in processes.values():
+            try:
+                process.terminate()
+            except psutil.NoSuchProcess:
+                continue
+        _, alive = psutil.wait_procs(list(processes.values()), timeout=10)
+        for process in alive:
+            process.kill()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def ray_head():
+    head = Head()
+    try:
+        yield head
+    finally:
+        head.stop()
+
+
+def _wait_for(condition, what: str, timeout_s: float, on_poll=lambda: None, every_s: float = 2.0):
+    """Poll `condition` until it returns something truthy; `on_poll` runs on every poll (e.g. a metrics scrape)."""
+    deadline = time.monotonic() + timeout_s
+    while not (result := condition()):
+        on_poll()
+        assert time.monotonic() < deadline, f"timed out after {timeout_s:.0f} s waiting for {what}"
+        time.sleep(every_s)
+    return result
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    process = psutil.Process(pid)
+    return [process, *process.children(recursive=True)]
+
+
+@pytest.mark.slow
+@pytest.mark.soak
+def test_a_submitted_job_stopped_midway_leaves_nothing_running_and_resumes_to_each_sample_trained_once(
+    tiny_models, ray_head, tmp_path
+):
+    head, run_dir, seen_metrics = ray_head, tmp_path / "run", set()
+    manifest = run_dir / "manifest.json"
+    with pytest.raises(urllib.error.HTTPError, match="401"):
+        head.get("/api/jobs/", token=False)  # token authentication is on
+
+    def scrape() -> None:
+        seen_metrics.update(head.metric_names())
+
+    def running_or_fail(submission_id: str) -> None:
+        info = head.job(submission_id)
+        assert info["status"] in ("PENDING", "RUNNING"), (info, head.ray("job", "logs", submission_id)[-5000:])
+        scrape()
+
+    head.submit("distill-1", run_dir)
+    metrics_jsonl = run_dir / "metrics.jsonl"
+    _wait_for(lambda: metrics_jsonl.is_file() and '"generate"' in metrics_jsonl.read_text(), "a first answer", 900,
+              lambda: running_or_fail("distill-1"))
+    job_id = head.job("distill-1")["job_id"]
+    replicas = [a for a in head.actors(job_id) if a["class_name"] == "TeacherReplica"]
+    engine_processes = [p for a in replicas for p in _descendants(a["pid"])]  # the actor and its vLLM engine
+    assert replicas and len(engine_processes) > len(replicas)
+    _wait_for(lambda: manifest.is_file() and json.loads(manifest.read_text()).get("trained", {}).get("step", 0) >= 1,
+              "a first checkpoint", 600, lambda: running_or_fail("distill-1"), every_s=0.5)
+
+    head.ray("job", "stop", "distill-1")
+    assert head.job("distill-1")["status"] == "STOPPED"
+    stopped_at = json.loads(manifest.read_text())["trained"]
+    assert stopped_at["samples"] < PROMPTS  # stopped midway
+
+    def nothing_left() -> bool:
+        left = {a["class_name"] for a in head.actors(job_id)} - RAY_TRAIN_SINGLETONS
+        return not left and not head.live_placement_groups(job_id)
+
+    _wait_for(nothing_left, "the stopped job's actors and placement groups to go", 60, every_s=3)
+    _, alive = psutil.wait_procs(engine_processes, timeout=30)
+    assert not alive, f"engine processes left after the stop: {alive}"
+    log = head.ray("job", "logs", "distill-1")
+    assert "stopped: rerun on the same run directory to resume" in log
+    records = [json.loads(line) for line in metrics_jsonl.read_text().splitlines()]
+    # a stop is not the end of the data: the trainer did not finish the run on what it had
+    assert not (run_dir / "summary.json").exists() and not (run_dir / "student").exists()
+    assert "train_end" not in {r["kind"] for r in records}
+
+    head.submit("distill-2", run_dir)
+    _wait_for(lambda: head.job("distill-2")["status"] not in ("PENDING", "RUNNING"), "the resumed job", 900, scrape)
+    log = head.ray("job", "logs", "distill-2")
+    assert head.job("distill-2")["status"] == "SUCCEEDED", log[-5000:]
+    resumed_from = int(re.search(r"resuming: (\d+) prompts already answered", log).group(1))
+    assert stopped_at["samples"] <= resumed_from < PROMPTS
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["counts_add_up"] and summary["samples_out"] == PROMPTS and summary["rejected"] == 0
+    table = open_samples(run_dir / "samples").to_table(columns=["sample_id", "prompt_id"])
+    prompt_ids = table["prompt_id"].to_pylist()
+    assert len(prompt_ids) == len(set(prompt_ids)) == PROMPTS  # every prompt answered once
+    trained = (run_dir / "trained_ids.txt").read_text().split()
+    assert sorted(trained) == sorted(table["sample_id"].to_pylist())  # each sample trained on once
+    assert json.loads(manifest.read_text())["trained"]["samples"] == PROMPTS
+    assert (run_dir / "student" / "model.safetensors").is_file()
+
+    # progress in a non-interactive log: plain lines, no carriage returns
+    generate = [line for line in log.split("\n") if " generate " in line and " tok/s" in line]
+    train = [line for line in log.split("\n") if re.search(r"train step \d+ \| loss [\d.]+ \| [\d.]+ samples/s", line)]
+    left = PROMPTS - resumed_from
+    assert any(f"generate {left}/{left} (100%)" in line for line in generate), generate
+    assert train and not any("\r" in line for line in generate + train)
+    kinds = {r["kind"] for r in map(json.loads, metrics_jsonl.read_text().splitlines())}
+    assert {"route", "dispatch", "generate", "train", "train_end"} <= kinds
+    _wait_for(lambda: METRICS <= seen_metrics, f"the metrics {sorted(METRICS - seen_metrics)}", 30, scrape)
