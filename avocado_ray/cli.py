@@ -16,6 +16,13 @@ from avocado_ray.dataplane.prompts import InputError
 DEFAULT_CONFIG = "builtin:local"
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive whole number")
+    return value
+
+
 def config_path(name: str) -> Path:
     """A config file path; `builtin:local` is the embedded default (local Ray, tiny models)."""
     if name.startswith("builtin:"):
@@ -227,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = commands.add_parser("make-tiny-models", help="build tiny teachers and student (no download)")
     tiny.add_argument("--out", required=True, help="folder to build into")
     tiny.add_argument(
-        "--train-steps", type=int, default=0, metavar="N",
+        "--train-steps", type=_positive_int, default=0, metavar="N",
         help="also build NAME-trained teachers: N AdamW steps on text of their domain (150, the default of "
         "tiny:NAME-trained, take about a minute per teacher on 2 cores)",
     )

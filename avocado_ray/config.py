@@ -117,6 +117,11 @@ class VLLMTeacher(Strict):
         description="The model takes images: image parts of chat messages go to it as vLLM multi-modal input. A "
         "teacher without vision rejects such prompts with the reason.",
     )
+    image_url_domains: list[str] = Field(
+        default_factory=list,
+        description="Hosts a vision teacher may fetch http(s) image URLs from. Empty: only inline data: URLs, so a "
+        "prompt file cannot make the cluster's nodes send requests into their network (docs/security.md).",
+    )
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
 
@@ -296,7 +301,7 @@ class DataConfig(Strict):
         MAX_PROMPT_BYTES,
         gt=0,
         description="Largest input row (prompt or messages, id and tests, as UTF-8 JSON) in bytes; a larger row is "
-        "rejected (reason too_large) before any teacher tokenizes it or it enters the object store.",
+        "rejected (code too_large) before any teacher tokenizes it or it enters the object store.",
     )
 
 

@@ -20,9 +20,10 @@ import ray
 from avocado_ray import cluster
 from avocado_ray.config import DistillConfig
 from avocado_ray.dataplane.prompts import InputError, Rejected, read_prompts
+from avocado_ray.dataplane.schema import samples_to_batch
 from avocado_ray.dataplane.spill import ShardWriter, complete_shards, prompt_ids_in, sample_counts, write_manifest
 from avocado_ray.dataplane.stream import SampleStream
-from avocado_ray.models.tiny import resolve_model
+from avocado_ray.models.tiny import resolve_model, tokenizer_model
 from avocado_ray.progress import GenerationMonitor
 from avocado_ray.report import read_metrics, train_steps
 from avocado_ray.routing.router import start_router
@@ -151,7 +152,7 @@ def run_distill(config: DistillConfig, train: bool = True) -> dict:
         ray.get(selector.expect.remote(best_of_prompts))
     writer = ray.remote(ShardWriter).options(num_cpus=0).remote(str(samples_dir), config.dispatch.rows_per_shard)
     control = start_control(run_dir, list(pools))
-    stream, training = (_start_training(config, run_dir, writer) if train else (None, None))
+    stream, training = (_start_training(config, run_dir, samples_dir, writer) if train else (None, None))
     try:
         if stream is not None:
             _replay(previous_shards, stream)
@@ -200,12 +201,15 @@ def run_distill(config: DistillConfig, train: bool = True) -> dict:
     return summary
 
 
-def _start_training(config: DistillConfig, run_dir: Path, writer=None) -> tuple[SampleStream, _Training]:
-    """The bounded stream and a trainer consuming it; the trainer resumes from the run's last checkpoint."""
+def _start_training(config: DistillConfig, run_dir: Path, samples_dir: Path,
+                    writer=None) -> tuple[SampleStream, _Training]:
+    """The bounded stream and a trainer consuming it; the trainer resumes from the run's last checkpoint.
+    `samples_dir` has every sample the stream will carry (spilled by `writer` while the run goes on, if given)."""
     stream = SampleStream(config.dispatch.buffer_batches)
     (run_dir / TAKEN_SEQ).unlink(missing_ok=True)  # seq numbers start again with this run's shard writer
-    tokenizers = {t.name: resolve_model(t.model) for t in config.teachers}  # for the distillation losses
-    trainer = make_trainer(config.trainer, resolve_model(config.student.model), stream, run_dir, writer, tokenizers)
+    tokenizers = {t.name: resolve_model(tokenizer_model(t.model)) for t in config.teachers}  # for the losses
+    trainer = make_trainer(config.trainer, resolve_model(config.student.model), stream, run_dir, writer, tokenizers,
+                           samples_dir)
     return stream, _Training(trainer)
 
 
@@ -218,7 +222,7 @@ def run_train(config: DistillConfig, data_dir: str | Path) -> dict:
     if not shards:
         raise InputError(f"{data_dir}: no complete sample shards (shard-*.parquet)")
     log.info("ray: %s", cluster.connect(config))
-    stream, training = _start_training(config, run_dir)
+    stream, training = _start_training(config, run_dir, Path(data_dir))
     try:
         _replay(shards, stream)
     except STOP:
@@ -300,7 +304,7 @@ class Dispatcher:
                            "reason": "saturated"})
 
     def run(self, work: dict[tuple[str, bool], list[dict]]) -> list[dict]:
-        """Answer all the work; returns the rejections as {prompt_id, reason}."""
+        """Answer all the work; returns the rejections as {prompt_id, reason, code}."""
         batch_size = self.config.dispatch.batch_size
         queues = {key: [reqs[i : i + batch_size] for i in range(0, len(reqs), batch_size)] for key, reqs in work.items()}
         in_flight: dict[ray.ObjectRef, tuple[str, bool]] = {}
@@ -328,9 +332,8 @@ class Dispatcher:
                 self.retried_prompts += sum(map(len, retry))
                 if report is None:
                     continue
-                if report.get("failed"):  # a call that raised has no record batch; its prompts out of tries
-                    self.rejected += report["rejected"]
-                    continue
+                if report.get("failed"):  # a call that raised has no record batch: an empty one carries its
+                    ref = ray.put(samples_to_batch([]))  # rejections on (through the selector, for best-of)
                 self._log({"kind": "generate", "teacher": name, **{k: v for k, v in report.items() if k != "rejected"}})
                 monitor.answered(name, report)
                 batch_ref, rejected = ref, report["rejected"]

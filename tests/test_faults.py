@@ -80,7 +80,7 @@ def test_a_killed_trainer_worker_restarts_from_its_checkpoint_and_trains_each_sa
     assert len(restarts) == 1
     assert_run_invariants(summary)
     steps = [r["step"] for r in records if r["kind"] == "train"]
-    assert steps[-1] == summary["train_steps"] == 6  # 24 samples in batches of 4, none twice
+    assert steps[-1] == summary["train_steps"] == 8  # 32 samples in batches of 4, none twice
 
 
 def test_a_router_killed_with_calls_in_flight_restarts_and_answers_them_all(ray_cluster, local_config):

@@ -149,6 +149,7 @@ def test_a_saturated_pool_spills_its_newest_batches_to_the_fallback_teacher(run_
     assert answered["qwen"] >= (4 + 4) * 4  # its first calls, and the last 4 batches that never spill
 
 
+@pytest.mark.slow
 def test_autoscale_follows_the_queue_and_drops_replicas_still_starting_first(teacher_pools, local_config, tmp_path):
     pool = teacher_pools["qwen"]
     serving = set(pool.replicas)

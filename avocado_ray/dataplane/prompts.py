@@ -43,7 +43,8 @@ class Rejected:
     id: str | None
     reason: str
     # kind of reason, for counts: bad_row, too_large, duplicate_id, unknown_teacher; from a teacher replica: too_long,
-    # no_vision, bad_image, refused; all_rejected (every best-of teacher rejected it)
+    # no_vision, bad_image, refused; teacher_error (its calls raised every try); all_rejected (every best-of
+    # teacher rejected it)
     code: str = "bad_row"
 
 

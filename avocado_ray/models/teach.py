@@ -53,7 +53,7 @@ def continuation(domain: str, rng: random.Random) -> tuple[str, str]:
     """A (user, assistant) pair from a corpus: a run of lines and the lines that follow it."""
     lines = _lines(domain)
     prompt_chars, answer_chars = CHARS[domain]
-    prompt, end = _take(lines, rng.randrange(len(lines) - 1), prompt_chars)
+    prompt, end = _take(lines, rng.randrange(max(len(lines) - 1, 1)), prompt_chars)
     answer, _ = _take(lines, end % len(lines), answer_chars)
     return prompt, answer
 

@@ -240,6 +240,12 @@ def known_models() -> list[str]:
     return [*TINY_MODELS, *(name + TRAINED for name in TEACHER_DOMAINS)]
 
 
+def tokenizer_model(model: str) -> str:
+    """A model with `model`'s tokenizer that costs least to resolve: a trained tiny teacher has its untrained
+    twin's tokenizer, so a trainer that needs teacher tokenizers does not train teachers."""
+    return model.removesuffix(TRAINED) if model.startswith(TINY_SCHEME) else model
+
+
 def resolve_model(model: str) -> str:
     """Turn `tiny:NAME` into its cached folder (building, and for `NAME-trained` training, it on first use),
     `hf:ID` into the hub id."""

@@ -179,6 +179,7 @@ class TeacherPool:
         except RayTaskError as error:
             if replica is not None:
                 replica.in_flight -= 1
+                self._retire_drained()
             return self._failed(call, error)
         except RayActorError as error:
             log.warning("teacher %s replica %d lost a call of %d prompts (%s); sending them again",

@@ -124,7 +124,8 @@ class TeacherReplica:
         if teacher.vision:
             from vllm.multimodal.media import MediaConnector
 
-            self.media = MediaConnector()  # data: and http(s) URLs; no local files
+            # data: URLs, and http(s) only from the hosts the config allows; never local files
+            self.media = MediaConnector(allowed_media_domains=teacher.image_url_domains or None)
 
     def info(self) -> dict:
         """Facts about the engine (answers while the actor lives)."""
@@ -179,6 +180,10 @@ class TeacherReplica:
             return {"rejected": reason, "code": "too_long"}
         if not urls:
             return {"prompt_token_ids": prompt_ids}
+        fetched = [u for u in urls if not u.startswith("data:")]
+        if fetched and not self.teacher.image_url_domains:
+            reason = f"image URL {fetched[0][:100]!r} is not inline (data:) and image_url_domains allows no host"
+            return {"rejected": reason, "code": "bad_image"}
         from aiohttp import ClientError
 
         try:

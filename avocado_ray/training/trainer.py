@@ -381,15 +381,17 @@ def _seal_spill(writer, seq: int, poll_s: float = 0.05) -> list[str]:
     return shards
 
 
-def _taken_but_not_trained(writer, run_dir: Path, columns: list[str], trained: set[str]) -> list[dict]:
+def _taken_but_not_trained(writer, samples_dir: Path, run_dir: Path, columns: list[str],
+                           trained: set[str]) -> list[dict]:
     """After a worker restart within a run: the samples a lost attempt took from the stream without a checkpoint
     counting them. The stream hands each batch out once, but the spill keeps every batch, so they are read back
     from there (with any spilled sample not yet trained; the caller skips those when the stream brings them)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    _seal_spill(writer, int((run_dir / TAKEN_SEQ).read_text()))
-    table = open_samples(run_dir / "samples").to_table(columns=columns)
+    if writer is not None:
+        _seal_spill(writer, int((run_dir / TAKEN_SEQ).read_text()))
+    table = open_samples(samples_dir).to_table(columns=columns)
     return table.filter(pc.invert(pc.is_in(table["sample_id"], pa.array(sorted(trained), pa.string())))).to_pylist()
 
 
@@ -454,6 +456,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     trainer = TrainerConfig.model_validate(loop_config["trainer"])
     stream: SampleStream = loop_config["stream"]
     writer = loop_config["writer"]  # None when every sample is already on disk (train-only mode)
+    samples_dir = loop_config["samples_dir"] and Path(loop_config["samples_dir"])  # every sample the stream carries
     run_dir = Path(loop_config["run_dir"])
     context = train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -473,13 +476,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
         """Rank 0's view: full global batches of samples not yet trained on, then the remainder."""
         waited, last_seq = 0.0, 0
         pending = []
-        if writer is not None and (run_dir / TAKEN_SEQ).is_file():  # not the run's first attempt
-            pending = _taken_but_not_trained(writer, run_dir, columns, lineage.already_trained)
+        if samples_dir is not None and (run_dir / TAKEN_SEQ).is_file():  # not the run's first attempt
+            pending = _taken_but_not_trained(writer, samples_dir, run_dir, columns, lineage.already_trained)
             _log(metrics, {"kind": "train_restart", "samples_from_spill": len(pending), "time": time.time()})
         skip = lineage.already_trained | {r["sample_id"] for r in pending}
+        recorded = False  # replayed batches have seq 0: the first one taken must mark this run as started too
         for batch, wait_s, seq in stream.batches():
-            if seq > last_seq:
+            if seq > last_seq or not recorded:
                 _record_taken(run_dir, seq)
+                recorded = True
             waited, last_seq = waited + wait_s, max(last_seq, seq)
             pending.extend(r for r in batch.select(columns).to_pylist() if r["sample_id"] not in skip)
             while len(pending) >= trainer.batch_size:
@@ -533,6 +538,7 @@ def make_trainer(
     run_dir: Path,
     writer=None,
     teacher_tokenizers: dict[str, str] | None = None,
+    samples_dir: Path | None = None,
 ):
     """A Ray Train TorchTrainer over `train_loop_per_worker`; call `.fit()` to run it.
 
@@ -540,6 +546,9 @@ def make_trainer(
     `teacher_tokenizers` maps teacher names to their tokenizer folders (or hub ids), for the distillation
     losses; samples of teachers not in it are trained with the supervised loss only.
     Storage and name are fixed per run directory, so Ray Train restores the last checkpoint on a rerun.
+    `samples_dir` holds every sample the stream carries (the run's spill, or a train-only run's data): after a
+    worker dies, the restarted group reads back from it what the lost attempt had taken. Without it a dead
+    worker fails the run (no restart), since those samples could not be recovered.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -553,6 +562,7 @@ def make_trainer(
             "writer": writer,
             "run_dir": str(run_dir.resolve()),
             "teacher_tokenizers": dict(teacher_tokenizers or {}),
+            "samples_dir": str(samples_dir.resolve()) if samples_dir is not None else None,
         },
         torch_config=TorchConfig(backend="nccl" if trainer.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
@@ -564,6 +574,6 @@ def make_trainer(
             storage_path=str((run_dir / "ray_train").resolve()),
             name="student",
             checkpoint_config=CheckpointConfig(num_to_keep=trainer.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=trainer.max_failures),
+            failure_config=FailureConfig(max_failures=trainer.max_failures if samples_dir is not None else 0),
         ),
     )
