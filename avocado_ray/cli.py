@@ -12,6 +12,7 @@ from pathlib import Path
 
 from avocado_ray.config import ConfigError, DistillConfig, json_schema, load_config
 from avocado_ray.dataplane.prompts import InputError
+from avocado_ray.errors import RunError
 
 DEFAULT_CONFIG = "builtin:local"
 
@@ -96,9 +97,15 @@ def cmd_route(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    import inspect
+
     from avocado_ray.bench import BENCHMARKS
 
-    print(json.dumps(BENCHMARKS[args.which](), indent=2))
+    bench = BENCHMARKS[args.which]
+    options = {"prompts": args.prompts} if args.prompts is not None else {}
+    if options and "prompts" not in inspect.signature(bench).parameters:
+        raise InputError(f"bench {args.which} takes no --prompts")
+    print(json.dumps(bench(**options), indent=2))
     return 0
 
 
@@ -201,11 +208,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="run a benchmark; prints one JSON object")
     bench.add_argument(
         "which",
-        choices=["router", "dataplane", "teachers", "trainer", "quality"],
+        choices=["router", "dataplane", "teachers", "trainer", "quality", "load"],
         help="router: rate, latency, accuracy; dataplane: bytes, rates, buffer; teachers: pool vs bare vLLM; "
         "trainer: DeepSpeed ZeRO-3 step vs plain PyTorch AdamW tokens/s, padding waste; quality: the student's "
-        "bits per byte on each teacher's held-out answers before and after a distillation (runs/quality)",
+        "bits per byte on each teacher's held-out answers before and after a distillation (runs/quality); "
+        "load: 100,000 prompts through the whole pipeline with a counting trainer, throughput and memory (runs/load)",
     )
+    bench.add_argument("--prompts", type=_positive_int, metavar="N",
+                       help="how many prompts (teachers: 200, load: 100000)")
     bench.set_defaults(func=cmd_bench)
 
     scale = commands.add_parser("scale", help="resize a teacher pool of a running run (drains when shrinking)")
@@ -225,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     config = commands.add_parser("config", help="check a config or print its JSON Schema")
     config_commands = config.add_subparsers(dest="config_command", required=True)
-    check = config_commands.add_parser("check", help="validate a config; exit 1 listing every problem")
+    check = config_commands.add_parser("check", help="validate a config; exit 2 listing every problem")
     _add_config_args(check, positional=True)
     check.set_defaults(func=cmd_config_check)
     schema = config_commands.add_parser("schema", help="print the config's JSON Schema")
@@ -252,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"config error:\n{error}", file=sys.stderr)
         return 2
-    except (InputError, OSError) as error:  # a file that cannot be read or written: name it, no traceback
+    except (InputError, OSError, RunError) as error:  # a file that cannot be read or written (a full disk names
+        # it), or a run that cannot go on (its trainer failed): the message, without a traceback (that is in -v)
         logging.getLogger("avocado_ray").debug("%s failed", args.command, exc_info=True)
         print(f"avocado-ray {args.command}: {error}", file=sys.stderr)
         return 2

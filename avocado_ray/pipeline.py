@@ -16,12 +16,15 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import ray
+from ray.exceptions import RayTaskError
 
 from avocado_ray import cluster
 from avocado_ray.config import DistillConfig
 from avocado_ray.dataplane.prompts import InputError, Rejected, read_prompts
 from avocado_ray.dataplane.schema import samples_to_batch
-from avocado_ray.dataplane.spill import ShardWriter, complete_shards, prompt_ids_in, sample_counts, write_manifest
+from avocado_ray.errors import RunError
+from avocado_ray.dataplane.spill import (SHARD_GLOB, ShardWriter, answered_prompt_ids, complete_shards, prompt_ids_in,
+                                         sample_counts, write_manifest)
 from avocado_ray.dataplane.stream import SampleStream
 from avocado_ray.models.tiny import resolve_model, tokenizer_model
 from avocado_ray.progress import GenerationMonitor
@@ -33,6 +36,16 @@ from avocado_ray.teachers.pool import TeacherPool
 from avocado_ray.training.trainer import TAKEN_SEQ, make_trainer
 
 log = logging.getLogger("avocado_ray")
+ROUTE_CHUNK = 10_000  # prompts per routing call: bounds one call's size; Ray retries a chunk lost with the router
+
+
+def _end_torn_record(path: Path) -> None:
+    """A run that died mid-append (a full disk) left half a record: end its line, so the next one stays whole."""
+    if path.is_file() and path.stat().st_size:
+        with open(path, "rb+") as f:
+            f.seek(-1, 2)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:
@@ -52,6 +65,12 @@ def _train_metrics(path: Path) -> dict:
     }
 
 
+def _last_line(error: BaseException) -> str:
+    """The innermost message of an error from a Ray worker (its text ends with the remote exception)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1][:500] if lines else type(error).__name__
+
+
 class _Training:
     """Runs the Ray Train trainer in a driver thread, so generation and training overlap."""
 
@@ -66,39 +85,45 @@ class _Training:
         except BaseException as error:  # surfaced by the driver after the stream closes
             self.error = error
 
+    def check(self) -> None:
+        """Raise the trainer's failure, if it failed: the teachers must not go on filling a stream nobody reads."""
+        if self.error is not None:
+            raise RunError(f"training failed: {_last_line(self.error)}; {RESUME}") from self.error
+
     def join(self) -> None:
         self.thread.join()
-        if self.error is not None:
-            raise RuntimeError(f"training failed: {self.error}") from self.error
+        self.check()
 
 
 # `ray job stop` sends the driver SIGTERM (which Ray's driver turns into SystemExit) and SIGKILL 3 s later
 # (RAY_JOB_STOP_WAIT_TIME_S on the cluster); Ctrl-C is a KeyboardInterrupt.
 STOP = (SystemExit, KeyboardInterrupt)
 STOP_WRITER_S = 1.5  # of those 3 s, what the writer gets to complete its open shard
-STOPPED = "stopped: rerun on the same run directory to resume (complete shards and the last checkpoint are kept)"
+RESUME = "rerun on the same run directory to resume (complete shards and the last checkpoint are kept)"
 
 
 def _stop(pools: dict, control, writer) -> None:
-    """End a stopped run's engines and its control actor now, and keep the answers its writer holds; Ray ends
-    the job's other actors (trainer, writer, queues) when the driver exits."""
-    log.warning(STOPPED)
+    """End a stopped or failed run's engines and its control actor now, and keep the answers its writer holds;
+    Ray ends the job's other actors (trainer, writer, queues) when the driver exits."""
+    log.warning("run stopped: %s", RESUME)
     for pool in pools.values():
         pool.shutdown()
     ray.kill(control)
     try:
         ray.get(writer.close.remote(), timeout=STOP_WRITER_S)
-    except ray.exceptions.GetTimeoutError:
-        log.warning("the shard writer did not finish in %.1f s: its open shard's prompts will be asked again",
-                    STOP_WRITER_S)
+    except (ray.exceptions.GetTimeoutError, RayTaskError) as error:  # too slow, or its disk is full
+        log.warning("the shard writer could not complete its open shard (%s): its prompts will be asked again",
+                    _last_line(error))
 
 
-def run_distill(config: DistillConfig, train: bool = True) -> dict:
+def run_distill(config: DistillConfig, train: bool = True, trainer_factory=None) -> dict:
     """Run a whole distillation (or, with train=False, the teachers only, to Parquet); returns the summary
-    also written to `run_dir/summary.json`."""
+    also written to `run_dir/summary.json`. `trainer_factory(stream)` replaces the DeepSpeed trainer by another
+    consumer of the sample stream with a `fit()` (the load benchmark's counter)."""
     started = time.time()
     run_dir = Path(config.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
+    _end_torn_record(run_dir / "metrics.jsonl")
     log.info("ray: %s", cluster.connect(config))
 
     prompt_set = read_prompts(config.data.input, config.data.max_prompts, config.data.max_prompt_bytes)
@@ -106,29 +131,19 @@ def run_distill(config: DistillConfig, train: bool = True) -> dict:
     log.info("prompts: %d valid, %d rejected from %s", len(prompt_set.prompts), len(rejected), prompt_set.source)
 
     samples_dir = run_dir / "samples"
-    previous_shards = complete_shards(samples_dir) if samples_dir.is_dir() else []  # read once: footers checked
+    previous_shards = complete_shards(samples_dir, verify=True) if samples_dir.is_dir() else []  # read whole once
     answered = prompt_ids_in(previous_shards)
     to_answer = [p for p in prompt_set.prompts if p.id not in answered]
     if answered:
         log.info("resuming: %d prompts already answered on disk, %d to answer", len(answered), len(to_answer))
 
     router = start_router(config.routing, [t.name for t in config.teachers])
-    routes = ray.get(router.route.remote(to_answer))
-    work: dict[tuple[str, bool], list[dict]] = {}  # (teacher, best-of?) -> requests
-    best_of_prompts = []
-    lines = {p.id: p.line for p in prompt_set.prompts}
-    for prompt, route in zip(to_answer, routes):
-        if route.teacher is None:
-            rejected.append(Rejected(prompt.line, prompt.id, route.reason, "unknown_teacher"))
-            continue
-        request = {"prompt_id": prompt.id, "domain": route.domain, "labels": route.labels, "messages": prompt.messages}
-        if route.candidates:
-            best_of_prompts.append({**request, "teachers": route.candidates, "tests": prompt.tests})
-            for teacher in route.candidates:
-                work.setdefault((teacher, True), []).append(request)
-        else:
-            work.setdefault((route.teacher, False), []).append(request)
+    chunks = [router.route.remote(to_answer[i : i + ROUTE_CHUNK]) for i in range(0, len(to_answer), ROUTE_CHUNK)]
+    routes = [route for chunk in chunks for route in ray.get(chunk)]
+    work, best_of_prompts, unroutable = _plan(to_answer, routes)
+    rejected += unroutable
     log.info("routed: %s", {f"{t}{' (best-of)' if best else ''}": len(r) for (t, best), r in work.items()})
+    lines = {p.id: p.line for p in prompt_set.prompts}
 
     judges = {config.routing.best_of[p["domain"]].judge for p in best_of_prompts} - {None}
     spill_over = {config.routing.fallback} if config.routing.saturated_after_batches and work else set()
@@ -152,24 +167,36 @@ def run_distill(config: DistillConfig, train: bool = True) -> dict:
         ray.get(selector.expect.remote(best_of_prompts))
     writer = ray.remote(ShardWriter).options(num_cpus=0).remote(str(samples_dir), config.dispatch.rows_per_shard)
     control = start_control(run_dir, list(pools))
-    stream, training = (_start_training(config, run_dir, samples_dir, writer) if train else (None, None))
+    stream, training = (_start_training(config, run_dir, samples_dir, writer, trainer_factory) if train
+                        else (None, None))
+    metrics = run_dir / "metrics.jsonl"
     try:
         if stream is not None:
-            _replay(previous_shards, stream)
+            _replay(previous_shards, stream, training)
         for name, pool in pools.items():
             log.info("teacher %s ready: %s", name, pool.ready())
-        dispatch = Dispatcher(config, pools, selector, stream, writer, control, run_dir / "metrics.jsonl")
+        dispatch = Dispatcher(config, pools, selector, stream, writer, control, metrics, training)
         for item in dispatch.run(work):
             rejected.append(Rejected(lines[item["prompt_id"]], item["prompt_id"], item["reason"], item["code"]))
-    except STOP:
-        training = None  # a stop is not the end of the data: the trainer must not finish the run (see finally)
-        _stop(pools, control, writer)
-        raise
-    finally:
         if training is not None:
             stream.close()
             training.join()
-    shards = ray.get(writer.close.remote())
+        shards = ray.get(writer.close.remote())
+        lost = _damaged_answers(samples_dir, to_answer, rejected)
+        if lost:  # a shard damaged on disk during the run: ask again, to the spill only (the student has them)
+            log.warning("%d answers were in shards damaged on disk: asking the teachers again", len(lost))
+            route_of = {route.prompt_id: route for route in routes}
+            again, again_best_of, _ = _plan(lost, [route_of[p.id] for p in lost])
+            if again_best_of:
+                ray.get(selector.expect.remote(again_best_of))
+            repair = Dispatcher(config, pools, selector, None, writer, control, metrics)
+            for item in repair.run(again):
+                rejected.append(Rejected(lines[item["prompt_id"]], item["prompt_id"], item["reason"], item["code"]))
+            dispatch.retried_prompts += len(lost)
+            shards = ray.get(writer.close.remote())
+    except BaseException:  # stopped (`ray job stop`, Ctrl-C) or failed (a full disk): resumable, see _stop
+        _stop(pools, control, writer)
+        raise
     lost_replicas = sum(pool.lost_replicas for pool in pools.values())
     for pool in pools.values():
         pool.shutdown()
@@ -201,11 +228,43 @@ def run_distill(config: DistillConfig, train: bool = True) -> dict:
     return summary
 
 
-def _start_training(config: DistillConfig, run_dir: Path, samples_dir: Path,
-                    writer=None) -> tuple[SampleStream, _Training]:
+def _plan(prompts: list, routes: list) -> tuple[dict[tuple[str, bool], list[dict]], list[dict], list[Rejected]]:
+    """Teacher requests for routed prompts: work per (teacher, best-of?), the best-of prompts for the selector,
+    and the prompts no teacher can take."""
+    work: dict[tuple[str, bool], list[dict]] = {}
+    best_of_prompts, rejected = [], []
+    for prompt, route in zip(prompts, routes):
+        if route.teacher is None:
+            rejected.append(Rejected(prompt.line, prompt.id, route.reason, "unknown_teacher"))
+            continue
+        request = {"prompt_id": prompt.id, "domain": route.domain, "labels": route.labels, "messages": prompt.messages}
+        if route.candidates:
+            best_of_prompts.append({**request, "teachers": route.candidates, "tests": prompt.tests})
+            for teacher in route.candidates:
+                work.setdefault((teacher, True), []).append(request)
+        else:
+            work.setdefault((route.teacher, False), []).append(request)
+    return work, best_of_prompts, rejected
+
+
+def _damaged_answers(samples_dir: Path, asked: list, rejected: list[Rejected]) -> list:
+    """The prompts of `asked` whose answers were lost with a shard that fails its page checksums (set aside as
+    `*.corrupt`); none when every shard reads whole."""
+    shards_before = len(list(samples_dir.glob(SHARD_GLOB)))
+    if len(complete_shards(samples_dir, verify=True)) == shards_before:
+        return []
+    answered = answered_prompt_ids(samples_dir)
+    dead = {r.id for r in rejected}
+    return [p for p in asked if p.id not in answered and p.id not in dead]
+
+
+def _start_training(config: DistillConfig, run_dir: Path, samples_dir: Path, writer=None,
+                    trainer_factory=None) -> tuple[SampleStream, _Training]:
     """The bounded stream and a trainer consuming it; the trainer resumes from the run's last checkpoint.
     `samples_dir` has every sample the stream will carry (spilled by `writer` while the run goes on, if given)."""
     stream = SampleStream(config.dispatch.buffer_batches)
+    if trainer_factory is not None:
+        return stream, _Training(trainer_factory(stream))
     (run_dir / TAKEN_SEQ).unlink(missing_ok=True)  # seq numbers start again with this run's shard writer
     tokenizers = {t.name: resolve_model(tokenizer_model(t.model)) for t in config.teachers}  # for the losses
     trainer = make_trainer(config.trainer, resolve_model(config.student.model), stream, run_dir, writer, tokenizers,
@@ -224,15 +283,12 @@ def run_train(config: DistillConfig, data_dir: str | Path) -> dict:
     log.info("ray: %s", cluster.connect(config))
     stream, training = _start_training(config, run_dir, Path(data_dir))
     try:
-        _replay(shards, stream)
-    except STOP:
-        training = None  # as in run_distill: Ray ends the trainer with the job, a rerun resumes it
-        log.warning(STOPPED)
+        _replay(shards, stream, training)
+        stream.close()
+        training.join()
+    except BaseException:  # as in run_distill: Ray ends the trainer with the job, a rerun resumes it
+        log.warning("run stopped: %s", RESUME)
         raise
-    finally:
-        if training is not None:
-            stream.close()
-            training.join()
     summary = {
         "run_dir": str(run_dir),
         "data_dir": str(Path(data_dir).resolve()),
@@ -245,11 +301,18 @@ def run_train(config: DistillConfig, data_dir: str | Path) -> dict:
     return summary
 
 
-def _replay(shards: list[Path], stream: SampleStream) -> None:
+def _put(stream: SampleStream, training: _Training, batch_ref: ray.ObjectRef, seq: int = 0) -> None:
+    """Hand a batch to the trainer's stream; blocks while its buffer is full (backpressure), but not on a trainer
+    that has failed."""
+    while not stream.put(batch_ref, seq, timeout=Dispatcher.POLL_S):
+        training.check()
+
+
+def _replay(shards: list[Path], stream: SampleStream, training: _Training) -> None:
     """Send samples already on disk (from an interrupted run) to this run's trainer, without asking teachers."""
     for shard in shards:
         for batch in pq.ParquetFile(shard).iter_batches(batch_size=256):
-            stream.put(ray.put(batch))
+            _put(stream, training, ray.put(batch))
 
 
 class Dispatcher:
@@ -260,9 +323,11 @@ class Dispatcher:
 
     POLL_S = 0.5
 
-    def __init__(self, config: DistillConfig, pools: dict, selector, stream, writer, control, metrics: Path):
+    def __init__(self, config: DistillConfig, pools: dict, selector, stream, writer, control, metrics: Path,
+                 training: _Training | None = None):
         self.config, self.pools, self.selector = config, pools, selector
         self.stream, self.writer, self.control, self.metrics = stream, writer, control, metrics
+        self.training = training  # the stream's consumer: its failure ends the dispatch
         self.rejected: list[dict] = []
         self.retried_prompts = 0
         self.rerouted_prompts = 0
@@ -303,6 +368,20 @@ class Dispatcher:
                 self._log({"kind": "reroute", "teacher": name, "to": fallback, "prompts": len(batch),
                            "reason": "saturated"})
 
+    def _check_consumers(self, writes: list[ray.ObjectRef]) -> list[ray.ObjectRef]:
+        """Raise what failed downstream now rather than at the end: a shard write (a full disk, named with its
+        file) or the trainer. Returns the writes still running."""
+        if self.training is not None:
+            self.training.check()
+        done, running = ray.wait(writes, num_returns=len(writes), timeout=0) if writes else ([], [])
+        try:
+            ray.get(done)
+        except RayTaskError as error:
+            if isinstance(error.cause, OSError):
+                raise error.cause from None  # e.g. [Errno 28] No space left on device: '.../samples/...'
+            raise
+        return running
+
     def run(self, work: dict[tuple[str, bool], list[dict]]) -> list[dict]:
         """Answer all the work; returns the rejections as {prompt_id, reason, code}."""
         batch_size = self.config.dispatch.batch_size
@@ -311,6 +390,7 @@ class Dispatcher:
         writes, seq, next_steer = [], 0, 0.0
         monitor = GenerationMonitor(work, self._log)
         while any(queues.values()) or in_flight:
+            writes = self._check_consumers(writes)
             monitor.tick(queues, in_flight.values())
             if time.monotonic() >= next_steer:
                 self.steer(queues)
@@ -344,7 +424,9 @@ class Dispatcher:
                 seq += 1
                 writes.append(self.writer.write.remote(batch_ref, seq))
                 if self.stream is not None:
-                    self.stream.put(batch_ref, seq)  # blocks while the trainer's buffer is full: backpressure
+                    _put(self.stream, self.training, batch_ref, seq)
         monitor.tick(queues, in_flight.values(), final=True)
-        ray.get(writes)
+        while writes:
+            writes = self._check_consumers(writes)
+            ray.wait(writes, num_returns=len(writes), timeout=self.POLL_S) if writes else None
         return self.rejected

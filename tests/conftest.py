@@ -7,6 +7,9 @@ vLLM engines is the slow part, so the end-to-end run happens once and many tests
 from __future__ import annotations
 
 import os
+import random
+import subprocess
+from pathlib import Path
 
 import pytest
 import ray
@@ -20,6 +23,36 @@ from avocado_ray.models.tiny import UNTRAINED_ENV, build_all, cache_root
 # the suite checks the machinery, not what teachers know, so it serves them untrained (tests/test_models.py
 # trains one briefly). Set AVOCADO_RAY_UNTRAINED_TEACHERS= (empty) to run it with the trained ones.
 os.environ.setdefault(UNTRAINED_ENV, "1")
+
+# The fault suite draws its injection points from this seed; a failure replays with AVOCADO_FAULT_SEED=N.
+FAULT_SEED = int(os.environ.get("AVOCADO_FAULT_SEED") or random.SystemRandom().randrange(1_000_000))
+
+
+def pytest_report_header(config):
+    return f"fault seed: {FAULT_SEED} (replay with AVOCADO_FAULT_SEED={FAULT_SEED})"
+
+
+@pytest.fixture
+def fault_seed() -> int:
+    return FAULT_SEED
+
+
+@pytest.fixture
+def tmpfs():
+    """Mounts a small tmpfs on a folder, for a disk that fills (mounting needs root, as the tests have in CI);
+    unmounted after the test."""
+    mounted: list[Path] = []
+
+    def mount(folder: Path, size: str) -> Path:
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True)
+        if done.returncode:
+            pytest.skip(f"a full disk needs a tmpfs, and mount refused: {done.stderr.decode().strip()}")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
 
 
 @pytest.fixture(scope="session")

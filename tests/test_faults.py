@@ -1,46 +1,38 @@
 """Faults injected into real runs (real Ray, vLLM CPU, DeepSpeed): the run finishes and its invariants hold.
 
 The invariants, after every fault: one sample per prompt, each sample trained on once, counts add up, and the
-student exports. (The teacher-replica faults are in test_teachers.py, the killed driver in test_dataplane.py.)
+student exports. The fast tests hit one part each (the router, a raising engine, a full disk under the shard
+writer; teacher replicas in test_teachers.py, a killed driver in test_dataplane.py); the whole-run suite at the
+end hits whole runs at random points (soak: `scripts/dev faults`).
 """
 
+import errno
 import json
 import os
+import random
 import signal
+import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
+import psutil
+import pyarrow.parquet as pq
 import pytest
 import ray
 from ray import cloudpickle
 from ray._private.state import state
 
 from avocado_ray.bench import labelled_prompts
-from avocado_ray.config import load_config
 from avocado_ray.dataplane.prompts import Prompt
-from avocado_ray.dataplane.spill import open_samples
-from avocado_ray.pipeline import run_distill
-from avocado_ray.dataplane.spill import ShardWriter
+from avocado_ray.dataplane.spill import ShardWriter, complete_shards, open_samples
 from avocado_ray.pipeline import Dispatcher
+from avocado_ray.report import read_metrics
 from avocado_ray.routing.router import start_router
 from avocado_ray.teachers.pool import MAX_ATTEMPTS, TeacherPool
 from avocado_ray.teachers.replica import TeacherReplica
 
 JOB_CONFIG = Path(__file__).parent / "data" / "job.yaml"
-
-
-def train_records(metrics: Path) -> list[dict]:
-    lines = metrics.read_text().splitlines() if metrics.is_file() else []
-    return [r for r in map(json.loads, lines) if r["kind"].startswith("train")]
-
-
-def alive_actor_pids(class_name: str) -> list[int]:
-    """Processes of this cluster's live actors of a class. (The GCS actor table: the public state API needs the
-    dashboard, which the test cluster does not start.)"""
-    actors = state.actor_table(None).values()
-    return [a["Pid"] for a in actors if a["ActorClassName"] == class_name and a["State"] == "ALIVE"]
 
 
 def assert_run_invariants(summary: dict) -> None:
@@ -52,35 +44,6 @@ def assert_run_invariants(summary: dict) -> None:
     trained = (run_dir / "trained_ids.txt").read_text().split()
     assert sorted(trained) == sorted(samples["sample_id"].to_pylist())  # each trained on once
     assert (run_dir / "student" / "config.json").is_file() and list((run_dir / "student").glob("*.safetensors"))
-
-
-@pytest.mark.slow
-@pytest.mark.soak
-def test_a_killed_trainer_worker_restarts_from_its_checkpoint_and_trains_each_sample_once(
-        tiny_models, ray_cluster, tmp_path):
-    config = load_config(JOB_CONFIG, [f"run_dir={tmp_path}"])
-    metrics = tmp_path / "metrics.jsonl"
-    killed = []
-
-    def kill_a_worker_after_two_steps():
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and sum(r["kind"] == "train" for r in train_records(metrics)) < 2:
-            time.sleep(0.2)
-        pid = alive_actor_pids("RayTrainWorker")[0]
-        os.kill(pid, signal.SIGKILL)
-        killed.append(pid)
-
-    killer = threading.Thread(target=kill_a_worker_after_two_steps, daemon=True)
-    killer.start()
-    summary = run_distill(config)
-    killer.join()
-    assert killed
-    records = train_records(metrics)
-    restarts = [r for r in records if r["kind"] == "train_restart"]
-    assert len(restarts) == 1
-    assert_run_invariants(summary)
-    steps = [r["step"] for r in records if r["kind"] == "train"]
-    assert steps[-1] == summary["train_steps"] == 8  # 32 samples in batches of 4, none twice
 
 
 def test_a_router_killed_with_calls_in_flight_restarts_and_answers_them_all(ray_cluster, local_config):
@@ -133,3 +96,205 @@ def test_a_teacher_call_that_raises_is_retried_prompt_by_prompt_and_the_bad_prom
     assert [(r["prompt_id"], r["code"]) for r in rejected] == [("p11", "teacher_error")]
     assert f"raised {MAX_ATTEMPTS} times" in rejected[0]["reason"] and "injected fault" in rejected[0]["reason"]
     assert dispatcher.retried_prompts == 4 + (MAX_ATTEMPTS - 2)  # its batch once, then the bad prompt alone
+
+
+
+@pytest.mark.slow
+def test_a_full_disk_under_the_spill_stops_the_dispatch_at_once_naming_the_file(
+        teacher_pools, local_config, tmp_path, tmpfs):
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    tmpfs(samples, "64k")  # a few shards of 4 answers fit
+    texts = [row["prompt"][:200] for row in labelled_prompts() if row["domain"] == "code"][:160]
+    requests = [{"prompt_id": f"p{i}", "domain": "code", "labels": ["code"], "sampling": {"max_tokens": 8},
+                 "messages": [{"role": "user", "content": text}]} for i, text in enumerate(texts)]
+    writer = ray.remote(ShardWriter).options(num_cpus=0).remote(str(samples), 4)
+    config = local_config.model_copy(update={"dispatch": local_config.dispatch.model_copy(update={"batch_size": 4})})
+    dispatcher = Dispatcher(config, {"qwen": teacher_pools["qwen"]}, None, None, writer, None, tmp_path / "m.jsonl")
+    with pytest.raises(OSError) as stopped:
+        dispatcher.run({("qwen", False): requests})
+    assert stopped.value.errno == errno.ENOSPC and str(samples) in str(stopped.value)  # the file it could not write
+    answered = sum(r["kind"] == "generate" for r in read_metrics(tmp_path / "m.jsonl"))
+    assert answered < 0.75 * len(requests) / 4  # it stopped while many calls were still to come
+    assert complete_shards(samples, verify=True)  # the shards written before the disk filled stay whole
+    ray.kill(writer)
+
+# --- The whole-run suite: one fault per run, at a point drawn from the printed seed -------------------------------
+# Each run is the smallest real distillation (tests/data/job.yaml: tiny qwen teacher, 32 prompts in 8 calls, one
+# ZeRO-3 trainer worker, a checkpoint per step), driven by `python -m avocado_ray distill` in a subprocess, as a job
+# on the tests' Ray cluster. A fault that ends the driver (it is killed, or the disk fills) is followed by a rerun
+# on the same run directory, as an operator would resubmit the job. `scripts/dev faults` runs the whole suite;
+# AVOCADO_FAULT_SEED=N replays one (the seed is in pytest's header and every failure message).
+
+PROMPTS, CALLS, STEPS = 32, 8, 8  # job.yaml: 32 prompts, 4 per call and per step
+
+
+def _records(run_dir: Path, kind: str) -> int:
+    return sum(r.get("kind") == kind for r in read_metrics(run_dir / "metrics.jsonl"))
+
+
+class FaultRun:
+    """One driver subprocess of the job config on `run_dir`, and the means to hurt it while it runs."""
+
+    def __init__(self, run_dir: Path, log_dir: Path, rng: random.Random):
+        self.run_dir, self.log_dir, self.rng = run_dir, log_dir, rng
+        self.tries: list[subprocess.CompletedProcess] = []
+        self.driver: subprocess.Popen | None = None
+        self.own_job = ray.get_runtime_context().get_job_id()
+
+    def start(self) -> None:
+        command = [sys.executable, "-m", "avocado_ray", "distill", "--config", str(JOB_CONFIG),
+                   "--run-dir", str(self.run_dir)]
+        env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}  # the tests' Ray cluster
+        self.log = open(self.log_dir / f"driver-{len(self.tries)}.log", "w+")
+        self.driver = subprocess.Popen(command, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def finish(self, timeout: float = 600) -> subprocess.CompletedProcess:
+        self.driver.wait(timeout)
+        self.log.seek(0)
+        done = subprocess.CompletedProcess(self.driver.args, self.driver.returncode, self.log.read())
+        self.log.close()
+        self.tries.append(done)
+        return done
+
+    def wait_until(self, ready, timeout: float = 600) -> bool:
+        """Poll `ready()` until true; False if the driver ended first (the fault then has nothing to hit)."""
+        deadline = time.monotonic() + timeout
+        while not ready():
+            if self.driver.poll() is not None or time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    def after(self, kind: str, count: int) -> bool:
+        """Wait for the run's `count`-th record of `kind` (generate: a teacher call answered; train: a step)."""
+        return self.wait_until(lambda: _records(self.run_dir, kind) >= count)
+
+    def actor_pids(self, class_name: str) -> list[int]:
+        """Live actors of this run's job (not the test session's own teacher pools)."""
+        return [a["Pid"] for a in state.actor_table(None).values()
+                if a["ActorClassName"] == class_name and a["State"] == "ALIVE" and a["JobID"] != self.own_job]
+
+
+def kill_a_teacher_replica(run: FaultRun) -> str:
+    calls = run.rng.randrange(CALLS - 1)
+    if not run.after("generate", calls) or not run.wait_until(lambda: run.actor_pids("TeacherReplica")):
+        return "run ended first"
+    os.kill(run.actor_pids("TeacherReplica")[0], signal.SIGKILL)
+    return f"replica actor SIGKILLed after {calls} answered calls"
+
+
+def kill_a_teacher_engine(run: FaultRun) -> str:
+    """The vLLM engine-core process dies under its replica: its calls raise EngineDeadError."""
+    calls = run.rng.randrange(CALLS - 1)
+    if not run.after("generate", calls) or not run.wait_until(lambda: run.actor_pids("TeacherReplica")):
+        return "run ended first"
+    engines = psutil.Process(run.actor_pids("TeacherReplica")[0]).children(recursive=True)
+    for engine in engines:
+        engine.kill()
+    return f"{len(engines)} engine-core processes SIGKILLed after {calls} answered calls"
+
+
+def kill_the_router(run: FaultRun) -> str:
+    delay = run.rng.uniform(0, 0.5)
+    if not run.wait_until(lambda: run.actor_pids("Router")):
+        return "run ended first"
+    time.sleep(delay)
+    os.kill(run.actor_pids("Router")[0], signal.SIGKILL)
+    return f"router actor SIGKILLed {delay:.2f} s after it started"
+
+
+def kill_a_trainer_worker(run: FaultRun) -> str:
+    steps = run.rng.randrange(1, STEPS - 1)
+    if not run.after("train", steps) or not run.wait_until(lambda: run.actor_pids("RayTrainWorker")):
+        return "run ended first"
+    os.kill(run.actor_pids("RayTrainWorker")[0], signal.SIGKILL)
+    return f"trainer worker SIGKILLed after {steps} steps"
+
+
+def kill_the_driver(run: FaultRun) -> str:
+    kind, count = run.rng.choice([("generate", run.rng.randrange(CALLS)), ("train", run.rng.randrange(1, STEPS))])
+    if not run.after(kind, count):
+        return "run ended first"
+    run.driver.send_signal(signal.SIGKILL)
+    return f"driver SIGKILLed after {count} {kind} records"
+
+
+def fill_the_disk(run: FaultRun) -> str:
+    """The file system under the run directory (a tmpfs of its own) fills up."""
+    kind, count = run.rng.choice([("generate", run.rng.randrange(CALLS)), ("train", run.rng.randrange(1, STEPS))])
+    if not run.after(kind, count):
+        return "run ended first"
+    with open(run.run_dir / "filler", "wb") as filler:
+        try:
+            while True:
+                filler.write(b"\0" * (1 << 20))
+                filler.flush()
+        except OSError as error:
+            assert error.errno == errno.ENOSPC, error
+    return f"disk filled after {count} {kind} records"
+
+
+def damage_a_shard(run: FaultRun) -> str:
+    """Bytes in the middle of a complete shard go bad (no error at the time: found by the page checksums)."""
+    calls = run.rng.randrange(3, CALLS - 1)
+    shards = lambda: sorted((run.run_dir / "samples").glob("shard-*.parquet"))  # noqa: E731
+    if not run.after("generate", calls) or not run.wait_until(shards):
+        return "run ended first"
+    shard = run.rng.choice(shards())
+    data_end = shard.stat().st_size - 8 - pq.ParquetFile(shard).metadata.serialized_size
+    offset = run.rng.randrange(4, data_end - 16)
+    with open(shard, "r+b") as f:
+        f.seek(offset)
+        damaged = bytes(b ^ 0xFF for b in f.read(16))
+        f.seek(offset)
+        f.write(damaged)
+    return f"16 bytes at offset {offset} of {shard.name} flipped after {calls} answered calls"
+
+
+FAULTS = {f.__name__: f for f in (kill_a_teacher_replica, kill_a_teacher_engine, kill_the_router,
+                                   kill_a_trainer_worker, kill_the_driver, fill_the_disk, damage_a_shard)}
+ENDS_THE_DRIVER = {"kill_the_driver", "fill_the_disk"}  # the operator resubmits the job
+
+
+@pytest.fixture
+def run_dir(request, tmp_path, tmpfs):
+    """The run's directory; for the full-disk fault a 512 MiB tmpfs of its own."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    if request.node.callspec.params["fault"] == "fill_the_disk":
+        tmpfs(folder, "512m")
+    return folder
+
+
+@pytest.mark.slow
+@pytest.mark.soak
+@pytest.mark.parametrize("fault", FAULTS)
+def test_a_run_hit_by_a_fault_at_a_random_point_finishes_or_resumes_with_its_invariants(
+        fault, fault_seed, tiny_models, ray_cluster, run_dir, tmp_path):
+    rng = random.Random(f"{fault_seed}:{fault}")
+    run = FaultRun(run_dir, tmp_path, rng)
+    run.start()
+    injected = FAULTS[fault](run)
+    first = run.finish()
+    where = f"fault {fault} (AVOCADO_FAULT_SEED={fault_seed}): {injected}"
+    if first.returncode != 0:
+        assert fault in ENDS_THE_DRIVER, f"{where}\n{first.stdout[-4000:]}"
+        if fault == "fill_the_disk":  # the driver says so in one line naming the file, not a traceback; then
+            said = [line for line in first.stdout.splitlines() if line.startswith("avocado-ray distill: ")]
+            assert first.returncode == 2 and said and "No space left on device" in said[-1], first.stdout[-4000:]
+            (run_dir / "filler").unlink()  # space is freed, and the job resubmitted
+        run.start()
+        resumed = run.finish()
+        assert resumed.returncode == 0, f"{where}\n{resumed.stdout[-4000:]}"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["prompts_in"] == PROMPTS and summary["samples_out"] == PROMPTS, where
+    assert_run_invariants(summary)
+    outcome = {"fault": fault, "seed": fault_seed, "injected": injected, "driver_runs": len(run.tries),
+               "first_exit": first.returncode, "replicas_lost": summary["replicas_lost"],
+               "prompts_sent_again": summary["prompts_sent_again"], "train_steps": summary["train_steps"],
+               "train_restarts": _records(run_dir, "train_restart")}
+    print(json.dumps(outcome))
+    if os.environ.get("AVOCADO_FAULT_REPORT"):
+        with open(os.environ["AVOCADO_FAULT_REPORT"], "a") as report:
+            report.write(json.dumps(outcome) + "\n")

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow as pa
@@ -29,6 +30,7 @@ _SPLIT_COLUMNS = (
 )
 PARQUET_OPTIONS = dict(
     compression="zstd",
+    write_page_checksum=True,  # CRC per page: `complete_shards(verify=True)` finds a shard damaged in the middle
     column_encoding={column: "BYTE_STREAM_SPLIT" for column in _SPLIT_COLUMNS},
     use_dictionary=["sample_id", "prompt_id", "domain", "labels.list.element", "teacher", "finish_reason"],
 )
@@ -53,20 +55,39 @@ class ShardWriter:
     def _temp_path(self) -> Path:
         return self.folder / f".shard-{self.shard_index:06d}.parquet.tmp"
 
+    @contextmanager
+    def _naming_the_shard(self):
+        """On a failed write (a full disk): give up the open shard, whose batches a rerun asks for again, so the
+        writer can go on once there is room; and name the file, which Arrow's I/O errors do not."""
+        try:
+            yield
+        except OSError as error:
+            temp = self._temp_path()
+            if self.writer is not None:
+                try:
+                    self.writer.close()
+                except OSError:
+                    pass
+            temp.unlink(missing_ok=True)
+            self.writer, self.pending, self.rows_in_shard = None, [], 0
+            reason = os.strerror(error.errno) if error.errno else str(error)
+            raise OSError(error.errno, f"{reason} (writing a sample shard)", str(temp)) from error
+
     def write(self, batch: pa.RecordBatch, seq: int = 0) -> int:
         """Write one batch (numbered `seq` by its producer); returns its row count."""
         check_schema_version(batch.schema, "teacher batch")
         self.last_seq = max(self.last_seq, seq)
         if batch.num_rows == 0:
             return 0
-        if self.writer is None:
-            self.writer = pq.ParquetWriter(self._temp_path(), SAMPLE_SCHEMA, **PARQUET_OPTIONS)
-        self.pending.append(batch)
-        self.rows_in_shard += batch.num_rows
-        if sum(b.num_rows for b in self.pending) >= ROW_GROUP_ROWS:
-            self._flush()
-        if self.rows_in_shard >= self.rows_per_shard:
-            self._finish_shard()
+        with self._naming_the_shard():
+            if self.writer is None:
+                self.writer = pq.ParquetWriter(self._temp_path(), SAMPLE_SCHEMA, **PARQUET_OPTIONS)
+            self.pending.append(batch)
+            self.rows_in_shard += batch.num_rows
+            if sum(b.num_rows for b in self.pending) >= ROW_GROUP_ROWS:
+                self._flush()
+            if self.rows_in_shard >= self.rows_per_shard:
+                self._finish_shard()
         return batch.num_rows
 
     def _flush(self) -> None:
@@ -88,14 +109,14 @@ class ShardWriter:
         arrived yet (ask again). Returns the folder's complete shards."""
         if self.last_seq < upto_seq:
             return None
-        if self.writer is not None:
-            self._finish_shard()
+        self.close()
         return sorted(p.name for p in self.folder.glob(SHARD_GLOB))
 
     def close(self) -> list[str]:
         """Complete the open shard; returns the shards written by this writer."""
         if self.writer is not None:
-            self._finish_shard()
+            with self._naming_the_shard():
+                self._finish_shard()
         return self.shards
 
 
@@ -110,18 +131,21 @@ def write_manifest(run_dir: Path, **fields) -> None:
     os.replace(temp, path)
 
 
-def complete_shards(folder: str | Path) -> list[Path]:
-    """Shards whose Parquet footer reads, in order. A torn or corrupt shard is renamed `*.corrupt` (kept for
-    inspection, never read again) so its prompts count as unanswered; a shard of another schema version fails."""
+def complete_shards(folder: str | Path, verify: bool = False) -> list[Path]:
+    """Shards whose Parquet footer reads (with `verify`, whose every page also passes its CRC check), in order.
+    A torn or damaged shard is renamed `*.corrupt` (kept for inspection, never read again) so its prompts count
+    as unanswered; a shard of another schema version fails."""
     good = []
     for path in sorted(Path(folder).glob(SHARD_GLOB)):
         try:
             schema = pq.read_schema(path)
+            check_schema_version(schema, str(path))
+            if verify:
+                pq.ParquetFile(path, page_checksum_verification=True).read()
         except (pa.ArrowInvalid, OSError) as error:
-            log.warning("ignoring torn shard %s: %s", path, error)
+            log.warning("setting aside damaged shard %s: %s", path, error)
             path.rename(path.with_name(path.name + ".corrupt"))
             continue
-        check_schema_version(schema, str(path))
         good.append(path)
     return good
 

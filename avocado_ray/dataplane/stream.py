@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pyarrow as pa
 import ray
-from ray.util.queue import Queue
+from ray.util.queue import Full, Queue
 
 from avocado_ray.dataplane.schema import check_schema_version
 
@@ -25,13 +25,18 @@ class SampleStream:
     def __init__(self, max_batches: int):
         self.queue = Queue(maxsize=max_batches, actor_options={"num_cpus": 0})
 
-    def put(self, batch_ref: ray.ObjectRef, seq: int = 0) -> None:
-        """Blocks while the queue is full. The reference is wrapped so Ray does not resolve it.
+    def put(self, batch_ref: ray.ObjectRef, seq: int = 0, timeout: float | None = None) -> bool:
+        """Blocks while the queue is full, at most `timeout` seconds; False if the batch did not go in. The
+        reference is wrapped so Ray does not resolve it.
 
         `seq` is the batch's number at the shard writer (0: already on disk), so the trainer can ask for
         everything it consumed to be made durable before a checkpoint.
         """
-        self.queue.put([batch_ref, seq])
+        try:
+            self.queue.put([batch_ref, seq], timeout=timeout)
+        except Full:
+            return False
+        return True
 
     def close(self) -> None:
         self.queue.put(_END)

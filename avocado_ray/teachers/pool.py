@@ -202,7 +202,8 @@ class TeacherPool:
         rejected = [{"prompt_id": r["prompt_id"], "code": "teacher_error",
                      "reason": f"teacher {self.teacher.name} raised {MAX_ATTEMPTS} times: {cause}"}
                     for r in tried if r["attempts"] >= MAX_ATTEMPTS]
-        report = {"rejected": rejected, "samples": 0, "tokens": 0, "replica": call.replica, "failed": True}
+        report = {"rejected": rejected, "samples": 0, "tokens": 0, "batch_s": 0.0, "replica": call.replica,
+                  "failed": True}
         return (report if rejected else None), [[r] for r in tried if r["attempts"] < MAX_ATTEMPTS]
 
     # -- elasticity ------------------------------------------------------------------------------------------

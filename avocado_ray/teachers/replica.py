@@ -131,13 +131,17 @@ class TeacherReplica:
         """Facts about the engine (answers while the actor lives)."""
         return {"teacher": self.teacher.name, "replica": self.index, "max_model_len": self.teacher.engine.max_model_len}
 
-    async def warm_up(self) -> dict:
-        """Ready check: one short generation first, so the replica's slow first batch is not a routed one and
-        least-loaded dispatch sees its real speed from the start."""
-        from vllm import SamplingParams
+    WARM_UP_PROMPTS = 8
 
-        prompt_ids = chat_prompt_ids(self.tokenizer, [{"role": "user", "content": "hello"}])
-        await self._final_output(prompt_ids, SamplingParams(max_tokens=8, temperature=0.0))
+    async def warm_up(self) -> dict:
+        """Ready check: a batch of short generations with the teacher's own sampling and logprobs first, so that
+        the slow first batches (kernels set up per batch shape and sampling path: several seconds on CPU) are
+        not routed ones and least-loaded dispatch sees the replica's real speed from the start."""
+        params, _ = self._sampling_params({"max_tokens": 16})
+        prompts = [chat_prompt_ids(self.tokenizer, [{"role": "user", "content": "hello " * (1 + 7 * i)}])
+                   for i in range(self.WARM_UP_PROMPTS)]
+        for batch in (prompts[:1], prompts):  # one alone, then all at once
+            await asyncio.gather(*(self._final_output(ids, params) for ids in batch))
         return self.info()
 
     def _sampling_params(self, overrides: dict | None):
