@@ -32,7 +32,7 @@ from avocado_ray.report import read_metrics, train_steps
 from avocado_ray.routing.router import start_router
 from avocado_ray.routing.selection import Selector
 from avocado_ray.teachers.control import start_control
-from avocado_ray.teachers.pool import TeacherPool
+from avocado_ray.teachers.pool import PlacementError, TeacherPool
 from avocado_ray.training.trainer import TAKEN_SEQ, make_trainer
 
 log = logging.getLogger("avocado_ray")
@@ -147,17 +147,9 @@ def run_distill(config: DistillConfig, train: bool = True, trainer_factory=None)
 
     judges = {config.routing.best_of[p["domain"]].judge for p in best_of_prompts} - {None}
     spill_over = {config.routing.fallback} if config.routing.saturated_after_batches and work else set()
-    use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-    pools = {
-        name: TeacherPool(
-            config.teacher(name),
-            resolve_model(config.teacher(name).model),
-            use_gpu,
-            config.dispatch.max_in_flight_per_replica,
-            config.seed,
-        )
-        for name in {t for t, _ in work} | judges | spill_over
-    }
+    pools, down = start_pools(config, {t for t, _ in work} | judges | spill_over)
+    if down:
+        pools.update(fall_back(config, work, best_of_prompts, down, pools))
     selector = None
     if best_of_prompts:
         judge_replicas = {name: pools[name].actors() for name in judges}
@@ -226,6 +218,46 @@ def run_distill(config: DistillConfig, train: bool = True, trainer_factory=None)
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     return summary
+
+
+def start_pools(config: DistillConfig, names: set[str]) -> tuple[dict[str, TeacherPool], dict[str, str]]:
+    """A pool per teacher named; a teacher the cluster cannot place is down (name -> why) instead of failing the
+    run, so that its prompts go to `routing.fallback`."""
+    use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    pools, down = {}, {}
+    for name in sorted(names):
+        teacher = config.teacher(name)
+        try:
+            pools[name] = TeacherPool(teacher, resolve_model(teacher.model), use_gpu,
+                                      config.dispatch.max_in_flight_per_replica, config.seed)
+        except PlacementError as error:
+            down[name] = str(error)
+    return pools, down
+
+
+def fall_back(config: DistillConfig, work: dict, best_of_prompts: list[dict], down: dict[str, str],
+              pools: dict[str, TeacherPool]) -> dict[str, TeacherPool]:
+    """Move the work of pools that are down to the fallback teacher (best-of prompts keep their other
+    teachers); returns the fallback's pool if it has to be started. Fails when nothing is left to answer."""
+    fallback = config.routing.fallback
+    judges = {config.routing.best_of[p["domain"]].judge for p in best_of_prompts} - {None}
+    if fallback in down or judges & set(down):
+        raise RunError(f"teachers down, among them the fallback or a judge: {down}")
+    for item in best_of_prompts:
+        item["teachers"] = [t for t in item["teachers"] if t not in down]
+    alone = {p["prompt_id"] for p in best_of_prompts if not p["teachers"]}  # every best-of teacher is down
+    best_of_prompts[:] = [p for p in best_of_prompts if p["teachers"]]
+    moved = []
+    for name, why in down.items():
+        log.warning("teacher %s is down, its prompts go to %s: %s", name, fallback, why)
+        moved += work.pop((name, False), []) + [r for r in work.pop((name, True), []) if r["prompt_id"] in alone]
+    work.setdefault((fallback, False), []).extend({r["prompt_id"]: r for r in moved}.values())  # once each
+    if fallback in pools or not work.get((fallback, False)):
+        return {}
+    started, still_down = start_pools(config, {fallback})
+    if still_down:
+        raise RunError(f"teachers down, and the fallback {fallback!r} cannot be placed either: {still_down}")
+    return started
 
 
 def _plan(prompts: list, routes: list) -> tuple[dict[tuple[str, bool], list[dict]], list[dict], list[Rejected]]:

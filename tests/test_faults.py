@@ -110,9 +110,12 @@ def test_a_full_disk_under_the_spill_stops_the_dispatch_at_once_naming_the_file(
                  "messages": [{"role": "user", "content": text}]} for i, text in enumerate(texts)]
     writer = ray.remote(ShardWriter).options(num_cpus=0).remote(str(samples), 4)
     config = local_config.model_copy(update={"dispatch": local_config.dispatch.model_copy(update={"batch_size": 4})})
-    dispatcher = Dispatcher(config, {"qwen": teacher_pools["qwen"]}, None, None, writer, None, tmp_path / "m.jsonl")
+    pool = teacher_pools["qwen"]
+    dispatcher = Dispatcher(config, {"qwen": pool}, None, None, writer, None, tmp_path / "m.jsonl")
     with pytest.raises(OSError) as stopped:
         dispatcher.run({("qwen", False): requests})
+    for call in list(pool.calls):  # a run would end its pools now; the session's pool serves later tests
+        pool.complete(call)
     assert stopped.value.errno == errno.ENOSPC and str(samples) in str(stopped.value)  # the file it could not write
     answered = sum(r["kind"] == "generate" for r in read_metrics(tmp_path / "m.jsonl"))
     assert answered < 0.75 * len(requests) / 4  # it stopped while many calls were still to come

@@ -65,6 +65,27 @@ def test_a_pool_marked_down_sends_its_prompts_to_the_fallback():
     assert route.route_one(question).teacher == "qwen"
 
 
+
+def test_a_teacher_the_cluster_cannot_place_is_down_and_its_prompts_go_to_the_fallback(ray_cluster, local_config):
+    from avocado_ray.pipeline import fall_back, start_pools
+
+    unplaceable = local_config.teacher("qwen").model_copy(update={"node_labels": {"gpu": "h100"}})
+    config = local_config.model_copy(update={"teachers": [unplaceable, *local_config.teachers[1:]]})
+    pools, down = start_pools(config, {"qwen"})  # no node of the test cluster carries the label
+    assert pools == {} and "nodes labelled {'gpu': 'h100'}" in down["qwen"]
+
+    def request(i):
+        return {"prompt_id": f"p{i}", "domain": "math", "labels": ["math"], "messages": []}
+
+    work = {("qwen", False): [request(1), request(2)], ("gemma", False): [request(3)],
+            ("gptoss", True): [request(4), request(5)], ("qwen", True): [request(5)], ("gemma", True): [request(4)]}
+    best_of = [{**request(4), "teachers": ["gptoss", "gemma"]}, {**request(5), "teachers": ["gptoss", "qwen"]}]
+    started = fall_back(config, work, best_of, {"qwen": "no h100", "gptoss": "no room"}, pools={"gemma": "pool"})
+    assert started == {}  # the fallback, gemma, already has its pool
+    assert [r["prompt_id"] for r in work[("gemma", False)]] == ["p3", "p1", "p2", "p5"]  # p5 had no teacher left
+    assert [(p["prompt_id"], p["teachers"]) for p in best_of] == [("p4", ["gemma"])]  # p4 keeps its other one
+    assert set(work) == {("gemma", False), ("gemma", True)}
+
 def test_the_dry_run_writes_one_line_per_row_in_order_and_the_rejections(tmp_path, capsys):
     import json
 
