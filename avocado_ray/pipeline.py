@@ -270,6 +270,8 @@ def _plan(prompts: list, routes: list) -> tuple[dict[tuple[str, bool], list[dict
             rejected.append(Rejected(prompt.line, prompt.id, route.reason, "unknown_teacher"))
             continue
         request = {"prompt_id": prompt.id, "domain": route.domain, "labels": route.labels, "messages": prompt.messages}
+        if prompt.sampling:
+            request["sampling"] = prompt.sampling
         if route.candidates:
             best_of_prompts.append({**request, "teachers": route.candidates, "tests": prompt.tests})
             for teacher in route.candidates:

@@ -44,6 +44,10 @@ ROWS: list[tuple[str, bytes | dict, str | None, str | None]] = [
     ("unknown teacher override", {"id": "who", "prompt": "hi", "teacher": "llama"}, "unknown_teacher",
      "unknown teacher 'llama' in row override"),
     ("teacher override not a string", {"id": "t3", "prompt": "hi", "teacher": 3}, "bad_row", "field 'teacher'"),
+    ("sampling override out of range", {"id": "s1", "prompt": "hi", "sampling": {"max_tokens": -4}}, "bad_row",
+     "field 'sampling.max_tokens': Input should be greater than 0"),
+    ("sampling override a row may not set", {"id": "s2", "prompt": "hi", "sampling": {"logprobs": 20}}, "bad_row",
+     "field 'sampling' may set only temperature, top_p, max_tokens, stop, not logprobs"),
     # over every tiny teacher's 512-token context: routed here, rejected by the teacher (see the slow test)
     ("longer than every teacher's context", {"id": "long", "prompt": "word " * 2000}, None, None),
 ]

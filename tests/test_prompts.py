@@ -3,6 +3,8 @@
 import json
 
 from avocado_ray.dataplane.prompts import read_prompts
+from avocado_ray.pipeline import _plan
+from avocado_ray.routing.router import Route
 
 
 def test_rows_become_prompts_or_rejections_with_reasons(tmp_path):
@@ -51,3 +53,13 @@ def test_parquet_rows_are_read_like_jsonl_rows(tmp_path):
     result = read_prompts(str(tmp_path / "p.parquet"))
     assert [p.id for p in result.prompts][0] == "a" and len(result.prompts) == 2
     assert [(r.line, r.id) for r in result.rejected] == [(2, "b")]
+
+
+def test_a_rows_sampling_overrides_go_with_its_request_to_the_teacher(tmp_path):
+    path = tmp_path / "p.jsonl"
+    rows = [{"id": "short", "prompt": "hi", "sampling": {"max_tokens": 4, "temperature": 0}}, {"id": "plain", "prompt": "hi"}]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    prompts = read_prompts(str(path)).prompts
+    routes = [Route(p.id, "general", ["general"], "gemma") for p in prompts]
+    work, _, _ = _plan(prompts, routes)
+    assert [r.get("sampling") for r in work[("gemma", False)]] == [{"max_tokens": 4, "temperature": 0}, None]

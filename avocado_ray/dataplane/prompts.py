@@ -28,6 +28,7 @@ class Prompt:
     line: int
     teacher: str | None = None
     tests: str | None = None  # Python asserts for the code_tests scorer
+    sampling: dict | None = None  # overrides of the teacher's sampling defaults for this row (ROW_SAMPLING_KEYS)
 
     @property
     def text(self) -> str:
@@ -80,6 +81,30 @@ def _valid_messages(messages) -> str | None:
             return f"messages[{index}].content must be a string or a list of parts"
     if not any(part.strip() for m in messages for part in _text_parts(m["content"])):
         return "messages hold no text"
+    return None
+
+
+# What a row may override of its teacher's sampling (SamplingConfig). Not logprobs (bounded by the engine's
+# max_logprobs) and not regex (structured outputs compile per pattern: a cost a prompt file should not choose).
+ROW_SAMPLING_KEYS = ("temperature", "top_p", "max_tokens", "stop")
+
+
+def _sampling_problem(sampling) -> str | None:
+    """Why a row's `sampling` overrides cannot be used, or None; values obey the config's own rules."""
+    from pydantic import ValidationError
+
+    from avocado_ray.config import SamplingConfig
+
+    if not isinstance(sampling, dict):
+        return "field 'sampling' must be an object"
+    unknown = sorted(set(sampling) - set(ROW_SAMPLING_KEYS))
+    if unknown:
+        return f"field 'sampling' may set only {', '.join(ROW_SAMPLING_KEYS)}, not {', '.join(map(str, unknown))}"
+    try:
+        SamplingConfig.model_validate(sampling)
+    except ValidationError as error:
+        first = error.errors()[0]
+        return f"field 'sampling.{'.'.join(map(str, first['loc']))}': {first['msg']}"
     return None
 
 
@@ -145,10 +170,13 @@ def parse_row(row, line: int, max_bytes: int = MAX_PROMPT_BYTES) -> Prompt | Rej
     tests = row.get("tests")
     if tests is not None and not isinstance(tests, str):
         return Rejected(line, row_id, "field 'tests' must be a string of Python asserts")
+    sampling = row.get("sampling")
+    if sampling is not None and (reason := _sampling_problem(sampling)):
+        return Rejected(line, row_id, reason)
     if row_id is None:
         digest = hashlib.sha256(json.dumps(messages, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
         row_id = f"h-{digest[:16]}"
-    return Prompt(id=row_id, messages=messages, line=line, teacher=teacher, tests=tests)
+    return Prompt(id=row_id, messages=messages, line=line, teacher=teacher, tests=tests, sampling=sampling)
 
 
 def _parsed_rows(source: str, max_bytes: int):
