@@ -318,7 +318,7 @@ def stream_through(batches: list, buffer_batches: int, consumer_delay_s: float =
     }
 
 
-def bench_teachers(prompts: int = 200, max_tokens: int = 16, batch: int = 25, in_flight: int = 8) -> dict:
+def _bench_teachers(prompts: int = 200, max_tokens: int = 16, batch: int = 25, in_flight: int = 8) -> dict:
     """Output tokens/s of the tiny Qwen teacher through router actor + replica actor + Arrow batches, against a
     bare `vllm.LLM.generate` on the same model, prompts and sampling, measured one after the other in this run."""
     import gc
@@ -673,6 +673,7 @@ def _bench_quality(**options) -> dict:
 bench_trainer = _stdout_on_stderr(_bench_trainer)
 bench_quality = _stdout_on_stderr(_bench_quality)
 bench_load = _stdout_on_stderr(_bench_load)  # Ray forwards the replicas' logs to the driver's stdout
+bench_teachers = _stdout_on_stderr(_bench_teachers)  # so does the bare vLLM engine's log
 
 BENCHMARKS = {
     "router": bench_router, "dataplane": bench_dataplane, "teachers": bench_teachers, "trainer": bench_trainer,
