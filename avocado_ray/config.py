@@ -100,6 +100,13 @@ class VLLMTeacher(Strict):
     family: Literal["qwen2", "qwen3", "gemma3", "gpt_oss"] = Field(description="Model family (chat format).")
     tensor_parallel_size: int = Field(1, gt=0, description="GPUs per replica (placement group bundles).")
     replicas: int = Field(1, gt=0, description="Number of engine replicas in the pool.")
+    replicas_per_node: int = Field(
+        1,
+        gt=0,
+        description="Replicas packed together on one node: the pool reserves a placement group of replicas_per_node x "
+        "tensor_parallel_size bundles (STRICT_PACK) and places that many replicas in it, so a node fills up (e.g. 4 "
+        "replicas of TP 2 on an 8-GPU node) instead of replicas scattering. 1: a group per replica, Ray picks nodes.",
+    )
     num_cpus: float = Field(1.0, gt=0, description="CPUs a replica actor reserves.")
     node_labels: dict[str, str] = Field(
         default_factory=dict, description="Ray node labels a replica's node must carry (e.g. a GPU type)."

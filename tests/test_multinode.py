@@ -18,12 +18,15 @@ class WhereAmI:
         self.index = index
 
     def warm_up(self) -> dict:
+        import os
+
         import ray
         from ray.util.placement_group import get_current_placement_group, placement_group_table
 
         group = placement_group_table(get_current_placement_group())
-        return {"replica": self.index, "node": ray.get_runtime_context().get_node_id(),
-                "bundle_nodes": sorted(set(group["bundles_to_node_id"].values())), "bundles": len(group["bundles"])}
+        return {"replica": self.index, "node": ray.get_runtime_context().get_node_id(), "group": group["placement_group_id"],
+                "bundle_nodes": sorted(set(group["bundles_to_node_id"].values())), "bundles": len(group["bundles"]),
+                "vllm_bundles": os.environ.get("VLLM_RAY_BUNDLE_INDICES")}
 
 
 def scenario() -> dict:
@@ -53,6 +56,24 @@ def scenario() -> dict:
         "per_node": sorted(sum(1 for p in placed if p["node"] == n) for n in labelled),
     }
     pool.shutdown()
+
+    packed = TeacherPool(teacher(tensor_parallel_size=2, replicas=4, replicas_per_node=2), "/nonexistent", True, 4,
+                         replica_class=WhereAmI)
+    placed = packed.ready()
+    groups = {p["group"] for p in placed}
+    result["packed"] = {
+        "groups": len(groups),
+        "replicas_per_group": sorted(sum(1 for p in placed if p["group"] == g) for g in groups),
+        "group_on_one_node": all(len({p["node"] for p in placed if p["group"] == g}) == 1 for g in groups),
+        "groups_on_distinct_nodes": len({p["node"] for p in placed}) == len(groups),
+        "slices": sorted(sorted(p["vllm_bundles"] for p in placed if p["group"] == g) for g in groups),
+    }
+    try:
+        packed.scale(5)  # a fifth replica needs a third group of 4 GPUs: the labelled nodes are full
+        result["packed_scale_past_cluster"] = "scaled"
+    except PlacementError as error:
+        result["packed_scale_past_cluster"] = str(error)
+    packed.shutdown()
     for options in ({"tensor_parallel_size": 8, "replicas": 1}, {"tensor_parallel_size": 2, "replicas": 5}):
         try:
             TeacherPool(teacher(**options), "/nonexistent", True, 4, replica_class=WhereAmI)
@@ -86,3 +107,14 @@ def test_a_pool_larger_than_the_cluster_fails_early_saying_what_is_missing(place
         "{'pool': 'teachers'} (of 4 alive) have GPU [4.0, 4.0], which hold 0: missing 1 x 8 GPU on one node"
     )
     assert "asks for 5 replicas of 2 GPU" in placement["tp2x5"] and "missing 1 x 2 GPU" in placement["tp2x5"]
+
+
+def test_replicas_per_node_packs_replicas_into_one_group_per_node_each_with_its_own_gpus(placement):
+    packed = placement["packed"]
+    assert packed["groups"] == 2 and packed["replicas_per_group"] == [2, 2]
+    assert packed["group_on_one_node"] and packed["groups_on_distinct_nodes"]
+    assert packed["slices"] == [["0,1", "2,3"], ["0,1", "2,3"]]  # each replica's vLLM workers: its own 2 bundles
+    assert placement["packed_scale_past_cluster"].startswith(
+        "teacher 'qwen' asks for 1 groups of 2 replicas, 4 GPU each group, all on one node")
+    assert placement["packed_scale_past_cluster"].endswith(
+        "which hold 2 (2 of them this pool has already): missing 1 x 4 GPU on one node")

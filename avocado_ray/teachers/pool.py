@@ -2,7 +2,8 @@
 
 Each replica is a `TeacherReplica` actor placed in a placement group of `tensor_parallel_size` bundles
 packed on one node (STRICT_PACK), the layout vLLM expects inside Ray; on CPU the same code runs with one
-CPU bundle per replica. The pool never blocks the driver: new replicas join when their engine reports
+CPU bundle per replica. With `replicas_per_node` k, a group holds k replicas' bundles and each replica (and
+its vLLM workers, through VLLM_RAY_BUNDLE_INDICES) takes its own slice. The pool never blocks the driver: new replicas join when their engine reports
 ready, a shrinking pool drains a replica before it stops, and a call lost with its replica comes back to
 the caller to be sent again (a lost call produced no output, so nothing is answered twice).
 """
@@ -10,6 +11,7 @@ the caller to be sent again (a lost call produced no output, so nothing is answe
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -40,21 +42,26 @@ def _replica_env(teacher: VLLMTeacher) -> dict[str, str]:
     return env
 
 
-def check_fits(teacher: VLLMTeacher, replicas: int, use_gpu: bool) -> None:
+def check_fits(teacher: VLLMTeacher, groups: int, use_gpu: bool, held: int = 0) -> None:
     """Fail early, before any placement group waits forever, when no layout of the cluster's alive nodes holds
-    `replicas` replicas of `tensor_parallel_size` bundles each on one node (with the node labels asked for)."""
-    size, unit = (teacher.tensor_parallel_size, "GPU") if use_gpu else (teacher.tensor_parallel_size * teacher.num_cpus, "CPU")
+    `groups` more placement groups of the pool (each `replicas_per_node` x `tensor_parallel_size` bundles, on one
+    node, with the node labels asked for) beside the `held` ones it has. (Other pools' groups are not counted.)"""
+    bundles = teacher.replicas_per_node * teacher.tensor_parallel_size
+    size, unit = (bundles, "GPU") if use_gpu else (bundles * teacher.num_cpus, "CPU")
     nodes = [n for n in ray.nodes() if n["Alive"]]
     matching = [n for n in nodes if all(n.get("Labels", {}).get(k) == v for k, v in teacher.node_labels.items())]
     per_node = [n["Resources"].get(unit, 0) for n in matching]
     fits = sum(int(have // size) for have in per_node)
-    if fits >= replicas:
+    if fits - held >= groups:
         return
     where = f"nodes labelled {teacher.node_labels}" if teacher.node_labels else "nodes"
+    what = (f"{groups} replicas of {size:g} {unit} each" if teacher.replicas_per_node == 1 else
+            f"{groups} groups of {teacher.replicas_per_node} replicas, {size:g} {unit} each group")
     raise PlacementError(
-        f"teacher {teacher.name!r} asks for {replicas} replicas of {size:g} {unit} each, all on one node; "
+        f"teacher {teacher.name!r} asks for {what}, all on one node; "
         f"the cluster's {len(matching)} {where} (of {len(nodes)} alive) have {unit} {per_node}, which hold "
-        f"{fits}: missing {replicas - fits} x {size:g} {unit} on one node"
+        f"{fits}{f' ({held} of them this pool has already)' if held else ''}: missing {groups - fits + held} x "
+        f"{size:g} {unit} on one node"
     )
 
 
@@ -65,6 +72,7 @@ MAX_ATTEMPTS = 3  # calls that raised, per prompt, before the prompt is dead-let
 class _Replica:
     actor: ray.actor.ActorHandle
     group: PlacementGroup
+    slot: int  # which replica's slice of the group's bundles (0 with replicas_per_node 1)
     index: int
     probe: ray.ObjectRef | None  # engine start (or restart) not yet confirmed while set
     in_flight: int = 0
@@ -92,28 +100,58 @@ class TeacherPool:
         self.calls: dict[ray.ObjectRef, _Call] = {}
         self.next_index = 0
         self.lost_replicas = 0
-        check_fits(teacher, teacher.replicas, use_gpu)
-        for _ in range(teacher.replicas):
-            self._start(self._new_group())
+        self.groups: list[PlacementGroup] = []
+        self._add(teacher.replicas)
 
-    def _new_group(self) -> PlacementGroup:
+    def _groups_needed(self, replicas: int) -> int:
+        """New placement groups for `replicas` more replicas, after the free slots of the groups there are."""
+        free = len(self.groups) * self.teacher.replicas_per_node - len(self.replicas)
+        return math.ceil(max(replicas - free, 0) / self.teacher.replicas_per_node)
+
+    def _add(self, replicas: int) -> None:
+        check_fits(self.teacher, self._groups_needed(replicas), self.use_gpu, held=len(self.groups))
+        for _ in range(replicas):
+            self._start(*self._free_slot())
+
+    def _free_slot(self) -> tuple[PlacementGroup, int]:
+        """A group's slot that no replica holds (draining ones still hold theirs), in a new group if none."""
+        taken = {(r.group.id, r.slot) for r in self.replicas.values()}
+        for group in self.groups:
+            for slot in range(self.teacher.replicas_per_node):
+                if (group.id, slot) not in taken:
+                    return group, slot
+        tp, per_node = self.teacher.tensor_parallel_size, self.teacher.replicas_per_node
         bundle = {"GPU": 1, "CPU": 1} if self.use_gpu else {"CPU": self.teacher.num_cpus}
-        size = self.teacher.tensor_parallel_size
-        selector = [dict(self.teacher.node_labels)] * size if self.teacher.node_labels else None
-        return placement_group([dict(bundle)] * size, strategy="STRICT_PACK", bundle_label_selector=selector)
+        selector = [dict(self.teacher.node_labels)] * tp * per_node if self.teacher.node_labels else None
+        group = placement_group([dict(bundle)] * tp * per_node, strategy="STRICT_PACK", bundle_label_selector=selector)
+        self.groups.append(group)
+        return group, 0
 
-    def _start(self, group: PlacementGroup) -> None:
+    def _release(self, replica: _Replica) -> None:
+        """End a replica; its group goes once no replica is left in it."""
+        del self.replicas[replica.index]
+        ray.kill(replica.actor)
+        if all(r.group.id != replica.group.id for r in self.replicas.values()):
+            remove_placement_group(replica.group)
+            self.groups = [g for g in self.groups if g.id != replica.group.id]
+
+    def _start(self, group: PlacementGroup, slot: int) -> None:
         index, self.next_index = self.next_index, self.next_index + 1
-        gpu_actor = self.use_gpu and self.teacher.tensor_parallel_size == 1
+        tp = self.teacher.tensor_parallel_size
+        gpu_actor = self.use_gpu and tp == 1
+        env = _replica_env(self.teacher)
+        if self.teacher.replicas_per_node > 1 and self.use_gpu and tp > 1:  # vLLM's Ray workers take this slice
+            env["VLLM_RAY_BUNDLE_INDICES"] = ",".join(str(slot * tp + i) for i in range(tp))
         actor = self.remote_class.options(
             num_cpus=0 if self.use_gpu else self.teacher.num_cpus,
             num_gpus=1 if gpu_actor else 0,
             max_concurrency=1000,
             max_restarts=self.teacher.max_restarts,  # a crashed engine process restarts in its placement group
-            runtime_env={"env_vars": _replica_env(self.teacher)},
-            scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True),
+            runtime_env={"env_vars": env},
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                group, placement_group_bundle_index=slot * tp, placement_group_capture_child_tasks=True),
         ).remote(self.teacher, self.model_path, index, self.seed)
-        self.replicas[index] = _Replica(actor, group, index, probe=actor.warm_up.remote())
+        self.replicas[index] = _Replica(actor, group, slot, index, probe=actor.warm_up.remote())
 
     # -- readiness -------------------------------------------------------------------------------------------
 
@@ -132,15 +170,15 @@ class TeacherPool:
             try:
                 ray.get(replica.probe)
                 replica.probe = None
-            except RayActorError:  # dead for good (killed, or out of restarts): a new actor in the same group
+            except RayActorError:  # dead for good (killed, or out of restarts): a new actor in its slot
                 self.lost_replicas += 1
-                del self.replicas[replica.index]
-                ray.kill(replica.actor)
                 if replica.draining:
-                    remove_placement_group(replica.group)
+                    self._release(replica)
                 else:
                     log.warning("teacher %s replica %d is dead; starting a replacement", self.teacher.name, replica.index)
-                    self._start(replica.group)
+                    del self.replicas[replica.index]
+                    ray.kill(replica.actor)
+                    self._start(replica.group, replica.slot)
 
     # -- dispatch --------------------------------------------------------------------------------------------
 
@@ -220,9 +258,7 @@ class TeacherPool:
             raise ValueError(f"teacher {self.teacher.name}: a pool needs at least 1 replica, not {replicas}")
         grow = replicas - self.size()
         if grow > 0:
-            check_fits(self.teacher, grow, self.use_gpu)
-            for _ in range(grow):
-                self._start(self._new_group())
+            self._add(grow)
         staying = [r for r in self.replicas.values() if not r.draining]
         for replica in sorted(staying, key=lambda r: (r.probe is None, r.in_flight))[: max(-grow, 0)]:
             replica.draining = True
@@ -231,12 +267,8 @@ class TeacherPool:
 
     def _retire_drained(self) -> None:
         for replica in [r for r in self.replicas.values() if r.draining and r.in_flight == 0]:
-            del self.replicas[replica.index]
-            ray.kill(replica.actor)
-            remove_placement_group(replica.group)
+            self._release(replica)
 
     def shutdown(self) -> None:
-        for replica in self.replicas.values():
-            ray.kill(replica.actor)
-            remove_placement_group(replica.group)
-        self.replicas.clear()
+        for replica in list(self.replicas.values()):
+            self._release(replica)
