@@ -207,6 +207,7 @@ def run_distill(config: DistillConfig, train: bool = True, trainer_factory=None)
         "counts_add_up": prompts_in == counts["samples"] + len(rejected),
         "per_domain": counts["per_domain"],
         "per_teacher": counts["per_teacher"],
+        "per_domain_teacher": counts["per_domain_teacher"],
         "tokens_generated": counts["tokens"],
         "shards": len(shards),
         "replicas_lost": lost_replicas,
@@ -362,6 +363,7 @@ class Dispatcher:
         self.config, self.pools, self.selector = config, pools, selector
         self.stream, self.writer, self.control, self.metrics = stream, writer, control, metrics
         self.training = training  # the stream's consumer: its failure ends the dispatch
+        self.refused: dict[str, int] = {}  # the last scale target per pool that the cluster could not hold
         self.rejected: list[dict] = []
         self.retried_prompts = 0
         self.rerouted_prompts = 0
@@ -383,7 +385,14 @@ class Dispatcher:
                 grow_or_idle_shrink = wanted > pool.size() or (wanted < pool.size() and not waiting)
                 target, reason = (wanted, "autoscale") if grow_or_idle_shrink else (None, None)
             if target is not None and target != pool.size():
-                pool.scale(target)
+                try:
+                    pool.scale(target)
+                except PlacementError as error:  # a request the cluster cannot hold: refused, the run goes on
+                    if self.refused.get(name) != target:  # said once, not at every round autoscaling asks again
+                        log.warning("teacher %s not scaled to %d: %s", name, target, error)
+                        self._log({"kind": "scale_refused", "teacher": name, "replicas": target, "reason": str(error)})
+                    self.refused[name] = target
+                    continue
                 self._log({"kind": "scale", "teacher": name, "replicas": target, "reason": reason})
 
     def _spill_over(self, queues: dict, in_flight: dict) -> None:

@@ -185,13 +185,20 @@ def _throughput_plot(generate: list[dict]) -> Figure:
     return fig
 
 
-def _prompts_plot(per_domain: dict[str, int], per_teacher: dict[str, int]) -> Figure:
+def _prompts_plot(per_domain_teacher: dict[str, dict[str, int]], per_teacher: dict[str, int]) -> Figure:
+    """Samples per domain, stacked by the teacher that answered (which the routing table decides), and per teacher."""
     fig = _figure(10.0, 4.0)
-    for ax, (title, counts), color in zip(
-        fig.subplots(1, 2), (("per domain", per_domain), ("per teacher", per_teacher)), ("tab:blue", "tab:green")
-    ):
-        bars = ax.bar(list(counts), list(counts.values()), color=color)
-        ax.bar_label(bars)
+    by_domain, by_teacher = fig.subplots(1, 2)
+    domains, bottom = list(per_domain_teacher), np.zeros(len(per_domain_teacher))
+    for teacher in sorted({t for counts in per_domain_teacher.values() for t in counts}):
+        heights = np.array([per_domain_teacher[d].get(teacher, 0) for d in domains], dtype=float)
+        by_domain.bar(domains, heights, bottom=bottom, label=teacher)
+        bottom += heights
+    for x, total in enumerate(bottom):
+        by_domain.annotate(f"{total:g}", (x, total), ha="center", va="bottom")
+    by_domain.legend(title="teacher")
+    by_teacher.bar_label(by_teacher.bar(list(per_teacher), list(per_teacher.values()), color="tab:green"))
+    for ax, title in ((by_domain, "per domain, by teacher"), (by_teacher, "per teacher")):
         ax.set(title=f"Samples {title}", ylabel="samples")
         ax.locator_params(axis="y", integer=True)
         ax.margins(y=0.15)
@@ -231,15 +238,16 @@ def write_report(run_dir: str | Path) -> Path:
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     # `train` runs read their samples from another run's folder (`data_dir` in their summary).
-    counts = summary if "per_domain" in summary else sample_counts(summary.get("data_dir", run_dir / "samples"))
+    counts = (summary if "per_domain_teacher" in summary
+              else sample_counts(summary.get("data_dir", run_dir / "samples")))
     records = read_metrics(run_dir / "metrics.jsonl")
     train, generate = train_steps(records), _of_kind(records, "generate")
     figures = {
         "loss": ("Loss per term over steps", _loss_plot(train) if train else None),
         "throughput": ("Tokens/s per teacher over time", _throughput_plot(generate) if generate else None),
         "prompts": (
-            "Samples per domain and per teacher",
-            _prompts_plot(counts["per_domain"], counts["per_teacher"]) if counts["per_domain"] else None,
+            "Samples per domain (by teacher) and per teacher",
+            _prompts_plot(counts["per_domain_teacher"], counts["per_teacher"]) if counts["per_domain"] else None,
         ),
         "wait": ("Trainer wait time per step", _wait_plot(train) if train else None),
     }

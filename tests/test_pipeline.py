@@ -41,6 +41,9 @@ def test_chinese_code_and_english_prompts_reach_the_teacher_the_table_names(demo
     assert routed["demo-016"] == ("chinese", "qwen")  # 请介绍一下长城的历史。
     assert routed["demo-000"] == ("code", "qwen")  # Write a Python function that reverses a linked list.
     assert routed["demo-032"] == ("general", "gemma")  # What is the capital of Australia?
+    pairs = demo_run["per_domain_teacher"]  # the summary's cross-table says the same
+    assert set(pairs["chinese"]) == set(pairs["code"]) == {"qwen"} and pairs["general"]["gemma"] > 0
+    assert sum(n for counts in pairs.values() for n in counts.values()) == demo_run["samples_out"]
 
 
 

@@ -167,11 +167,16 @@ def answered_prompt_ids(folder: str | Path) -> set[str]:
 
 
 def sample_counts(folder: str | Path) -> dict:
-    """Counts of the samples on disk: total, per domain, per teacher, and tokens generated."""
+    """Counts of the samples on disk: total, per domain, per teacher, per domain and teacher, tokens generated."""
     table = open_samples(folder).to_table(columns=["domain", "teacher", "token_ids"])
     per = {}
     for column in ("domain", "teacher"):
         grouped = table.group_by(column).aggregate([([], "count_all")]).to_pylist()
         per[column] = {row[column]: row["count_all"] for row in sorted(grouped, key=lambda r: r[column])}
+    both: dict[str, dict[str, int]] = {}
+    for row in sorted(table.group_by(["domain", "teacher"]).aggregate([([], "count_all")]).to_pylist(),
+                      key=lambda r: (r["domain"], r["teacher"])):
+        both.setdefault(row["domain"], {})[row["teacher"]] = row["count_all"]
     tokens = pc.sum(pc.list_value_length(table["token_ids"])).as_py() or 0
-    return {"samples": table.num_rows, "per_domain": per["domain"], "per_teacher": per["teacher"], "tokens": tokens}
+    return {"samples": table.num_rows, "per_domain": per["domain"], "per_teacher": per["teacher"],
+            "per_domain_teacher": both, "tokens": tokens}
