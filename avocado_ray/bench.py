@@ -469,15 +469,22 @@ def _bench_load(prompts: int = 100_000, replicas: int = 2, run_dir: str = "runs/
         trainers.append(_CountingTrainer(stream))
         return trainers[0]
 
-    samples: list[dict] = []  # (counted, seconds, driver and router resident MB) every half second
+    samples: list[dict] = []  # (counted, seconds, driver and router resident MB) every tenth of a second
     done = threading.Event()
+
+    def routers() -> dict[str, int]:
+        """Live Router actors of the cluster: actor id -> process id."""
+        return {a["ActorID"]: a["Pid"] for a in state.actor_table(None).values()
+                if a["ActorClassName"] == "Router" and a["State"] == "ALIVE"} if ray.is_initialized() else {}
+
+    others = set(routers())  # a cluster shared with other work (the tests) may have routers of its own
 
     def watch():
         driver, router, started = psutil.Process(), None, time.monotonic()
-        while not done.wait(0.5):
-            pids = [a["Pid"] for a in state.actor_table(None).values()
-                    if a["ActorClassName"] == "Router" and a["State"] == "ALIVE"] if ray.is_initialized() else []
-            router = psutil.Process(pids[0]) if pids and (router is None or router.pid != pids[0]) else router
+        while not done.wait(0.1):
+            if router is None:
+                pids = [pid for actor, pid in routers().items() if actor not in others]
+                router = psutil.Process(pids[0]) if pids else None
             if not trainers or router is None:
                 continue
             samples.append({"counted": ray.get(trainers[0].counter.count.remote()), "s": time.monotonic() - started,
@@ -495,7 +502,8 @@ def _bench_load(prompts: int = 100_000, replicas: int = 2, run_dir: str = "runs/
     def rate(first: dict, second: dict) -> float:
         return round((second["counted"] - first["counted"]) / max(second["s"] - first["s"], 1e-9), 1)
 
-    tenth = [next(s for s in samples if s["counted"] >= k * prompts / 10) for k in (1, 9)]
+    tenth = [next(s for s in samples if s["counted"] >= k * counted / 10) for k in (1, 9)]
+    final = next((s for s in samples if s["counted"] == counted), last)  # when the last sample was counted
     return {
         "benchmark": "load",
         "prompts": prompts,
@@ -506,7 +514,7 @@ def _bench_load(prompts: int = 100_000, replicas: int = 2, run_dir: str = "runs/
         "counts_add_up": summary["counts_add_up"],
         "wall_time_s": summary["wall_time_s"],
         "prompts_per_s_first_tenth": rate(next(s for s in samples if s["counted"]), tenth[0]),  # from the first answer, after start-up
-        "prompts_per_s_last_tenth": rate(tenth[1], last),
+        "prompts_per_s_last_tenth": rate(tenth[1], final),
         "driver_rss_mb": {"at_10k": round(early["driver_mb"], 1), "at_end": round(last["driver_mb"], 1)},
         "router_rss_mb": {"at_10k": round(early["router_mb"], 1), "at_end": round(last["router_mb"], 1)},
         "driver_growth_mb": round(last["driver_mb"] - early["driver_mb"], 1),
