@@ -23,8 +23,8 @@ from avocado_ray.config import DistillConfig
 from avocado_ray.dataplane.prompts import InputError, Rejected, read_prompts
 from avocado_ray.dataplane.schema import samples_to_batch
 from avocado_ray.errors import RunError
-from avocado_ray.dataplane.spill import (SHARD_GLOB, ShardWriter, answered_prompt_ids, complete_shards, prompt_ids_in,
-                                         sample_counts, write_manifest)
+from avocado_ray.dataplane.spill import (SHARD_GLOB, ShardWriter, complete_shards, prompt_ids_in, sample_counts,
+                                         write_manifest)
 from avocado_ray.dataplane.stream import SampleStream
 from avocado_ray.models.tiny import resolve_model, tokenizer_model
 from avocado_ray.progress import GenerationMonitor
@@ -145,7 +145,7 @@ def run_distill(config: DistillConfig, train: bool = True, trainer_factory=None)
     log.info("routed: %s", {f"{t}{' (best-of)' if best else ''}": len(r) for (t, best), r in work.items()})
     lines = {p.id: p.line for p in prompt_set.prompts}
 
-    judges = {config.routing.best_of[p["domain"]].judge for p in best_of_prompts} - {None}
+    judges = _judges(config, best_of_prompts)
     spill_over = {config.routing.fallback} if config.routing.saturated_after_batches and work else set()
     pools, down = start_pools(config, {t for t, _ in work} | judges | spill_over)
     if down:
@@ -221,6 +221,11 @@ def run_distill(config: DistillConfig, train: bool = True, trainer_factory=None)
     return summary
 
 
+def _judges(config: DistillConfig, best_of_prompts: list[dict]) -> set[str]:
+    """The judge teachers that the best-of prompts' scorers call."""
+    return {config.routing.best_of[p["domain"]].judge for p in best_of_prompts} - {None}
+
+
 def start_pools(config: DistillConfig, names: set[str]) -> tuple[dict[str, TeacherPool], dict[str, str]]:
     """A pool per teacher named; a teacher the cluster cannot place is down (name -> why) instead of failing the
     run, so that its prompts go to `routing.fallback`."""
@@ -241,8 +246,7 @@ def fall_back(config: DistillConfig, work: dict, best_of_prompts: list[dict], do
     """Move the work of pools that are down to the fallback teacher (best-of prompts keep their other
     teachers); returns the fallback's pool if it has to be started. Fails when nothing is left to answer."""
     fallback = config.routing.fallback
-    judges = {config.routing.best_of[p["domain"]].judge for p in best_of_prompts} - {None}
-    if fallback in down or judges & set(down):
+    if fallback in down or _judges(config, best_of_prompts) & set(down):
         raise RunError(f"teachers down, among them the fallback or a judge: {down}")
     for item in best_of_prompts:
         item["teachers"] = [t for t in item["teachers"] if t not in down]
@@ -286,9 +290,10 @@ def _damaged_answers(samples_dir: Path, asked: list, rejected: list[Rejected]) -
     """The prompts of `asked` whose answers were lost with a shard that fails its page checksums (set aside as
     `*.corrupt`); none when every shard reads whole."""
     shards_before = len(list(samples_dir.glob(SHARD_GLOB)))
-    if len(complete_shards(samples_dir, verify=True)) == shards_before:
+    whole = complete_shards(samples_dir, verify=True)
+    if len(whole) == shards_before:
         return []
-    answered = answered_prompt_ids(samples_dir)
+    answered = prompt_ids_in(whole)
     dead = {r.id for r in rejected}
     return [p for p in asked if p.id not in answered and p.id not in dead]
 
@@ -470,6 +475,6 @@ class Dispatcher:
                     _put(self.stream, self.training, batch_ref, seq)
         monitor.tick(queues, in_flight.values(), final=True)
         while writes:
+            ray.wait(writes, num_returns=len(writes), timeout=self.POLL_S)
             writes = self._check_consumers(writes)
-            ray.wait(writes, num_returns=len(writes), timeout=self.POLL_S) if writes else None
         return self.rejected

@@ -3,9 +3,10 @@
 Each replica is a `TeacherReplica` actor placed in a placement group of `tensor_parallel_size` bundles
 packed on one node (STRICT_PACK), the layout vLLM expects inside Ray; on CPU the same code runs with one
 CPU bundle per replica. With `replicas_per_node` k, a group holds k replicas' bundles and each replica (and
-its vLLM workers, through VLLM_RAY_BUNDLE_INDICES) takes its own slice. The pool never blocks the driver: new replicas join when their engine reports
-ready, a shrinking pool drains a replica before it stops, and a call lost with its replica comes back to
-the caller to be sent again (a lost call produced no output, so nothing is answered twice).
+its vLLM workers, through VLLM_RAY_BUNDLE_INDICES) takes its own slice. The pool never blocks the driver:
+new replicas join when their engine reports ready, a shrinking pool drains a replica before it stops, and a
+call lost with its replica comes back to the caller to be sent again (a lost call produced no output, so
+nothing is answered twice).
 """
 
 from __future__ import annotations
