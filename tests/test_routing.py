@@ -25,6 +25,20 @@ def test_labels_for_chinese_code_math_and_general():
     assert set(classify("用 Python 写一个快速排序函数。")) == {"code", "chinese"}
 
 
+def test_function_is_code_in_a_request_and_prose_elsewhere():
+    classify = RuleClassifier().labels
+    assert classify("Write a function that reverses a string.") == ["code"]
+    assert classify("Explain what this function does.") == ["code"]
+    assert classify("The function of the liver is to filter blood.") == ["general"]
+    assert classify("My alarm clock has a snooze function and a radio.") == ["general"]
+
+
+def test_fractions_in_words_are_numbers():
+    classify = RuleClassifier().labels
+    assert classify("How many grams are there in three fifths of a kilogram?") == ["math"]
+    assert classify("One half of the audience left before the end.") == ["general"]
+
+
 def test_the_routing_table_picks_the_teacher_by_priority():
     route = router()
     assert route.route_one(prompt("请介绍一下长城的历史。")).teacher == "qwen"
@@ -112,10 +126,8 @@ def test_the_classifier_is_accurate_on_held_out_real_text_of_each_domain():
 
     quality = classifier_quality(labelled_prompts("test"), load_config(config_path("builtin:local")).routing.priority)
     assert all(quality[domain]["n"] >= 200 for domain in ("code", "chinese", "math", "general")), quality
-    for domain in ("code", "chinese"):
+    for domain in ("code", "chinese", "general"):
         assert quality[domain]["precision"] >= 0.98 and quality[domain]["recall"] >= 0.98, (domain, quality[domain])
-    # The target for general is 0.98 as well; these rules measure 0.9786 precision and recall (7 misses each way).
-    assert quality["general"]["precision"] >= 0.97 and quality["general"]["recall"] >= 0.97, quality["general"]
     assert quality["math"]["precision"] >= 0.95 and quality["math"]["recall"] >= 0.95, quality["math"]
 
 

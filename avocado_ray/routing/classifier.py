@@ -43,13 +43,19 @@ CODE_SYMBOL_MARKERS = re.compile(
 # Language names, keywords and programming vocabulary, checked against the prompt's set of words.
 CODE_WORDS = frozenset(
     b"python javascript typescript java rust golang kotlin ruby php perl haskell c++ c# sql bash regex html css json "
-    b"yaml api git pytest compile compiler traceback refactor debug function algorithm script recursion snippet "
+    b"yaml api git pytest compile compiler traceback refactor debug algorithm script recursion snippet "
     b"deadlock def elif lambda func fn var printf println byval".split()
 )
 # Phrases, searched for only when their last word is among the prompt's words.
 CODE_PHRASES = (b"shell script", b"unit test", b"stack trace", b"binary search", b"linked list", b"source code",
                 b"list comprehension", b"for loop", b"while loop")
 CODE_PHRASE_WORDS = frozenset(phrase.split()[-1] for phrase in CODE_PHRASES)
+# "function" alone is prose as often as code ("a biological function"); it takes the words of a request or a
+# definition around it.
+CODE_FUNCTION = re.compile(
+    rb"(?:this|following|recursive|helper) function|function\("
+    rb"|(?:the|a) function (?:that|which|to|called|named|returns?|takes?|should|must|with|does|above|below)\b"
+)
 # Identifiers: how many mixedCase names (getElementById) or member accesses (os.path) make code; counted on the
 # ASCII text with lower-case letters mapped to a and upper-case to A. Prose has a few (McDonald, e.g.).
 CODE_IDENTIFIERS = 4
@@ -74,6 +80,16 @@ MATH_PHRASES_WITH_NUMBERS = (b"what is", b"how many", b"how much", b"put togethe
                              b"as big as")
 MATH_PHRASE_WITH_NUMBERS_WORDS = frozenset(b"what how put work big".split())
 MATH_HAN_WITH_NUMBERS = re.compile("计算|等于|多少")
+# Fractions in words ("three fifths of a centimetre") are numbers too.
+MATH_FRACTION_WORDS = frozenset(
+    b"half halves third thirds quarter quarters fifth fifths sixth sixths seventh sevenths eighth eighths ninth "
+    b"ninths tenth tenths hundredth hundredths thousandth thousandths".split()
+)
+MATH_WORDED_FRACTION = re.compile(
+    rb"(?:one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|thirteen|fourteen|fifteen|sixteen"
+    rb"|seventeen|eighteen|nineteen|twenty|thirty|forty|fifty|sixty|seventy|eighty|ninety) (?:half|halves|third"
+    rb"|quarter|fifth|sixth|seventh|eighth|ninth|tenth|hundredth|thousandth)"
+)
 MATH_DIGIT_SHARE = 0.02  # numbers must be a visible part of the prompt, not one date in a story
 # Operator words between two numbers ("3 times 4"; not "3 times a day").
 MATH_OPERATOR_WORDS = frozenset(b"times plus minus".split())
@@ -90,8 +106,8 @@ MATH_ARITHMETIC = re.compile(
 )
 
 # The words any rule looks at: a prompt's words are intersected with it once, and the rules test that small set.
-VOCABULARY = (CODE_WORDS | CODE_PHRASE_WORDS | MATH_WORDS | MATH_PHRASE_WORDS | MATH_WORDS_WITH_NUMBERS
-              | MATH_PHRASE_WITH_NUMBERS_WORDS | MATH_OPERATOR_WORDS)
+VOCABULARY = (CODE_WORDS | CODE_PHRASE_WORDS | {b"function"} | MATH_WORDS | MATH_PHRASE_WORDS | MATH_WORDS_WITH_NUMBERS
+              | MATH_PHRASE_WITH_NUMBERS_WORDS | MATH_OPERATOR_WORDS | MATH_FRACTION_WORDS)
 # bytes.translate keeps letters, digits, + and #, and turns everything else into a space: a fast word split.
 _WORD_BYTES = bytes(c if chr(c).isalnum() or chr(c) in "+#" else 32 for c in range(128)) + b" " * 128
 _SHAPE_BYTES = bytes(
@@ -139,6 +155,8 @@ def _code_rule(text: str, ascii_text: bytes, data: bytes, words: set[bytes]) -> 
         return "symbols"
     if not words.isdisjoint(CODE_PHRASE_WORDS) and any(phrase in data for phrase in CODE_PHRASES):
         return "phrase"
+    if b"function" in words and CODE_FUNCTION.search(data):
+        return "function"
     if not text.isascii() and CODE_HAN.search(text):
         return "han"
     cased = ascii_text.translate(_CASE_BYTES)
@@ -160,15 +178,18 @@ def _math_rule(text: str, data: bytes, words: set[bytes]) -> str | None:
         return "phrase"
     if han and MATH_HAN.search(text):
         return "han"
-    digits = _count(data, _DIGITS)
-    if not digits:
-        return None
-    if digits >= MATH_DIGIT_SHARE * len(text) and (
+    asks_with_numbers = (
         not words.isdisjoint(MATH_WORDS_WITH_NUMBERS)
         or (not words.isdisjoint(MATH_PHRASE_WITH_NUMBERS_WORDS)
             and any(phrase in data for phrase in MATH_PHRASES_WITH_NUMBERS))
         or (han and MATH_HAN_WITH_NUMBERS.search(text))
-    ):
+    )
+    if asks_with_numbers and not words.isdisjoint(MATH_FRACTION_WORDS) and MATH_WORDED_FRACTION.search(data):
+        return "worded fraction"
+    digits = _count(data, _DIGITS)
+    if not digits:
+        return None
+    if asks_with_numbers and digits >= MATH_DIGIT_SHARE * len(text):
         return "numbers+word"
     if not words.isdisjoint(MATH_OPERATOR_WORDS) and MATH_WORDED_ARITHMETIC.search(data):
         return "arithmetic"
