@@ -12,6 +12,7 @@ from pathlib import Path
 
 from avocado_ray.config import ConfigError, DistillConfig, json_schema, load_config
 from avocado_ray.dataplane.prompts import InputError
+from avocado_ray.dataplane.schema import SchemaVersionError
 from avocado_ray.errors import RunError
 
 DEFAULT_CONFIG = "builtin:local"
@@ -262,8 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"config error:\n{error}", file=sys.stderr)
         return 2
-    except (InputError, OSError, RunError) as error:  # a file that cannot be read or written (a full disk names
-        # it), or a run that cannot go on (its trainer failed): the message, without a traceback (that is in -v)
+    except (InputError, SchemaVersionError, OSError, RunError) as error:  # a file that cannot be read or written
+        # (a full disk names it), samples of another schema version, or a run that cannot go on (its trainer
+        # failed): the message, without a traceback (that is in -v)
         logging.getLogger("avocado_ray").debug("%s failed", args.command, exc_info=True)
         print(f"avocado-ray {args.command}: {error}", file=sys.stderr)
         return 2

@@ -302,7 +302,7 @@ class TrainerConfig(Strict):
 class DataConfig(Strict):
     """Where the prompts come from."""
 
-    input: str = Field(description="JSONL file of prompts, or builtin:demo for the embedded demo set.")
+    input: str = Field(description="JSONL or Parquet file of prompts, or builtin:demo for the embedded demo set.")
     max_prompts: int | None = Field(None, gt=0, description="Use at most this many prompts.")
     max_prompt_bytes: int = Field(
         MAX_PROMPT_BYTES,

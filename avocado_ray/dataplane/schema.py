@@ -1,30 +1,6 @@
 """The Arrow schema of a teacher sample: the one format teacher outputs travel and rest in.
 
-One row is one teacher answer to one prompt. Column by column:
-
-| column              | type                        | meaning                                                    |
-|---------------------|-----------------------------|------------------------------------------------------------|
-| sample_id           | string                      | `{prompt_id}:{teacher}`: unique per answer                 |
-| prompt_id           | string                      | id of the input row (given, or a hash of its content)      |
-| domain              | string                      | domain that decided the route (code, chinese, ...)         |
-| labels              | list<string>                | every domain label the classifier gave                     |
-| teacher             | string                      | teacher pool that answered                                 |
-| replica             | int32                       | index of the replica in its pool                           |
-| messages            | string                      | the chat messages as JSON (OpenAI style)                   |
-| answer              | string                      | the teacher's final answer text (without its reasoning)    |
-| reasoning           | string                      | a reasoning teacher's reasoning (vLLM's reasoning parser), |
-|                     |                             | else null; `token_ids` and the top-k cover both parts      |
-| token_ids           | list<int32>                 | the generated token ids, in the teacher's tokenizer        |
-| token_logprobs      | list<float16>               | logprob of each generated token                            |
-| topk_ids            | list<list<int32>>           | per generated token, the teacher's top-k token ids by rank |
-| topk_logprobs       | list<list<float16>>         | their logprobs                                             |
-| finish_reason       | string                      | `stop` or `length`                                         |
-| prompt_tokens       | int32                       | prompt length in the teacher's tokenizer                   |
-| latency_s           | float32                     | seconds from the replica receiving the batch to the answer |
-| scorer              | string                      | best-of-teachers scorer that chose this answer, else null  |
-| candidates          | list<struct<teacher, answer, score, reason>> | every candidate of a best-of prompt |
-
-The schema version lives in the schema's metadata; readers refuse other versions by name.
+Its columns, version and shards are described in docs/data-schema.md (tests/test_docs.py keeps the two in step).
 """
 
 from __future__ import annotations
