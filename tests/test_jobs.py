@@ -1,7 +1,9 @@
 """`ray job submit` end to end on a real Ray head started with `ray start` (loopback, token auth): a submitted
+distillation answers every prompt once, trains on every sample once and exports the student; its job log shows
+plain progress lines, and the head's metrics endpoint the run's Ray metrics. In the soak suite, a submitted
 distillation is stopped with `ray job stop` midway, leaves nothing running, and a resubmission on the same run
-directory finishes it, every prompt answered once and every sample trained once; the job log shows progress
-lines, and the head's metrics endpoint the run's Ray metrics.
+directory finishes it; the teachers-only and trainer-only jobs, submitted one after the other, make a student of
+the first one's answers. Every job runs directly too.
 
 The head has its own temp dir and ports, beside the test session's own Ray (conftest's `ray.init`) and any
 other Ray on the machine. It is not ended with `ray stop`, which stops every Ray of the machine (the session's
@@ -79,10 +81,19 @@ class Head:
         assert done.returncode == 0, f"{command}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
         return done.stdout + done.stderr
 
-    def submit(self, submission_id: str, run_dir: Path) -> None:
-        """README's command: the repository as working dir through deploy/runtime_env.yaml."""
+    def submit(self, submission_id: str, run_dir: Path, job: str = "distill", *args: str) -> None:
+        """The command of docs/usage.md: the repository as working dir through deploy/runtime_env.yaml."""
         self.ray("job", "submit", "--submission-id", submission_id, "--runtime-env", "deploy/runtime_env.yaml",
-                 "--no-wait", "--", "python", "jobs/distill.py", "--config", str(CONFIG), "--run-dir", str(run_dir))
+                 "--no-wait", "--", "python", f"jobs/{job}.py", "--config", str(CONFIG), "--run-dir", str(run_dir),
+                 *args)
+
+    def wait(self, submission_id: str, timeout_s: float = 900, on_poll=lambda: None) -> str:
+        """Wait for a submitted job to end; returns its log, failing the test unless it succeeded."""
+        _wait_for(lambda: self.job(submission_id)["status"] not in ("PENDING", "RUNNING"), submission_id, timeout_s,
+                  on_poll)
+        log = self.ray("job", "logs", submission_id)
+        assert self.job(submission_id)["status"] == "SUCCEEDED", log[-5000:]
+        return log
 
     def get(self, path: str, token: bool = True) -> dict:
         headers = {"Authorization": f"Bearer {self.token}"} if token else {}
@@ -166,8 +177,6 @@ def test_a_submitted_job_stopped_midway_leaves_nothing_running_and_resumes_to_ea
 ):
     head, run_dir, seen_metrics = ray_head, tmp_path / "run", set()
     manifest = run_dir / "manifest.json"
-    with pytest.raises(urllib.error.HTTPError, match="401"):
-        head.get("/api/jobs/", token=False)  # token authentication is on
 
     def scrape() -> None:
         seen_metrics.update(head.metric_names())
@@ -208,12 +217,17 @@ def test_a_submitted_job_stopped_midway_leaves_nothing_running_and_resumes_to_ea
     assert "train_end" not in {r["kind"] for r in records}
 
     head.submit("distill-2", run_dir)
-    _wait_for(lambda: head.job("distill-2")["status"] not in ("PENDING", "RUNNING"), "the resumed job", 900, scrape)
-    log = head.ray("job", "logs", "distill-2")
-    assert head.job("distill-2")["status"] == "SUCCEEDED", log[-5000:]
+    log = head.wait("distill-2", on_poll=scrape)
     resumed_from = int(re.search(r"resuming: (\d+) prompts already answered", log).group(1))
     assert stopped_at["samples"] <= resumed_from < PROMPTS
 
+    _check_finished_run(run_dir, log, PROMPTS - resumed_from)
+    _wait_for(lambda: METRICS <= seen_metrics, f"the metrics {sorted(METRICS - seen_metrics)}", 30, scrape)
+
+
+def _check_finished_run(run_dir: Path, log: str, answered: int) -> None:
+    """A finished distillation: every prompt answered once, each sample trained once, the student exported, and
+    the job log (of the job that ended it, which answered `answered` prompts) with plain progress lines."""
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["counts_add_up"] and summary["samples_out"] == PROMPTS and summary["rejected"] == 0
     table = open_samples(run_dir / "samples").to_table(columns=["sample_id", "prompt_id"])
@@ -221,15 +235,60 @@ def test_a_submitted_job_stopped_midway_leaves_nothing_running_and_resumes_to_ea
     assert len(prompt_ids) == len(set(prompt_ids)) == PROMPTS  # every prompt answered once
     trained = (run_dir / "trained_ids.txt").read_text().split()
     assert sorted(trained) == sorted(table["sample_id"].to_pylist())  # each sample trained on once
-    assert json.loads(manifest.read_text())["trained"]["samples"] == PROMPTS
+    assert json.loads((run_dir / "manifest.json").read_text())["trained"]["samples"] == PROMPTS
     assert (run_dir / "student" / "model.safetensors").is_file()
 
     # progress in a non-interactive log: plain lines, no carriage returns
     generate = [line for line in log.split("\n") if " generate " in line and " tok/s" in line]
     train = [line for line in log.split("\n") if re.search(r"train step \d+ \| loss [\d.]+ \| [\d.]+ samples/s", line)]
-    left = PROMPTS - resumed_from
-    assert any(f"generate {left}/{left} (100%)" in line for line in generate), generate
+    assert any(f"generate {answered}/{answered} (100%)" in line for line in generate), generate
     assert train and not any("\r" in line for line in generate + train)
-    kinds = {r["kind"] for r in map(json.loads, metrics_jsonl.read_text().splitlines())}
+    kinds = {r["kind"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
     assert {"route", "dispatch", "generate", "train", "train_end"} <= kinds
+
+
+@pytest.mark.slow
+def test_a_submitted_distillation_answers_every_prompt_trains_on_each_once_and_exports_metrics(
+    tiny_models, ray_head, tmp_path
+):
+    head, run_dir, seen_metrics = ray_head, tmp_path / "run", set()
+    with pytest.raises(urllib.error.HTTPError, match="401"):
+        head.get("/api/jobs/", token=False)  # token authentication is on
+
+    def scrape() -> None:
+        seen_metrics.update(head.metric_names())
+
+    head.submit("distill", run_dir)
+    log = head.wait("distill", on_poll=scrape)
+    _check_finished_run(run_dir, log, PROMPTS)
     _wait_for(lambda: METRICS <= seen_metrics, f"the metrics {sorted(METRICS - seen_metrics)}", 30, scrape)
+
+
+@pytest.mark.slow
+@pytest.mark.soak
+def test_submitted_generate_then_train_jobs_answer_every_prompt_and_train_a_student_on_the_answers(
+    tiny_models, ray_head, tmp_path
+):
+    head, answers, student = ray_head, tmp_path / "generate", tmp_path / "train"
+    head.submit("generate", answers, "generate")
+    log = head.wait("generate")
+    summary = json.loads((answers / "summary.json").read_text())
+    assert summary["counts_add_up"] and summary["samples_out"] == PROMPTS, log[-3000:]
+    assert not (answers / "student").exists() and not (answers / "ray_train").exists()  # teachers only
+
+    head.submit("train", student, "train", "--data", str(answers / "samples"))
+    log = head.wait("train")
+    summary = json.loads((student / "summary.json").read_text())
+    assert summary["samples_in"] == PROMPTS and summary["train_steps"] == PROMPTS // 4, log[-3000:]
+    assert (student / "student" / "model.safetensors").is_file()
+    trained = (student / "trained_ids.txt").read_text().split()
+    table = open_samples(answers / "samples").to_table(columns=["sample_id"])
+    assert sorted(trained) == sorted(table["sample_id"].to_pylist())
+
+
+@pytest.mark.parametrize("job", ["distill", "generate", "train"])
+def test_each_job_runs_directly_and_explains_its_options(job):
+    done = subprocess.run([sys.executable, f"jobs/{job}.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert f"usage: avocado-ray {job}" in done.stdout and "--config" in done.stdout and "--set" in done.stdout
