@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import random
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,14 @@ from avocado_ray.models.tiny import UNTRAINED_ENV, build_all, cache_root
 # the suite checks the machinery, not what teachers know, so it serves them untrained (tests/test_models.py
 # trains one briefly). Set AVOCADO_RAY_UNTRAINED_TEACHERS= (empty) to run it with the trained ones.
 os.environ.setdefault(UNTRAINED_ENV, "1")
+
+# As in an activated venv: the venv's tools come first on PATH, for this process and for every Ray process it
+# starts, as they do for the jobs tests/test_jobs.py submits. DeepSpeed JIT-builds its CPU ops with the first
+# `ninja` on PATH, and the venv's (1.13) and a system one (1.11) read each other's build log as foreign and
+# rebuild both ops (minutes) each time the other one built them.
+VENV_BIN = str(Path(sys.executable).parent)
+if os.environ.get("PATH", "").split(os.pathsep)[0] != VENV_BIN:
+    os.environ["PATH"] = VENV_BIN + os.pathsep + os.environ.get("PATH", "")
 
 # The fault suite draws its injection points from this seed; a failure replays with AVOCADO_FAULT_SEED=N.
 FAULT_SEED = int(os.environ.get("AVOCADO_FAULT_SEED") or random.SystemRandom().randrange(1_000_000))
