@@ -168,8 +168,7 @@ def run_distill(config: DistillConfig, train: bool = True, trainer_factory=None)
         for name, pool in pools.items():
             log.info("teacher %s ready: %s", name, pool.ready())
         dispatch = Dispatcher(config, pools, selector, stream, writer, control, metrics, training)
-        for item in dispatch.run(work):
-            rejected.append(Rejected(lines[item["prompt_id"]], item["prompt_id"], item["reason"], item["code"]))
+        rejected += _dead_letters(dispatch.run(work), lines)
         if training is not None:
             stream.close()
             training.join()
@@ -182,8 +181,7 @@ def run_distill(config: DistillConfig, train: bool = True, trainer_factory=None)
             if again_best_of:
                 ray.get(selector.expect.remote(again_best_of))
             repair = Dispatcher(config, pools, selector, None, writer, control, metrics)
-            for item in repair.run(again):
-                rejected.append(Rejected(lines[item["prompt_id"]], item["prompt_id"], item["reason"], item["code"]))
+            rejected += _dead_letters(repair.run(again), lines)
             dispatch.retried_prompts += len(lost)
             shards = ray.get(writer.close.remote())
     except BaseException:  # stopped (`ray job stop`, Ctrl-C) or failed (a full disk): resumable, see _stop
@@ -219,6 +217,11 @@ def run_distill(config: DistillConfig, train: bool = True, trainer_factory=None)
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     return summary
+
+
+def _dead_letters(items, lines: dict[str, int]) -> list[Rejected]:
+    """Dead-letter records, with their input lines, for the prompts a dispatch gave up on."""
+    return [Rejected(lines[item["prompt_id"]], item["prompt_id"], item["reason"], item["code"]) for item in items]
 
 
 def _judges(config: DistillConfig, best_of_prompts: list[dict]) -> set[str]:

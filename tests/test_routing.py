@@ -11,13 +11,15 @@ def prompt(text, teacher=None):
     return Prompt(id=text[:8], messages=[{"role": "user", "content": text}], line=1, teacher=teacher)
 
 
+classify = RuleClassifier().labels  # stateless: one for every test
+
+
 def router():
     config = load_config(config_path("builtin:local"))
     return Router(config.routing, [t.name for t in config.teachers])
 
 
 def test_labels_for_chinese_code_math_and_general():
-    classify = RuleClassifier().labels
     assert classify("请介绍一下长城的历史。") == ["chinese"]
     assert classify("def add(a, b):\n    return a + b") == ["code"]
     assert classify("Solve for x: 3x + 5 = 20.") == ["math"]
@@ -26,7 +28,6 @@ def test_labels_for_chinese_code_math_and_general():
 
 
 def test_function_is_code_in_a_request_and_prose_elsewhere():
-    classify = RuleClassifier().labels
     assert classify("Write a function that reverses a string.") == ["code"]
     assert classify("Explain what this function does.") == ["code"]
     assert classify("The function of the liver is to filter blood.") == ["general"]
@@ -34,7 +35,6 @@ def test_function_is_code_in_a_request_and_prose_elsewhere():
 
 
 def test_fractions_in_words_are_numbers():
-    classify = RuleClassifier().labels
     assert classify("How many grams are there in three fifths of a kilogram?") == ["math"]
     assert classify("One half of the audience left before the end.") == ["general"]
 
@@ -79,7 +79,6 @@ def test_a_pool_marked_down_sends_its_prompts_to_the_fallback():
     assert route.route_one(question).teacher == "qwen"
 
 
-
 def test_a_teacher_the_cluster_cannot_place_is_down_and_its_prompts_go_to_the_fallback(ray_cluster, local_config):
     from avocado_ray.pipeline import fall_back, start_pools
 
@@ -99,6 +98,7 @@ def test_a_teacher_the_cluster_cannot_place_is_down_and_its_prompts_go_to_the_fa
     assert [r["prompt_id"] for r in work[("gemma", False)]] == ["p3", "p1", "p2", "p5"]  # p5 had no teacher left
     assert [(p["prompt_id"], p["teachers"]) for p in best_of] == [("p4", ["gemma"])]  # p4 keeps its other one
     assert set(work) == {("gemma", False), ("gemma", True)}
+
 
 def test_the_dry_run_writes_one_line_per_row_in_order_and_the_rejections(tmp_path, capsys):
     import json

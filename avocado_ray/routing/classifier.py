@@ -169,6 +169,16 @@ def _code_rule(text: str, ascii_text: bytes, data: bytes, words: set[bytes]) -> 
     return None
 
 
+def _asks_with_numbers(text: str, data: bytes, words: set[bytes], han: bool) -> bool:
+    """Whether the prompt has a word or phrase that makes numbers next to it mathematical ("sum", "how many")."""
+    return bool(
+        not words.isdisjoint(MATH_WORDS_WITH_NUMBERS)
+        or (not words.isdisjoint(MATH_PHRASE_WITH_NUMBERS_WORDS)
+            and any(phrase in data for phrase in MATH_PHRASES_WITH_NUMBERS))
+        or (han and MATH_HAN_WITH_NUMBERS.search(text))
+    )
+
+
 def _math_rule(text: str, data: bytes, words: set[bytes]) -> str | None:
     """The name of the first math rule that fires (to tell why a prompt was labelled math), or None."""
     han = not text.isascii()
@@ -178,18 +188,13 @@ def _math_rule(text: str, data: bytes, words: set[bytes]) -> str | None:
         return "phrase"
     if han and MATH_HAN.search(text):
         return "han"
-    asks_with_numbers = (
-        not words.isdisjoint(MATH_WORDS_WITH_NUMBERS)
-        or (not words.isdisjoint(MATH_PHRASE_WITH_NUMBERS_WORDS)
-            and any(phrase in data for phrase in MATH_PHRASES_WITH_NUMBERS))
-        or (han and MATH_HAN_WITH_NUMBERS.search(text))
-    )
-    if asks_with_numbers and not words.isdisjoint(MATH_FRACTION_WORDS) and MATH_WORDED_FRACTION.search(data):
+    if (not words.isdisjoint(MATH_FRACTION_WORDS) and MATH_WORDED_FRACTION.search(data)
+            and _asks_with_numbers(text, data, words, han)):
         return "worded fraction"
     digits = _count(data, _DIGITS)
     if not digits:
         return None
-    if asks_with_numbers and digits >= MATH_DIGIT_SHARE * len(text):
+    if digits >= MATH_DIGIT_SHARE * len(text) and _asks_with_numbers(text, data, words, han):
         return "numbers+word"
     if not words.isdisjoint(MATH_OPERATOR_WORDS) and MATH_WORDED_ARITHMETIC.search(data):
         return "arithmetic"

@@ -128,10 +128,14 @@ class TeacherPool:
         self.groups.append(group)
         return group, 0
 
-    def _release(self, replica: _Replica) -> None:
-        """End a replica; its group goes once no replica is left in it."""
+    def _end(self, replica: _Replica) -> None:
+        """End a replica's actor and forget it; its slot of the group stays reserved."""
         del self.replicas[replica.index]
         ray.kill(replica.actor)
+
+    def _release(self, replica: _Replica) -> None:
+        """End a replica; its group goes once no replica is left in it."""
+        self._end(replica)
         if all(r.group.id != replica.group.id for r in self.replicas.values()):
             remove_placement_group(replica.group)
             self.groups = [g for g in self.groups if g.id != replica.group.id]
@@ -177,8 +181,7 @@ class TeacherPool:
                     self._release(replica)
                 else:
                     log.warning("teacher %s replica %d is dead; starting a replacement", self.teacher.name, replica.index)
-                    del self.replicas[replica.index]
-                    ray.kill(replica.actor)
+                    self._end(replica)
                     self._start(replica.group, replica.slot)
 
     # -- dispatch --------------------------------------------------------------------------------------------
