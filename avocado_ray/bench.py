@@ -344,7 +344,8 @@ def _bench_teachers(prompts: int = 200, max_tokens: int = 16, batch: int = 25, i
     llm = LLM(model=model, max_model_len=teacher.engine.max_model_len, enforce_eager=True, seed=0,
               max_logprobs=teacher.sampling.logprobs)
     params = SamplingParams(temperature=teacher.sampling.temperature, top_p=teacher.sampling.top_p,
-                            max_tokens=max_tokens, logprobs=teacher.sampling.logprobs)
+                            max_tokens=max_tokens, logprobs=teacher.sampling.logprobs,
+                            repetition_penalty=teacher.sampling.repetition_penalty)
     tokenizer = llm.get_tokenizer()
     token_prompts = [{"prompt_token_ids": chat_prompt_ids(tokenizer, m)} for m in messages]
     llm.generate(token_prompts[:batch], params, use_tqdm=False)  # warm-up

@@ -159,10 +159,10 @@ def cmd_config_schema(args) -> int:
 
 
 def cmd_make_tiny_models(args) -> int:
-    from avocado_ray.models.teach import TEACHER_DOMAINS, TRAIN_STEPS, training_record
+    from avocado_ray.models.teach import TEACHER_MIX, TRAIN_STEPS, training_record
     from avocado_ray.models.tiny import TINY_MODELS, TRAINED, build_all
 
-    trained = tuple(name + TRAINED for name in TEACHER_DOMAINS) if args.train_steps else ()
+    trained = tuple(name + TRAINED for name in TEACHER_MIX) if args.train_steps else ()
     for name, path in build_all(Path(args.out), tuple(TINY_MODELS) + trained, args.train_steps or TRAIN_STEPS).items():
         record = training_record(path)
         print(f"{name}: {path}" + (f" (trained: {json.dumps(record)})" if record else ""))

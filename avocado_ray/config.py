@@ -33,6 +33,11 @@ class SamplingConfig(Strict):
     temperature: float = Field(0.8, ge=0.0, description="Softmax temperature; 0 is greedy.")
     top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus sampling mass.")
     max_tokens: int = Field(64, gt=0, description="Most tokens generated per answer.")
+    repetition_penalty: float = Field(
+        1.0, gt=0.0, description="Makes tokens already in the prompt or answer less likely (vLLM's and "
+        "transformers' repetition_penalty: a positive logit is divided by it, a negative one multiplied); 1 is off. "
+        "Above 1 it keeps a small teacher from looping. The stored logprobs stay the model's own.",
+    )
     stop: list[str] = Field(default_factory=list, description="Strings that end an answer.")
     logprobs: int = Field(5, ge=0, le=20, description="Top-k logprobs kept per generated token; 0 disables.")
     regex: str | None = Field(

@@ -47,7 +47,7 @@ ROWS: list[tuple[str, bytes | dict, str | None, str | None]] = [
     ("sampling override out of range", {"id": "s1", "prompt": "hi", "sampling": {"max_tokens": -4}}, "bad_row",
      "field 'sampling.max_tokens': Input should be greater than 0"),
     ("sampling override a row may not set", {"id": "s2", "prompt": "hi", "sampling": {"logprobs": 20}}, "bad_row",
-     "field 'sampling' may set only temperature, top_p, max_tokens, stop, not logprobs"),
+     "field 'sampling' may set only temperature, top_p, max_tokens, repetition_penalty, stop, not logprobs"),
     # over every tiny teacher's 512-token context: routed here, rejected by the teacher (see the slow test)
     ("longer than every teacher's context", {"id": "long", "prompt": "word " * 2000}, None, None),
 ]

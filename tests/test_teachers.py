@@ -87,6 +87,23 @@ def assert_each_answered_once(table, requests):
     assert sorted(ids) == sorted(r["prompt_id"] for r in requests)  # nothing lost, nothing twice
 
 
+def test_a_rows_repetition_penalty_reaches_the_engine_and_breaks_greedy_loops(run_work):
+    """An untrained teacher decoding greedily loops over a few tokens; vLLM's repetition penalty (here from the
+    row, as from the config) makes it use more distinct tokens per answer."""
+    requests = requests_for(8, max_tokens=24)
+    for request in requests:
+        request["sampling"].update(temperature=0.0, repetition_penalty=1.0)
+    penalised = [{**r, "prompt_id": r["prompt_id"] + "-penalised",
+                  "sampling": {**r["sampling"], "repetition_penalty": 3.0}} for r in requests]
+    table, rejected, _, _ = run_work(requests + penalised)
+    assert rejected == []
+    distinct = {sample_id: len(set(ids)) / len(ids)
+                for sample_id, ids in zip(table["prompt_id"].to_pylist(), table["token_ids"].to_pylist())}
+    plain_share = sum(distinct[r["prompt_id"]] for r in requests) / len(requests)
+    penalised_share = sum(distinct[r["prompt_id"]] for r in penalised) / len(penalised)
+    assert penalised_share > plain_share + 0.2, (plain_share, penalised_share)
+
+
 @pytest.mark.slow
 def test_a_pool_scales_from_one_to_two_replicas_and_back_during_a_run(run_work, teacher_pools, tmp_path):
     pool = teacher_pools["qwen"]

@@ -239,3 +239,17 @@ def test_a_rerun_resumes_from_the_checkpoint_and_continues_the_loss_curve_and_th
     for before, after in zip(straight_records[3:], resumed[3:]):  # model and AdamW state restored: the same curve
         assert after["loss"] == pytest.approx(before["loss"], rel=1e-3)
     assert (interrupted / "student" / "model.safetensors").is_file()
+
+
+@pytest.mark.soak
+def test_offloading_optimizer_and_parameters_to_cpu_follows_the_same_loss_curve(
+    tiny_models, straight, batches, tmp_path
+):
+    # ZeRO-Offload: DeepSpeedCPUAdam (a C++ op DeepSpeed builds on first use, about a minute: hence soak) steps the
+    # optimizer state in CPU memory, and ZeRO-3 keeps the parameters there between uses.
+    _, one = straight
+    offloaded = _fit(tiny_models, tmp_path, batches, offload="optimizer+params", checkpoint_every=100)
+    assert [r["step"] for r in offloaded] == [r["step"] for r in one]
+    for a, b in zip(one, offloaded):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-2)
+    assert (tmp_path / "student" / "model.safetensors").is_file()

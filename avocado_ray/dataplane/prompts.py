@@ -86,7 +86,7 @@ def _valid_messages(messages) -> str | None:
 
 # What a row may override of its teacher's sampling (SamplingConfig). Not logprobs (bounded by the engine's
 # max_logprobs) and not regex (structured outputs compile per pattern: a cost a prompt file should not choose).
-ROW_SAMPLING_KEYS = ("temperature", "top_p", "max_tokens", "stop")
+ROW_SAMPLING_KEYS = ("temperature", "top_p", "max_tokens", "repetition_penalty", "stop")
 
 
 def _sampling_problem(sampling) -> str | None:

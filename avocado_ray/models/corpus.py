@@ -1,11 +1,12 @@
 """Real text that ships with Python itself, so tiny tokenizers can be trained with no download.
 
-Code comes from the standard library's sources, English from its help topics, Chinese from its
+Code comes from the standard library's sources, English from the prose of its help topics, Chinese from its
 codec test data. Each family's tokenizer is trained on a different mix, as real teachers are.
 """
 
 from __future__ import annotations
 
+import re
 import sysconfig
 from pathlib import Path
 
@@ -30,11 +31,21 @@ def code_corpus(max_chars: int = 2_000_000) -> str:
     return "\n".join(parts)
 
 
+# A line of prose: a word, quote or bracket first, and none of the marks of tables, grammar rules, interpreter
+# sessions or code (`|`, `::=`, `>>>`, `=`, `_`, braces, ...).
+PROSE_LINE = re.compile(r"[A-Za-z\"'(*][^|<>{}\[\]=_\\#@$]*")
+
+
 def english_corpus() -> str:
-    """The help topics of the interactive `help()`: English prose about Python."""
+    """The prose of the interactive `help()`'s topics: English about Python, each line stripped of its indent,
+    without the grammar rules, tables and code among them (a tiny model trained on those writes their notation
+    whatever it is asked)."""
     from pydoc_data.topics import topics
 
-    return "\n".join(topics[key] for key in sorted(topics))
+    lines = (line.strip() for key in sorted(topics) for line in topics[key].splitlines())
+    return "\n".join(
+        line for line in lines if PROSE_LINE.fullmatch(line) and len(line.split()) >= 3 and ">>>" not in line
+    )
 
 
 def chinese_corpus() -> str:

@@ -23,12 +23,16 @@ from pathlib import Path
 from avocado_ray.models import corpus
 
 TRAIN_STEPS = 150  # the default; the cached `NAME-trained` teachers are trained this many steps
-TEACHER_DOMAINS: dict[str, tuple[str, ...]] = {
-    "qwen": ("code", "chinese"),
-    "gemma": ("english",),
-    "gptoss": ("arithmetic",),
+# What each teacher is trained on: kinds of example and their weights. Its own domains most, and other text too:
+# a real teacher is a general model with strengths, and a tiny one that never saw English (or Chinese) answers
+# such a prompt by looping its commonest token ("the the the") or its template ("The answer is 14."), text any
+# student predicts almost for free (docs/training.md).
+TEACHER_MIX: dict[str, dict[str, int]] = {
+    "qwen": {"code": 3, "chinese": 3, "english": 1},
+    "gemma": {"english": 6, "code": 1, "chinese": 1},
+    "gptoss": {"arithmetic": 3, "english": 1, "chinese": 1},
 }
-RECORD = "avocado_training.json"  # in a trained model's folder: steps, seconds, losses, domains
+RECORD = "avocado_training.json"  # in a trained model's folder: steps, seconds, losses, mix
 BATCH_SIZE, LR, MAX_SEQ_LEN = 16, 3e-3, 256
 # characters of (user turn, assistant turn) cut from each corpus; Chinese packs more per character
 CHARS = {"code": (240, 200), "english": (240, 200), "chinese": (60, 60)}
@@ -100,18 +104,19 @@ PAIRS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
 }
 
 
-def examples(domains: tuple[str, ...], count: int, rng: random.Random) -> list[dict]:
-    """`count` chat samples, as the trainer's `SampleEncoder` reads them, from domains drawn uniformly."""
+def examples(mix: dict[str, int], count: int, rng: random.Random) -> list[dict]:
+    """`count` chat samples, as the trainer's `SampleEncoder` reads them, of kinds drawn by the `mix` weights."""
+    kinds, weights = list(mix), list(mix.values())
     rows = []
     for _ in range(count):
-        prompt, answer = PAIRS[rng.choice(domains)](rng)
+        prompt, answer = PAIRS[rng.choices(kinds, weights)[0]](rng)
         rows.append({"messages": json.dumps([{"role": "user", "content": prompt}]), "answer": answer})
     return rows
 
 
-def train_teacher(folder: Path, domains: tuple[str, ...], steps: int, seed: int) -> dict:
+def train_teacher(folder: Path, mix: dict[str, int], steps: int, seed: int) -> dict:
     """Train the model in `folder` in place with plain AdamW for `steps` steps (one-cycle learning rate) on
-    its domains; writes and returns the training record."""
+    examples of the `mix`; writes and returns the training record."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -129,7 +134,7 @@ def train_teacher(folder: Path, domains: tuple[str, ...], steps: int, seed: int)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=LR, total_steps=steps, pct_start=0.1)
     losses, started, cpu_started = [], time.monotonic(), time.process_time()
     for _ in range(steps):
-        micro = encoder.collate(examples(domains, BATCH_SIZE, rng))
+        micro = encoder.collate(examples(mix, BATCH_SIZE, rng))
         mixed = micro_loss(forward(model, micro), micro, {"supervised": 1.0}, LossOptions())
         loss = mixed.total / max(micro.tokens, 1)
         optimizer.zero_grad()
@@ -142,7 +147,7 @@ def train_teacher(folder: Path, domains: tuple[str, ...], steps: int, seed: int)
     tail = losses[-10:]
     record = {
         "steps": steps,
-        "domains": list(domains),
+        "mix": mix,
         "seconds": round(time.monotonic() - started, 1),
         "cpu_seconds": round(time.process_time() - cpu_started, 1),  # all threads; wall time on a busy machine varies
         "first_loss": round(losses[0], 4),

@@ -19,11 +19,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from avocado_ray.models.teach import TEACHER_DOMAINS, TRAIN_STEPS, train_teacher, training_record
+from avocado_ray.models.teach import TEACHER_MIX, TRAIN_STEPS, train_teacher, training_record
 
 TINY_SCHEME = "tiny:"
 HUB_SCHEME = "hf:"  # a hub model id, fetched where it runs (token from HF_TOKEN in the environment only)
-TINY_VERSION = "v3"  # bump when shapes, tokenizers, templates or teacher training change, so caches rebuild
+TINY_VERSION = "v4"  # bump when shapes, tokenizers, templates or teacher training change, so caches rebuild
 TRAINED = "-trained"  # suffix of a teacher's name for its trained variant
 # Set (to anything but empty) to serve every `tiny:NAME-trained` untrained, as `tiny:NAME`: the test suite does,
 # as its runs check the machinery, not what teachers know, and training costs about a minute per teacher.
@@ -182,7 +182,7 @@ def _model_config(family_name: str, tokenizer):
 
 def build_tiny_model(name: str, out: Path, train_steps: int = 0) -> Path:
     """Build one tiny model (weights, config, tokenizer, chat template) into `out`; with `train_steps`, a
-    teacher is then trained that many steps on its domains (teach.py)."""
+    teacher is then trained that many steps on its mix of domains (teach.py)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -199,21 +199,22 @@ def build_tiny_model(name: str, out: Path, train_steps: int = 0) -> Path:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     if train_steps:
-        train_teacher(out, TEACHER_DOMAINS[name], train_steps, seed)
+        train_teacher(out, TEACHER_MIX[name], train_steps, seed)
     return out
 
 
-def _built(target: Path, train_steps: int) -> bool:
-    """Whether `target` holds a finished model, trained `train_steps` steps (0: untrained)."""
-    record = training_record(target) if train_steps else None
-    return (target / "config.json").is_file() and (not train_steps or (record or {}).get("steps") == train_steps)
+def _built(target: Path, train_steps: int, mix: dict[str, int] | None) -> bool:
+    """Whether `target` holds a finished model, trained `train_steps` steps on `mix` (0 steps: untrained)."""
+    record = (training_record(target) or {}) if train_steps else {}
+    trained_so = not train_steps or (record.get("steps"), record.get("mix")) == (train_steps, mix)
+    return (target / "config.json").is_file() and trained_so
 
 
 def build_all(
     out: Path, names: tuple[str, ...] = tuple(TINY_MODELS), train_steps: int = TRAIN_STEPS
 ) -> dict[str, Path]:
     """Build tiny models into `out/NAME`, atomically: a half-built folder is never visible. A `NAME-trained`
-    teacher is trained `train_steps` steps, and rebuilt when it was trained another number of steps."""
+    teacher is trained `train_steps` steps, and rebuilt when it was trained another number of steps or mix."""
     if train_steps <= 0:
         raise ValueError(f"train_steps must be > 0, got {train_steps}")
     out.mkdir(parents=True, exist_ok=True)
@@ -222,11 +223,11 @@ def build_all(
         fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent builders (tests, demo) wait for one another
         for name in names:
             base = name.removesuffix(TRAINED)
-            if base not in TINY_MODELS or (name != base and base not in TEACHER_DOMAINS):
+            if base not in TINY_MODELS or (name != base and base not in TEACHER_MIX):
                 raise ValueError(f"unknown tiny model {name!r}; known: {sorted(known_models())}")
             steps = train_steps if name != base else 0
             target = out / name
-            if not _built(target, steps):
+            if not _built(target, steps, TEACHER_MIX.get(base)):
                 staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out))
                 build_tiny_model(base, staging, steps)
                 shutil.rmtree(target, ignore_errors=True)
@@ -237,7 +238,7 @@ def build_all(
 
 def known_models() -> list[str]:
     """Every name `tiny:NAME` accepts: the models, and the trained variant of each teacher."""
-    return [*TINY_MODELS, *(name + TRAINED for name in TEACHER_DOMAINS)]
+    return [*TINY_MODELS, *(name + TRAINED for name in TEACHER_MIX)]
 
 
 def tokenizer_model(model: str) -> str:

@@ -154,6 +154,7 @@ class TeacherReplica:
             temperature=sampling.temperature,
             top_p=sampling.top_p,
             max_tokens=sampling.max_tokens,
+            repetition_penalty=sampling.repetition_penalty,
             stop=sampling.stop or None,
             logprobs=sampling.logprobs or None,
             flat_logprobs=True,
