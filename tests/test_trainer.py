@@ -25,6 +25,7 @@ from avocado_ray.training.trainer import (
     IGNORE,
     SampleEncoder,
     bucket,
+    comm_backend,
     deepspeed_config,
     forward,
     make_trainer,
@@ -92,6 +93,13 @@ def test_options_map_onto_deepspeed_keys_and_raw_keys_win():
     zero = deepspeed_config(both, 1)["zero_optimization"]
     assert zero["offload_optimizer"] == {"device": "cpu"} and zero["offload_param"] == {"device": "nvme"}
     assert zero["stage"] == 3
+
+
+def test_gpu_workers_use_nccl_and_bf16_and_cpu_workers_gloo_and_fp32():
+    # The mapping only: no GPU here, so the GPU fit itself is not run in this suite.
+    gpu, cpu = TrainerConfig(use_gpu=True), TrainerConfig()
+    assert (comm_backend(gpu), deepspeed_config(gpu, 2)["bf16"]) == ("nccl", {"enabled": True})
+    assert (comm_backend(cpu), deepspeed_config(cpu, 2)["bf16"]) == ("gloo", {"enabled": False})
 
 
 def test_trainer_options_are_validated():

@@ -42,6 +42,11 @@ TAKEN_SEQ = "trainer_taken_seq"  # the highest writer seq rank 0 took from the s
 DEEPSPEED_TAG = "state"
 
 
+def comm_backend(trainer: TrainerConfig) -> str:
+    """The process group's backend: nccl between GPUs, gloo between CPU workers."""
+    return "nccl" if trainer.use_gpu else "gloo"
+
+
 def deepspeed_config(trainer: TrainerConfig, world_size: int) -> dict:
     """Map our trainer options onto DeepSpeed's own keys; raw keys in `trainer.deepspeed` win."""
     accumulation = trainer.gradient_accumulation_steps
@@ -290,7 +295,7 @@ class StudentTrainer:
         self.weights = dict(trainer.losses)
         self.options = LossOptions(temperature=trainer.temperature, jsd_beta=trainer.jsd_beta)
         # Ray Train made the torch process group; DeepSpeed's comm layer adopts it.
-        deepspeed.init_distributed(dist_backend="nccl" if trainer.use_gpu else "gloo")
+        deepspeed.init_distributed(dist_backend=comm_backend(trainer))
         # Keeping this object alive makes from_pretrained build the model under zero.Init (sharded from the start).
         self._hf_ds = HfDeepSpeedConfig(self.ds_config)
         self.tokenizer = AutoTokenizer.from_pretrained(student_path)
@@ -564,7 +569,7 @@ def make_trainer(
             "teacher_tokenizers": dict(teacher_tokenizers or {}),
             "samples_dir": str(samples_dir.resolve()) if samples_dir is not None else None,
         },
-        torch_config=TorchConfig(backend="nccl" if trainer.use_gpu else "gloo"),
+        torch_config=TorchConfig(backend=comm_backend(trainer)),
         scaling_config=ScalingConfig(
             num_workers=trainer.num_workers,
             use_gpu=trainer.use_gpu,
