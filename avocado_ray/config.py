@@ -36,7 +36,8 @@ class SamplingConfig(Strict):
     repetition_penalty: float = Field(
         1.0, gt=0.0, description="Makes tokens already in the prompt or answer less likely (vLLM's and "
         "transformers' repetition_penalty: a positive logit is divided by it, a negative one multiplied); 1 is off. "
-        "Above 1 it keeps a small teacher from looping. The stored logprobs stay the model's own.",
+        "Above 1 it keeps a small teacher from looping. Tokens are drawn with the penalty; their stored logprobs are "
+        "the model's own, before it (vLLM's default logprobs_mode, raw_logprobs).",
     )
     stop: list[str] = Field(default_factory=list, description="Strings that end an answer.")
     logprobs: int = Field(5, ge=0, le=20, description="Top-k logprobs kept per generated token; 0 disables.")

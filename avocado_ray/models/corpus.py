@@ -31,21 +31,19 @@ def code_corpus(max_chars: int = 2_000_000) -> str:
     return "\n".join(parts)
 
 
-# A line of prose: a word, quote or bracket first, and none of the marks of tables, grammar rules, interpreter
-# sessions or code (`|`, `::=`, `>>>`, `=`, `_`, braces, ...).
+# A line of prose: a letter, quote, `(` or `*` first, and none of the marks of tables, grammar rules,
+# interpreter sessions or most code (`|`, `::=`, `>>>`, `=`, `_`, brackets, braces, ...).
 PROSE_LINE = re.compile(r"[A-Za-z\"'(*][^|<>{}\[\]=_\\#@$]*")
 
 
 def english_corpus() -> str:
     """The prose of the interactive `help()`'s topics: English about Python, each line stripped of its indent,
-    without the grammar rules, tables and code among them (a tiny model trained on those writes their notation
-    whatever it is asked)."""
+    without the grammar rules, tables and most of the code among them (a tiny model trained on those writes
+    their notation whatever it is asked)."""
     from pydoc_data.topics import topics
 
     lines = (line.strip() for key in sorted(topics) for line in topics[key].splitlines())
-    return "\n".join(
-        line for line in lines if PROSE_LINE.fullmatch(line) and len(line.split()) >= 3 and ">>>" not in line
-    )
+    return "\n".join(line for line in lines if PROSE_LINE.fullmatch(line) and len(line.split()) >= 3)
 
 
 def chinese_corpus() -> str:

@@ -1,4 +1,5 @@
-"""A short causal-LM training of the tiny teachers on text of their domains, so that they know something.
+"""A short causal-LM training of the tiny teachers on text of their domains (and some other text), so that they
+know something.
 
 A randomly initialised teacher answers every prompt with noise, and a student distilled from noise shows
 nothing. Trained here for a fixed number of AdamW steps (about a minute on 2 CPU cores, see docs/training.md),

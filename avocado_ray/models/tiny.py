@@ -206,8 +206,8 @@ def build_tiny_model(name: str, out: Path, train_steps: int = 0) -> Path:
 def _built(target: Path, train_steps: int, mix: dict[str, int] | None) -> bool:
     """Whether `target` holds a finished model, trained `train_steps` steps on `mix` (0 steps: untrained)."""
     record = (training_record(target) or {}) if train_steps else {}
-    trained_so = not train_steps or (record.get("steps"), record.get("mix")) == (train_steps, mix)
-    return (target / "config.json").is_file() and trained_so
+    trained_as_asked = not train_steps or (record.get("steps"), record.get("mix")) == (train_steps, mix)
+    return (target / "config.json").is_file() and trained_as_asked
 
 
 def build_all(
