@@ -324,7 +324,7 @@ def _bench_teachers(prompts: int = 200, max_tokens: int = 16, batch: int = 25, i
     import gc
 
     import ray
-    from vllm import LLM, SamplingParams
+    from vllm import LLM
 
     from avocado_ray.cli import config_path
     from avocado_ray.config import load_config
@@ -333,6 +333,7 @@ def _bench_teachers(prompts: int = 200, max_tokens: int = 16, batch: int = 25, i
     from avocado_ray.models.tiny import resolve_model
     from avocado_ray.routing.router import start_router
     from avocado_ray.teachers.pool import TeacherPool
+    from avocado_ray.teachers.replica import vllm_sampling_params
 
     config = load_config(config_path("builtin:local"), ["routing.best_of={}"])
     teacher = config.teacher("qwen")
@@ -343,9 +344,7 @@ def _bench_teachers(prompts: int = 200, max_tokens: int = 16, batch: int = 25, i
 
     llm = LLM(model=model, max_model_len=teacher.engine.max_model_len, enforce_eager=True, seed=0,
               max_logprobs=teacher.sampling.logprobs)
-    params = SamplingParams(temperature=teacher.sampling.temperature, top_p=teacher.sampling.top_p,
-                            max_tokens=max_tokens, logprobs=teacher.sampling.logprobs,
-                            repetition_penalty=teacher.sampling.repetition_penalty)
+    params = vllm_sampling_params(teacher.sampling)  # the teacher's sampling, max_tokens as set above
     tokenizer = llm.get_tokenizer()
     token_prompts = [{"prompt_token_ids": chat_prompt_ids(tokenizer, m)} for m in messages]
     llm.generate(token_prompts[:batch], params, use_tqdm=False)  # warm-up

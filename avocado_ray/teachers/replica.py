@@ -27,6 +27,24 @@ from avocado_ray.models.chat import chat_prompt_ids
 HARMONY_PARSER = "openai_gptoss"  # gpt-oss: vLLM parses its harmony channels with HarmonyParser
 
 
+def vllm_sampling_params(sampling: SamplingConfig, **options):
+    """vLLM's SamplingParams for a teacher's sampling settings, plus `options` (vLLM's own keywords): the one
+    mapping, for the replicas and for the bare-vLLM side of `bench teachers`."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
+
+    return SamplingParams(
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        max_tokens=sampling.max_tokens,
+        repetition_penalty=sampling.repetition_penalty,
+        stop=sampling.stop or None,
+        logprobs=sampling.logprobs or None,
+        structured_outputs=StructuredOutputsParams(regex=sampling.regex) if sampling.regex else None,
+        **options,
+    )
+
+
 def image_urls(messages: list[dict]) -> list[str]:
     """The URLs (http(s) or base64 `data:`) of the image parts of chat messages, in order: OpenAI-style
     `{"type": "image_url", "image_url": {"url": ...}}`, and `{"type": "image", "image": ...}` as the router counts."""
@@ -145,22 +163,15 @@ class TeacherReplica:
         return self.info()
 
     def _sampling_params(self, overrides: dict | None):
-        from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+        from vllm.sampling_params import RequestOutputKind
 
         sampling = self.teacher.sampling.model_copy(update=overrides or {})
         SamplingConfig.model_validate(sampling.model_dump())  # overrides obey the same rules as the config
-        return SamplingParams(
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            max_tokens=sampling.max_tokens,
-            repetition_penalty=sampling.repetition_penalty,
-            stop=sampling.stop or None,
-            logprobs=sampling.logprobs or None,
+        return vllm_sampling_params(
+            sampling,
             flat_logprobs=True,
             output_kind=RequestOutputKind.FINAL_ONLY,
             skip_special_tokens=self.splitter is None,  # the reasoning parser reads the special-token markers
-            structured_outputs=StructuredOutputsParams(regex=sampling.regex) if sampling.regex else None,
         ), sampling.logprobs
 
     async def _final_output(self, prompt: list[int] | dict, params):
