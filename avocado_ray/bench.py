@@ -60,48 +60,44 @@ class _NoopRouter:
         return []
 
 
-def _actor_latencies(router, prompts: list, calls: int, in_flight: int) -> dict:
-    """p50 and p99 milliseconds from submitting a one-prompt `route` call to having its result, over `calls`
-    calls with `in_flight` of them kept in flight (a closed loop: a new call as soon as one returns)."""
-    import ray
-
-    latencies, started, sent = [], {}, 0
-    while sent < calls or started:
-        while sent < calls and len(started) < in_flight:
-            started[router.route.remote([prompts[sent % len(prompts)]])] = time.perf_counter()
-            sent += 1
-        done, _ = ray.wait(list(started), num_returns=1)
-        for ref in done:
-            latencies.append((time.perf_counter() - started.pop(ref)) * 1000)
-    return {"p50_ms": round(float(np.percentile(latencies, 50)), 3),
-            "p99_ms": round(float(np.percentile(latencies, 99)), 3)}
-
-
-def _compiled_latencies(router, prompts: list, calls: int, in_flight: int) -> dict:
-    """The same closed loop through a Ray Compiled Graph over the router's `route` (shared-memory channels
-    instead of a task submission per call): what the actor's latency is without Ray's per-call overhead."""
+def _latencies(submit, result, prompts: list, calls: int, in_flight: int) -> dict:
+    """p50 and p99 milliseconds from submitting a one-prompt routing call to having its result, over `calls`
+    calls with `in_flight` of them kept in flight (a closed loop: a new call as soon as the oldest returns)."""
     from collections import deque
 
-    import ray
-    from ray.dag import InputNode
-
-    with InputNode() as prompt_batch:
-        graph = router.route.bind(prompt_batch).experimental_compile(_max_inflight_executions=in_flight)
-    try:
-        for _ in range(200):  # warm-up
-            ray.get(graph.execute(prompts[:1]))
-        latencies, pending, sent = [], deque(), 0
-        while sent < calls or pending:
-            while sent < calls and len(pending) < in_flight:
-                pending.append((graph.execute([prompts[sent % len(prompts)]]), time.perf_counter()))
-                sent += 1
-            ref, started = pending.popleft()
-            ray.get(ref)
-            latencies.append((time.perf_counter() - started) * 1000)
-    finally:
-        graph.teardown()
+    latencies, pending, sent = [], deque(), 0
+    while sent < calls or pending:
+        while sent < calls and len(pending) < in_flight:
+            pending.append((submit([prompts[sent % len(prompts)]]), time.perf_counter()))
+            sent += 1
+        call, started = pending.popleft()
+        result(call)
+        latencies.append((time.perf_counter() - started) * 1000)
     return {"p50_ms": round(float(np.percentile(latencies, 50)), 3),
             "p99_ms": round(float(np.percentile(latencies, 99)), 3)}
+
+
+def _plain_latencies(actor, prompts: list, calls: int, in_flight: int) -> dict:
+    """The loop with plain actor calls (`actor.route.remote`): one Ray task submission per call."""
+    import ray
+
+    return _latencies(actor.route.remote, ray.get, prompts, calls, in_flight)
+
+
+def _client_latencies(client, prompts: list, calls: int, in_flight: int) -> dict:
+    """The loop through a RouterClient (its compiled graph over the router actor)."""
+    return _latencies(client.submit, lambda pending: pending.result(), prompts, calls, in_flight)
+
+
+def _cpu_share(pid: int, seconds: float = 1.0) -> float:
+    """CPU seconds a process used per second of wall time, over `seconds` of it."""
+    import psutil
+
+    process = psutil.Process(pid)
+    before = process.cpu_times()
+    time.sleep(seconds)
+    after = process.cpu_times()
+    return round((after.user + after.system - before.user - before.system) / seconds, 2)
 
 
 def bench_router(seconds: float = 3.0, calls: int = 2000, in_flight: tuple[int, ...] = (1, 2, 4, 16),
@@ -112,10 +108,11 @@ def bench_router(seconds: float = 3.0, calls: int = 2000, in_flight: tuple[int, 
     Rate: `RuleClassifier.labels` over the dev prompts in rounds of one pass, for `seconds`. `prompts_per_s` is
     the best round, as timeit reports the best (other work on a shared machine only slows rounds down), and
     `prompts_per_s_median` the median round.
-    Latency: one-prompt `Router.route` calls to a Router actor started as the pipeline starts it (a sync actor,
-    one call at a time), `calls` calls with `in_flight` of them kept in flight; `p99_ms` is at `load` in flight.
-    The same loop against a no-op actor method shows how much of it is the Ray call itself, and through a Ray
-    Compiled Graph over the same router actor how much of that is per-call task submission.
+    Latency: one-prompt routing calls to a Router actor started as the pipeline starts it (a sync actor), `calls`
+    calls with `in_flight` of them kept in flight, through a RouterClient as the pipeline routes (its compiled
+    graph); `p99_ms` is at `load` in flight. Side by side: the same loop with plain actor calls to the same
+    router, and to a no-op actor method (Ray's per-call cost alone), and the CPU share the router's process
+    takes while the client's graph is up and idle, and after `close()`.
     """
     import os
 
@@ -125,7 +122,7 @@ def bench_router(seconds: float = 3.0, calls: int = 2000, in_flight: tuple[int, 
     from avocado_ray.config import load_config
     from avocado_ray.dataplane.prompts import Prompt
     from avocado_ray.routing.classifier import RuleClassifier
-    from avocado_ray.routing.router import start_router
+    from avocado_ray.routing.router import RouterClient, start_router
 
     rows = labelled_prompts("dev")
     texts = [row["prompt"] for row in rows]
@@ -145,11 +142,17 @@ def bench_router(seconds: float = 3.0, calls: int = 2000, in_flight: tuple[int, 
     noop = ray.remote(_NoopRouter).options(num_cpus=0).remote()
     prompts = [Prompt(id=str(i), messages=[{"role": "user", "content": t}], line=i) for i, t in enumerate(texts)]
     for actor in (router, noop):
-        _actor_latencies(actor, prompts, 500, load)  # warm-up: a freshly started Ray is still busy starting itself
+        _plain_latencies(actor, prompts, 500, load)  # warm-up: a freshly started Ray is still busy starting itself
     load_avg = os.getloadavg()[0]
-    by_in_flight = {n: _actor_latencies(router, prompts, calls, n) for n in in_flight}
-    noop_latency = _actor_latencies(noop, prompts, calls, load)
-    compiled_latency = _compiled_latencies(router, prompts, calls, load)
+    plain = {n: _plain_latencies(router, prompts, calls, n) for n in in_flight}
+    noop_latency = _plain_latencies(noop, prompts, calls, load)
+    router_pid = ray.get(router.__ray_call__.remote(lambda _: os.getpid()))
+    client = RouterClient(router, max_in_flight=max(in_flight))
+    _client_latencies(client, prompts, 500, load)  # warm-up, and the graph compiled
+    by_in_flight = {n: _client_latencies(client, prompts, calls, n) for n in in_flight}
+    cpu_with_graph = _cpu_share(router_pid)
+    client.close()
+    cpu_closed = _cpu_share(router_pid)
     ray.kill(router)
     ray.kill(noop)
     return {
@@ -160,10 +163,12 @@ def bench_router(seconds: float = 3.0, calls: int = 2000, in_flight: tuple[int, 
         "prompts_per_s_median": round(float(np.median(rates))),
         "p99_ms": by_in_flight[load]["p99_ms"],
         "load": {"calls": calls, "in_flight": load, "prompts_per_call": 1,
-                 "actor": "Router, sync, one call at a time (as pipeline.py starts it)"},
+                 "path": "RouterClient (Ray Compiled Graph) to the Router actor, sync, as pipeline.py routes"},
         "latency_by_in_flight": by_in_flight,
+        "plain_call_latency_by_in_flight": plain,
         "noop_actor_latency": noop_latency,
-        "compiled_graph_latency": compiled_latency,
+        "p99_ratio_plain_to_client": round(plain[load]["p99_ms"] / by_in_flight[load]["p99_ms"], 2),
+        "router_cpu_share": {"graph_up_idle": cpu_with_graph, "after_close": cpu_closed},
         "machine": {"cpus": os.cpu_count(), "load_avg_1m": round(load_avg, 2)},
         "quality_dev": classifier_quality(rows, config.routing.priority),
         "quality_heldout": classifier_quality(labelled_prompts("test"), config.routing.priority),

@@ -29,14 +29,14 @@ from avocado_ray.dataplane.stream import SampleStream
 from avocado_ray.models.tiny import resolve_model, tokenizer_model
 from avocado_ray.progress import GenerationMonitor
 from avocado_ray.report import read_metrics, train_steps
-from avocado_ray.routing.router import start_router
+from avocado_ray.routing.router import RouterClient, start_router
 from avocado_ray.routing.selection import Selector
 from avocado_ray.teachers.control import start_control
 from avocado_ray.teachers.pool import PlacementError, TeacherPool
 from avocado_ray.training.trainer import TAKEN_SEQ, make_trainer
 
 log = logging.getLogger("avocado_ray")
-ROUTE_CHUNK = 10_000  # prompts per routing call: bounds one call's size; Ray retries a chunk lost with the router
+ROUTE_CHUNK = 10_000  # prompts per routing call: bounds one message's size; a chunk lost with the router is asked again
 
 
 def _end_torn_record(path: Path) -> None:
@@ -137,9 +137,12 @@ def run_distill(config: DistillConfig, train: bool = True, trainer_factory=None)
     if answered:
         log.info("resuming: %d prompts already answered on disk, %d to answer", len(answered), len(to_answer))
 
-    router = start_router(config.routing, [t.name for t in config.teachers])
-    chunks = [router.route.remote(to_answer[i : i + ROUTE_CHUNK]) for i in range(0, len(to_answer), ROUTE_CHUNK)]
-    routes = [route for chunk in chunks for route in ray.get(chunk)]
+    router = RouterClient(start_router(config.routing, [t.name for t in config.teachers]))
+    try:
+        chunks = [to_answer[i : i + ROUTE_CHUNK] for i in range(0, len(to_answer), ROUTE_CHUNK)]
+        routes = [route for chunk in chunks for route in router.route(chunk)]
+    finally:
+        router.close()  # its graph polls a core while up
     work, best_of_prompts, unroutable = _plan(to_answer, routes)
     rejected += unroutable
     log.info("routed: %s", {f"{t}{' (best-of)' if best else ''}": len(r) for (t, best), r in work.items()})

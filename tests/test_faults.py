@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import deque
 from pathlib import Path
 
 import psutil
@@ -28,7 +29,7 @@ from avocado_ray.dataplane.prompts import Prompt
 from avocado_ray.dataplane.spill import ShardWriter, complete_shards, open_samples
 from avocado_ray.pipeline import Dispatcher
 from avocado_ray.report import read_metrics
-from avocado_ray.routing.router import start_router
+from avocado_ray.routing.router import Router, RouterClient, start_router
 from avocado_ray.teachers.pool import MAX_ATTEMPTS, TeacherPool
 from avocado_ray.teachers.replica import TeacherReplica
 
@@ -50,15 +51,24 @@ def test_a_router_killed_with_calls_in_flight_restarts_and_answers_them_all(ray_
     texts = [row["prompt"] for row in labelled_prompts()]
     prompts = [Prompt(id=str(i), messages=[{"role": "user", "content": texts[i % len(texts)]}], line=i)
                for i in range(20_000)]
-    router = start_router(local_config.routing, [t.name for t in local_config.teachers])
-    calls = [router.route.remote(prompts[i : i + 2_000]) for i in range(0, len(prompts), 2_000)]
-    ray.get(calls[0])  # the actor works through the other nine, one at a time
-    ray.kill(router, no_restart=False)  # its process dies as a crashed one would; Ray may restart it
-    routes = [route for call in calls for route in ray.get(call, timeout=120)]
-    assert [r.prompt_id for r in routes] == [p.id for p in prompts]
-    assert all(r.teacher is not None for r in routes)
+    teachers = [t.name for t in local_config.teachers]
+    router = start_router(local_config.routing, teachers)
+    client = RouterClient(router, max_in_flight=4)
+    batches = [prompts[i : i + 2_000] for i in range(0, len(prompts), 2_000)]
+    pending, routes = deque(client.submit(batch) for batch in batches[:4]), []
+    for batch in batches[4:]:
+        routes += pending.popleft().result()
+        if len(routes) == 4_000:  # three calls in flight
+            ray.kill(router, no_restart=False)  # its process dies as a crashed one would; Ray may restart it
+        pending.append(client.submit(batch))
+    while pending:
+        routes += pending.popleft().result()
+    client.close()
+    assert [(r.prompt_id, r.teacher) for r in routes] == [
+        (r.prompt_id, r.teacher) for r in Router(local_config.routing, teachers).route(prompts)
+    ]
     restarts = [a["NumRestarts"] for a in state.actor_table(None).values() if a["ActorID"] == router._actor_id.hex()]
-    assert restarts == [1]
+    assert restarts == [1] and client.generation == 2  # one new graph, on the restarted process
 
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import this test module
