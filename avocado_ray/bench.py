@@ -68,7 +68,8 @@ def _latencies(submit, result, prompts: list, calls: int, in_flight: int) -> dic
     latencies, pending, sent = [], deque(), 0
     while sent < calls or pending:
         while sent < calls and len(pending) < in_flight:
-            pending.append((submit([prompts[sent % len(prompts)]]), time.perf_counter()))
+            started = time.perf_counter()
+            pending.append((submit([prompts[sent % len(prompts)]]), started))
             sent += 1
         call, started = pending.popleft()
         result(call)
@@ -97,7 +98,7 @@ def _cpu_share(pid: int, seconds: float = 1.0) -> float:
     before = process.cpu_times()
     time.sleep(seconds)
     after = process.cpu_times()
-    return round((after.user + after.system - before.user - before.system) / seconds, 2)
+    return round(((after.user - before.user) + (after.system - before.system)) / seconds, 2)
 
 
 def bench_router(seconds: float = 3.0, calls: int = 2000, in_flight: tuple[int, ...] = (1, 2, 4, 16),
@@ -163,7 +164,7 @@ def bench_router(seconds: float = 3.0, calls: int = 2000, in_flight: tuple[int, 
         "prompts_per_s_median": round(float(np.median(rates))),
         "p99_ms": by_in_flight[load]["p99_ms"],
         "load": {"calls": calls, "in_flight": load, "prompts_per_call": 1,
-                 "path": "RouterClient (Ray Compiled Graph) to the Router actor, sync, as pipeline.py routes"},
+                 "path": "RouterClient (Ray Compiled Graph) to the Router actor, the path pipeline.py routes by"},
         "latency_by_in_flight": by_in_flight,
         "plain_call_latency_by_in_flight": plain,
         "noop_actor_latency": noop_latency,

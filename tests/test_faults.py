@@ -23,6 +23,7 @@ import pytest
 import ray
 from ray import cloudpickle
 from ray._private.state import state
+from ray.exceptions import ActorDiedError
 
 from avocado_ray.bench import labelled_prompts
 from avocado_ray.dataplane.prompts import Prompt
@@ -69,6 +70,19 @@ def test_a_router_killed_with_calls_in_flight_restarts_and_answers_them_all(ray_
     ]
     restarts = [a["NumRestarts"] for a in state.actor_table(None).values() if a["ActorID"] == router._actor_id.hex()]
     assert restarts == [1] and client.generation == 2  # one new graph, on the restarted process
+
+
+def test_a_router_dead_for_good_fails_the_next_call_instead_of_waiting_for_a_restart(ray_cluster, local_config):
+    router = start_router(local_config.routing, [t.name for t in local_config.teachers])
+    client = RouterClient(router, restart_timeout_s=600)
+    prompts = [Prompt(id=str(i), messages=[{"role": "user", "content": "What is 2 + 2?"}], line=i) for i in range(3)]
+    assert [r.teacher for r in client.route(prompts)] == ["gptoss"] * 3
+    ray.kill(router, no_restart=True)
+    started = time.monotonic()
+    with pytest.raises(ActorDiedError):
+        client.route(prompts)
+    assert time.monotonic() - started < 60  # it gave up when the actor was gone, not at the 600 s deadline
+    client.close()
 
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import this test module

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 import ray
 from ray.dag import InputNode
-from ray.exceptions import RayActorError, RaySystemError
+from ray.exceptions import ActorDiedError, RayActorError, RayChannelError, RayChannelTimeoutError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from avocado_ray.config import RoutingConfig
 from avocado_ray.dataplane.prompts import Prompt
@@ -17,9 +18,10 @@ from avocado_ray.routing.classifier import DomainClassifier, load_classifier
 
 log = logging.getLogger("avocado_ray")
 
-# What a call through the compiled graph raises when the router's process is gone or restarting (a closed channel,
-# a dead or unavailable actor), as opposed to an error that `route` itself raised, which is not retried.
-ROUTER_FAULTS = (RaySystemError, RayActorError)
+# What a call through the compiled graph raises when the router's process is gone or restarting: a closed
+# channel, an unavailable actor. Not retried: an error that `route` itself raised, a timeout (RayChannelTimeoutError
+# is re-raised first), more batches in flight than the graph holds (RayCgraphCapacityExceeded).
+ROUTER_FAULTS = (RayChannelError, RayActorError)
 
 
 @dataclass
@@ -93,9 +95,14 @@ class Router:
 
 
 def start_router(routing: RoutingConfig, teachers: list[str]) -> ray.actor.ActorHandle:
-    """The router as a Ray actor that Ray restarts when its process dies, retrying the calls it had in flight
-    (routing is a pure function of the prompt; only the pools marked down are lost with it)."""
-    return ray.remote(Router).options(num_cpus=0, max_restarts=3, max_task_retries=3).remote(routing, teachers)
+    """The router as a Ray actor on the driver's node (its one caller, through a RouterClient's shared memory)
+    that Ray restarts when its process dies. Ray retries no call (`max_task_retries=0`): the client asks the
+    restarted router again itself, because Ray's rerun of a compiled graph's loop on a new process is not a
+    supported recovery (only the pools marked down are lost with the process)."""
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return ray.remote(Router).options(num_cpus=0, max_restarts=3, max_task_retries=0, scheduling_strategy=here).remote(
+        routing, teachers
+    )
 
 
 class RouterClient:
@@ -103,21 +110,23 @@ class RouterClient:
 
     A plain actor call pays Ray's task submission each time (1-10 ms on a busy small node, see `bench router`);
     the compiled graph sends the prompts over a shared-memory channel to a loop already running in the actor
-    (about 0.5 ms). Its price: while the graph is up, the actor's reader polls its channel and keeps a core busy,
+    (under 1 ms). Its price: while the graph is up, the actor's reader polls its channel and keeps a core busy,
     so `close()` the client once its decisions are made. The graph does not outlive the actor's process: when the
-    router dies and Ray restarts it, the next result compiles a new graph on the new process and asks again
+    router dies and Ray restarts it, the waiting results compile a new graph on the new process and ask again
     (routing is a pure function of the prompt). Only the process that made the client may use it, from one thread.
     """
 
-    def __init__(self, router: ray.actor.ActorHandle, max_in_flight: int = 4, restart_timeout_s: float = 60.0):
+    def __init__(self, router: ray.actor.ActorHandle, max_in_flight: int = 4, restart_timeout_s: float = 60.0,
+                 call_timeout_s: float = 300.0):
         self.router = router
-        self.max_in_flight = max_in_flight
+        self.max_in_flight = max_in_flight  # batches sent, not yet fetched; one more raises RayCgraphCapacityExceeded
         self.restart_timeout_s = restart_timeout_s
+        self.call_timeout_s = call_timeout_s
         self._graph = None
-        self.generation = 0  # graphs compiled so far: 1 + the router restarts this client has recovered from
+        self.generation = 0  # graphs compiled so far
 
     def submit(self, prompts: list[Prompt]) -> PendingRoutes:
-        """Send one batch; its routes come with `.result()`. At most `max_in_flight` batches may await theirs."""
+        """Send one batch; its routes come with `.result()`."""
         return PendingRoutes(self, prompts)
 
     def route(self, prompts: list[Prompt]) -> list[Route]:
@@ -141,10 +150,7 @@ class RouterClient:
     def _drop(self, generation: int) -> None:
         """Forget the graph a fault broke (unless a newer one replaced it already)."""
         if generation == self.generation and self._graph is not None:
-            try:
-                self._graph.teardown()
-            except ROUTER_FAULTS:
-                pass  # its actor is gone: nothing left to tear down
+            self._graph.teardown()
             self._graph = None
 
 
@@ -153,23 +159,42 @@ class PendingRoutes:
 
     def __init__(self, client: RouterClient, prompts: list[Prompt]):
         self.client, self.prompts = client, prompts
-        self._ref, self._generation = None, client.generation
+        self._ref, self._generation, self._routes = None, client.generation, None
         try:
             self._ref, self._generation = client._execute(prompts)
+        except RayChannelTimeoutError:
+            raise
         except ROUTER_FAULTS:
             pass  # the router is down: result() asks again
 
     def result(self) -> list[Route]:
-        deadline = time.monotonic() + self.client.restart_timeout_s
+        if self._routes is None:
+            self._routes = self._wait()
+        return self._routes
+
+    def _wait(self) -> list[Route]:
+        deadline, pause = time.monotonic() + self.client.restart_timeout_s, 0.1
         while True:
+            compiling = self._ref is None
             try:
-                if self._ref is None:
+                if compiling:
                     self._ref, self._generation = self.client._execute(self.prompts)
-                return ray.get(self._ref)
-            except ROUTER_FAULTS as fault:
-                if time.monotonic() > deadline:
+                routes = ray.get(self._ref, timeout=self.client.call_timeout_s)
+                if [r.prompt_id for r in routes] == [p.id for p in self.prompts]:
+                    return routes
+                problem = "the router answered other prompts than this batch's"  # a channel out of step
+            except RayChannelTimeoutError:
+                raise
+            except ActorDiedError:
+                if compiling:  # a restarting actor queues the compile's calls: died here means dead for good
                     raise
-                log.warning("router call failed (%s): asking the restarted router again", type(fault).__name__)
-                self.client._drop(self._generation)
-                self._ref = None
-                time.sleep(0.1)
+                problem = "the router died"
+            except ROUTER_FAULTS as fault:
+                problem = type(fault).__name__
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"routing a batch of {len(self.prompts)} prompts failed: {problem}")
+            log.warning("router call failed (%s): asking the router again", problem)
+            self.client._drop(self._generation)
+            self._ref = None
+            time.sleep(pause)
+            pause = min(pause * 2, 2.0)
