@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from avocado_ray.cluster import SYSTEM_CONFIG
+from avocado_ray.cluster import start_local
+
+if TYPE_CHECKING:
+    from avocado_ray.config import RoutingConfig
 
 
 LABELLED_DIR = Path(__file__).resolve().parents[1] / "tests" / "data"
@@ -31,15 +35,12 @@ def labelled_prompts(split: str = "dev") -> list[dict]:
     return (read("router_eval.jsonl") if split == "dev" else []) + heldout
 
 
-def classifier_quality(rows: list[dict], priority: list[str]) -> dict:
-    """Per-domain precision and recall of the routing domain (the first label by priority)."""
+def classifier_quality(rows: list[dict], routing: RoutingConfig) -> dict:
+    """Per-domain precision and recall of the routing domain (`routing.domain_of` the labels)."""
     from avocado_ray.routing.classifier import RuleClassifier
 
     classifier = RuleClassifier()
-    predicted = []
-    for row in rows:
-        labels = classifier.labels(row["prompt"])
-        predicted.append(next((d for d in priority if d in labels), labels[0]))
+    predicted = [routing.domain_of(classifier.labels(row["prompt"])) for row in rows]
     quality = {}
     for domain in sorted({row["domain"] for row in rows}):
         true_positive = sum(1 for row, p in zip(rows, predicted) if p == domain == row["domain"])
@@ -136,9 +137,7 @@ def bench_router(seconds: float = 3.0, calls: int = 2000, in_flight: tuple[int, 
         rates.append(len(texts) / (time.perf_counter() - round_started))
 
     config = load_config(config_path("builtin:local"), check_paths=False)
-    if not ray.is_initialized():  # a Ray of its own (address="local"), not one another process started
-        ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 log_to_driver=False, _system_config=SYSTEM_CONFIG)
+    start_local(num_cpus=2, log_to_driver=False)
     router = start_router(config.routing, [t.name for t in config.teachers])
     noop = ray.remote(_NoopRouter).options(num_cpus=0).remote()
     prompts = [Prompt(id=str(i), messages=[{"role": "user", "content": t}], line=i) for i, t in enumerate(texts)]
@@ -171,8 +170,8 @@ def bench_router(seconds: float = 3.0, calls: int = 2000, in_flight: tuple[int, 
         "p99_ratio_plain_to_client": round(plain[load]["p99_ms"] / by_in_flight[load]["p99_ms"], 2),
         "router_cpu_share": {"graph_up_idle": cpu_with_graph, "after_close": cpu_closed},
         "machine": {"cpus": os.cpu_count(), "load_avg_1m": round(load_avg, 2)},
-        "quality_dev": classifier_quality(rows, config.routing.priority),
-        "quality_heldout": classifier_quality(labelled_prompts("test"), config.routing.priority),
+        "quality_dev": classifier_quality(rows, config.routing),
+        "quality_heldout": classifier_quality(labelled_prompts("test"), config.routing),
     }
 
 
@@ -203,7 +202,6 @@ def bench_dataplane(samples: int = 2048, tokens: int = 64, k: int = 20, batch_ro
     import tempfile
 
     import pyarrow.parquet as pq
-    import ray
 
     from avocado_ray.dataplane.schema import samples_to_batch
     from avocado_ray.dataplane.spill import ShardWriter, complete_shards
@@ -227,9 +225,7 @@ def bench_dataplane(samples: int = 2048, tokens: int = 64, k: int = 20, batch_ro
                     if chunk.path_in_schema.startswith(("topk_ids", "topk_logprobs")):
                         topk_bytes += chunk.total_compressed_size
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-                 _system_config=SYSTEM_CONFIG)
+    start_local(num_cpus=2, log_to_driver=False)
     stream_through(batches[:buffer_batches], buffer_batches)  # warm-up: consumer worker and queue actor start
     fast = stream_through(batches, buffer_batches)
     slow_batches = batches[: 4 * buffer_batches]
@@ -362,9 +358,7 @@ def _bench_teachers(prompts: int = 200, max_tokens: int = 16, batch: int = 25, i
     del llm
     gc.collect()
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-                 _system_config=SYSTEM_CONFIG)
+    start_local(num_cpus=4, log_to_driver=False)
     router = start_router(config.routing, [t.name for t in config.teachers])
     pool = TeacherPool(teacher, model, use_gpu=False, max_in_flight=in_flight)
     pool.ready()

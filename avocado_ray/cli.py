@@ -67,7 +67,7 @@ def cmd_route(args) -> int:
     """Dry run of the router: where each input row would go, without starting any teacher."""
     from collections import Counter
 
-    from avocado_ray.dataplane.prompts import Rejected, read_prompts
+    from avocado_ray.dataplane.prompts import read_prompts
     from avocado_ray.routing.router import Router
 
     config = load_config(config_path(args.config), args.set, check_paths=False)
@@ -80,7 +80,7 @@ def cmd_route(args) -> int:
     with open(output, "w") as out:
         for prompt, route in zip(prompt_set.prompts, router.route(prompt_set.prompts)):
             if route.teacher is None:
-                rejected.append(vars(Rejected(prompt.line, prompt.id, route.reason, "unknown_teacher")))
+                rejected.append(vars(route.rejection(prompt)))
                 continue
             record = {"id": prompt.id, "domain": route.domain, "teacher": route.teacher, "labels": route.labels}
             if route.candidates:
@@ -148,7 +148,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_config_check(args) -> int:
-    config = _load(args)
+    config = load_config(config_path(args.config), args.set, check_paths=not args.no_paths)
     print(f"{args.config}: ok ({len(config.teachers)} teachers, run_dir {config.run_dir})")
     return 0
 
@@ -238,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     config_commands = config.add_subparsers(dest="config_command", required=True)
     check = config_commands.add_parser("check", help="validate a config; exit 2 listing every problem")
     _add_config_args(check, positional=True)
+    check.add_argument("--no-paths", action="store_true",
+                       help="check the schema only, not that the input and model folders exist (a cluster's config "
+                       "checked off the cluster)")
     check.set_defaults(func=cmd_config_check)
     schema = config_commands.add_parser("schema", help="print the config's JSON Schema")
     schema.set_defaults(func=cmd_config_schema)

@@ -38,5 +38,13 @@ def connect(config: DistillConfig) -> str:
     except ConnectionError:
         pass
     num_cpus = config.ray.num_cpus or max(cpus_needed(config), os.cpu_count() or 1)
-    ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", _system_config=SYSTEM_CONFIG)
+    start_local(num_cpus)
     return f"started a local Ray with {num_cpus} logical CPUs"
+
+
+def start_local(num_cpus: int, log_to_driver: bool = True) -> None:
+    """A Ray of this process's own on loopback, unless one is initialised already: `address="local"` never
+    joins a cluster that `ray start` runs on this machine (which would refuse `num_cpus`)."""
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 log_to_driver=log_to_driver, _system_config=SYSTEM_CONFIG)

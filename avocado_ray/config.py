@@ -205,6 +205,10 @@ class RoutingConfig(Strict):
                 raise ValueError(f"{domain}: weights must be a non-empty mapping of positive numbers")
         return table
 
+    def domain_of(self, labels: list[str]) -> str:
+        """The label that routes a prompt: the first one in `priority` (else the classifier's first)."""
+        return next((d for d in self.priority if d in labels), labels[0])
+
     def teachers_of(self, domain: str) -> dict[str, float]:
         """The teachers a domain routes to, with weights (one teacher has weight 1)."""
         target = self.table.get(domain, self.fallback)

@@ -96,8 +96,7 @@ class _Training:
 
 
 # `ray job stop` sends the driver SIGTERM (which Ray's driver turns into SystemExit) and SIGKILL 3 s later
-# (RAY_JOB_STOP_WAIT_TIME_S on the cluster); Ctrl-C is a KeyboardInterrupt.
-STOP = (SystemExit, KeyboardInterrupt)
+# (RAY_JOB_STOP_WAIT_TIME_S on the cluster); Ctrl-C is a KeyboardInterrupt. Both reach _stop.
 STOP_WRITER_S = 1.5  # of those 3 s, what the writer gets to complete its open shard
 RESUME = "rerun on the same run directory to resume (complete shards and the last checkpoint are kept)"
 
@@ -155,9 +154,8 @@ def run_distill(config: DistillConfig, train: bool = True, trainer_factory=None)
         pools.update(fall_back(config, work, best_of_prompts, down, pools))
     selector = None
     if best_of_prompts:
-        judge_replicas = {name: pools[name].actors() for name in judges}
         selector = ray.remote(Selector).options(num_cpus=0, max_concurrency=64).remote(
-            config.routing.best_of, judge_replicas
+            config.routing.best_of, {name: pools[name].actors() for name in judges}
         )
         ray.get(selector.expect.remote(best_of_prompts))
     writer = ray.remote(ShardWriter).options(num_cpus=0).remote(str(samples_dir), config.dispatch.rows_per_shard)
@@ -278,7 +276,7 @@ def _plan(prompts: list, routes: list) -> tuple[dict[tuple[str, bool], list[dict
     best_of_prompts, rejected = [], []
     for prompt, route in zip(prompts, routes):
         if route.teacher is None:
-            rejected.append(Rejected(prompt.line, prompt.id, route.reason, "unknown_teacher"))
+            rejected.append(route.rejection(prompt))
             continue
         request = {"prompt_id": prompt.id, "domain": route.domain, "labels": route.labels, "messages": prompt.messages}
         if prompt.sampling:
@@ -378,6 +376,8 @@ class Dispatcher:
         self.rejected: list[dict] = []
         self.retried_prompts = 0
         self.rerouted_prompts = 0
+        self.judges = {b.judge for b in config.routing.best_of.values() if b.judge} & set(pools)
+        self.judge_replicas = {name: pools[name].actors() for name in self.judges}  # what the selector has
 
     def _log(self, record: dict) -> None:
         with open(self.metrics, "a") as f:
@@ -421,6 +421,14 @@ class Dispatcher:
                 self.rerouted_prompts += len(batch)
                 self._log({"kind": "reroute", "teacher": name, "to": fallback, "prompts": len(batch),
                            "reason": "saturated"})
+
+    def _update_judges(self) -> None:
+        """Send the selector the judge pools' replicas when they changed (a replica replaced, a pool scaled):
+        its calls go to the ones serving now. Ray runs one caller's calls to an actor in order."""
+        now = {name: self.pools[name].actors() for name in self.judges}
+        if now != self.judge_replicas:
+            self.selector.set_judges.remote(now)
+            self.judge_replicas = now
 
     def _check_consumers(self, writes: list[ray.ObjectRef]) -> list[ray.ObjectRef]:
         """Raise what failed downstream now rather than at the end: a shard write (a full disk, named with its
@@ -472,6 +480,7 @@ class Dispatcher:
                 monitor.answered(name, report)
                 batch_ref, rejected = ref, report["rejected"]
                 if best_of:
+                    self._update_judges()
                     batch_ref, rejected_ref = self.selector.add.options(num_returns=2).remote(ref, rejected, name)
                     rejected = ray.get(rejected_ref)
                 self.rejected += rejected

@@ -17,24 +17,26 @@ overridden on the command line with `--set key.path=value`.
 |---|---|---|---|"""
 
 
-def section_of(annotation) -> tuple[type[BaseModel] | None, bool]:
-    """The nested config model of a field, and whether the field is a list or mapping of it."""
+def section_of(annotation) -> tuple[type[BaseModel] | None, str]:
+    """The nested config model of a field, and the key suffix of one of its entries: '[]' for a list of them,
+    '.DOMAIN' for a mapping, '' for one model (or an optional one)."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation, False
+        return annotation, ""
     for arg in typing.get_args(annotation):
         if isinstance(arg, type) and issubclass(arg, BaseModel):
-            return arg, True
-    return None, False
+            origin = typing.get_origin(annotation)
+            return arg, "[]" if origin is list else ".DOMAIN" if origin is dict else ""
+    return None, ""
 
 
 def rows(model: type[BaseModel], prefix: str = ""):
     for name, field in model.model_fields.items():
-        section, is_list = section_of(field.annotation)
-        many = "[]" if typing.get_origin(field.annotation) is list else ".DOMAIN"
-        key = f"{prefix}{name}{many if is_list else ''}"
+        section, entry = section_of(field.annotation)
+        key = f"{prefix}{name}{entry}"
         doc = field.description or ((section.__doc__ or "").strip() if section else "")
         if section:
-            yield key, "section", "", doc
+            optional = not field.is_required() and field.get_default() is None
+            yield key, "section", "None (off)" if optional else "", doc
             yield from rows(section, key + ".")
         else:
             default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))

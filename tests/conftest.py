@@ -16,7 +16,7 @@ import pytest
 import ray
 
 from avocado_ray.cli import config_path
-from avocado_ray.cluster import SYSTEM_CONFIG
+from avocado_ray.cluster import start_local
 from avocado_ray.config import load_config
 from avocado_ray.models.tiny import UNTRAINED_ENV, build_all, cache_root
 
@@ -79,8 +79,7 @@ def ray_cluster():
     """
     with pytest.MonkeyPatch.context() as env:
         env.setenv("HF_TOKEN", "hf_avocadoFakeSessionToken0123456789")
-        ray.init(address="local", num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 log_to_driver=False, _system_config=SYSTEM_CONFIG)
+        start_local(num_cpus=8, log_to_driver=False)
         yield
         ray.shutdown()
 

@@ -15,7 +15,7 @@ import yaml
 
 from avocado_ray.cli import config_path
 from avocado_ray.dataplane.schema import SAMPLE_SCHEMA, SCHEMA_VERSION, VERSION_KEY, SchemaVersionError, samples_to_batch
-from avocado_ray.dataplane.spill import ShardWriter, answered_prompt_ids, complete_shards, open_samples
+from avocado_ray.dataplane.spill import ShardWriter, complete_shards, open_samples, prompt_ids_in
 
 
 def sample(i):
@@ -35,7 +35,7 @@ def test_shards_are_written_atomically_and_a_torn_one_is_set_aside(tmp_path):
     torn.write_bytes(torn.read_bytes()[:100])  # a shard cut short, as by a full disk
     assert [p.name for p in complete_shards(tmp_path)] == ["shard-000000.parquet", "shard-000002.parquet"]
     assert (tmp_path / "shard-000001.parquet.corrupt").is_file()
-    assert answered_prompt_ids(tmp_path) == {"p0", "p1", "p4"}  # p2 and p3 will be asked again
+    assert prompt_ids_in(complete_shards(tmp_path)) == {"p0", "p1", "p4"}  # p2 and p3 will be asked again
     assert ShardWriter(str(tmp_path)).shard_index == 3  # never overwrites a shard
 
 
@@ -45,7 +45,7 @@ def test_sealing_waits_for_the_batches_a_checkpoint_counts_then_completes_the_op
     assert writer.seal(2) is None  # batch 2 has not reached the writer yet: the trainer asks again
     writer.write(samples_to_batch([sample(1)]), seq=2)
     assert writer.seal(2) == ["shard-000000.parquet"]  # both batches are now in a complete shard
-    assert answered_prompt_ids(tmp_path) == {"p0", "p1"}
+    assert prompt_ids_in(complete_shards(tmp_path)) == {"p0", "p1"}
 
 
 def test_a_shard_of_another_schema_version_fails_naming_both_versions(tmp_path):

@@ -2,9 +2,11 @@
 
 import json
 import socket
+import sys
 
 import pytest
 import ray
+from ray import cloudpickle
 
 from avocado_ray.config import BestOfConfig
 from avocado_ray.dataplane.schema import samples_to_batch
@@ -75,6 +77,26 @@ def test_the_judge_teacher_scores_every_candidate_and_the_best_wins(teacher_pool
     scores = {c["teacher"]: c["score"] for c in winner["candidates"]}
     assert set(scores) == {"qwen", "gemma"} and all(s < 0 for s in scores.values())  # mean logprobs
     assert winner["teacher"] == max(scores, key=scores.get) and winner["scorer"] == "judge"
+
+
+class GoneReplica:
+    """Test double of a judge replica that was replaced or scaled away: its actor is killed before the call."""
+
+    def judge(self, messages, answers):
+        raise AssertionError("a dead actor answered")
+
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import this test module
+
+@pytest.mark.slow
+def test_a_judge_replica_that_died_passes_its_call_to_the_live_one(teacher_pools, answers):
+    best_of = BestOfConfig(teachers=["qwen", "gemma"], scorer="judge", judge="qwen")
+    gone = ray.remote(GoneReplica).options(num_cpus=0).remote()
+    ray.kill(gone)
+    live = teacher_pools["qwen"].actors()[0]
+    for replicas in ([gone, live], [live, gone]):  # whichever the selector's turn starts at
+        [winner] = select(best_of, answers, judges={"qwen": replicas})
+        assert all(c["score"] < 0 for c in winner["candidates"])  # scored by the live replica
 
 
 @pytest.mark.slow

@@ -95,11 +95,15 @@ def test_options_map_onto_deepspeed_keys_and_raw_keys_win():
     assert zero["stage"] == 3
 
 
-def test_gpu_workers_use_nccl_and_bf16_and_cpu_workers_gloo_and_fp32():
+def test_gpu_workers_use_nccl_bf16_and_fused_adam_and_cpu_workers_gloo_fp32_and_torch_adamw():
     # The mapping only: no GPU here, so the GPU fit itself is not run in this suite.
     gpu, cpu = TrainerConfig(use_gpu=True), TrainerConfig()
     assert (comm_backend(gpu), deepspeed_config(gpu, 2)["bf16"]) == ("nccl", {"enabled": True})
     assert (comm_backend(cpu), deepspeed_config(cpu, 2)["bf16"]) == ("gloo", {"enabled": False})
+    assert "torch_adam" not in deepspeed_config(gpu, 2)["optimizer"]["params"]  # DeepSpeed's FusedAdam
+    assert deepspeed_config(cpu, 2)["optimizer"]["params"]["torch_adam"] is True
+    offloaded = deepspeed_config(TrainerConfig(offload="optimizer"), 2)["optimizer"]["params"]
+    assert "torch_adam" not in offloaded  # DeepSpeedCPUAdam
 
 
 def test_trainer_options_are_validated():

@@ -35,6 +35,10 @@ class Prompt:
         """All message text, for classification."""
         return "\n".join(part for m in self.messages for part in _text_parts(m["content"]))
 
+    @property
+    def has_image(self) -> bool:
+        return bool(image_urls(self.messages))
+
 
 @dataclass
 class Rejected:
@@ -61,6 +65,19 @@ class PromptSet:
     source: str
     prompts: list[Prompt] = field(default_factory=list)
     rejected: list[Rejected] = field(default_factory=list)
+
+
+def image_urls(messages: list[dict]) -> list[str]:
+    """The URLs (http(s) or base64 `data:`) of the image parts of chat messages, in order: OpenAI-style
+    `{"type": "image_url", "image_url": {"url": ...}}`, and `{"type": "image", "image": ...}`."""
+    urls = []
+    for message in messages:
+        parts = message["content"] if isinstance(message["content"], list) else []
+        for part in parts:
+            if isinstance(part, dict) and part.get("type") in ("image_url", "image"):
+                image = part.get(part["type"])
+                urls.append(image.get("url", "") if isinstance(image, dict) else str(image))
+    return urls
 
 
 def _text_parts(content) -> list[str]:

@@ -161,11 +161,6 @@ def prompt_ids_in(shards: list[Path]) -> set[str]:
     return set(dataset.to_table(columns=["prompt_id"])["prompt_id"].to_pylist())
 
 
-def answered_prompt_ids(folder: str | Path) -> set[str]:
-    """Prompts that already have their sample in the complete shards of `folder`."""
-    return prompt_ids_in(complete_shards(folder)) if Path(folder).is_dir() else set()
-
-
 def sample_counts(folder: str | Path) -> dict:
     """Counts of the samples on disk: total, per domain, per teacher, per domain and teacher, tokens generated."""
     table = open_samples(folder).to_table(columns=["domain", "teacher", "token_ids"])

@@ -13,7 +13,7 @@ from ray.exceptions import ActorDiedError, RayActorError, RayChannelError, RayCh
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from avocado_ray.config import RoutingConfig
-from avocado_ray.dataplane.prompts import Prompt
+from avocado_ray.dataplane.prompts import Prompt, Rejected
 from avocado_ray.routing.classifier import DomainClassifier, load_classifier
 
 log = logging.getLogger("avocado_ray")
@@ -35,13 +35,9 @@ class Route:
     reason: str | None = None
     candidates: list[str] | None = None  # best-of-teachers: every teacher that answers
 
-
-def has_image(prompt: Prompt) -> bool:
-    return any(
-        isinstance(m["content"], list)
-        and any(isinstance(p, dict) and p.get("type") in ("image_url", "image") for p in m["content"])
-        for m in prompt.messages
-    )
+    def rejection(self, prompt: Prompt) -> Rejected:
+        """The dead letter of a prompt this route refused."""
+        return Rejected(prompt.line, prompt.id, self.reason, "unknown_teacher")
 
 
 def _unit_interval(prompt_id: str) -> float:
@@ -59,21 +55,17 @@ def pick_weighted(weights: dict[str, float], prompt_id: str) -> str:
 
 
 class Router:
-    """Routing table plus classifier; run as a Ray actor so every driver and pool shares one."""
+    """Routing table plus classifier: the teacher (or the best-of teachers) of each prompt. Run as a Ray actor
+    for the driver; pools that turn out to be down are the pipeline's to handle (`pipeline.fall_back`)."""
 
     def __init__(self, routing: RoutingConfig, teachers: list[str], classifier: DomainClassifier | None = None):
         self.routing = routing
         self.teachers = set(teachers)
-        self.down: set[str] = set()
         self.classifier = classifier or load_classifier(routing.classifier)
 
-    def set_down(self, teacher: str, down: bool = True) -> None:
-        """Mark a pool down (or up again); prompts for a down pool go to the fallback teacher."""
-        (self.down.add if down else self.down.discard)(teacher)
-
     def route_one(self, prompt: Prompt) -> Route:
-        labels = self.classifier.labels(prompt.text, has_image(prompt))
-        domain = next((d for d in self.routing.priority if d in labels), labels[0])
+        labels = self.classifier.labels(prompt.text, prompt.has_image)
+        domain = self.routing.domain_of(labels)
         if prompt.teacher is not None:
             if prompt.teacher not in self.teachers:
                 reason = f"unknown teacher {prompt.teacher!r} in row override; known: {sorted(self.teachers)}"
@@ -81,13 +73,8 @@ class Router:
             return Route(prompt.id, domain, labels, prompt.teacher)
         best_of = self.routing.best_of.get(domain)
         if best_of is not None:
-            candidates = [t for t in best_of.teachers if t not in self.down]
-            if len(candidates) > 1:
-                return Route(prompt.id, domain, labels, candidates[0], candidates=candidates)
-        teacher = pick_weighted(self.routing.teachers_of(domain), prompt.id)
-        if teacher in self.down:
-            teacher = self.routing.fallback
-        return Route(prompt.id, domain, labels, teacher)
+            return Route(prompt.id, domain, labels, best_of.teachers[0], candidates=list(best_of.teachers))
+        return Route(prompt.id, domain, labels, pick_weighted(self.routing.teachers_of(domain), prompt.id))
 
     def route(self, prompts: list[Prompt]) -> list[Route]:
         """Route a batch; one actor call per batch keeps the per-prompt cost low."""
@@ -98,7 +85,7 @@ def start_router(routing: RoutingConfig, teachers: list[str]) -> ray.actor.Actor
     """The router as a Ray actor on the driver's node (its one caller, through a RouterClient's shared memory)
     that Ray restarts when its process dies. Ray retries no call (`max_task_retries=0`): the client asks the
     restarted router again itself, because Ray's rerun of a compiled graph's loop on a new process is not a
-    supported recovery (only the pools marked down are lost with the process)."""
+    supported recovery. The router keeps no state between calls, so nothing is lost with its process."""
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
     return ray.remote(Router).options(num_cpus=0, max_restarts=3, max_task_retries=0, scheduling_strategy=here).remote(
         routing, teachers
@@ -145,7 +132,11 @@ class RouterClient:
                     _max_inflight_executions=self.max_in_flight
                 )
             self.generation += 1
-        return self._graph.execute(prompts), self.generation
+        try:
+            return self._graph.execute(prompts), self.generation
+        except ROUTER_FAULTS:
+            self._drop(self.generation)  # a graph compiled on a process that died since: the next try compiles anew
+            raise
 
     def _drop(self, generation: int) -> None:
         """Forget the graph a fault broke (unless a newer one replaced it already)."""

@@ -14,6 +14,7 @@ import re
 from collections import Counter
 
 import pyarrow as pa
+from ray.exceptions import RayActorError
 
 from avocado_ray.config import BestOfConfig
 from avocado_ray.dataplane.schema import samples_to_batch
@@ -52,7 +53,7 @@ class Selector:
     """Collects the candidates of best-of prompts and emits each prompt's winner once all have answered.
 
     Runs as an async Ray actor; teacher batches reach it by reference. `judges` maps a judge teacher's name
-    to its replica actors.
+    to its replica actors; the dispatcher sends the new ones (`set_judges`) when a judge pool's replicas change.
     """
 
     def __init__(self, best_of: dict[str, BestOfConfig], judges: dict[str, list]):
@@ -61,6 +62,9 @@ class Selector:
         self.expected: dict[str, dict] = {}  # prompt_id -> {"teachers": [...], "tests": ..., "domain": ...}
         self.arrived: dict[str, dict[str, dict | None]] = {}  # prompt_id -> teacher -> row (None: rejected)
         self.judge_calls = 0
+
+    def set_judges(self, judges: dict[str, list]) -> None:
+        self.judges = judges
 
     def expect(self, items: list[dict]) -> None:
         """Announce best-of prompts: {prompt_id, domain, teachers, tests}."""
@@ -90,6 +94,18 @@ class Selector:
             winners.append(await self._choose(expected, rows))
         return samples_to_batch(winners), all_rejected
 
+    async def _judge(self, name: str, messages: list[dict], answers: list[str]) -> list[float]:
+        """The judge's scores, from its replicas in turn; one that died (replaced or scaled away since the last
+        `set_judges`) passes the call to the next."""
+        replicas = self.judges[name]
+        self.judge_calls += 1
+        for attempt in range(len(replicas)):
+            try:
+                return await replicas[(self.judge_calls + attempt) % len(replicas)].judge.remote(messages, answers)
+            except RayActorError:
+                if attempt == len(replicas) - 1:
+                    raise
+
     async def _choose(self, expected: dict, rows: list[dict]) -> dict:
         config = self.best_of[expected["domain"]]
         answers = [r["answer"] for r in rows]
@@ -98,10 +114,7 @@ class Selector:
         elif config.scorer == "code_tests":
             scored = await asyncio.to_thread(score_code_tests, answers, expected.get("tests"), config.sandbox_timeout_s)
         else:
-            replicas = self.judges[config.judge]
-            self.judge_calls += 1
-            judge = replicas[self.judge_calls % len(replicas)]
-            logprobs = await judge.judge.remote(expected["messages"], answers)
+            logprobs = await self._judge(config.judge, expected["messages"], answers)
             scored = [(lp, f"mean token logprob under {config.judge}") for lp in logprobs]
         best = max(range(len(rows)), key=lambda i: (scored[i][0], -i))
         winner = dict(rows[best])

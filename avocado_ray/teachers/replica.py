@@ -21,6 +21,7 @@ import uuid
 import pyarrow as pa
 
 from avocado_ray.config import SamplingConfig, VLLMTeacher
+from avocado_ray.dataplane.prompts import image_urls
 from avocado_ray.dataplane.schema import samples_to_batch
 from avocado_ray.models.chat import chat_prompt_ids
 
@@ -43,19 +44,6 @@ def vllm_sampling_params(sampling: SamplingConfig, **options):
         structured_outputs=StructuredOutputsParams(regex=sampling.regex) if sampling.regex else None,
         **options,
     )
-
-
-def image_urls(messages: list[dict]) -> list[str]:
-    """The URLs (http(s) or base64 `data:`) of the image parts of chat messages, in order: OpenAI-style
-    `{"type": "image_url", "image_url": {"url": ...}}`, and `{"type": "image", "image": ...}` as the router counts."""
-    urls = []
-    for message in messages:
-        parts = message["content"] if isinstance(message["content"], list) else []
-        for part in parts:
-            if isinstance(part, dict) and part.get("type") in ("image_url", "image"):
-                image = part.get(part["type"])
-                urls.append(image.get("url", "") if isinstance(image, dict) else str(image))
-    return urls
 
 
 class ReasoningSplitter:

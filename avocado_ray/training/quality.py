@@ -149,9 +149,7 @@ def run_quality(
 
     At the demo's 0.8, a tiny teacher's samples are about as uncertain as the teacher itself (its training loss
     stays high), and no student gets below that; at 0.3 its answers carry its style with less noise."""
-    import ray
-
-    from avocado_ray.cluster import SYSTEM_CONFIG, cpus_needed
+    from avocado_ray.cluster import cpus_needed, start_local
     from avocado_ray.models.tiny import resolve_model
     from avocado_ray.pipeline import run_distill, run_train
 
@@ -170,9 +168,7 @@ def run_quality(
         + [{"id": r["id"], "prompt": r["prompt"]} for r in train_rows],  # routed by the table
     )
     config = quality_config(out / "generate", prompts, overrides)
-    if not ray.is_initialized():  # a Ray of its own (address="local"), not one another process started
-        ray.init(address="local", num_cpus=max(cpus_needed(config), os.cpu_count() or 1),
-                 include_dashboard=False, _node_ip_address="127.0.0.1", _system_config=SYSTEM_CONFIG)
+    start_local(max(cpus_needed(config), os.cpu_count() or 1))
     generated = run_distill(config, train=False)
     answers = open_samples(out / "generate" / "samples").to_table().to_pylist()
     domain_of = {row["id"]: row["domain"] for row in heldout}

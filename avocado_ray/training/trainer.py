@@ -56,11 +56,16 @@ def deepspeed_config(trainer: TrainerConfig, world_size: int) -> dict:
         zero["offload_optimizer"] = {"device": "cpu"}
     if trainer.offload == "optimizer+params":
         zero["offload_param"] = {"device": "cpu"}
+    adamw = {"lr": trainer.lr, "weight_decay": trainer.weight_decay}
+    if not trainer.use_gpu and trainer.offload == "none":
+        # DeepSpeed's FusedAdam on CPU workers is a C++ op built on first use (about a minute on 2 cores) with
+        # nothing to gain at tiny sizes: torch's AdamW there. GPUs get FusedAdam; offload gets DeepSpeedCPUAdam.
+        adamw["torch_adam"] = True
     config = {
         "train_batch_size": micro * accumulation * world_size,
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accumulation,
-        "optimizer": {"type": "AdamW", "params": {"lr": trainer.lr, "weight_decay": trainer.weight_decay}},
+        "optimizer": {"type": "AdamW", "params": adamw},
         "zero_optimization": zero,
         "bf16": {"enabled": trainer.use_gpu},
         "gradient_clipping": 1.0,
