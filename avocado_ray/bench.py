@@ -321,8 +321,9 @@ def stream_through(batches: list, buffer_batches: int, consumer_delay_s: float =
 
 
 def _bench_teachers(prompts: int = 200, max_tokens: int = 16, batch: int = 25, in_flight: int = 8) -> dict:
-    """Output tokens/s of the tiny Qwen teacher through router actor + replica actor + Arrow batches, against a
-    bare `vllm.LLM.generate` on the same model, prompts and sampling, measured one after the other in this run."""
+    """Output tokens/s of the tiny Qwen teacher through replica actor + Arrow batches, the prompts routed first
+    by the router actor as the pipeline routes them (`route_s`, apart), against a bare `vllm.LLM.generate` on the
+    same model, prompts and sampling, measured one after the other in this run."""
     import gc
 
     import ray
@@ -333,7 +334,7 @@ def _bench_teachers(prompts: int = 200, max_tokens: int = 16, batch: int = 25, i
     from avocado_ray.dataplane.prompts import Prompt
     from avocado_ray.models.chat import chat_prompt_ids
     from avocado_ray.models.tiny import resolve_model
-    from avocado_ray.routing.router import start_router
+    from avocado_ray.routing.router import RouterClient, start_router
     from avocado_ray.teachers.pool import TeacherPool
     from avocado_ray.teachers.replica import vllm_sampling_params
 
@@ -364,11 +365,18 @@ def _bench_teachers(prompts: int = 200, max_tokens: int = 16, batch: int = 25, i
     pool.ready()
     rows = [Prompt(id=str(i), messages=m, line=i + 1, teacher="qwen") for i, m in enumerate(messages)]
 
-    def through_pool(selected: list[Prompt]) -> int:
-        routes = ray.get(router.route.remote(selected))
-        requests = [{"prompt_id": r.prompt_id, "domain": r.domain, "labels": r.labels, "messages": p.messages}
-                    for p, r in zip(selected, routes)]
-        pending = [requests[i : i + batch] for i in range(0, len(requests), batch)]
+    started = time.perf_counter()  # as the pipeline routes, before any teacher answers: compile, route, close
+    client = RouterClient(router)
+    try:
+        routes = client.route(rows)
+    finally:
+        client.close()
+    route_s = time.perf_counter() - started
+    requests = [{"prompt_id": r.prompt_id, "domain": r.domain, "labels": r.labels, "messages": p.messages}
+                for p, r in zip(rows, routes)]
+
+    def through_pool(selected: list[dict]) -> int:
+        pending = [selected[i : i + batch] for i in range(0, len(selected), batch)]
         flying, tokens = {}, 0
         while pending or flying:
             while pending and pool.has_room():
@@ -380,9 +388,9 @@ def _bench_teachers(prompts: int = 200, max_tokens: int = 16, batch: int = 25, i
                 tokens += sum(len(ids) for ids in ray.get(ref).column("token_ids").to_pylist())
         return tokens
 
-    through_pool(rows[:batch])  # warm-up
+    through_pool(requests[:batch])  # warm-up
     started = time.perf_counter()
-    pool_tokens = through_pool(rows)
+    pool_tokens = through_pool(requests)
     pool_s = time.perf_counter() - started
     pool.shutdown()
     ray.kill(router)
@@ -400,6 +408,7 @@ def _bench_teachers(prompts: int = 200, max_tokens: int = 16, batch: int = 25, i
         "bare_tokens_per_s": round(bare_rate, 1),
         "pool_tokens_per_s": round(pool_rate, 1),
         "ratio": round(pool_rate / bare_rate, 3),
+        "route_s": round(route_s, 3),
     }
 
 

@@ -239,8 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     check = config_commands.add_parser("check", help="validate a config; exit 2 listing every problem")
     _add_config_args(check, positional=True)
     check.add_argument("--no-paths", action="store_true",
-                       help="check the schema only, not that the input and model folders exist (a cluster's config "
-                       "checked off the cluster)")
+                       help="check the schema only, not the paths on this machine (input file, model folders, run "
+                       "directory): a cluster's config checked off the cluster")
     check.set_defaults(func=cmd_config_check)
     schema = config_commands.add_parser("schema", help="print the config's JSON Schema")
     schema.set_defaults(func=cmd_config_schema)

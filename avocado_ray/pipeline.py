@@ -377,7 +377,6 @@ class Dispatcher:
         self.retried_prompts = 0
         self.rerouted_prompts = 0
         self.judges = {b.judge for b in config.routing.best_of.values() if b.judge} & set(pools)
-        self.judge_replicas = {name: pools[name].actors() for name in self.judges}  # what the selector has
 
     def _log(self, record: dict) -> None:
         with open(self.metrics, "a") as f:
@@ -421,14 +420,6 @@ class Dispatcher:
                 self.rerouted_prompts += len(batch)
                 self._log({"kind": "reroute", "teacher": name, "to": fallback, "prompts": len(batch),
                            "reason": "saturated"})
-
-    def _update_judges(self) -> None:
-        """Send the selector the judge pools' replicas when they changed (a replica replaced, a pool scaled):
-        its calls go to the ones serving now. Ray runs one caller's calls to an actor in order."""
-        now = {name: self.pools[name].actors() for name in self.judges}
-        if now != self.judge_replicas:
-            self.selector.set_judges.remote(now)
-            self.judge_replicas = now
 
     def _check_consumers(self, writes: list[ray.ObjectRef]) -> list[ray.ObjectRef]:
         """Raise what failed downstream now rather than at the end: a shard write (a full disk, named with its
@@ -479,9 +470,11 @@ class Dispatcher:
                 self._log({"kind": "generate", "teacher": name, **{k: v for k, v in report.items() if k != "rejected"}})
                 monitor.answered(name, report)
                 batch_ref, rejected = ref, report["rejected"]
-                if best_of:
-                    self._update_judges()
-                    batch_ref, rejected_ref = self.selector.add.options(num_returns=2).remote(ref, rejected, name)
+                if best_of:  # with the judge replicas serving now (one may have been replaced or scaled away)
+                    judges = {judge: self.pools[judge].actors() for judge in self.judges}
+                    batch_ref, rejected_ref = self.selector.add.options(num_returns=2).remote(
+                        ref, rejected, name, judges
+                    )
                     rejected = ray.get(rejected_ref)
                 self.rejected += rejected
                 seq += 1

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import ray
 from ray.dag import InputNode
-from ray.exceptions import ActorDiedError, RayActorError, RayChannelError, RayChannelTimeoutError
+from ray.exceptions import ActorDiedError, RayActorError, RayChannelError, RayChannelTimeoutError, TaskCancelledError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from avocado_ray.config import RoutingConfig
@@ -19,9 +19,10 @@ from avocado_ray.routing.classifier import DomainClassifier, load_classifier
 log = logging.getLogger("avocado_ray")
 
 # What a call through the compiled graph raises when the router's process is gone or restarting: a closed
-# channel, an unavailable actor. Not retried: an error that `route` itself raised, a timeout (RayChannelTimeoutError
-# is re-raised first), more batches in flight than the graph holds (RayCgraphCapacityExceeded).
-ROUTER_FAULTS = (RayChannelError, RayActorError)
+# channel, an unavailable actor, or a call cancelled with a graph that another batch found broken and tore down.
+# Not retried: an error that `route` itself raised, a timeout (RayChannelTimeoutError is re-raised first), more
+# batches in flight than the graph holds (RayCgraphCapacityExceeded).
+ROUTER_FAULTS = (RayChannelError, RayActorError, TaskCancelledError)
 
 
 @dataclass

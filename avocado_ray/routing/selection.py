@@ -53,7 +53,7 @@ class Selector:
     """Collects the candidates of best-of prompts and emits each prompt's winner once all have answered.
 
     Runs as an async Ray actor; teacher batches reach it by reference. `judges` maps a judge teacher's name
-    to its replica actors; the dispatcher sends the new ones (`set_judges`) when a judge pool's replicas change.
+    to its replica actors; each `add` may bring the replicas serving now.
     """
 
     def __init__(self, best_of: dict[str, BestOfConfig], judges: dict[str, list]):
@@ -63,17 +63,17 @@ class Selector:
         self.arrived: dict[str, dict[str, dict | None]] = {}  # prompt_id -> teacher -> row (None: rejected)
         self.judge_calls = 0
 
-    def set_judges(self, judges: dict[str, list]) -> None:
-        self.judges = judges
-
     def expect(self, items: list[dict]) -> None:
         """Announce best-of prompts: {prompt_id, domain, teachers, tests}."""
         for item in items:
             self.expected[item["prompt_id"]] = item
             self.arrived[item["prompt_id"]] = {}
 
-    async def add(self, batch: pa.RecordBatch, rejected: list[dict], teacher: str) -> tuple[pa.RecordBatch, list[dict]]:
+    async def add(self, batch: pa.RecordBatch, rejected: list[dict], teacher: str,
+                  judges: dict[str, list] | None = None) -> tuple[pa.RecordBatch, list[dict]]:
         """Add one teacher's answers; returns (winners of completed prompts, prompts every teacher rejected)."""
+        if judges is not None:
+            self.judges = judges
         touched = []
         for row in batch.to_pylist():
             self.arrived[row["prompt_id"]][teacher] = row
@@ -95,8 +95,8 @@ class Selector:
         return samples_to_batch(winners), all_rejected
 
     async def _judge(self, name: str, messages: list[dict], answers: list[str]) -> list[float]:
-        """The judge's scores, from its replicas in turn; one that died (replaced or scaled away since the last
-        `set_judges`) passes the call to the next."""
+        """The judge's scores, from its replicas in turn; one that died (replaced or scaled away since the
+        replicas came) passes the call to the next."""
         replicas = self.judges[name]
         self.judge_calls += 1
         for attempt in range(len(replicas)):
