@@ -32,11 +32,11 @@ def config_path(name: str) -> Path:
     return Path(name)
 
 
-def _load(args) -> DistillConfig:
+def _load(args, check_paths: bool = True) -> DistillConfig:
     overrides = list(args.set)
     if getattr(args, "run_dir", None):
         overrides.append(f"run_dir={args.run_dir}")
-    return load_config(config_path(args.config), overrides)
+    return load_config(config_path(args.config), overrides, check_paths=check_paths)
 
 
 def _report(summary: dict) -> int:
@@ -70,7 +70,7 @@ def cmd_route(args) -> int:
     from avocado_ray.dataplane.prompts import read_prompts
     from avocado_ray.routing.router import Router
 
-    config = load_config(config_path(args.config), args.set, check_paths=False)
+    config = _load(args, check_paths=False)
     prompt_set = read_prompts(args.input, max_bytes=config.data.max_prompt_bytes)
     router = Router(config.routing, [t.name for t in config.teachers])
     output = Path(args.output)
@@ -148,7 +148,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_config_check(args) -> int:
-    config = load_config(config_path(args.config), args.set, check_paths=not args.no_paths)
+    config = _load(args, check_paths=not args.no_paths)
     print(f"{args.config}: ok ({len(config.teachers)} teachers, run_dir {config.run_dir})")
     return 0
 

@@ -122,9 +122,7 @@ class RouterClient:
 
     def close(self) -> None:
         """Tear the graph down: the actor stops polling and serves plain calls only."""
-        if self._graph is not None:
-            self._graph.teardown()
-            self._graph = None
+        self._drop(self.generation)
 
     def _execute(self, prompts: list[Prompt]) -> tuple[object, int]:
         if self._graph is None:
