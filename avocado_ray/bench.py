@@ -553,15 +553,18 @@ def _bench_student(folder: Path, hidden: int, layers: int) -> Path:
 
 
 def _bench_trainer(steps: int = 4, batch_size: int = 8, hidden: int = 512, layers: int = 4, max_seq_len: int = 512,
-                   rounds: int = 2, warmup: int = 1) -> dict:
+                   rounds: int = 2, warmup: int = 1, max_tokens: int = 1024) -> dict:
     """Training tokens/s of our DeepSpeed ZeRO-3 step (`StudentTrainer.step`, 1 rank, in this process on a 1-rank
     gloo group) against a plain PyTorch AdamW loop on the same student, batches and loss, in this run.
 
-    Both paths encode and pack the same length-bucketed batches with the trainer's `SampleEncoder` and compute the
+    Both paths train on the same micro-batches, cut by tokens (`max_tokens` per micro-batch: the trainer's
+    `max_tokens_per_micro_batch`) and packed by the trainer's `SampleEncoder`, and compute the
     same supervised loss (`micro_loss`), clip gradients at 1.0 like the DeepSpeed config and step AdamW; the two
     paths take turns step by step, `rounds` times over the batches, so load from other processes hits both alike
     (both models see every batch `rounds` times; their losses stay equal, which checks the paths agree). Tokens are
     non-padding prompt + answer tokens. The student is the tiny student's architecture at `hidden` x `layers`.
+    Padding waste is reported for these token-budget micro-batches and, for comparison, for the same batches cut
+    by samples (length-bucketed and packed) and padded to their longest sample.
     """
     import os
     import socket
@@ -572,7 +575,7 @@ def _bench_trainer(steps: int = 4, batch_size: int = 8, hidden: int = 512, layer
     from transformers import AutoModelForCausalLM
 
     from avocado_ray.config import TrainerConfig
-    from avocado_ray.training.trainer import StudentTrainer, bucket, forward, micro_loss, padding_waste
+    from avocado_ray.training.trainer import StudentTrainer, SampleEncoder, forward, micro_loss, padding_waste
 
     texts = [row["prompt"] for row in labelled_prompts()]
     count = (warmup + steps) * batch_size
@@ -582,7 +585,8 @@ def _bench_trainer(steps: int = 4, batch_size: int = 8, hidden: int = 512, layer
         for i in range(count)
     ]
     batches = [rows[i : i + batch_size] for i in range(0, count, batch_size)]
-    settings = TrainerConfig(num_workers=1, zero_stage=3, batch_size=batch_size, lr=1e-4, max_seq_len=max_seq_len)
+    settings = TrainerConfig(num_workers=1, zero_stage=3, batch_size=batch_size, lr=1e-4, max_seq_len=max_seq_len,
+                             max_tokens_per_micro_batch=max_tokens)
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -600,15 +604,15 @@ def _bench_trainer(steps: int = 4, batch_size: int = 8, hidden: int = 512, layer
         encoder = zero3.encoder
         parameters = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in zero3.engine.module.parameters())
 
-    def plan(batch):
-        return bucket(encoder.sort_by_length(batch), 1, zero3.accumulation)[0]
+    def plan(batch, by=encoder):
+        return by.micro_batches([by.encode(row) for row in batch], 1, zero3.accumulation)[0]
 
     def zero3_step(batch) -> tuple[int, float]:
         result = zero3.step(plan(batch))
         return result["seq_tokens"], result["loss"]
 
     def torch_step(batch) -> tuple[int, float]:
-        micros = [encoder.collate(part) for part in plan(batch)]
+        micros = plan(batch)
         tokens = max(sum(m.tokens for m in micros), 1)
         total = 0.0
         for micro in micros:
@@ -637,8 +641,12 @@ def _bench_trainer(steps: int = 4, batch_size: int = 8, hidden: int = 512, layer
                 losses[name].append(loss)
     dist.destroy_process_group()
     rates = {name: tokens[name] / seconds[name] for name in paths}
-    micros = [encoder.collate(part) for batch in batches for part in plan(batch)]
-    packed_waste = 1 - sum(m.real for m in micros) / sum(m.slots for m in micros)
+
+    def waste(by) -> float:
+        micros = [micro for batch in batches for micro in plan(batch, by)]
+        return 1 - sum(m.real for m in micros) / sum(m.slots for m in micros)
+
+    by_samples = SampleEncoder(encoder.tokenizer, settings.model_copy(update={"max_tokens_per_micro_batch": None}))
     lengths = [[encoder.length(row) for row in batch] for batch in batches]  # padded, in stream order
     return {
         "benchmark": "trainer",
@@ -650,7 +658,9 @@ def _bench_trainer(steps: int = 4, batch_size: int = 8, hidden: int = 512, layer
         "zero3_tokens_per_s": round(rates["zero3"], 1),
         "torch_tokens_per_s": round(rates["torch"], 1),
         "ratio": round(rates["zero3"] / rates["torch"], 3),
-        "padding_waste_pct": round(100 * packed_waste, 2),
+        "max_tokens_per_micro_batch": max_tokens,
+        "padding_waste_pct": round(100 * waste(encoder), 2),
+        "padding_waste_pct_by_samples": round(100 * waste(by_samples), 2),
         "padding_waste_pct_if_padded": round(100 * padding_waste(lengths), 2),
         "first_loss": {name: round(values[0], 4) for name, values in losses.items()},
         "last_loss": {name: round(values[-1], 4) for name, values in losses.items()},

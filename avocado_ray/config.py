@@ -263,6 +263,39 @@ class TrainerConfig(Strict):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass (less memory, about a third more compute)."
     )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa",
+        description="The student's attention (Hugging Face attn_implementation). Packed samples never attend to each "
+        "other with any of them: position ids from 0 per sample give flash_attention_2 its varlen boundaries and "
+        "sdpa / eager a block-diagonal causal mask (tests/test_trainer.py checks packed == alone).",
+    )
+    max_tokens_per_micro_batch: int | None = Field(
+        None,
+        gt=0,
+        description="Cut micro-batches by tokens rather than samples: each holds at most this many packed tokens "
+        "in one row (no padding), and every rank runs the step's largest count of them (ranks with fewer run empty "
+        "ones). Default: `gradient_accumulation_steps` micro-batches of length-bucketed samples per rank.",
+    )
+    shuffle_buffer: int = Field(
+        1024,
+        ge=0,
+        description="Samples held by the feeder and drawn from at random (seeded by the run's `seed`), so a global "
+        "batch mixes teachers instead of following the stream's per-teacher batches; 0 keeps the stream's order.",
+    )
+    prefetch_steps: int = Field(
+        2, gt=0, description="Steps of tokenized micro-batches the feeder keeps ready per rank (bounds its memory)."
+    )
+    collective_timeout_s: int = Field(
+        1800,
+        gt=0,
+        description="Timeout of the trainer's collectives (TorchConfig timeout_s). Ranks wait for data outside "
+        "collectives, so a slow stream (teachers starting, a resume skipping trained samples) does not hit it.",
+    )
+    truncated: Literal["drop", "mask_end"] = Field(
+        "drop",
+        description="Answers cut by the teacher's max_tokens (finish_reason length): dropped and counted "
+        "(`samples_truncated_dropped` in the summary), or trained with no end token appended (mask_end).",
+    )
     offload: Literal["none", "optimizer", "optimizer+params"] = Field(
         "none",
         description="ZeRO offload to CPU memory: the optimizer state (offload_optimizer), and with +params the "
@@ -273,6 +306,11 @@ class TrainerConfig(Strict):
         description="Raw DeepSpeed config keys, merged over the generated ones (they win); "
         "torch_autocast.lower_precision_safe_modules (module paths DeepSpeed imports) is refused.",
     )
+
+    @property
+    def uses_topk(self) -> bool:
+        """Whether a divergence is weighted (logged counts too): the teachers' top-k logprobs are worth serving."""
+        return any(name != "supervised" for name in self.losses)
 
     @field_validator("deepspeed")
     @classmethod
@@ -301,6 +339,11 @@ class TrainerConfig(Strict):
             raise ValueError(
                 f"batch_size {self.batch_size} must be a multiple of "
                 f"num_workers x gradient_accumulation_steps = {shares}"
+            )
+        if self.max_tokens_per_micro_batch is not None and self.max_tokens_per_micro_batch < self.max_seq_len:
+            raise ValueError(
+                f"max_tokens_per_micro_batch {self.max_tokens_per_micro_batch} must be at least max_seq_len "
+                f"{self.max_seq_len} (a sample is never split)"
             )
         if self.offload == "optimizer+params" and self.zero_stage != 3:
             raise ValueError("offload optimizer+params needs zero_stage 3 (DeepSpeed offloads parameters in ZeRO-3)")

@@ -56,12 +56,16 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
 
 def _train_metrics(path: Path) -> dict:
     """Training figures of the student's lineage: a step retrained after a resume counts once (its last try)."""
-    steps = train_steps(read_metrics(path))
+    records = read_metrics(path)
+    steps = train_steps(records)
+    ends = [r for r in records if r.get("kind") == "train_end"]
     return {
         "train_steps": len(steps),
         "first_loss": steps[0]["loss"] if steps else None,
         "last_loss": steps[-1]["loss"] if steps else None,
         "trainer_wait_s": round(sum(s["wait_s"] for s in steps), 3),
+        # the last attempt sees every truncated sample of the run once (from the stream, the spill or a replay)
+        "samples_truncated_dropped": ends[-1].get("samples_truncated_dropped", 0) if ends else 0,
     }
 
 
@@ -237,6 +241,8 @@ def start_pools(config: DistillConfig, names: set[str]) -> tuple[dict[str, Teach
     pools, down = {}, {}
     for name in sorted(names):
         teacher = config.teacher(name)
+        if not config.trainer.uses_topk:  # no loss reads top-k: vLLM neither computes them nor the spill stores them
+            teacher = teacher.model_copy(update={"sampling": teacher.sampling.model_copy(update={"logprobs": 0})})
         try:
             pools[name] = TeacherPool(teacher, resolve_model(teacher.model), use_gpu,
                                       config.dispatch.max_in_flight_per_replica, config.seed)
@@ -312,7 +318,7 @@ def _start_training(config: DistillConfig, run_dir: Path, samples_dir: Path, wri
     (run_dir / TAKEN_SEQ).unlink(missing_ok=True)  # seq numbers start again with this run's shard writer
     tokenizers = {t.name: resolve_model(tokenizer_model(t.model)) for t in config.teachers}  # for the losses
     trainer = make_trainer(config.trainer, resolve_model(config.student.model), stream, run_dir, writer, tokenizers,
-                           samples_dir)
+                           samples_dir, config.seed)
     return stream, _Training(trainer)
 
 

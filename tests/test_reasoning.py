@@ -11,11 +11,13 @@ import re
 
 import pytest
 import ray
+import torch
 
 from avocado_ray.config import TrainerConfig
 from avocado_ray.teachers.pool import TeacherPool
-from avocado_ray.teachers.replica import ReasoningSplitter
-from avocado_ray.training.trainer import SampleEncoder
+from avocado_ray.teachers.replica import ReasoningSplitter, answer_token_start
+from avocado_ray.training.losses import LossOptions
+from avocado_ray.training.trainer import SampleEncoder, forward, micro_loss
 
 HARMONY_TURN = "<|channel|>analysis<|message|>{reasoning}<|end|><|start|>assistant<|channel|>final<|message|>{answer}"
 
@@ -63,9 +65,35 @@ def test_the_student_learns_the_reasoning_only_when_the_config_says(gptoss_token
     assert answer_only.target(row) == "42" and "reasoning" not in answer_only.columns
     assert with_reasoning.target(row) == "<think>\nsix sevens\n</think>\n\n42" and "reasoning" in with_reasoning.columns
     assert with_reasoning.target({**row, "reasoning": None}) == "42"  # a teacher that does not reason
-    _, labels, start, _ = with_reasoning.encode(row)
+    encoded = with_reasoning.encode(row)
+    labels, start = encoded.labels, encoded.start
     taught = gptoss_tokenizer.decode([t for t in labels[start:] if t >= 0], skip_special_tokens=True)
     assert taught == "<think>\nsix sevens\n</think>\n\n42"
+
+
+def test_a_reasoning_teachers_top_k_is_used_on_the_answer_span(tiny_models, gptoss_tokenizer):
+    # the teacher's tokens: harmony reasoning, markers, then the answer and its end; its top-k put the sampled token
+    # first. The replica finds where the answer starts; the trainer aligns the top-k of that span only.
+    answer = "six sevens make forty two"
+    ids = gptoss_tokenizer.encode(HARMONY_TURN.format(reasoning="six times seven", answer=answer) + "<|return|>")
+    start = answer_token_start(gptoss_tokenizer, ids, answer)
+    assert gptoss_tokenizer.decode(ids[start:], skip_special_tokens=False) == answer + "<|return|>"
+    row = {"sample_id": "s", "teacher": "gptoss", "messages": json.dumps(MESSAGES), "answer": answer,
+           "reasoning": "six times seven", "token_ids": ids, "topk_ids": [[t, 5, 17] for t in ids],
+           "topk_logprobs": [[-0.3, -2.0, -3.0]] * len(ids), "answer_token_start": start, "finish_reason": "stop"}
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    student = AutoTokenizer.from_pretrained(tiny_models["student"])
+    losses = {"supervised": 1.0, "forward_kl": 1.0}
+    encoder = SampleEncoder(student, TrainerConfig(losses=losses), {"gptoss": str(tiny_models["gptoss"])})
+    micro = encoder.collate([row])
+    assert micro.distill.any()
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["student"])
+    with torch.no_grad():
+        term_sum, term_count = micro_loss(forward(model, micro), micro, losses, LossOptions()).terms["forward_kl"]
+    assert term_count > 0 and term_sum > 0
+    # read from the completion's first token (the reasoning's channel markers), nothing aligns
+    assert not encoder.collate([{**row, "answer_token_start": 0}]).distill.any()
 
 
 @pytest.mark.slow
@@ -88,3 +116,5 @@ def test_a_gptoss_replica_stores_reasoning_and_answer_apart(tiny_models, ray_clu
     completion = gptoss_tokenizer.decode(row["token_ids"], skip_special_tokens=False)
     assert completion.removesuffix("<|return|>") == HARMONY_TURN.format(reasoning=row["reasoning"], answer=row["answer"])
     assert len(row["topk_ids"]) == len(row["token_ids"])  # the top-k cover reasoning and answer tokens
+    answer_span = gptoss_tokenizer.decode(row["token_ids"][row["answer_token_start"]:], skip_special_tokens=False)
+    assert answer_span.removesuffix("<|return|>") == row["answer"]

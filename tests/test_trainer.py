@@ -10,6 +10,9 @@ no known tokenizer (supervised only).
 
 import json
 import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import ray
@@ -20,6 +23,7 @@ from transformers import AutoTokenizer
 from avocado_ray.config import TrainerConfig
 from avocado_ray.dataplane.schema import samples_to_batch
 from avocado_ray.dataplane.stream import SampleStream
+from avocado_ray.training.feed import next_item, start_feeder
 from avocado_ray.training.losses import LossOptions
 from avocado_ray.training.trainer import (
     IGNORE,
@@ -32,6 +36,7 @@ from avocado_ray.training.trainer import (
     micro_loss,
     pack,
     padding_waste,
+    plan_step,
 )
 
 LOSSES = {"supervised": 1.0, "forward_kl": 1.0}
@@ -76,7 +81,8 @@ def batches(tokenizers):
 def test_loss_is_only_on_answer_tokens(tiny_models):
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["student"])
     row = {"messages": json.dumps([{"role": "user", "content": "2+2?"}]), "answer": "4"}
-    ids, labels, _, _ = SampleEncoder(tokenizer, TrainerConfig(max_seq_len=64)).encode(row)
+    encoded = SampleEncoder(tokenizer, TrainerConfig(max_seq_len=64)).encode({**row, "sample_id": "s"})
+    ids, labels = encoded.input_ids, encoded.labels
     answer = [label for label in labels if label != -100]
     assert answer == tokenizer.encode("4", add_special_tokens=False) + [tokenizer.eos_token_id]
     assert ids[-len(answer):] == answer
@@ -131,6 +137,29 @@ def test_length_bucketing_cuts_sorted_rows_into_balanced_micro_batches():
     assert bucket([1], 2, 1) == [[[1]], [[]]]  # a remainder smaller than the ranks: one rank has no share
 
 
+def test_token_budget_micro_batches_hold_at_most_the_budget_and_every_rank_runs_the_same_count():
+    lengths = [300, 40, 250, 120, 90, 500, 60, 30, 210]
+    plan = plan_step(lengths, world_size=2, accumulation=1, max_tokens=512)
+    counts = {len(rank) for rank in plan}
+    assert len(counts) == 1  # one count of forward/backward passes on every rank
+    micros = [m for rank in plan for m in rank]
+    assert sorted(i for m in micros for i in m) == list(range(len(lengths)))  # every sample once
+    assert all(sum(lengths[i] for i in m) <= 512 for m in micros)
+    assert sum(not m for m in micros) <= 1  # at most world - 1 empty ones (a rank with one bin fewer)
+    # by samples: accumulation micro-batches per rank, length-bucketed
+    assert [len(rank) for rank in plan_step(lengths, 2, 2, None)] == [2, 2]
+
+
+def test_a_truncated_answer_with_mask_end_is_trained_without_an_end_token(tokenizers):
+    row = {"sample_id": "s", "messages": json.dumps([{"role": "user", "content": "count"}]), "answer": "one two",
+           "finish_reason": "length"}
+    end = tokenizers["student"].eos_token_id
+    masked = SampleEncoder(tokenizers["student"], TrainerConfig(truncated="mask_end")).encode(row)
+    dropped_by_feeder = SampleEncoder(tokenizers["student"], TrainerConfig()).encode(row)  # drop: the feeder's job
+    assert masked.labels[-1] != end and dropped_by_feeder.labels[-1] == end
+    assert masked.labels[-1] == dropped_by_feeder.labels[-2]
+
+
 def test_samples_get_the_teachers_distribution_by_tokenizer(tiny_models, tokenizers):
     paths = {name: str(tiny_models[name]) for name in ("qwen", "gemma")}
     encoder = SampleEncoder(tokenizers["student"], TrainerConfig(losses=LOSSES), paths)
@@ -148,21 +177,29 @@ def test_samples_get_the_teachers_distribution_by_tokenizer(tiny_models, tokeniz
     assert "topk_ids" not in plain.columns and not plain.collate([sample(0, tokenizers)]).distill.any()
 
 
-def test_packing_fills_rows_and_keeps_each_sample_to_itself(tiny_models, tokenizers):
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("max_tokens", [None, 2048])
+def test_a_packed_sample_has_the_loss_it_has_alone(tiny_models, tokenizers, attention, max_tokens):
+    """Rows as wide as the longest sample (by samples) or one row of up to the token budget: position ids from 0
+    per sample make Hugging Face mask attention block-diagonally, for each attention implementation."""
     from transformers import AutoModelForCausalLM
 
     assert pack([5, 9, 3, 4, 2]) == [[1], [0, 3], [2, 4]]  # longest first, each into the first row with room
     paths = {name: str(tiny_models[name]) for name in ("qwen", "gemma")}
-    encoder = SampleEncoder(tokenizers["student"], TrainerConfig(losses=LOSSES), paths)
+    encoder = SampleEncoder(tokenizers["student"], TrainerConfig(losses=LOSSES, max_tokens_per_micro_batch=max_tokens),
+                            paths)
     rows = [sample(i, tokenizers) for i in range(8)]
     packed = encoder.collate(rows)
     alone = [encoder.collate([row]) for row in rows]
     assert packed.input_ids.shape[0] < len(rows) and packed.real == sum(a.real for a in alone)
-    padded = len(rows) * packed.input_ids.shape[1]  # slots of the same samples padded to the longest
+    padded = len(rows) * max(a.real for a in alone)  # slots of the same samples padded to the longest
     assert packed.slots - packed.real < 0.5 * (padded - packed.real)  # packing removes most of the padding
+    if max_tokens is not None:
+        assert packed.input_ids.shape[0] == 1 and packed.slots == packed.real  # one row, no padding
     assert packed.tokens == sum(a.tokens for a in alone)
+    assert set(packed.sample_ids) == {row["sample_id"] for row in rows}
     # the packed forward sees each sample alone: the same loss as eight separate forwards
-    model = AutoModelForCausalLM.from_pretrained(tiny_models["student"])
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["student"], attn_implementation=attention)
     options = LossOptions()
     with torch.no_grad():
         together = micro_loss(forward(model, packed), packed, LOSSES, options)
@@ -173,17 +210,20 @@ def test_packing_fills_rows_and_keeps_each_sample_to_itself(tiny_models, tokeniz
     assert padding_waste([[len(r)] for r in ([1, 2], [3])]) == 0.0 and padding_waste([[2, 4]]) == 0.25
 
 
-def _fit(tiny_models, run_dir, batches, **options):
-    """Train on `batches` (lists of samples) through a real stream; returns the train records of metrics.jsonl."""
+def _fit(tiny_models, run_dir, batches, delay_s=0.0, **options):
+    """Train on `batches` (lists of samples) through a real stream, `delay_s` between batches; returns the train
+    records of metrics.jsonl."""
     stream = SampleStream(max_batches=4)
 
     def produce():
-        for rows in batches:
+        for i, rows in enumerate(batches):
+            time.sleep(delay_s if i else 0)
             stream.put(ray.put(samples_to_batch(rows)))
         stream.close()
 
     threading.Thread(target=produce, daemon=True).start()
-    settings = dict(num_workers=1, batch_size=8, lr=3e-3, losses=LOSSES, gradient_accumulation_steps=2)
+    settings = dict(num_workers=1, batch_size=8, lr=3e-3, losses=LOSSES, gradient_accumulation_steps=2,
+                    shuffle_buffer=0)  # the stream's order: the resume test compares curves step by step
     config = TrainerConfig(**{**settings, **options})
     teachers = {name: str(tiny_models[name]) for name in ("qwen", "gemma")}
     make_trainer(config, str(tiny_models["student"]), stream, run_dir, teacher_tokenizers=teachers).fit()
@@ -251,6 +291,73 @@ def test_a_rerun_resumes_from_the_checkpoint_and_continues_the_loss_curve_and_th
     for before, after in zip(straight_records[3:], resumed[3:]):  # model and AdamW state restored: the same curve
         assert after["loss"] == pytest.approx(before["loss"], rel=1e-3)
     assert (interrupted / "student" / "model.safetensors").is_file()
+
+
+def test_a_restarted_trainer_reads_back_only_the_spilled_samples_its_checkpoint_did_not_count(tmp_path, monkeypatch):
+    from avocado_ray.dataplane import spill
+    from avocado_ray.training.trainer import TAKEN_SEQ, _taken_but_not_trained
+
+    monkeypatch.setattr(spill, "ROW_GROUP_ROWS", 4)  # row groups of one 4-sample batch: the unit skipped whole
+    writer = spill.ShardWriter(str(tmp_path / "samples"), rows_per_shard=8)
+    for seq in range(1, 6):
+        writer.write(samples_to_batch([sample(4 * (seq - 1) + i) for i in range(4)]), seq)
+    writer.close()
+    (tmp_path / TAKEN_SEQ).write_text("5")
+    trained = {f"s{i}" for i in range(10)}  # the checkpoint: two batches and half of the third
+    rows = _taken_but_not_trained(None, tmp_path / "samples", tmp_path, ["sample_id", "answer"], trained)
+    assert [r["sample_id"] for r in rows] == [f"s{i}" for i in range(10, 20)]
+
+
+@pytest.mark.slow
+def test_two_workers_whose_data_arrives_later_than_the_collective_timeout_still_finish(tiny_models, batches, tmp_path):
+    # the second batch comes 15 s after the first, with a 10 s collective timeout: the ranks wait for it while
+    # polling the feeder, outside any collective, so no collective times out
+    records = _fit(tiny_models, tmp_path, batches[:2], delay_s=15, num_workers=2, gradient_accumulation_steps=1,
+                   collective_timeout_s=10, checkpoint_every=100)
+    assert [r["step"] for r in records] == [1, 2]
+    assert records[1]["wait_s"] > 10
+    assert (tmp_path / "student" / "model.safetensors").is_file()
+
+
+def _drain(feeder, rank: int) -> list[dict]:
+    items = [next_item(feeder, rank)]
+    while not items[-1].get("end"):
+        items.append(next_item(feeder, rank))
+    return items
+
+
+def test_per_rank_feeds_give_every_sample_to_exactly_one_rank_once_and_drop_truncated_answers(
+    tiny_models, ray_cluster, tokenizers, tmp_path
+):
+    rows = sorted((sample(i, tokenizers) for i in range(40)), key=lambda r: r["teacher"])  # the stream: teacher runs
+    truncated = {rows[i]["sample_id"] for i in (3, 17, 29)}
+    for row in rows:
+        row["finish_reason"] = "length" if row["sample_id"] in truncated else "stop"
+    trained = {rows[0]["sample_id"]}  # already trained (a resume): skipped
+    stream = SampleStream(max_batches=4)
+    for i in range(0, 40, 8):
+        stream.put(ray.put(samples_to_batch(rows[i : i + 8])))
+    stream.close()
+    config = TrainerConfig(num_workers=3, batch_size=6, losses=LOSSES, shuffle_buffer=16, max_seq_len=256,
+                           max_tokens_per_micro_batch=256)
+    teachers = {name: str(tiny_models[name]) for name in ("qwen", "gemma")}
+    feeder = start_feeder(config, str(tiny_models["student"]), teachers, 3, 1, seed=7)
+    feeder.run.remote(stream, None, None, str(tmp_path), trained, 0)
+    with ThreadPoolExecutor(3) as ranks:  # each rank drains its own feed, as the trainer's ranks do
+        feeds = list(ranks.map(lambda rank: _drain(feeder, rank), range(3)))
+    stream.shutdown()
+    ray.kill(feeder)
+    ends = [feed.pop() for feed in feeds]
+    assert ends[0]["truncated_dropped"] == 3 and ends[0]["skipped"] == 0
+    expected = {r["sample_id"] for r in rows} - truncated - trained
+    seen = Counter(i for feed in feeds for item in feed for micro in item["micros"] for i in micro.sample_ids)
+    assert set(seen) == expected and set(seen.values()) == {1}  # every sample on exactly one rank, once
+    for step in zip(*feeds):  # the ranks' shares of one step: the same count of micro-batches, rank 0's ids
+        assert len({len(item["micros"]) for item in step}) == 1
+        assert sorted(step[0]["ids"]) == sorted(i for item in step for m in item["micros"] for i in m.sample_ids)
+    order = [i for item in feeds[0] for i in item["ids"]]
+    assert order != [r["sample_id"] for r in rows if r["sample_id"] in expected]  # shuffled across teachers
+    assert any(len({TEACHERS[int(i[1:]) % 3] for i in item["ids"]}) > 1 for item in feeds[0])
 
 
 @pytest.mark.soak

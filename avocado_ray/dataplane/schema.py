@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "2"  # 2: the reasoning column
+SCHEMA_VERSION = "3"  # 2: the reasoning column; 3: answer_token_start
 VERSION_KEY = b"avocado_ray.schema_version"
 
 CANDIDATE = pa.struct(
@@ -31,6 +31,7 @@ SAMPLE_SCHEMA = pa.schema(
         pa.field("answer", pa.string(), nullable=False),
         pa.field("reasoning", pa.string()),
         pa.field("token_ids", pa.list_(pa.int32())),
+        pa.field("answer_token_start", pa.int32()),
         pa.field("token_logprobs", pa.list_(pa.float16())),
         pa.field("topk_ids", pa.list_(pa.list_(pa.int32()))),
         pa.field("topk_logprobs", pa.list_(pa.list_(pa.float16()))),

@@ -99,6 +99,29 @@ def topk_at_position(flat, position: int, sampled: int, k: int) -> tuple[float, 
     return best[sampled][1], [token for token, _ in ranked], [logprob for _, (_, logprob) in ranked]
 
 
+def answer_token_start(tokenizer, token_ids: list[int], answer: str) -> int:
+    """The index of the first token of `answer` in a completion's `token_ids` (reasoning and channel markers
+    before it): the most tokens whose decoded text (special tokens kept) ends at or before the answer's last
+    occurrence; all of them when the answer is not in the text (no teacher token then spells it).
+
+    A binary search over prefixes, as decoded text grows with the prefix: O(log n) decodes per completion.
+    """
+    def decode(n: int) -> str:
+        return tokenizer.decode(token_ids[:n], skip_special_tokens=False)
+
+    at = decode(len(token_ids)).rfind(answer) if answer else -1
+    if at < 0:
+        return len(token_ids)
+    low, high = 0, len(token_ids)  # the answer begins at or after token `low`, before token `high` + 1
+    while low < high:
+        middle = (low + high + 1) // 2
+        if len(decode(middle)) <= at:
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
 class TeacherReplica:
     """Hosts one vLLM engine for one teacher; `generate` answers a batch of routed prompts."""
 
@@ -228,6 +251,7 @@ class TeacherReplica:
             "answer": answer,
             "reasoning": reasoning,
             "token_ids": token_ids,
+            "answer_token_start": 0 if self.splitter is None else answer_token_start(self.tokenizer, token_ids, answer),
             "token_logprobs": token_logprobs,
             "topk_ids": topk_ids,
             "topk_logprobs": topk_logprobs,

@@ -1,14 +1,15 @@
 """The student trainer: DeepSpeed (ZeRO-3 by default) on Ray Train workers, fed by the sample stream.
 
-Rank 0 reads teacher batches from the stream, sorts each global batch by length and broadcasts it to all
-ranks; the sorted rows are cut into `num_workers x gradient_accumulation_steps` chunks of neighbouring
-lengths (length bucketing), chunk c going to rank c mod N as its micro-batch c div N, so each micro-batch
-holds rows of similar length and every rank a similar mix of short and long rows. Within a micro-batch the
-samples are packed (`pack`) into rows as wide as the longest sample, each with position ids from 0, which
-Hugging Face models turn into a block-causal mask: a sample attends to itself only, and the loss is the
-same as unpacked. What padding remains is logged per step (`padding_waste`: padding tokens / all tokens of
-the step's micro-batches, over all ranks). The samples of a step do not depend on lengths (the stream's
-order decides them), so resume and the trained-ids lineage are unaffected.
+The ranks do not read the stream: a `Feeder` actor (feed.py) tokenizes and aligns each sample once
+(`SampleEncoder.encode`), shuffles, cuts global batches and plans each rank's micro-batches (`plan_step`): by
+samples, `num_workers x gradient_accumulation_steps` chunks of neighbouring lengths (length bucketing), chunk c
+going to rank c mod N as its micro-batch c div N; or by tokens (`max_tokens_per_micro_batch`), bins of packed
+tokens dealt to the ranks, each rank running the step's largest count. Within a micro-batch the samples are
+packed (`pack`), each with position ids from 0, which Hugging Face models turn into a block-causal mask (varlen
+attention with flash_attention_2): a sample attends to itself only, and the loss is the same as unpacked. What
+padding remains is logged per step (`padding_waste`: padding tokens / all tokens of the step's micro-batches,
+over all ranks). Each rank polls its own queue outside any collective; the samples of a step do not depend on
+lengths, so resume and the trained-ids lineage are unaffected.
 
 Losses (weights in `trainer.losses`, see losses.py) are chosen per sample: a divergence from the teacher's
 top-k where the sample has top-k logprobs and its teacher's tokens align with the student's (the identity
@@ -26,7 +27,7 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -105,12 +106,11 @@ def padding_waste(lengths: list[list[int]]) -> float:
     return 1 - sum(map(sum, lengths)) / slots if slots else 0.0
 
 
-def pack(lengths: list[int]) -> list[list[int]]:
-    """Indices of sequences packed into rows no longer than the longest (first fit, longest first).
-
-    A packed micro-batch is never wider than a padded one and has at most as many rows.
+def pack(lengths: list[int], width: int | None = None) -> list[list[int]]:
+    """Indices of sequences packed into rows of at most `width` tokens, by default the longest (first fit, longest
+    first). A micro-batch packed so is never wider than a padded one and has at most as many rows.
     """
-    width = max(lengths, default=0)
+    width = max(lengths, default=0) if width is None else width
     rows: list[list[int]] = []
     room: list[int] = []
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
@@ -122,6 +122,34 @@ def pack(lengths: list[int]) -> list[list[int]]:
         rows[slot].append(i)
         room[slot] -= lengths[i]
     return rows
+
+
+def plan_step(lengths: list[int], world_size: int, accumulation: int, max_tokens: int | None) -> list[list[list[int]]]:
+    """Indices of a global batch's samples (of these token lengths) as rank -> micro-batch -> samples.
+
+    By samples (`max_tokens` None): `accumulation` micro-batches per rank, length-bucketed (`bucket`). By tokens:
+    the samples are packed into bins of at most `max_tokens` (`pack`), the largest bins first dealt round-robin to
+    the ranks; every rank gets the same count of micro-batches (the step's most), empty ones where it has no bin.
+    """
+    if max_tokens is None:
+        return bucket(sorted(range(len(lengths)), key=lengths.__getitem__), world_size, accumulation)
+    bins = sorted(pack(lengths, max_tokens), key=lambda b: -sum(lengths[i] for i in b))
+    count = max(1, -(-len(bins) // world_size))
+    plan: list[list[list[int]]] = [[[] for _ in range(count)] for _ in range(world_size)]
+    for b, members in enumerate(bins):
+        plan[b % world_size][b // world_size] = members
+    return plan
+
+
+@dataclass
+class Encoded:
+    """One sample in the student's tokens, made once upstream of the ranks (`SampleEncoder.encode`)."""
+
+    sample_id: str
+    input_ids: list[int]  # prompt + answer (+ end), truncated to max_seq_len
+    labels: list[int]  # IGNORE on the prompt
+    start: int  # where the answer starts
+    alignment: Any  # the teacher's top-k over the answer (`Alignment`), or None: supervised only
 
 
 @dataclass
@@ -141,6 +169,12 @@ class MicroBatch:
     tokens: int  # answer tokens that carry a loss
     real: int  # sample tokens (not padding)
     slots: int  # B x L
+    sample_ids: tuple[str, ...] = ()
+
+    def to(self, device) -> MicroBatch:
+        """The micro-batch with its tensors on `device`."""
+        tensors = ("input_ids", "position_ids", "labels", "topk_ids", "topk_logprobs", "distill")
+        return replace(self, **{name: getattr(self, name).to(device) for name in tensors})
 
 
 def forward(model, micro: MicroBatch):
@@ -162,15 +196,17 @@ class SampleEncoder:
         self.max_len = trainer.max_seq_len
         self.distilling = any(name != "supervised" for name in trainer.losses)
         self.learn_reasoning = trainer.learn_reasoning
+        self.mask_end = trainer.truncated == "mask_end"
+        self.max_tokens = trainer.max_tokens_per_micro_batch
         self.teacher_tokenizers = dict(teacher_tokenizers or {})
         self._aligners: dict[str, Any] = {}
 
     @property
     def columns(self) -> list[str]:
         """The sample columns `encode` reads (top-k only when a divergence is weighted)."""
-        extra = ["teacher", "token_ids", "topk_ids", "topk_logprobs"] if self.distilling else []
+        extra = ["teacher", "token_ids", "topk_ids", "topk_logprobs", "answer_token_start"] if self.distilling else []
         reasoning = ["reasoning"] if self.learn_reasoning else []
-        return ["sample_id", "messages", "answer", *reasoning, *extra]
+        return ["sample_id", "messages", "answer", "finish_reason", *reasoning, *extra]
 
     def target(self, row: dict) -> str:
         """The text the student learns to answer: the final answer; with `learn_reasoning`, a reasoning teacher's
@@ -183,11 +219,6 @@ class SampleEncoder:
         prompt = chat_prompt_ids(self.tokenizer, json.loads(row["messages"]))
         answer = self.tokenizer.encode(self.target(row), add_special_tokens=False)
         return min(len(prompt) + len(answer) + 1, self.max_len)
-
-    def sort_by_length(self, rows: list[dict]) -> list[dict]:
-        """Rows by length, shortest first (stable), for `bucket`."""
-        lengths = [self.length(row) for row in rows]
-        return [rows[i] for i in sorted(range(len(rows)), key=lengths.__getitem__)]
 
     def aligner(self, teacher: str | None):
         """The teacher's `TokenAligner` (built on first use), or None for a teacher with no known tokenizer."""
@@ -202,34 +233,54 @@ class SampleEncoder:
             self._aligners[teacher] = TokenAligner(teacher_tokenizer, self.tokenizer)
         return self._aligners[teacher]
 
-    def encode(self, row: dict):
-        """(input ids, labels, answer start, `Alignment` or None) of one sample, truncated to max_seq_len: the
-        student-tokenised prompt + answer + end token, with labels only on the answer and its end token."""
+    def teacher_answer(self, row: dict) -> tuple[list, list, list]:
+        """The teacher's token ids, top-k ids and logprobs of the answer span: a reasoning teacher's tokens start
+        with its reasoning and channel markers, and its answer at `answer_token_start` (the replica finds it)."""
+        start = row.get("answer_token_start") or 0
+        return tuple((row.get(column) or [])[start:] for column in ("token_ids", "topk_ids", "topk_logprobs"))
+
+    def encode(self, row: dict) -> Encoded:
+        """One sample, truncated to max_seq_len: the student-tokenised prompt + answer + end token, with labels only
+        on the answer and its end token (no end token for an answer the teacher was cut off in, with mask_end)."""
         tokenizer = self.tokenizer
         prompt_ids = chat_prompt_ids(tokenizer, json.loads(row["messages"]))
         alignment = None
-        topk = row.get("topk_ids") or []
-        if self.distilling and topk and (aligner := self.aligner(row.get("teacher"))) is not None:
-            alignment = aligner.align(self.target(row), row.get("token_ids") or [], topk, row.get("topk_logprobs") or [])
+        teacher_ids, topk, logprobs = self.teacher_answer(row)
+        # the teacher's tokens spell the answer; with learn_reasoning the target starts with the reasoning
+        spells_target = not (self.learn_reasoning and row.get("reasoning"))
+        if self.distilling and topk and spells_target and (aligner := self.aligner(row.get("teacher"))) is not None:
+            alignment = aligner.align(self.target(row), teacher_ids, topk, logprobs)
             answer_ids = alignment.student_ids  # the student's answer tokens + end, as the branch below makes them
         else:
             answer_ids = tokenizer.encode(self.target(row), add_special_tokens=False) + [tokenizer.eos_token_id]
+        if self.mask_end and row.get("finish_reason") == "length":
+            answer_ids = answer_ids[:-1]  # the alignment's last row (the end token) is then left out by `pack_micro`
         input_ids = (prompt_ids + answer_ids)[: self.max_len]
         labels = ([IGNORE] * len(prompt_ids) + answer_ids)[: self.max_len]
-        return input_ids, labels, len(prompt_ids), alignment
+        return Encoded(row.get("sample_id", ""), input_ids, labels, len(prompt_ids), alignment)
 
-    def collate(self, rows: list[dict], device=None) -> MicroBatch:
-        """Encode and pack one micro-batch (`pack`); no rows give one dummy token with no label (a rank with no
-        share still takes part in ZeRO's collectives). The dummy counts as padding."""
+    def micro_batches(self, encoded: list[Encoded], world_size: int, accumulation: int) -> list[list[MicroBatch]]:
+        """A global batch as rank -> packed micro-batches (`plan_step`)."""
+        plan = plan_step([len(e.input_ids) for e in encoded], world_size, accumulation, self.max_tokens)
+        return [[self.pack_micro([encoded[i] for i in micro]) for micro in rank] for rank in plan]
+
+    def collate(self, rows: list[dict]) -> MicroBatch:
+        """Encode and pack rows as one micro-batch."""
+        return self.pack_micro([self.encode(row) for row in rows])
+
+    def pack_micro(self, encoded: list[Encoded]) -> MicroBatch:
+        """Pack one micro-batch (`pack`: rows as wide as its longest sample, or one row of up to
+        max_tokens_per_micro_batch); no samples give one dummy token with no label (a rank with no share still takes
+        part in ZeRO's collectives). The dummy counts as padding."""
         import torch
 
-        encoded = [self.encode(row) for row in rows]
         dummy = not encoded
         if dummy:
-            encoded = [([self.tokenizer.pad_token_id], [IGNORE], 1, None)]
-        packed = pack([len(ids) for ids, *_ in encoded])
-        n, width = len(packed), max(len(ids) for ids, *_ in encoded)
-        k = max([1] + [a.topk_ids.shape[1] for *_, a in encoded if a is not None])
+            encoded = [Encoded("", [self.tokenizer.pad_token_id], [IGNORE], 1, None)]
+        lengths = [len(e.input_ids) for e in encoded]
+        packed = pack(lengths, self.max_tokens)
+        n, width = len(packed), max(sum(lengths[i] for i in row) for row in packed)
+        k = max([1] + [e.alignment.topk_ids.shape[1] for e in encoded if e.alignment is not None])
         input_ids = torch.full((n, width), self.tokenizer.pad_token_id, dtype=torch.long)
         positions = torch.zeros((n, width), dtype=torch.long)
         labels = torch.full((n, width), IGNORE, dtype=torch.long)
@@ -239,7 +290,8 @@ class SampleEncoder:
         for row, members in enumerate(packed):
             at = 0
             for index in members:
-                ids, labs, start, alignment = encoded[index]
+                ids, labs, start, alignment = (encoded[index].input_ids, encoded[index].labels, encoded[index].start,
+                                               encoded[index].alignment)
                 end = at + len(ids)
                 input_ids[row, at:end] = torch.tensor(ids)
                 positions[row, at:end] = torch.arange(len(ids))
@@ -251,11 +303,10 @@ class SampleEncoder:
                     distill[row, at + start : end] = alignment.distill[:kept]
                 at = end
             positions[row, at:] = torch.arange(width - at)  # the padding: a segment of its own
-        real = 0 if dummy else sum(len(ids) for ids, *_ in encoded)
         return MicroBatch(
-            input_ids.to(device), positions.to(device), labels.to(device), topk_ids.to(device),
-            topk_logprobs.to(device), distill.to(device), tokens=int((labels != IGNORE).sum()), real=real,
-            slots=n * width,
+            input_ids, positions, labels, topk_ids, topk_logprobs, distill, tokens=int((labels != IGNORE).sum()),
+            real=0 if dummy else sum(lengths), slots=n * width,
+            sample_ids=() if dummy else tuple(e.sample_id for e in encoded),
         )
 
 
@@ -306,28 +357,25 @@ class StudentTrainer:
         self.tokenizer = AutoTokenizer.from_pretrained(student_path)
         self.encoder = SampleEncoder(self.tokenizer, trainer, teacher_tokenizers)
         dtype = torch.bfloat16 if trainer.use_gpu else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(student_path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(
+            student_path, dtype=dtype, attn_implementation=trainer.attn_implementation
+        )
         if trainer.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()  # from_pretrained returns eval mode, in which HF skips gradient checkpointing
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=self.ds_config)
 
-    def plan(self, rows: list[dict]) -> list[list[list[dict]]]:
-        """Rank -> micro-batch -> rows of a global batch (sorted by `encoder.sort_by_length` first)."""
-        return bucket(rows, self.world_size, self.accumulation)
-
-    def step(self, micro_rows: list[list[dict]]) -> dict:
-        """One optimizer step over this rank's micro-batches (`plan(rows)[rank]`, one list per accumulation step).
+    def step(self, micros: list[MicroBatch]) -> dict:
+        """One optimizer step over this rank's micro-batches of a global batch (`SampleEncoder.micro_batches`).
 
         The loss is the mean over answer tokens of the whole global batch; terms are means over the positions
-        they cover. Every rank runs the same number of forward/backward passes, empty shares included.
+        they cover. Every rank runs the same number of forward/backward passes (the feeder plans them so, empty
+        shares included); the optimizer steps after the last, however many there are.
         """
         torch = self.torch
         import torch.distributed as dist
 
-        if len(micro_rows) != self.accumulation:
-            raise ValueError(f"expected {self.accumulation} micro-batches, got {len(micro_rows)}")
-        micros = [self.encoder.collate(rows, self.engine.device) for rows in micro_rows]
+        micros = [micro.to(self.engine.device) for micro in micros]
         counts = torch.tensor(
             [sum(m.tokens for m in micros), sum(m.real for m in micros), sum(m.slots for m in micros)],
             dtype=torch.float64,
@@ -336,13 +384,14 @@ class StudentTrainer:
         tokens, real, slots = max(counts[0].item(), 1.0), counts[1].item(), counts[2].item()
         names = list(self.weights)
         sums = torch.zeros(2 + 2 * len(names), dtype=torch.float64)  # total, distilled, (term sum, term count)...
-        for micro in micros:
+        for index, micro in enumerate(micros):
+            self.engine.set_gradient_accumulation_boundary(index == len(micros) - 1)
             logits = forward(self.engine, micro)
             mixed = micro_loss(logits, micro, self.weights, self.options)
             # DeepSpeed averages gradients over ranks: scale by world size for a global token mean. Each
             # micro-batch's loss is already its share of that mean, so no division by accumulation steps.
             self.engine.backward(mixed.total * dist.get_world_size() / tokens, scale_wrt_gas=False)
-            self.engine.step()  # the optimizer steps at the accumulation boundary only
+            self.engine.step()  # the optimizer steps at the boundary (the last micro-batch) only
             sums[0] += mixed.total.item()
             sums[1] += int((micro.distill[:, 1:] & (micro.labels[:, 1:] != IGNORE)).sum())
             for i, name in enumerate(names):
@@ -395,14 +444,24 @@ def _taken_but_not_trained(writer, samples_dir: Path, run_dir: Path, columns: li
                            trained: set[str]) -> list[dict]:
     """After a worker restart within a run: the samples a lost attempt took from the stream without a checkpoint
     counting them. The stream hands each batch out once, but the spill keeps every batch, so they are read back
-    from there (with any spilled sample not yet trained; the caller skips those when the stream brings them)."""
+    from there (with any spilled sample not yet trained; the caller skips those when the stream brings them).
+
+    Row group by row group, the sample ids first: a row group the checkpoint's lineage covers is not read further,
+    so a restart reads the top-k and text columns only of the batches taken since the last checkpoint.
+    """
     import pyarrow as pa
     import pyarrow.compute as pc
 
     if writer is not None:
         _seal_spill(writer, int((run_dir / TAKEN_SEQ).read_text()))
-    table = open_samples(samples_dir).to_table(columns=columns)
-    return table.filter(pc.invert(pc.is_in(table["sample_id"], pa.array(sorted(trained), pa.string())))).to_pylist()
+    trained_ids = pa.array(sorted(trained), pa.string())
+    rows = []
+    for shard in open_samples(samples_dir).get_fragments():
+        for group in shard.split_by_row_group():
+            if pc.all(pc.is_in(group.to_table(columns=["sample_id"])["sample_id"], trained_ids)).as_py():
+                continue
+            rows += group.to_table(columns=columns, filter=~pc.field("sample_id").isin(trained_ids)).to_pylist()
+    return rows
 
 
 def _record_taken(run_dir: Path, seq: int) -> None:
@@ -423,29 +482,33 @@ class _Lineage:
         self.already_trained = set(self.ids)  # samples a rerun replays but must not train on again
         self.path.write_text("".join(i + "\n" for i in self.ids))
 
-    def add(self, rows: list[dict]) -> None:
+    def add(self, ids: list[str]) -> None:
         self.step += 1  # kept in step with the loop's counter: both start from the checkpoint's step
-        self.ids.extend(row["sample_id"] for row in rows)
+        self.ids.extend(ids)
         with open(self.path, "a") as f:
-            f.writelines(row["sample_id"] + "\n" for row in rows)
+            f.writelines(i + "\n" for i in ids)
 
     def save(self, folder: Path) -> None:
         (folder / "state.json").write_text(json.dumps({"step": self.step, "samples": len(self.ids)}))
         (folder / TRAINED_IDS).write_text("".join(i + "\n" for i in self.ids))
 
 
-def _checkpoint(student: StudentTrainer, step: int, lineage: _Lineage | None, run_dir: Path, shards: list[str]) -> None:
+def _checkpoint(student: StudentTrainer, step: int, lineage: _Lineage | None, run_dir: Path, writer, seq: int) -> None:
     """Every rank saves its ZeRO shard; Ray Train merges the ranks' folders into one checkpoint in storage.
 
-    Rank 0 (the one with the lineage) adds the trained sample ids and updates the run's manifest.
+    Rank 0 (the one with the lineage) adds the trained sample ids, waits for the writer to make the samples up to
+    writer seq `seq` durable (after the save's collectives: no rank waits on the spill inside one) and updates the
+    run's manifest.
     """
     from ray import train
 
     name = f"checkpoint-{step:06d}"
+    shards = []
     with tempfile.TemporaryDirectory(prefix="avocado-ckpt-") as folder:
         student.engine.save_checkpoint(folder, tag=DEEPSPEED_TAG)
         if lineage is not None:
             lineage.save(Path(folder))
+            shards = _seal_spill(writer, seq) if writer is not None else []
         train.report({"step": step}, checkpoint=train.Checkpoint.from_directory(folder), checkpoint_dir_name=name)
     if lineage is not None:
         trained = {"step": step, "samples": len(lineage.ids), "checkpoint": str(run_dir / "ray_train" / "student" / name)}
@@ -453,7 +516,7 @@ def _checkpoint(student: StudentTrainer, step: int, lineage: _Lineage | None, ru
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
-    """Ray Train worker body: consume the stream in global batches, train, checkpoint, save the student.
+    """Ray Train worker body: take this rank's micro-batches from the feeder, train, checkpoint, save the student.
 
     A rerun on the same run directory restores the last checkpoint (Ray Train finds it in storage) and
     skips the samples that checkpoint had trained on, so each sample is trained on once.
@@ -462,82 +525,56 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from ray import train
 
     from avocado_ray.progress import TrainMonitor
+    from avocado_ray.training.feed import next_item, start_feeder
 
     trainer = TrainerConfig.model_validate(loop_config["trainer"])
-    stream: SampleStream = loop_config["stream"]
     writer = loop_config["writer"]  # None when every sample is already on disk (train-only mode)
-    samples_dir = loop_config["samples_dir"] and Path(loop_config["samples_dir"])  # every sample the stream carries
     run_dir = Path(loop_config["run_dir"])
     context = train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    student = StudentTrainer(loop_config["student_path"], trainer, world, loop_config.get("teacher_tokenizers"))
-    restored, lineage = train.get_checkpoint(), None
+    tokenizers = loop_config.get("teacher_tokenizers") or {}
+    student = StudentTrainer(loop_config["student_path"], trainer, world, tokenizers)
+    restored = train.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as folder:
             student.engine.load_checkpoint(folder, tag=DEEPSPEED_TAG)
-            lineage = _Lineage(run_dir, Path(folder)) if rank == 0 else None
-    elif rank == 0:
-        lineage = _Lineage(run_dir, None)
+    handle = [start_feeder(trainer, loop_config["student_path"], tokenizers, world, student.accumulation,
+                           loop_config["seed"]) if rank == 0 else None]
+    dist.broadcast_object_list(handle, src=0)  # an actor handle, at once: every rank then polls outside collectives
+    feeder, lineage, monitor = handle[0], None, None
+    if rank == 0:
+        if restored is not None:
+            with restored.as_directory() as folder:
+                lineage = _Lineage(run_dir, Path(folder))
+        else:
+            lineage = _Lineage(run_dir, None)
+        feeder.run.remote(loop_config["stream"], writer, loop_config["samples_dir"], str(run_dir),
+                          lineage.already_trained, lineage.step)
+        monitor = TrainMonitor()  # progress line in the job log, Ray metrics
     metrics = run_dir / "metrics.jsonl"
-    monitor = TrainMonitor() if rank == 0 else None  # progress line in the job log, Ray metrics
-    columns = student.encoder.columns
-
-    def global_batches():
-        """Rank 0's view: full global batches of samples not yet trained on, then the remainder."""
-        waited, last_seq = 0.0, 0
-        pending = []
-        if samples_dir is not None and (run_dir / TAKEN_SEQ).is_file():  # not the run's first attempt
-            pending = _taken_but_not_trained(writer, samples_dir, run_dir, columns, lineage.already_trained)
-            _log(metrics, {"kind": "train_restart", "samples_from_spill": len(pending), "time": time.time()})
-        skip = lineage.already_trained | {r["sample_id"] for r in pending}
-        recorded = False  # replayed batches have seq 0: the first one taken must mark this run as started too
-        for batch, wait_s, seq in stream.batches():
-            if seq > last_seq or not recorded:
-                _record_taken(run_dir, seq)
-                recorded = True
-            waited, last_seq = waited + wait_s, max(last_seq, seq)
-            pending.extend(r for r in batch.select(columns).to_pylist() if r["sample_id"] not in skip)
-            while len(pending) >= trainer.batch_size:
-                yield pending[: trainer.batch_size], waited, last_seq
-                pending, waited = pending[trainer.batch_size :], 0.0
-        if pending:
-            yield pending, waited, last_seq
-
-    source = global_batches() if rank == 0 else None
-    start = [lineage.step if rank == 0 else 0]
-    dist.broadcast_object_list(start, src=0)
-    step = checkpointed = start[0]
-    skipped, last_seq, item = 0, 0, None
+    checkpointed = None
     while True:
-        message = [None]
-        if rank == 0:
-            item = next(source, None)
-            while item is not None and trainer.max_steps is not None and step >= trainer.max_steps:
-                skipped += len(item[0])  # keep draining so producers never block on a full stream
-                item = next(source, None)
-            # sorted by length for `bucket`; the lineage keeps stream order (item's rows)
-            message = [None if item is None else (student.encoder.sort_by_length(item[0]), *item[1:])]
-        dist.broadcast_object_list(message, src=0)
-        if message[0] is not None:
-            rows, wait_s, last_seq = message[0]
+        item = next_item(feeder, rank)
+        checkpointed = item["start"] if checkpointed is None else checkpointed
+        step, end = item["step"], item.get("end", False)
+        if not end:
             started = time.monotonic()
-            result = student.step(student.plan(rows)[rank])
-            step += 1
+            result = student.step(item["micros"])
             if rank == 0:
-                lineage.add(item[0])
-                record = {"kind": "train", "step": step, "samples": len(rows), "wait_s": round(wait_s, 4)}
+                lineage.add(item["ids"])
+                record = {"kind": "train", "step": step, "samples": item["samples"], "wait_s": round(item["wait_s"], 4)}
                 record.update(result, step_s=round(time.monotonic() - started, 4), time=time.time())
                 _log(metrics, record)
                 monitor.step(record)
-        if step > checkpointed and (message[0] is None or step - checkpointed >= trainer.checkpoint_every):
-            shards = _seal_spill(writer, last_seq) if rank == 0 and writer is not None else []
-            _checkpoint(student, step, lineage, run_dir, shards)
+        if step > checkpointed and (end or step - checkpointed >= trainer.checkpoint_every):
+            _checkpoint(student, step, lineage, run_dir, writer, item["seq"])
             checkpointed = step
-        if message[0] is None:
+        if end:
             break
     student.save_hf(run_dir / "student", is_writer=rank == 0)
     if rank == 0:
-        _log(metrics, {"kind": "train_end", "steps": step, "samples_not_trained": skipped, "time": time.time()})
+        _log(metrics, {"kind": "train_end", "steps": step, "samples_not_trained": item["skipped"],
+                       "samples_truncated_dropped": item["truncated_dropped"], "time": time.time()})
         monitor.finish()
 
 
@@ -549,6 +586,7 @@ def make_trainer(
     writer=None,
     teacher_tokenizers: dict[str, str] | None = None,
     samples_dir: Path | None = None,
+    seed: int = 0,
 ):
     """A Ray Train TorchTrainer over `train_loop_per_worker`; call `.fit()` to run it.
 
@@ -558,7 +596,7 @@ def make_trainer(
     Storage and name are fixed per run directory, so Ray Train restores the last checkpoint on a rerun.
     `samples_dir` holds every sample the stream carries (the run's spill, or a train-only run's data): after a
     worker dies, the restarted group reads back from it what the lost attempt had taken. Without it a dead
-    worker fails the run (no restart), since those samples could not be recovered.
+    worker fails the run (no restart), since those samples could not be recovered. `seed` seeds the shuffle buffer.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -573,8 +611,9 @@ def make_trainer(
             "run_dir": str(run_dir.resolve()),
             "teacher_tokenizers": dict(teacher_tokenizers or {}),
             "samples_dir": str(samples_dir.resolve()) if samples_dir is not None else None,
+            "seed": seed,
         },
-        torch_config=TorchConfig(backend=comm_backend(trainer)),
+        torch_config=TorchConfig(backend=comm_backend(trainer), timeout_s=trainer.collective_timeout_s),
         scaling_config=ScalingConfig(
             num_workers=trainer.num_workers,
             use_gpu=trainer.use_gpu,
