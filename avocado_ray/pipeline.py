@@ -124,6 +124,8 @@ def run_distill(config: DistillConfig, train: bool = True, trainer_factory=None)
     also written to `run_dir/summary.json`. `trainer_factory(stream)` replaces the DeepSpeed trainer by another
     consumer of the sample stream with a `fit()` (the load benchmark's counter)."""
     started = time.time()
+    if train and not config.trainer.uses_topk:  # no loss reads top-k: vLLM computes none and the spill stores none
+        config = _without_topk(config)
     run_dir = Path(config.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     _end_torn_record(run_dir / "metrics.jsonl")
@@ -224,6 +226,14 @@ def run_distill(config: DistillConfig, train: bool = True, trainer_factory=None)
     return summary
 
 
+def _without_topk(config: DistillConfig) -> DistillConfig:
+    """The config with every teacher's top-k logprobs (`sampling.logprobs`) at 0. Only for a run that trains: the
+    samples of `generate` may feed any loss later, so they keep the configured k."""
+    teachers = [t.model_copy(update={"sampling": t.sampling.model_copy(update={"logprobs": 0})})
+                for t in config.teachers]
+    return config.model_copy(update={"teachers": teachers})
+
+
 def _dead_letters(items, lines: dict[str, int]) -> list[Rejected]:
     """Dead-letter records, with their input lines, for the prompts a dispatch gave up on."""
     return [Rejected(lines[item["prompt_id"]], item["prompt_id"], item["reason"], item["code"]) for item in items]
@@ -241,8 +251,6 @@ def start_pools(config: DistillConfig, names: set[str]) -> tuple[dict[str, Teach
     pools, down = {}, {}
     for name in sorted(names):
         teacher = config.teacher(name)
-        if not config.trainer.uses_topk:  # no loss reads top-k: vLLM neither computes them nor the spill stores them
-            teacher = teacher.model_copy(update={"sampling": teacher.sampling.model_copy(update={"logprobs": 0})})
         try:
             pools[name] = TeacherPool(teacher, resolve_model(teacher.model), use_gpu,
                                       config.dispatch.max_in_flight_per_replica, config.seed)

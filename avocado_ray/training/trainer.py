@@ -124,7 +124,9 @@ def pack(lengths: list[int], width: int | None = None) -> list[list[int]]:
     return rows
 
 
-def plan_step(lengths: list[int], world_size: int, accumulation: int, max_tokens: int | None) -> list[list[list[int]]]:
+def plan_step(
+    lengths: list[int], world_size: int, accumulation: int, max_tokens: int | None
+) -> list[list[list[int]]]:
     """Indices of a global batch's samples (of these token lengths) as rank -> micro-batch -> samples.
 
     By samples (`max_tokens` None): `accumulation` micro-batches per rank, length-bucketed (`bucket`). By tokens:
@@ -345,7 +347,6 @@ class StudentTrainer:
 
         self.torch = torch
         self.trainer = trainer
-        self.world_size = world_size
         self.ds_config = deepspeed_config(trainer, world_size)
         self.accumulation = int(self.ds_config["gradient_accumulation_steps"])  # raw DeepSpeed keys may set it
         self.weights = dict(trainer.losses)
