@@ -210,14 +210,22 @@ def test_a_packed_sample_has_the_loss_it_has_alone(tiny_models, tokenizers, atte
     assert padding_waste([[len(r)] for r in ([1, 2], [3])]) == 0.0 and padding_waste([[2, 4]]) == 0.25
 
 
+def _trained_a_step(run_dir) -> bool:
+    metrics = run_dir / "metrics.jsonl"
+    return metrics.is_file() and '"kind": "train"' in metrics.read_text()
+
+
 def _fit(tiny_models, run_dir, batches, delay_s=0.0, **options):
-    """Train on `batches` (lists of samples) through a real stream, `delay_s` between batches; returns the train
-    records of metrics.jsonl."""
+    """Train on `batches` (lists of samples) through a real stream; with `delay_s`, the batches after the first
+    come that many seconds after the first step is trained. Returns the train records of metrics.jsonl."""
     stream = SampleStream(max_batches=4)
 
     def produce():
         for i, rows in enumerate(batches):
-            time.sleep(delay_s if i else 0)
+            if i == 1 and delay_s:
+                while not _trained_a_step(run_dir):
+                    time.sleep(0.2)
+                time.sleep(delay_s)
             stream.put(ray.put(samples_to_batch(rows)))
         stream.close()
 
@@ -310,7 +318,7 @@ def test_a_restarted_trainer_reads_back_only_the_spilled_samples_its_checkpoint_
 
 @pytest.mark.slow
 def test_two_workers_whose_data_arrives_later_than_the_collective_timeout_still_finish(tiny_models, batches, tmp_path):
-    # the second batch comes 15 s after the first, with a 10 s collective timeout: the ranks wait for it while
+    # the second batch comes 15 s after the first step, with a 10 s collective timeout: the ranks wait for it while
     # polling the feeder, outside any collective, so no collective times out
     records = _fit(tiny_models, tmp_path, batches[:2], delay_s=15, num_workers=2, gradient_accumulation_steps=1,
                    collective_timeout_s=10, checkpoint_every=100)
@@ -334,7 +342,7 @@ def test_per_rank_feeds_give_every_sample_to_exactly_one_rank_once_and_drop_trun
     for row in rows:
         row["finish_reason"] = "length" if row["sample_id"] in truncated else "stop"
     trained = {rows[0]["sample_id"]}  # already trained (a resume): skipped
-    stream = SampleStream(max_batches=4)
+    stream = SampleStream(max_batches=8)  # the whole stream fits: it is filled before the feeder starts
     for i in range(0, 40, 8):
         stream.put(ray.put(samples_to_batch(rows[i : i + 8])))
     stream.close()
