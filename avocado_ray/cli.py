@@ -67,32 +67,32 @@ def cmd_route(args) -> int:
     """Dry run of the router: where each input row would go, without starting any teacher."""
     from collections import Counter
 
-    from avocado_ray.dataplane.prompts import read_prompts
+    from avocado_ray.dataplane.prompts import PromptReader
     from avocado_ray.routing.router import Router
 
     config = _load(args, check_paths=False)
-    prompt_set = read_prompts(args.input, max_bytes=config.data.max_prompt_bytes)
+    reader = PromptReader(args.input, max_bytes=config.data.max_prompt_bytes)
     router = Router(config.routing, [t.name for t in config.teachers])
     output = Path(args.output)
     rejected_path = output.with_name(output.name.removesuffix(".jsonl") + ".rejected.jsonl")
-    rejected = [vars(r) for r in prompt_set.rejected]  # the records of a run's rejected.jsonl
-    domains, teachers = Counter(), Counter()
-    with open(output, "w") as out:
-        for prompt, route in zip(prompt_set.prompts, router.route(prompt_set.prompts)):
-            if route.teacher is None:
-                rejected.append(vars(route.rejection(prompt)))
-                continue
-            record = {"id": prompt.id, "domain": route.domain, "teacher": route.teacher, "labels": route.labels}
-            if route.candidates:
-                record["candidates"] = route.candidates
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
-            domains[route.domain] += 1
-            teachers[route.teacher] += 1
-    rejected.sort(key=lambda r: r["line"])
-    with open(rejected_path, "w") as out:
-        out.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rejected)
+    domains, teachers, rejected = Counter(), Counter(), 0
+    with open(output, "w") as out, open(rejected_path, "w") as dead:
+        for prompts, refused in reader.batches():  # streamed; the rejections as a run's rejected.jsonl has them
+            routed = list(zip(prompts, router.route(prompts)))
+            refused += [route.rejection(prompt) for prompt, route in routed if route.teacher is None]
+            dead.writelines(json.dumps(vars(r), ensure_ascii=False) + "\n" for r in sorted(refused, key=lambda r: r.line))
+            rejected += len(refused)
+            for prompt, route in routed:
+                if route.teacher is None:
+                    continue
+                record = {"id": prompt.id, "domain": route.domain, "teacher": route.teacher, "labels": route.labels}
+                if route.candidates:
+                    record["candidates"] = route.candidates
+                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                domains[route.domain] += 1
+                teachers[route.teacher] += 1
     counts = {"routed": sum(teachers.values()), "per_domain": dict(domains), "per_teacher": dict(teachers)}
-    counts.update(rejected=len(rejected), output=str(output), rejected_output=str(rejected_path))
+    counts.update(rejected=rejected, output=str(output), rejected_output=str(rejected_path))
     print(json.dumps(counts, indent=2, ensure_ascii=False))
     return 0
 

@@ -312,7 +312,12 @@ class TrainerConfig(Strict):
 class DataConfig(Strict):
     """Where the prompts come from."""
 
-    input: str = Field(description="JSONL or Parquet file of prompts, or builtin:demo for the embedded demo set.")
+    input: str = Field(
+        description="Prompts: a JSONL or Parquet file, a folder of them, or a glob (`data/part-*.parquet`), as a local "
+        "path or a URI pyarrow.fs knows (`file://`, `s3://bucket/prefix` with the AWS_* variables, AWS_ENDPOINT_URL "
+        "among them, or `?endpoint_override=HOST:PORT&scheme=http`, `gs://`); or builtin:demo for the embedded demo "
+        "set. It is read as a stream, never whole."
+    )
     max_prompts: int | None = Field(None, gt=0, description="Use at most this many prompts.")
     max_prompt_bytes: int = Field(
         MAX_PROMPT_BYTES,
@@ -329,6 +334,13 @@ class DispatchConfig(Strict):
     max_in_flight_per_replica: int = Field(4, gt=0, description="Calls in flight per replica (bounds memory).")
     buffer_batches: int = Field(8, gt=0, description="Teacher batches queued for the trainer (backpressure).")
     rows_per_shard: int = Field(4096, gt=0, description="Samples per Parquet shard; a shard is durable once complete.")
+    max_pending_prompts: int = Field(
+        20_000,
+        gt=0,
+        description="The driver's window on the input: prompts read, routed and not yet answered (queued or in "
+        "flight) stay at most about this many, so the driver's memory does not grow with the input. Make it "
+        "several times the prompts all replicas hold in flight (replicas x max_in_flight_per_replica x batch_size).",
+    )
 
 
 class RayConfig(Strict):
@@ -436,8 +448,10 @@ def _check_model_paths(config: DistillConfig) -> list[str]:
     for key, model in entries:
         if not model.startswith((TINY_SCHEME, HUB_SCHEME)) and not Path(model).is_dir():
             problems.append(f"{key}: model path {model!r} does not exist")
-    if not config.data.input.startswith("builtin:") and not Path(config.data.input).is_file():
-        problems.append(f"data.input: input file {config.data.input!r} does not exist")
+    source = config.data.input
+    local = not source.startswith("builtin:") and "://" not in source  # a URI is checked when it is read
+    if local and not any(c in source for c in "*?[") and not Path(source).exists():
+        problems.append(f"data.input: input {source!r} does not exist")
     existing = next(p for p in [Path(config.run_dir).absolute(), *Path(config.run_dir).absolute().parents] if p.exists())
     if not existing.is_dir():
         problems.append(f"run_dir: {config.run_dir!r} cannot be a directory: {str(existing)!r} is a file")

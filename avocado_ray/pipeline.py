@@ -20,7 +20,7 @@ from ray.exceptions import RayTaskError
 
 from avocado_ray import cluster
 from avocado_ray.config import DistillConfig
-from avocado_ray.dataplane.prompts import InputError, Rejected, read_prompts
+from avocado_ray.dataplane.prompts import IdSet, InputError, PromptReader, Rejected
 from avocado_ray.dataplane.schema import samples_to_batch
 from avocado_ray.errors import RunError
 from avocado_ray.dataplane.spill import (SHARD_GLOB, ShardWriter, complete_shards, prompt_ids_in, sample_counts,
@@ -37,6 +37,7 @@ from avocado_ray.training.trainer import TAKEN_SEQ, make_trainer
 
 log = logging.getLogger("avocado_ray")
 ROUTE_CHUNK = 10_000  # prompts per routing call: bounds one message's size; a chunk lost with the router is asked again
+READ_BATCH_ROWS = 1000  # input rows read (and routed) at a time, at most
 
 
 def _end_torn_record(path: Path) -> None:
@@ -46,12 +47,6 @@ def _end_torn_record(path: Path) -> None:
             f.seek(-1, 2)
             if f.read(1) != b"\n":
                 f.write(b"\n")
-
-
-def _write_jsonl(path: Path, records: list[dict]) -> None:
-    with open(path, "w") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 def _train_metrics(path: Path) -> dict:
@@ -118,92 +113,80 @@ def _stop(pools: dict, control, writer) -> None:
 def run_distill(config: DistillConfig, train: bool = True, trainer_factory=None) -> dict:
     """Run a whole distillation (or, with train=False, the teachers only, to Parquet); returns the summary
     also written to `run_dir/summary.json`. `trainer_factory(stream)` replaces the DeepSpeed trainer by another
-    consumer of the sample stream with a `fit()` (the load benchmark's counter)."""
+    consumer of the sample stream with a `fit()` (the load benchmark's counter).
+
+    The pools start first; the input is then read, routed and dispatched chunk by chunk while the pools have
+    room (`dispatch.max_pending_prompts`), so the first teacher request does not wait for the whole input and
+    the driver holds a bounded window of it."""
     started = time.time()
     run_dir = Path(config.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     _end_torn_record(run_dir / "metrics.jsonl")
     log.info("ray: %s", cluster.connect(config))
 
-    prompt_set = read_prompts(config.data.input, config.data.max_prompts, config.data.max_prompt_bytes)
-    rejected: list[Rejected] = list(prompt_set.rejected)
-    log.info("prompts: %d valid, %d rejected from %s", len(prompt_set.prompts), len(rejected), prompt_set.source)
-
     samples_dir = run_dir / "samples"
-    previous_shards = complete_shards(samples_dir, verify=True) if samples_dir.is_dir() else []  # read whole once
-    answered = prompt_ids_in(previous_shards)
-    to_answer = [p for p in prompt_set.prompts if p.id not in answered]
+    previous_shards = complete_shards(samples_dir, verify=True) if samples_dir.is_dir() else []
+    answered = IdSet()
+    answered.update(prompt_ids_in(previous_shards))
     if answered:
-        log.info("resuming: %d prompts already answered on disk, %d to answer", len(answered), len(to_answer))
+        log.info("resuming: %d prompts already answered on disk", len(answered))
 
-    router = RouterClient(start_router(config.routing, [t.name for t in config.teachers]))
-    try:
-        chunks = [to_answer[i : i + ROUTE_CHUNK] for i in range(0, len(to_answer), ROUTE_CHUNK)]
-        routes = [route for chunk in chunks for route in router.route(chunk)]
-    finally:
-        router.close()  # its graph polls a core while up
-    work, best_of_prompts, unroutable = _plan(to_answer, routes)
-    rejected += unroutable
-    log.info("routed: %s", {f"{t}{' (best-of)' if best else ''}": len(r) for (t, best), r in work.items()})
-    lines = {p.id: p.line for p in prompt_set.prompts}
-
-    judges = _judges(config, best_of_prompts)
-    spill_over = {config.routing.fallback} if config.routing.saturated_after_batches and work else set()
-    pools, down = start_pools(config, {t for t, _ in work} | judges | spill_over)
-    if down:
-        pools.update(fall_back(config, work, best_of_prompts, down, pools))
+    pools, down = start_pools(config, routed_teachers(config))
+    check_down(config, down)
+    judges = _judges(config, config.routing.best_of)
     selector = None
-    if best_of_prompts:
+    if config.routing.best_of:
         selector = ray.remote(Selector).options(num_cpus=0, max_concurrency=64).remote(
             config.routing.best_of, {name: pools[name].actors() for name in judges}
         )
-        ray.get(selector.expect.remote(best_of_prompts))
     writer = ray.remote(ShardWriter).options(num_cpus=0).remote(str(samples_dir), config.dispatch.rows_per_shard)
     control = start_control(run_dir, list(pools))
     stream, training = (_start_training(config, run_dir, samples_dir, writer, trainer_factory) if train
                         else (None, None))
     metrics = run_dir / "metrics.jsonl"
+    dead_letters = DeadLetters(run_dir / "rejected.jsonl")
+    reader = PromptReader(config.data.input, config.data.max_prompts, config.data.max_prompt_bytes,
+                          batch_rows=min(READ_BATCH_ROWS, config.dispatch.max_pending_prompts), skip=answered)
+    router = RouterClient(start_router(config.routing, [t.name for t in config.teachers]), compiled=False)
     try:
         if stream is not None:
             _replay(previous_shards, stream, training)
-        for name, pool in pools.items():
-            log.info("teacher %s ready: %s", name, pool.ready())
+        feed = InputFeed(reader, router, config, pools, down, selector, dead_letters)
         dispatch = Dispatcher(config, pools, selector, stream, writer, control, metrics, training)
-        rejected += _dead_letters(dispatch.run(work), lines)
+        dead_letters.add_dispatched(dispatch.run({}, feed))
+        log.info("read %d prompts (%d rejected, %d answered before) from %s", reader.valid, reader.rejected,
+                 reader.skipped, config.data.input)
         if training is not None:
             stream.close()
             training.join()
         shards = ray.get(writer.close.remote())
-        lost = _damaged_answers(samples_dir, to_answer, rejected)
-        if lost:  # a shard damaged on disk during the run: ask again, to the spill only (the student has them)
+        if lost := _damaged_answers(samples_dir, reader, dead_letters):
+            # a shard damaged on disk during the run: ask again, to the spill only (the student has them)
             log.warning("%d answers were in shards damaged on disk: asking the teachers again", len(lost))
-            route_of = {route.prompt_id: route for route in routes}
-            again, again_best_of, _ = _plan(lost, [route_of[p.id] for p in lost])
-            if again_best_of:
-                ray.get(selector.expect.remote(again_best_of))
             repair = Dispatcher(config, pools, selector, None, writer, control, metrics)
-            rejected += _dead_letters(repair.run(again), lines)
+            dead_letters.add_dispatched(repair.run({}, InputFeed(lost, router, config, pools, down, selector, dead_letters)))
             dispatch.retried_prompts += len(lost)
             shards = ray.get(writer.close.remote())
     except BaseException:  # stopped (`ray job stop`, Ctrl-C) or failed (a full disk): resumable, see _stop
         _stop(pools, control, writer)
         raise
+    finally:
+        dead_letters.close()
     lost_replicas = sum(pool.lost_replicas for pool in pools.values())
     for pool in pools.values():
         pool.shutdown()
     ray.kill(control)
     write_manifest(run_dir, complete_shards=[p.name for p in complete_shards(samples_dir)])
 
-    _write_jsonl(run_dir / "rejected.jsonl", [vars(r) for r in rejected])
     counts = sample_counts(samples_dir)
-    prompts_in = len(prompt_set.prompts) + len(prompt_set.rejected)
+    prompts_in = reader.valid + reader.rejected
     summary = {
         "run_dir": str(run_dir),
         "prompts_in": prompts_in,
         "samples_out": counts["samples"],
-        "rejected": len(rejected),
-        "rejected_by_reason": dict(Counter(r.code for r in rejected)),
-        "counts_add_up": prompts_in == counts["samples"] + len(rejected),
+        "rejected": dead_letters.count,
+        "rejected_by_reason": dict(dead_letters.by_reason),
+        "counts_add_up": prompts_in == counts["samples"] + dead_letters.count,
         "per_domain": counts["per_domain"],
         "per_teacher": counts["per_teacher"],
         "per_domain_teacher": counts["per_domain_teacher"],
@@ -212,6 +195,7 @@ def run_distill(config: DistillConfig, train: bool = True, trainer_factory=None)
         "replicas_lost": lost_replicas,
         "prompts_sent_again": dispatch.retried_prompts,
         "prompts_rerouted": dispatch.rerouted_prompts,
+        "first_request_s": dispatch.first_request_at and round(dispatch.first_request_at - started, 1),
         **(_train_metrics(run_dir / "metrics.jsonl") if train else {}),
         "student_dir": str(run_dir / "student") if train else None,
         "wall_time_s": round(time.time() - started, 1),
@@ -220,14 +204,88 @@ def run_distill(config: DistillConfig, train: bool = True, trainer_factory=None)
     return summary
 
 
-def _dead_letters(items, lines: dict[str, int]) -> list[Rejected]:
-    """Dead-letter records, with their input lines, for the prompts a dispatch gave up on."""
-    return [Rejected(lines[item["prompt_id"]], item["prompt_id"], item["reason"], item["code"]) for item in items]
+class DeadLetters:
+    """The run's rejected.jsonl, written as rejections come (the driver keeps counts and 8 bytes an id, not the
+    records): rows the reader or the router turned away, and prompts a dispatch gave up on. A rerun writes it
+    anew, since it reads (and rejects) its input again."""
+
+    def __init__(self, path: Path):
+        self.file = open(path, "w")
+        self.count = 0
+        self.by_reason: Counter[str] = Counter()
+        self.ids = IdSet()  # for the repair pass: a dead-lettered prompt is not asked again
+
+    def add(self, rejected: list[Rejected]) -> None:
+        for record in rejected:
+            self.file.write(json.dumps(vars(record), ensure_ascii=False) + "\n")
+            self.by_reason[record.code] += 1
+            if record.id is not None:
+                self.ids.add(record.id)
+        self.count += len(rejected)
+        self.file.flush()
+
+    def add_dispatched(self, items: list[dict]) -> None:
+        """Rejections from teachers and the selector, with the input file and line their requests carried."""
+        self.add([Rejected(item.get("line", 0), item["prompt_id"], item["reason"], item["code"], item.get("file"))
+                  for item in items])
+
+    def close(self) -> None:
+        self.file.close()
 
 
-def _judges(config: DistillConfig, best_of_prompts: list[dict]) -> set[str]:
-    """The judge teachers that the best-of prompts' scorers call."""
-    return {config.routing.best_of[p["domain"]].judge for p in best_of_prompts} - {None}
+class InputFeed:
+    """The Dispatcher's source of work: reads the next batch of prompts, routes it through the router, and
+    returns its teacher requests (`_plan`); rows the reader or router rejects go to the dead letters, work of
+    pools that are down to the fallback (`reroute_down`), best-of prompts are announced to the selector."""
+
+    def __init__(self, prompts, router: RouterClient, config: DistillConfig, pools: dict[str, TeacherPool],
+                 down: dict[str, str], selector, dead_letters: DeadLetters):
+        """`prompts`: a `PromptReader`, or a list of prompts (the repair pass's). `pools` gains the pool of a
+        teacher that only a row names, on the first such row."""
+        self.batches = prompts.batches() if isinstance(prompts, PromptReader) else iter([(prompts, [])])
+        self.router, self.config, self.pools, self.down, self.selector = router, config, pools, down, selector
+        self.dead_letters = dead_letters
+        self.window = config.dispatch.max_pending_prompts
+        self.exhausted = False
+
+    def next(self) -> dict[tuple[str, bool], list[dict]]:
+        try:
+            prompts, rejected = next(self.batches)
+        except StopIteration:
+            self.exhausted = True
+            return {}
+        self.dead_letters.add(rejected)
+        routes = [route for i in range(0, len(prompts), ROUTE_CHUNK) for route in
+                  self.router.route(prompts[i : i + ROUTE_CHUNK])]
+        work, best_of_prompts, unroutable = _plan(prompts, routes)
+        self.dead_letters.add(unroutable)
+        if new := {name for name, _ in work} - set(self.pools) - set(self.down):
+            started, down = start_pools(self.config, new)
+            self.pools.update(started)
+            self.down.update(down)
+            check_down(self.config, down)
+        if self.down:
+            reroute_down(self.config, work, best_of_prompts, self.down)
+        if best_of_prompts:
+            ray.get(self.selector.expect.remote(best_of_prompts))
+        return work
+
+
+def _judges(config: DistillConfig, best_of) -> set[str]:
+    """The judge teachers that the scorers of best-of prompts (or of best-of domains: {domain: ...}) call."""
+    domains = best_of if isinstance(best_of, dict) else {p["domain"] for p in best_of}
+    return {config.routing.best_of[domain].judge for domain in domains} - {None}
+
+
+def routed_teachers(config: DistillConfig) -> set[str]:
+    """The teachers the routing config can send prompts to: the table's, the fallback, the best-of teachers and
+    their judges. Their pools start before the input is read; a teacher that only rows name starts on demand."""
+    names = {config.routing.fallback, *_judges(config, config.routing.best_of)}
+    for domain in config.routing.table:
+        names |= set(config.routing.teachers_of(domain))
+    for best_of in config.routing.best_of.values():
+        names |= set(best_of.teachers)
+    return names
 
 
 def start_pools(config: DistillConfig, names: set[str]) -> tuple[dict[str, TeacherPool], dict[str, str]]:
@@ -245,28 +303,27 @@ def start_pools(config: DistillConfig, names: set[str]) -> tuple[dict[str, Teach
     return pools, down
 
 
-def fall_back(config: DistillConfig, work: dict, best_of_prompts: list[dict], down: dict[str, str],
-              pools: dict[str, TeacherPool]) -> dict[str, TeacherPool]:
-    """Move the work of pools that are down to the fallback teacher (best-of prompts keep their other
-    teachers); returns the fallback's pool if it has to be started. Fails when nothing is left to answer."""
-    fallback = config.routing.fallback
-    if fallback in down or _judges(config, best_of_prompts) & set(down):
+def check_down(config: DistillConfig, down: dict[str, str]) -> None:
+    """A run goes on with teachers down (their prompts go to the fallback), but not without the fallback or a
+    judge."""
+    for name, why in down.items():
+        log.warning("teacher %s is down, its prompts go to %s: %s", name, config.routing.fallback, why)
+    if config.routing.fallback in down or _judges(config, config.routing.best_of) & set(down):
         raise RunError(f"teachers down, among them the fallback or a judge: {down}")
+
+
+def reroute_down(config: DistillConfig, work: dict, best_of_prompts: list[dict], down: dict[str, str]) -> None:
+    """Move the work of pools that are down to the fallback teacher, in place; best-of prompts keep their other
+    teachers and go to the fallback only when all of theirs are down."""
     for item in best_of_prompts:
         item["teachers"] = [t for t in item["teachers"] if t not in down]
     alone = {p["prompt_id"] for p in best_of_prompts if not p["teachers"]}  # every best-of teacher is down
     best_of_prompts[:] = [p for p in best_of_prompts if p["teachers"]]
     moved = []
-    for name, why in down.items():
-        log.warning("teacher %s is down, its prompts go to %s: %s", name, fallback, why)
+    for name in down:
         moved += work.pop((name, False), []) + [r for r in work.pop((name, True), []) if r["prompt_id"] in alone]
-    work.setdefault((fallback, False), []).extend({r["prompt_id"]: r for r in moved}.values())  # once each
-    if fallback in pools or not work.get((fallback, False)):
-        return {}
-    started, still_down = start_pools(config, {fallback})
-    if still_down:
-        raise RunError(f"teachers down, and the fallback {fallback!r} cannot be placed either: {still_down}")
-    return started
+    if moved:
+        work.setdefault((config.routing.fallback, False), []).extend({r["prompt_id"]: r for r in moved}.values())
 
 
 def _plan(prompts: list, routes: list) -> tuple[dict[tuple[str, bool], list[dict]], list[dict], list[Rejected]]:
@@ -278,7 +335,8 @@ def _plan(prompts: list, routes: list) -> tuple[dict[tuple[str, bool], list[dict
         if route.teacher is None:
             rejected.append(route.rejection(prompt))
             continue
-        request = {"prompt_id": prompt.id, "domain": route.domain, "labels": route.labels, "messages": prompt.messages}
+        request = {"prompt_id": prompt.id, "domain": route.domain, "labels": route.labels, "messages": prompt.messages,
+                   "file": prompt.file, "line": prompt.line}  # the dead letter's origin, if a teacher rejects it
         if prompt.sampling:
             request["sampling"] = prompt.sampling
         if route.candidates:
@@ -290,16 +348,17 @@ def _plan(prompts: list, routes: list) -> tuple[dict[tuple[str, bool], list[dict
     return work, best_of_prompts, rejected
 
 
-def _damaged_answers(samples_dir: Path, asked: list, rejected: list[Rejected]) -> list:
-    """The prompts of `asked` whose answers were lost with a shard that fails its page checksums (set aside as
-    `*.corrupt`); none when every shard reads whole."""
+def _damaged_answers(samples_dir: Path, reader: PromptReader, dead_letters: DeadLetters) -> list:
+    """The prompts whose answers were lost with a shard that fails its page checksums (set aside as `*.corrupt`),
+    found by a second pass over the input; none (and no pass) when every shard reads whole."""
     shards_before = len(list(samples_dir.glob(SHARD_GLOB)))
     whole = complete_shards(samples_dir, verify=True)
     if len(whole) == shards_before:
         return []
-    answered = prompt_ids_in(whole)
-    dead = {r.id for r in rejected}
-    return [p for p in asked if p.id not in answered and p.id not in dead]
+    answered = IdSet()
+    answered.update(prompt_ids_in(whole))
+    again = PromptReader(reader.source, reader.max_prompts, reader.max_bytes, reader.batch_rows, skip=answered)
+    return [p for prompts, _ in again.batches() for p in prompts if p.id not in dead_letters.ids]
 
 
 def _start_training(config: DistillConfig, run_dir: Path, samples_dir: Path, writer=None,
@@ -376,6 +435,7 @@ class Dispatcher:
         self.rejected: list[dict] = []
         self.retried_prompts = 0
         self.rerouted_prompts = 0
+        self.first_request_at: float | None = None  # when the first call went to a teacher (time.time())
         self.judges = {b.judge for b in config.routing.best_of.values() if b.judge} & set(pools)
 
     def _log(self, record: dict) -> None:
@@ -405,7 +465,7 @@ class Dispatcher:
                     continue
                 self._log({"kind": "scale", "teacher": name, "replicas": target, "reason": reason})
 
-    def _spill_over(self, queues: dict, in_flight: dict) -> None:
+    def _spill_over(self, queues: dict, in_flight: dict, in_flight_prompts: dict) -> None:
         """Send the newest waiting batches of a saturated pool to the fallback teacher while it has room
         (`routing.saturated_after_batches`); best-of batches stay, since their teachers are the point."""
         threshold, fallback = self.config.routing.saturated_after_batches, self.config.routing.fallback
@@ -416,7 +476,8 @@ class Dispatcher:
                 continue
             while len(queue) > threshold and not self.pools[name].has_room() and self.pools[fallback].has_room():
                 batch = queue.pop()
-                in_flight[self.pools[fallback].submit(batch)] = (fallback, False)
+                ref = self.pools[fallback].submit(batch)
+                in_flight[ref], in_flight_prompts[ref] = (fallback, False), len(batch)
                 self.rerouted_prompts += len(batch)
                 self._log({"kind": "reroute", "teacher": name, "to": fallback, "prompts": len(batch),
                            "reason": "saturated"})
@@ -435,23 +496,46 @@ class Dispatcher:
             raise
         return running
 
-    def run(self, work: dict[tuple[str, bool], list[dict]]) -> list[dict]:
-        """Answer all the work; returns the rejections as {prompt_id, reason, code}."""
-        batch_size = self.config.dispatch.batch_size
-        queues = {key: [reqs[i : i + batch_size] for i in range(0, len(reqs), batch_size)] for key, reqs in work.items()}
+    def _enqueue(self, queues: dict, work: dict[tuple[str, bool], list[dict]]) -> None:
+        size = self.config.dispatch.batch_size
+        for key, requests in work.items():
+            queues.setdefault(key, []).extend(requests[i : i + size] for i in range(0, len(requests), size))
+
+    def _with_origin(self, rejected: list[dict], requests: list[dict]) -> list[dict]:
+        """Rejections of a call's prompts, with the input file and line their requests carry."""
+        origin = {r["prompt_id"]: {"file": r.get("file"), "line": r.get("line", 0)} for r in requests}
+        return [{**origin.get(item["prompt_id"], {}), **item} for item in rejected]
+
+    def run(self, work: dict[tuple[str, bool], list[dict]], feed: InputFeed | None = None) -> list[dict]:
+        """Answer all the work, and what `feed` brings while fewer than its window of prompts are pending (queued
+        or in flight); returns the rejections as {prompt_id, reason, code, file, line}."""
+        queues: dict[tuple[str, bool], list[list[dict]]] = {}
+        self._enqueue(queues, work)
         in_flight: dict[ray.ObjectRef, tuple[str, bool]] = {}
+        in_flight_prompts: dict[ray.ObjectRef, int] = {}
         writes, seq, next_steer = [], 0, 0.0
         monitor = GenerationMonitor(work, self._log)
-        while any(queues.values()) or in_flight:
+        while any(queues.values()) or in_flight or (feed is not None and not feed.exhausted):
             writes = self._check_consumers(writes)
+            while feed is not None and not feed.exhausted and (
+                sum(len(b) for q in queues.values() for b in q) + sum(in_flight_prompts.values()) < feed.window
+            ):
+                routed = feed.next()
+                self._enqueue(queues, routed)
+                monitor.route(routed)
             monitor.tick(queues, in_flight.values())
             if time.monotonic() >= next_steer:
                 self.steer(queues)
                 next_steer = time.monotonic() + self.POLL_S
             for (name, best_of), queue in queues.items():
                 while queue and self.pools[name].has_room():
-                    in_flight[self.pools[name].submit(queue.pop(0))] = (name, best_of)
-            self._spill_over(queues, in_flight)
+                    batch = queue.pop(0)
+                    ref = self.pools[name].submit(batch)
+                    in_flight[ref], in_flight_prompts[ref] = (name, best_of), len(batch)
+                    if self.first_request_at is None:
+                        self.first_request_at = time.time()
+                        self._log({"kind": "first_request", "teacher": name})
+            self._spill_over(queues, in_flight, in_flight_prompts)
             waiting = list(in_flight) + [ref for pool in self.pools.values() for ref in pool.probes()]
             done, _ = ray.wait(waiting, num_returns=1, timeout=self.POLL_S) if waiting else ([], [])
             for ref in done:
@@ -460,6 +544,8 @@ class Dispatcher:
                         pool.check_probes()
                     continue
                 name, best_of = in_flight.pop(ref)
+                del in_flight_prompts[ref]
+                requests = self.pools[name].calls[ref].requests
                 report, retry = self.pools[name].complete(ref)
                 queues.setdefault((name, best_of), [])[:0] = retry
                 self.retried_prompts += sum(map(len, retry))
@@ -476,7 +562,7 @@ class Dispatcher:
                         ref, rejected, name, judges
                     )
                     rejected = ray.get(rejected_ref)
-                self.rejected += rejected
+                self.rejected += self._with_origin(rejected, requests)
                 seq += 1
                 writes.append(self.writer.write.remote(batch_ref, seq))
                 if self.stream is not None:

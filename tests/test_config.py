@@ -74,7 +74,7 @@ def test_config_check_exits_non_zero_and_names_the_problem(tmp_path, capsys):
 def test_config_check_without_paths_checks_a_clusters_config_off_the_cluster(capsys):
     gpu_cluster = pathlib.Path(__file__).resolve().parents[1] / "configs" / "gpu-cluster.yaml"
     assert main(["config", "check", str(gpu_cluster)]) == 2  # its prompt file is on the cluster's shared disk
-    assert "data.input: input file '/mnt/shared/prompts/mix.jsonl' does not exist" in capsys.readouterr().err
+    assert "data.input: input '/mnt/shared/prompts/mix.jsonl' does not exist" in capsys.readouterr().err
     assert main(["config", "check", str(gpu_cluster), "--no-paths"]) == 0
     assert "ok (3 teachers" in capsys.readouterr().out
 

@@ -1,8 +1,11 @@
 """The router: domain labels from the classifier, teachers from the routing table."""
 
+import pytest
+
 from avocado_ray.cli import config_path
 from avocado_ray.config import load_config
 from avocado_ray.dataplane.prompts import Prompt
+from avocado_ray.errors import RunError
 from avocado_ray.routing.classifier import RuleClassifier
 from avocado_ray.routing.router import Router
 
@@ -71,7 +74,7 @@ def test_weights_split_a_domain_within_tolerance_and_stably():
 
 
 def test_a_teacher_the_cluster_cannot_place_is_down_and_its_prompts_go_to_the_fallback(ray_cluster, local_config):
-    from avocado_ray.pipeline import fall_back, start_pools
+    from avocado_ray.pipeline import check_down, reroute_down, start_pools
 
     unplaceable = local_config.teacher("qwen").model_copy(update={"node_labels": {"gpu": "h100"}})
     config = local_config.model_copy(update={"teachers": [unplaceable, *local_config.teachers[1:]]})
@@ -84,11 +87,14 @@ def test_a_teacher_the_cluster_cannot_place_is_down_and_its_prompts_go_to_the_fa
     work = {("qwen", False): [request(1), request(2)], ("gemma", False): [request(3)],
             ("gptoss", True): [request(4), request(5)], ("qwen", True): [request(5)], ("gemma", True): [request(4)]}
     best_of = [{**request(4), "teachers": ["gptoss", "gemma"]}, {**request(5), "teachers": ["gptoss", "qwen"]}]
-    started = fall_back(config, work, best_of, {"qwen": "no h100", "gptoss": "no room"}, pools={"gemma": "pool"})
-    assert started == {}  # the fallback, gemma, already has its pool
+    down = {"qwen": "no h100", "gptoss": "no room"}
+    check_down(config, down)  # the fallback, gemma, is up: the run goes on
+    reroute_down(config, work, best_of, down)
     assert [r["prompt_id"] for r in work[("gemma", False)]] == ["p3", "p1", "p2", "p5"]  # p5 had no teacher left
     assert [(p["prompt_id"], p["teachers"]) for p in best_of] == [("p4", ["gemma"])]  # p4 keeps its other one
     assert set(work) == {("gemma", False), ("gemma", True)}
+    with pytest.raises(RunError, match="the fallback or a judge"):
+        check_down(config, {"gemma": "no room"})
 
 
 def test_the_dry_run_writes_one_line_per_row_in_order_and_the_rejections(tmp_path, capsys):
