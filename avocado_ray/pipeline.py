@@ -36,8 +36,7 @@ from avocado_ray.teachers.pool import PlacementError, TeacherPool
 from avocado_ray.training.trainer import TAKEN_SEQ, make_trainer
 
 log = logging.getLogger("avocado_ray")
-ROUTE_CHUNK = 10_000  # prompts per routing call: bounds one message's size; a chunk lost with the router is asked again
-READ_BATCH_ROWS = 1000  # input rows read (and routed) at a time, at most
+READ_BATCH_ROWS = 1000  # input rows read and routed (one router call) at a time, at most
 
 
 def _end_torn_record(path: Path) -> None:
@@ -242,7 +241,8 @@ class InputFeed:
                  down: dict[str, str], selector, dead_letters: DeadLetters):
         """`prompts`: a `PromptReader`, or a list of prompts (the repair pass's). `pools` gains the pool of a
         teacher that only a row names, on the first such row."""
-        self.batches = prompts.batches() if isinstance(prompts, PromptReader) else iter([(prompts, [])])
+        self.batches = prompts.batches() if isinstance(prompts, PromptReader) else (
+            (prompts[i : i + READ_BATCH_ROWS], []) for i in range(0, len(prompts), READ_BATCH_ROWS))
         self.router, self.config, self.pools, self.down, self.selector = router, config, pools, down, selector
         self.dead_letters = dead_letters
         self.window = config.dispatch.max_pending_prompts
@@ -255,8 +255,7 @@ class InputFeed:
             self.exhausted = True
             return {}
         self.dead_letters.add(rejected)
-        routes = [route for i in range(0, len(prompts), ROUTE_CHUNK) for route in
-                  self.router.route(prompts[i : i + ROUTE_CHUNK])]
+        routes = self.router.route(prompts)  # a batch lost with the router is asked again
         work, best_of_prompts, unroutable = _plan(prompts, routes)
         self.dead_letters.add(unroutable)
         if new := {name for name, _ in work} - set(self.pools) - set(self.down):
