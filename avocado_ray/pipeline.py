@@ -171,6 +171,7 @@ def run_distill(config: DistillConfig, train: bool = True, trainer_factory=None)
         raise
     finally:
         dead_letters.close()
+        ray.kill(router.router)  # stateless; a stopped run's rerun starts its own
     lost_replicas = sum(pool.lost_replicas for pool in pools.values())
     for pool in pools.values():
         pool.shutdown()
