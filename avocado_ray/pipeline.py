@@ -436,6 +436,7 @@ class Dispatcher:
         self.retried_prompts = 0
         self.rerouted_prompts = 0
         self.first_request_at: float | None = None  # when the first call went to a teacher (time.time())
+        self.max_pending = 0  # the most requests queued or in flight at once (bounded by a feed's window)
         self.judges = {b.judge for b in config.routing.best_of.values() if b.judge} & set(pools)
 
     def _log(self, record: dict) -> None:
@@ -517,12 +518,13 @@ class Dispatcher:
         monitor = GenerationMonitor(work, self._log)
         while any(queues.values()) or in_flight or (feed is not None and not feed.exhausted):
             writes = self._check_consumers(writes)
-            while feed is not None and not feed.exhausted and (
-                sum(len(b) for q in queues.values() for b in q) + sum(in_flight_prompts.values()) < feed.window
-            ):
+            pending = sum(len(b) for q in queues.values() for b in q) + sum(in_flight_prompts.values())
+            while feed is not None and not feed.exhausted and pending < feed.window:
                 routed = feed.next()
                 self._enqueue(queues, routed)
                 monitor.route(routed)
+                pending += sum(map(len, routed.values()))
+            self.max_pending = max(self.max_pending, pending)
             monitor.tick(queues, in_flight.values())
             if time.monotonic() >= next_steer:
                 self.steer(queues)

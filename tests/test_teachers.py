@@ -203,3 +203,46 @@ def test_scale_from_the_command_line_names_a_run_that_is_not_running(ray_cluster
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert f"no running avocado-ray run with run directory {tmp_path}" in done.stderr
+
+
+def test_the_input_streams_through_the_router_while_the_teachers_answer_holding_a_bounded_window(
+        tmp_path, teacher_pools, local_config):
+    """Through the real reader, router actor, dispatcher and the session's qwen and gemma replicas: a window of
+    12 prompts over 61 input rows read 4 at a time; teachers answer before the input is read to its end."""
+    from avocado_ray.dataplane.prompts import PromptReader
+    from avocado_ray.pipeline import DeadLetters, InputFeed
+    from avocado_ray.routing.router import RouterClient, start_router
+
+    rows = [row for row in labelled_prompts() if row["domain"] in ("code", "general")][:60]
+    source = tmp_path / "prompts.jsonl"
+    source.write_text("".join(json.dumps({"id": f"s{i}", "prompt": row["prompt"][:200], "sampling": {"max_tokens": 4}})
+                              + "\n" for i, row in enumerate(rows)) + "{not json\n")
+    dispatch = local_config.dispatch.model_copy(update={"batch_size": 4, "max_pending_prompts": 12})
+    config = local_config.model_copy(update={"dispatch": dispatch})
+    pools = {name: teacher_pools[name] for name in ("qwen", "gemma")}
+    writer = ray.remote(ShardWriter).options(num_cpus=0).remote(str(tmp_path / "samples"), 4096)
+    router = RouterClient(start_router(config.routing, [t.name for t in config.teachers]), compiled=False)
+
+    class Watched(InputFeed):
+        ended_at = None
+
+        def next(self):
+            work = super().next()
+            if self.exhausted:
+                self.ended_at = time.time()
+            return work
+
+    dead_letters = DeadLetters(tmp_path / "rejected.jsonl")
+    feed = Watched(PromptReader(str(source), batch_rows=4), router, config, pools, {}, None, dead_letters)
+    dispatcher = Dispatcher(config, pools, None, None, writer, None, tmp_path / "metrics.jsonl")
+    dead_letters.add_dispatched(dispatcher.run({}, feed))
+    dead_letters.close()
+    ray.get(writer.close.remote())
+    ray.kill(router.router)
+    table = open_samples(tmp_path / "samples").to_table(columns=["prompt_id", "teacher", "domain"]).to_pylist()
+    assert sorted(r["prompt_id"] for r in table) == sorted(f"s{i}" for i in range(60))  # each prompt once
+    assert {(r["domain"], r["teacher"]) for r in table} == {("code", "qwen"), ("general", "gemma")}
+    assert dispatcher.max_pending <= 12 + 4 - 1  # the window, overshot by less than one read batch
+    assert dispatcher.first_request_at < feed.ended_at  # answering began before the input was read to its end
+    dead = [json.loads(line) for line in (tmp_path / "rejected.jsonl").read_text().splitlines()]
+    assert [(d["file"], d["line"], d["code"]) for d in dead] == [(str(source), 61, "bad_row")]
