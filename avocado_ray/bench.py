@@ -218,7 +218,7 @@ def bench_dataplane(samples: int = 2048, tokens: int = 64, k: int = 20, batch_ro
         parquet_s = time.perf_counter() - started
         topk_bytes = 0
         for shard in complete_shards(folder):
-            metadata = pq.ParquetFile(shard).metadata
+            metadata = pq.ParquetFile(shard.path).metadata
             for group in range(metadata.num_row_groups):
                 for column in range(metadata.num_columns):
                     chunk = metadata.row_group(group).column(column)

@@ -340,10 +340,25 @@ class RayConfig(Strict):
     num_cpus: int | None = Field(None, gt=0, description="CPUs of a Ray started here (default: what the run needs).")
 
 
+class StorageConfig(Strict):
+    """How the run directory (and input) on object storage is reached; credentials come from each process's
+    environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or the pod's role), never from the config."""
+
+    s3_endpoint: str | None = Field(
+        None, description="S3 endpoint URL for s3:// locations, e.g. http://minio:9000 (default: AWS, or "
+        "AWS_ENDPOINT_URL).")
+    s3_region: str | None = Field(None, description="S3 region (default: AWS_REGION or the SDK's).")
+    log_flush_s: float = Field(
+        10.0, gt=0, description="On object storage, which has no append: seconds between uploads of a process's "
+        "metrics part (a killed process loses at most this much of its log, never samples or checkpoints).")
+
+
 class DistillConfig(Strict):
     """A whole distillation run."""
 
-    run_dir: str = Field(description="Folder for Parquet outputs, the student, metrics and the summary.")
+    run_dir: str = Field(
+        description="Folder for Parquet outputs, the student, metrics and the summary: a local path, file://..., or "
+        "an object-storage URI such as s3://bucket/run (needed on a multi-node cluster without a shared disk).")
     seed: int = Field(0, description="Seed of sampling (per replica: seed + index) and of training.")
     teachers: list[VLLMTeacher] = Field(min_length=1, description="Teacher pools; `kind` selects the serving backend.")
     routing: RoutingConfig
@@ -352,6 +367,7 @@ class DistillConfig(Strict):
     data: DataConfig
     dispatch: DispatchConfig = Field(default_factory=DispatchConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
 
     @field_validator("teachers")
     @classmethod
@@ -436,9 +452,13 @@ def _check_model_paths(config: DistillConfig) -> list[str]:
     for key, model in entries:
         if not model.startswith((TINY_SCHEME, HUB_SCHEME)) and not Path(model).is_dir():
             problems.append(f"{key}: model path {model!r} does not exist")
-    if not config.data.input.startswith("builtin:") and not Path(config.data.input).is_file():
+    remote = "://" in config.data.input  # object storage: read at run time
+    if not config.data.input.startswith("builtin:") and not remote and not Path(config.data.input).is_file():
         problems.append(f"data.input: input file {config.data.input!r} does not exist")
-    existing = next(p for p in [Path(config.run_dir).absolute(), *Path(config.run_dir).absolute().parents] if p.exists())
+    if "://" in config.run_dir and not config.run_dir.startswith("file://"):
+        return problems  # object storage: reached at run time, with the credentials of the cluster's processes
+    local = Path(config.run_dir.removeprefix("file://")).absolute()
+    existing = next(p for p in [local, *local.parents] if p.exists())
     if not existing.is_dir():
         problems.append(f"run_dir: {config.run_dir!r} cannot be a directory: {str(existing)!r} is a file")
     return problems

@@ -196,14 +196,24 @@ def parse_row(row, line: int, max_bytes: int = MAX_PROMPT_BYTES) -> Prompt | Rej
     return Prompt(id=row_id, messages=messages, line=line, teacher=teacher, tests=tests, sampling=sampling)
 
 
-def _parsed_rows(source: str, max_bytes: int):
+def _open_uri(source: str, storage):
+    """A binary stream of a file on object storage (`s3://...`), through pyarrow.fs."""
+    import io
+
+    from avocado_ray.dataplane.rundir import filesystem
+
+    fs, path = filesystem(source, storage)
+    return io.BufferedReader(fs.open_input_stream(path))
+
+
+def _parsed_rows(source: str, max_bytes: int, storage=None):
     """(line, prompt or rejection) for every non-empty JSONL line or every Parquet row (row numbers from 1)."""
     if source.endswith(".parquet"):
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         try:
-            rows = pq.read_table(source).to_pylist()
+            rows = pq.read_table(_open_uri(source, storage) if "://" in source else source).to_pylist()
         except (OSError, pa.ArrowException) as error:
             raise InputError(f"{source}: cannot read as Parquet: {error}") from None
         for line, row in enumerate(rows, start=1):
@@ -214,7 +224,7 @@ def _parsed_rows(source: str, max_bytes: int):
     else:
         path = Path(source)
     try:
-        lines = path.open("rb")
+        lines = _open_uri(source, storage) if "://" in source else path.open("rb")
     except OSError as error:
         raise InputError(f"{source}: cannot read prompts: {error.strerror or error}") from None
     with lines:
@@ -223,12 +233,13 @@ def _parsed_rows(source: str, max_bytes: int):
                 yield line, parse_line(raw.rstrip(b"\r\n"), line, max_bytes)
 
 
-def read_prompts(source: str, max_prompts: int | None = None, max_bytes: int = MAX_PROMPT_BYTES) -> PromptSet:
-    """Read a JSONL or Parquet prompt file (or `builtin:NAME`); duplicate ids after the first are rejected, and
-    so are rows over `max_bytes`."""
+def read_prompts(source: str, max_prompts: int | None = None, max_bytes: int = MAX_PROMPT_BYTES,
+                 storage=None) -> PromptSet:
+    """Read a JSONL or Parquet prompt file (or `builtin:NAME`, or a URI such as s3://..., reached with `storage`);
+    duplicate ids after the first are rejected, and so are rows over `max_bytes`."""
     result = PromptSet(source=source)
     seen: set[str] = set()
-    for line, parsed in _parsed_rows(source, max_bytes):
+    for line, parsed in _parsed_rows(source, max_bytes, storage):
         if max_prompts is not None and len(result.prompts) >= max_prompts:
             break
         if isinstance(parsed, Prompt) and parsed.id in seen:
