@@ -10,7 +10,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from avocado_ray.config import ConfigError, DistillConfig, json_schema, load_config
+from avocado_ray.config import ConfigError, DistillConfig, json_schema, load_config, storage_warnings
 from avocado_ray.dataplane.prompts import InputError
 from avocado_ray.dataplane.schema import SchemaVersionError
 from avocado_ray.errors import RunError
@@ -149,6 +149,8 @@ def cmd_report(args) -> int:
 
 def cmd_config_check(args) -> int:
     config = _load(args, check_paths=not args.no_paths)
+    for warning in storage_warnings(config):
+        print(f"{args.config}: warning: {warning}", file=sys.stderr)
     print(f"{args.config}: ok ({len(config.teachers)} teachers, run_dir {config.run_dir})")
     return 0
 

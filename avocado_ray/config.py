@@ -8,6 +8,7 @@ says) the line, so a broken config fails before any Ray actor starts.
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -462,6 +463,20 @@ def _check_model_paths(config: DistillConfig) -> list[str]:
     if not existing.is_dir():
         problems.append(f"run_dir: {config.run_dir!r} cannot be a directory: {str(existing)!r} is a file")
     return problems
+
+
+def storage_warnings(config: DistillConfig) -> list[str]:
+    """What works on one machine only: a local run directory for a run on a cluster (`ray.address` or RAY_ADDRESS
+    set, or GPU training, as on a multi-node cluster), where each node would write to its own disk."""
+    remote = "://" in config.run_dir and not config.run_dir.startswith("file://")
+    on = (f"ray.address {config.ray.address}" if config.ray.address
+          else f"RAY_ADDRESS {os.environ['RAY_ADDRESS']}" if os.environ.get("RAY_ADDRESS")
+          else "trainer.use_gpu" if config.trainer.use_gpu else None)
+    if remote or on is None:
+        return []
+    return [f"run_dir: {config.run_dir!r} is a local folder, but the run is for a cluster ({on}): without a disk "
+            "that every node mounts there, each node writes its own part; use object storage (run_dir: "
+            "s3://BUCKET/run, docs/cluster.md)"]
 
 
 def load_config(path: str | Path, overrides: list[str] = (), check_paths: bool = True) -> DistillConfig:
