@@ -18,7 +18,7 @@ from avocado_ray.config import StorageConfig
 from avocado_ray.dataplane.rundir import MANIFEST, METRICS, SUMMARY, TRAINED_IDS, Log, RunDir, canonical
 from avocado_ray.dataplane.schema import samples_to_batch
 from avocado_ray.dataplane.spill import ShardWriter, complete_shards, open_samples, prompt_ids_in, sample_counts
-from avocado_ray.report import read_metrics
+from avocado_ray.report import read_metrics, run_status, write_report
 
 
 def sample(i, domain="general", teacher="t"):
@@ -137,3 +137,20 @@ def test_a_run_on_s3_killed_with_sigkill_resumes_on_the_same_bucket_one_sample_p
     assert run.exists("student/config.json") and run.exists("student/model.safetensors")
     assert {r["kind"] for r in read_metrics(run)} >= {"generate", "train", "train_end"}
     assert not list(tmp_path.glob("s3*"))  # nothing went to a local folder named after the URI
+
+
+def test_status_and_report_read_a_run_on_s3_from_its_uri_alone(bucket_run, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", bucket_run.storage.s3_endpoint)  # as a user's shell names the store
+    writer = ShardWriter(bucket_run.child("samples"), rows_per_shard=2)
+    for i in range(3):
+        writer.write(samples_to_batch([sample(i)]))
+    metrics = Log(bucket_run, METRICS)
+    metrics.append({"kind": "train", "step": 1, "loss": 2.0, "wait_s": 0.1, "time": time.time()})
+    metrics.flush()
+    status = run_status(bucket_run.location)
+    assert (status["state"], status["samples_on_disk"], status["shards"], status["steps_trained"]) == (
+        "running", 2, 1, 1)
+    writer.close()
+    assert run_status(bucket_run.location)["samples_on_disk"] == 3
+    assert write_report(bucket_run.location) == bucket_run.uri("report.html")
+    assert bucket_run.exists("report/loss.png") and "Loss per term over steps" in bucket_run.read_text("report.html")
