@@ -443,7 +443,8 @@ class _CountingTrainer:
 def _bench_load(prompts: int = 100_000, replicas: int = 2, run_dir: str = "runs/load") -> dict:
     """The whole pipeline on `prompts` prompts (tiny Qwen, 2-token answers, top-5 logprobs, a pool of `replicas`),
     with a trainer that only counts: throughput over the run, nothing lost, and the resident memory of the driver
-    and the router actor when 10,000 samples were counted against the end."""
+    and the router actor when 10,000 samples were counted against the end; and the end of the run (from the last
+    sample counted to the summary): its seconds and the bytes the driver read meanwhile, against the spill's size."""
     import shutil
     import threading
 
@@ -488,8 +489,10 @@ def _bench_load(prompts: int = 100_000, replicas: int = 2, run_dir: str = "runs/
 
     others = set(routers())  # a cluster shared with other work (the tests) may have routers of its own
 
+    driver, started = psutil.Process(), time.monotonic()
+
     def watch():
-        driver, router, started = psutil.Process(), None, time.monotonic()
+        router = None
         while not done.wait(0.1):
             if router is None:
                 pids = [pid for actor, pid in routers().items() if actor not in others]
@@ -497,11 +500,15 @@ def _bench_load(prompts: int = 100_000, replicas: int = 2, run_dir: str = "runs/
             if not trainers or router is None:
                 continue
             samples.append({"counted": ray.get(trainers[0].counter.count.remote()), "s": time.monotonic() - started,
-                            "driver_mb": driver.memory_info().rss / 2**20, "router_mb": router.memory_info().rss / 2**20})
+                            "driver_mb": driver.memory_info().rss / 2**20,
+                            "router_mb": router.memory_info().rss / 2**20,
+                            "read_mb": driver.io_counters().read_chars / 2**20})
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     summary = run_distill(config, trainer_factory=counting_trainer)
+    returned = {"s": time.monotonic() - started, "read_mb": driver.io_counters().read_chars / 2**20}
+    spill = sum(p.stat().st_size for p in (folder / "run" / "samples").glob("shard-*.parquet"))
     done.set()
     watcher.join()
     counted = ray.get(trainers[0].counter.count.remote())
@@ -529,6 +536,9 @@ def _bench_load(prompts: int = 100_000, replicas: int = 2, run_dir: str = "runs/
         "router_rss_mb": {"at_10k": round(early["router_mb"], 1), "at_end": round(last["router_mb"], 1)},
         "driver_growth_mb": round(last["driver_mb"] - early["driver_mb"], 1),
         "router_growth_mb": round(last["router_mb"] - early["router_mb"], 1),
+        "end_of_run": {"s": round(returned["s"] - final["s"], 2),
+                       "driver_read_mb": round(returned["read_mb"] - final["read_mb"], 1),
+                       "spill_mb": round(spill / 2**20, 1)},
     }
 
 

@@ -160,7 +160,7 @@ def run_distill(config: DistillConfig, train: bool = True, trainer_factory=None)
         if training is not None:
             stream.close()
             training.join()
-        ray.get(writer.close.remote())
+        shards = ray.get(writer.close.remote())
         whole, lost = _damaged_answers(samples_dir, to_answer, rejected)
         if lost:  # a shard damaged on disk during the run: ask again, to the spill only (the student has them)
             log.warning("%d answers were in shards damaged on disk: asking the teachers again", len(lost))
@@ -171,7 +171,7 @@ def run_distill(config: DistillConfig, train: bool = True, trainer_factory=None)
             repair = Dispatcher(config, pools, selector, None, writer, control, metrics)
             rejected += _dead_letters(repair.run(again), lines)
             dispatch.retried_prompts += len(lost)
-            ray.get(writer.close.remote())
+            shards = ray.get(writer.close.remote())
             whole = complete_shards(samples_dir)
     except BaseException:  # stopped (`ray job stop`, Ctrl-C) or failed (a full disk): resumable, see _stop
         _stop(pools, control, writer)
@@ -198,7 +198,7 @@ def run_distill(config: DistillConfig, train: bool = True, trainer_factory=None)
         "per_teacher": counts["per_teacher"],
         "per_domain_teacher": counts["per_domain_teacher"],
         "tokens_generated": counts["tokens"],
-        "shards": len(whole),
+        "shards": len(shards),
         "replicas_lost": lost_replicas,
         "prompts_sent_again": dispatch.retried_prompts,
         "prompts_rerouted": dispatch.rerouted_prompts,

@@ -70,7 +70,7 @@ def _last_write(run: RunDir) -> float | None:
     """Newest modification time among the files a run keeps writing while it works (metrics, shards)."""
     infos = [run.info(METRICS), run.info(TRAINED_IDS), *run.list(METRICS + PARTS)]
     infos += run.list(SAMPLES)  # open shards (.tmp) too: they grow while teachers answer
-    times = [i.mtime.timestamp() for i in infos if i.type == pafs.FileType.File]
+    times = [i.mtime_ns / 1e9 for i in infos if i.type == pafs.FileType.File]
     return max(times, default=None)
 
 
@@ -265,8 +265,9 @@ def write_report(run_dir: str | Path) -> Path | str:
         f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_cell(v))}</td></tr>" for k, v in summary.items()
     )
     table = f"<table>{rows}</table>" if summary else "<p class=none>No summary.json yet: the run has not finished.</p>"
+    name = run_dir.root.rsplit("/", 1)[-1]
     page = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>avocado-ray report: {html.escape(run_dir.root.rsplit("/", 1)[-1])}</title>
+<html lang="en"><head><meta charset="utf-8"><title>avocado-ray report: {html.escape(name)}</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1050px; color: #222; }}
 table {{ border-collapse: collapse; }} th, td {{ border: 1px solid #ccc; padding: 4px 10px; text-align: left; }}

@@ -16,6 +16,7 @@ import ray
 
 from avocado_ray.config import StorageConfig
 from avocado_ray.dataplane.rundir import MANIFEST, METRICS, SUMMARY, TRAINED_IDS, Log, RunDir, canonical
+from avocado_ray.dataplane import spill
 from avocado_ray.dataplane.schema import samples_to_batch
 from avocado_ray.dataplane.spill import ShardWriter, complete_shards, open_samples, prompt_ids_in, sample_counts
 from avocado_ray.report import read_metrics, run_status, write_report
@@ -43,7 +44,7 @@ def test_an_s3_run_directory_stays_a_uri_and_never_becomes_a_local_folder(bucket
         RunDir("s3://nobucket/run", bucket_run.storage).make()
 
 
-def test_a_shard_on_s3_counts_only_once_its_sidecar_commits_it_with_its_accounting(bucket_run):
+def test_a_shard_on_s3_counts_only_once_its_sidecar_commits_it_with_its_accounting(bucket_run, monkeypatch):
     samples = bucket_run.child("samples")
     writer = ShardWriter(samples, rows_per_shard=3)
     for i in range(4):
@@ -52,6 +53,7 @@ def test_a_shard_on_s3_counts_only_once_its_sidecar_commits_it_with_its_accounti
     assert names == ["shard-000000.json", "shard-000000.parquet"]  # shard 1's upload is not visible until complete
     assert [s.name for s in complete_shards(samples)] == ["shard-000000.parquet"]
     writer.close()
+    monkeypatch.setattr(spill, "_checked", None)  # committed and unchanged: no shard is read to list or count them
     shards = complete_shards(samples)
     counts = sample_counts(shards)
     assert counts["samples"] == 4 and counts["tokens"] == 12
@@ -126,7 +128,8 @@ def test_a_run_on_s3_killed_with_sigkill_resumes_on_the_same_bucket_one_sample_p
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     summary = json.loads(run.read_text(SUMMARY))
     assert summary["counts_add_up"] and summary["samples_out"] == 48 and summary["rejected"] == 0
-    assert summary["run_dir"] == "s3://avocado/killed-run" and summary["student_dir"] == "s3://avocado/killed-run/student"
+    assert summary["run_dir"] == run.location == "s3://avocado/killed-run"
+    assert summary["student_dir"] == "s3://avocado/killed-run/student"
     table = open_samples(samples).to_table(columns=["sample_id", "prompt_id"])
     prompt_ids = table["prompt_id"].to_pylist()
     assert len(prompt_ids) == len(set(prompt_ids)) == 48  # one sample per prompt
@@ -154,3 +157,73 @@ def test_status_and_report_read_a_run_on_s3_from_its_uri_alone(bucket_run, monke
     assert run_status(bucket_run.location)["samples_on_disk"] == 3
     assert write_report(bucket_run.location) == bucket_run.uri("report.html")
     assert bucket_run.exists("report/loss.png") and "Loss per term over steps" in bucket_run.read_text("report.html")
+
+
+def multinode_scenario(endpoint: str, student: str) -> dict:
+    """The driver, the shard writer and the trainer on three nodes of a simulated cluster, the run directory on S3.
+
+    Simulated: `ray.cluster_utils.Cluster` starts three Ray nodes (raylets) on this machine: the driver's (no
+    CPUs), the writer's (custom resource `writer`, no CPUs) and the trainer's (the only CPUs, so the Ray Train
+    worker lands there). They share this machine's disk, which real nodes would not; the run directory is
+    `s3://` on the loopback S3 server, so every file goes through pyarrow.fs and none through a local folder.
+    Runs in its own process (the test session has its own single-node Ray)."""
+    import threading
+
+    from ray._private.state import state
+    from ray.cluster_utils import Cluster
+
+    from avocado_ray.config import TrainerConfig
+    from avocado_ray.dataplane.stream import SampleStream
+    from avocado_ray.training.trainer import make_trainer
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    writer_node = cluster.add_node(num_cpus=0, resources={"writer": 1})
+    trainer_node = cluster.add_node(num_cpus=2)
+    ray.init(address=cluster.address)
+    run = RunDir("s3://avocado/multinode", StorageConfig(s3_endpoint=endpoint, log_flush_s=1))
+    samples = run.child("samples")
+    writer = ray.remote(ShardWriter).options(num_cpus=0, resources={"writer": 1}).remote(samples, 8)
+    stream = SampleStream(4)
+    trainer = make_trainer(TrainerConfig(num_workers=1, batch_size=4, checkpoint_every=2, losses={"supervised": 1.0}),
+                           student, stream, run, writer, None, samples)
+    fit = threading.Thread(target=trainer.fit)
+    fit.start()
+    for seq in range(1, 7):  # as the dispatcher does: each batch to the writer and to the trainer's stream
+        batch = ray.put(samples_to_batch([sample(i) for i in range(4 * seq - 4, 4 * seq)]))
+        writer.write.remote(batch, seq)
+        stream.put(batch, seq)
+    stream.close()
+    fit.join()
+    ray.get(writer.close.remote())
+    nodes = {}  # actor class -> the nodes its actors ran on
+    for actor in state.actor_table(None).values():
+        nodes.setdefault(actor["ActorClassName"], set()).add(actor["Address"]["NodeID"])
+    result = {
+        "driver_node": ray.get_runtime_context().get_node_id() == cluster.head_node.node_id,
+        "writer_node": nodes.get("ShardWriter") == {writer_node.node_id},
+        "trainer_nodes": nodes.get("RayTrainWorker") == {trainer_node.node_id},
+        "samples": sample_counts(complete_shards(samples))["samples"],
+        "trained": sorted(run.read_text(TRAINED_IDS).split()),
+        "manifest": json.loads(run.read_text(MANIFEST))["trained"],
+        "student": run.exists("student/config.json"),
+        "train_records": sum(r["kind"] == "train" for r in read_metrics(run)),
+    }
+    ray.shutdown()
+    cluster.shutdown()
+    return result
+
+
+@pytest.mark.slow
+def test_the_writer_the_trainer_and_the_driver_on_different_nodes_share_only_the_s3_run_directory(
+        tiny_models, s3_server, tmp_path):
+    code = ("import json, sys, tests.test_storage as t; "
+            "print('RESULT', json.dumps(t.multinode_scenario(sys.argv[1], sys.argv[2])))")
+    done = subprocess.run([sys.executable, "-c", code, s3_server, str(tiny_models["student"])], capture_output=True,
+                          text=True, timeout=600, cwd=Path(__file__).parents[1])
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, done.stdout[-2000:] + done.stderr[-4000:]
+    result = json.loads(lines[0][len("RESULT "):])
+    assert result["driver_node"] and result["writer_node"] and result["trainer_nodes"]
+    assert result["samples"] == 24 and result["trained"] == sorted(f"p{i}:t" for i in range(24))
+    assert result["manifest"]["step"] == 6 and result["manifest"]["samples"] == 24
+    assert result["student"] and result["train_records"] == 6

@@ -77,20 +77,22 @@ def _add(facts: dict, more: dict) -> dict:
     for domain, teachers in more["per_domain_teacher"].items():
         for teacher, count in teachers.items():
             both.setdefault(domain, {})[teacher] = both.get(domain, {}).get(teacher, 0) + count
-    return {"rows": facts["rows"] + more["rows"], "tokens": facts["tokens"] + more["tokens"], "per_domain_teacher": both}
+    return {"rows": facts["rows"] + more["rows"], "tokens": facts["tokens"] + more["tokens"],
+            "per_domain_teacher": both}
 
 
 NO_FACTS = {"rows": 0, "tokens": 0, "per_domain_teacher": {}}
 
 
-def _fingerprint(info: pafs.FileInfo) -> list:
-    """What changes when a file's bytes change after it was written: its size and modification time."""
-    return [info.size, info.mtime_ns]
+def _fingerprint(info: pafs.FileInfo, local: bool) -> list:
+    """What changes when a file's bytes change after it was written: its size and modification time (on object
+    storage to the second, the precision a HEAD gives, where a listing may give milliseconds)."""
+    return [info.size, info.mtime_ns if local else info.mtime_ns // 10**9]
 
 
 def _commit(folder: RunDir, name: str, facts: dict) -> None:
     """Write the shard's sidecar: from now on it is complete, with this accounting and fingerprint."""
-    sidecar = {**facts, "fingerprint": _fingerprint(folder.info(name)), "schema_version": SCHEMA_VERSION}
+    sidecar = {**facts, "fingerprint": _fingerprint(folder.info(name), folder.local), "schema_version": SCHEMA_VERSION}
     folder.write_text(sidecar_name(name), json.dumps(sidecar) + "\n")
 
 
@@ -240,7 +242,7 @@ def complete_shards(folder: str | Path | RunDir, verify: bool = False) -> list[S
         facts = sidecars.get(name)
         if facts is not None and facts.get("schema_version") != SCHEMA_VERSION:
             check_schema_version(pq.read_schema(folder.path(name), filesystem=folder.fs), folder.uri(name))
-        if verify or facts is None or facts["fingerprint"] != _fingerprint(infos[name]):
+        if verify or facts is None or facts["fingerprint"] != _fingerprint(infos[name], folder.local):
             facts = _checked(folder, name)
         if facts is not None:
             shards.append(Shard(name, folder.path(name), facts, folder.fs))
