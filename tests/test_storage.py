@@ -16,7 +16,7 @@ import ray
 
 from avocado_ray.config import StorageConfig
 from avocado_ray.dataplane.rundir import MANIFEST, METRICS, SUMMARY, TRAINED_IDS, Log, RunDir, canonical
-from avocado_ray.dataplane import spill
+from avocado_ray.dataplane import rundir, spill
 from avocado_ray.dataplane.schema import samples_to_batch
 from avocado_ray.dataplane.spill import ShardWriter, complete_shards, open_samples, prompt_ids_in, sample_counts
 from avocado_ray.report import read_metrics, run_status, write_report
@@ -93,6 +93,16 @@ def test_logs_on_object_storage_are_parts_per_process_read_back_in_time_order(bu
     first.flush()
     second.flush()
     assert [r["time"] for r in read_metrics(bucket_run)] == [1.0, 2.0, 3.0]
+
+
+def test_a_log_part_that_grew_large_is_final_and_the_next_lines_start_a_new_part(bucket_run, monkeypatch):
+    monkeypatch.setattr(rundir, "PART_BYTES", 100)
+    log = Log(bucket_run, METRICS)
+    for i in range(6):
+        log.append({"kind": "generate", "time": float(i), "pad": "x" * 40})
+        log.flush()
+    assert len(bucket_run.list(METRICS + rundir.PARTS)) == 3  # two lines of ~80 bytes per part
+    assert [r["time"] for r in read_metrics(bucket_run)] == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
 
 
 @pytest.mark.slow

@@ -5,7 +5,8 @@ Every file of a run is named here once. What is atomic (docs/cluster.md, "Where 
   PUT, which the store makes visible whole or not at all (there is no rename there, and none is needed).
 - Object storage has no append. A `Log` appends in place on a local run directory; on object storage each process
   keeps its lines in a local spool and uploads them whole as its own part object `NAME.parts/<start>-<pid>`
-  (at most every `storage.log_flush_s` seconds, and at `flush()`); readers concatenate the parts in time order.
+  (at most every `storage.log_flush_s` seconds, and at `flush()`; a part of PART_BYTES is final and the next
+  lines start a new one); readers concatenate the parts in time order.
 - A sample shard counts as complete only once its sidecar `shard-N.json` exists (dataplane/spill.py).
 """
 
@@ -36,6 +37,7 @@ TAKEN_SEQ = "trainer_taken_seq"  # the highest writer seq rank 0 took from the s
 REPORT = "report.html"
 REPORT_PLOTS = "report"
 PARTS = ".parts"  # suffix of the folder of a log's part objects on object storage
+PART_BYTES = 8 << 20  # a log part this large is final: the next lines go to a new part (no upload grows forever)
 
 
 def is_uri(location: str) -> bool:
@@ -216,8 +218,11 @@ class Log:
             self._end_torn_record()
             self.spool = None
         else:
-            self.part = f"{name}{PARTS}/{time.time_ns():020d}-{os.getpid()}"
-            self.spool = io.StringIO()
+            self._new_part()
+
+    def _new_part(self) -> None:
+        self.part = f"{self.name}{PARTS}/{time.time_ns():020d}-{os.getpid()}"
+        self.spool = io.StringIO()
 
     def _end_torn_record(self) -> None:
         """A process that died mid-append (a full disk) left half a record: end its line, so the next one stays
@@ -244,3 +249,5 @@ class Log:
         if self.spool is not None:
             self.run.write_text(self.part, self.spool.getvalue())
             self.flushed = time.monotonic()
+            if self.spool.tell() >= PART_BYTES:
+                self._new_part()
