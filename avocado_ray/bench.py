@@ -218,7 +218,7 @@ def bench_dataplane(samples: int = 2048, tokens: int = 64, k: int = 20, batch_ro
         parquet_s = time.perf_counter() - started
         topk_bytes = 0
         for shard in complete_shards(folder):
-            metadata = pq.ParquetFile(shard).metadata
+            metadata = pq.ParquetFile(shard.path).metadata
             for group in range(metadata.num_row_groups):
                 for column in range(metadata.num_columns):
                     chunk = metadata.row_group(group).column(column)
@@ -443,7 +443,8 @@ class _CountingTrainer:
 def _bench_load(prompts: int = 100_000, replicas: int = 2, run_dir: str = "runs/load") -> dict:
     """The whole pipeline on `prompts` prompts (tiny Qwen, 2-token answers, top-5 logprobs, a pool of `replicas`),
     with a trainer that only counts: throughput over the run, nothing lost, and the resident memory of the driver
-    and the router actor when 10,000 samples were counted against the end."""
+    and the router actor when 10,000 samples were counted against the end; and the end of the run (from the last
+    sample counted to the summary): its seconds and the bytes the driver read meanwhile, against the spill's size."""
     import shutil
     import threading
 
@@ -488,8 +489,10 @@ def _bench_load(prompts: int = 100_000, replicas: int = 2, run_dir: str = "runs/
 
     others = set(routers())  # a cluster shared with other work (the tests) may have routers of its own
 
+    driver, started = psutil.Process(), time.monotonic()
+
     def watch():
-        driver, router, started = psutil.Process(), None, time.monotonic()
+        router = None
         while not done.wait(0.1):
             if router is None:
                 pids = [pid for actor, pid in routers().items() if actor not in others]
@@ -497,11 +500,15 @@ def _bench_load(prompts: int = 100_000, replicas: int = 2, run_dir: str = "runs/
             if not trainers or router is None:
                 continue
             samples.append({"counted": ray.get(trainers[0].counter.count.remote()), "s": time.monotonic() - started,
-                            "driver_mb": driver.memory_info().rss / 2**20, "router_mb": router.memory_info().rss / 2**20})
+                            "driver_mb": driver.memory_info().rss / 2**20,
+                            "router_mb": router.memory_info().rss / 2**20,
+                            "read_mb": driver.io_counters().read_chars / 2**20})
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     summary = run_distill(config, trainer_factory=counting_trainer)
+    returned = {"s": time.monotonic() - started, "read_mb": driver.io_counters().read_chars / 2**20}
+    spill = sum(p.stat().st_size for p in (folder / "run" / "samples").glob("shard-*.parquet"))
     done.set()
     watcher.join()
     counted = ray.get(trainers[0].counter.count.remote())
@@ -529,6 +536,9 @@ def _bench_load(prompts: int = 100_000, replicas: int = 2, run_dir: str = "runs/
         "router_rss_mb": {"at_10k": round(early["router_mb"], 1), "at_end": round(last["router_mb"], 1)},
         "driver_growth_mb": round(last["driver_mb"] - early["driver_mb"], 1),
         "router_growth_mb": round(last["router_mb"] - early["router_mb"], 1),
+        "end_of_run": {"s": round(returned["s"] - final["s"], 2),
+                       "driver_read_mb": round(returned["read_mb"] - final["read_mb"], 1),
+                       "spill_mb": round(spill / 2**20, 1)},
     }
 
 
@@ -549,12 +559,12 @@ def scale_driver(prompts_file: str, run_dir: str, answer_prompts: int) -> dict:
     import resource
 
     import psutil
-    import pyarrow.parquet as pq
     import ray
 
     from avocado_ray.config import DistillConfig
     from avocado_ray.dataplane.prompts import PromptReader
-    from avocado_ray.dataplane.spill import ShardWriter
+    from avocado_ray.dataplane.rundir import RunDir
+    from avocado_ray.dataplane.spill import ShardWriter, complete_shards, sample_counts
     from avocado_ray.pipeline import READ_BATCH_ROWS, DeadLetters, Dispatcher, InputFeed, routed_teachers, start_pools
     from avocado_ray.routing.router import RouterClient, start_router
 
@@ -591,20 +601,20 @@ def scale_driver(prompts_file: str, run_dir: str, answer_prompts: int) -> dict:
     start_local(4, log_to_driver=False)
     pools, down = start_pools(config, routed_teachers(config))
     writer = ray.remote(ShardWriter).options(num_cpus=0).remote(str(folder / "samples"), 8192)
-    dead_letters = DeadLetters(folder / "rejected.jsonl")
+    dead_letters = DeadLetters(RunDir(folder))
     reader = PromptReader(prompts_file, batch_rows=READ_BATCH_ROWS)
     router = RouterClient(start_router(config.routing, ["qwen"]), compiled=False)
     feed = AnswerFirst(reader, router, config, pools, down, None, dead_letters)
     dispatcher = Dispatcher(config, pools, None, None, writer, None, folder / "metrics.jsonl")
     dead_letters.add_dispatched(dispatcher.run({}, feed))
     dead_letters.close()
-    shards = ray.get(writer.close.remote())
+    ray.get(writer.close.remote())
     for pool in pools.values():
         pool.shutdown()
     return {
         "prompts": reader.valid + reader.rejected,
         "routed": feed.routed,
-        "answered": sum(pq.ParquetFile(shard).metadata.num_rows for shard in shards),
+        "answered": sample_counts(complete_shards(folder / "samples"))["samples"],
         "rejected": dead_letters.count,
         "first_routed_s": round(feed.first_routed_at - process_start, 2),
         "first_request_s": round(dispatcher.first_request_at - process_start, 2),
@@ -812,6 +822,49 @@ def _bench_quality(**options) -> dict:
     return run_quality(**options)
 
 
+def bench_accounting(prompts: int = 1_000_000) -> dict:
+    """The end of a run and the start of a resume on a spill of `prompts` samples like `bench load`'s (its prompts,
+    2-token answers with top-5 logprobs, 8192 rows per shard), beside reading the spill as the end did before shard
+    sidecars (every page's checksum, then `token_ids` of every sample): seconds and bytes this process read."""
+    import tempfile
+
+    import psutil
+
+    from avocado_ray.dataplane.schema import samples_to_batch
+    from avocado_ray.dataplane.spill import ShardWriter, complete_shards, open_samples, prompt_ids_in, sample_counts
+
+    process = psutil.Process()
+
+    def measured(work) -> dict:
+        read, started = process.io_counters().read_chars, time.perf_counter()
+        work()
+        return {"s": round(time.perf_counter() - started, 3),
+                "read_mb": round((process.io_counters().read_chars - read) / 2**20, 2)}
+
+    texts = [row["prompt"][:200] for row in labelled_prompts()]
+    rows = _synthetic_samples(1000, tokens=2, k=5, vocab=151_936)
+    with tempfile.TemporaryDirectory() as folder:
+        writer = ShardWriter(folder, rows_per_shard=8192)
+        for start in range(0, prompts, 1000):
+            writer.write(samples_to_batch([
+                dict(row, sample_id=f"{start + i}:qwen", prompt_id=str(start + i),
+                     messages=json.dumps([{"role": "user", "content": texts[(start + i) % len(texts)]}]))
+                for i, row in enumerate(rows[: min(1000, prompts - start)])]))
+        writer.close()
+        spill_mb = sum(p.stat().st_size for p in Path(folder).glob("shard-*.parquet")) / 2**20
+        end = measured(lambda: sample_counts(complete_shards(folder)))
+        resume = measured(lambda: prompt_ids_in(complete_shards(folder)))
+
+        def read_spill() -> None:
+            complete_shards(folder, verify=True)
+            open_samples(folder).to_table(columns=["domain", "teacher", "token_ids"])
+
+        reading = measured(read_spill)
+    return {"benchmark": "accounting", "prompts": prompts, "spill_mb": round(spill_mb, 1),
+            "end_of_run": end, "resume_answered_ids": resume, "reading_the_spill": reading,
+            "end_speedup": round(reading["s"] / max(end["s"], 1e-6), 1)}
+
+
 bench_trainer = _stdout_on_stderr(_bench_trainer)
 bench_quality = _stdout_on_stderr(_bench_quality)
 bench_load = _stdout_on_stderr(_bench_load)  # Ray forwards the replicas' logs to the driver's stdout
@@ -820,5 +873,5 @@ bench_scale = _stdout_on_stderr(_bench_scale)
 
 BENCHMARKS = {
     "router": bench_router, "dataplane": bench_dataplane, "teachers": bench_teachers, "trainer": bench_trainer,
-    "quality": bench_quality, "load": bench_load, "scale": bench_scale,
+    "quality": bench_quality, "load": bench_load, "accounting": bench_accounting, "scale": bench_scale,
 }

@@ -10,7 +10,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from avocado_ray.config import ConfigError, DistillConfig, json_schema, load_config
+from avocado_ray.config import ConfigError, DistillConfig, json_schema, load_config, storage_warnings
 from avocado_ray.dataplane.prompts import InputError
 from avocado_ray.dataplane.schema import SchemaVersionError
 from avocado_ray.errors import RunError
@@ -149,6 +149,8 @@ def cmd_report(args) -> int:
 
 def cmd_config_check(args) -> int:
     config = _load(args, check_paths=not args.no_paths)
+    for warning in storage_warnings(config):
+        print(f"{args.config}: warning: {warning}", file=sys.stderr)
     print(f"{args.config}: ok ({len(config.teachers)} teachers, run_dir {config.run_dir})")
     return 0
 
@@ -209,15 +211,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="run a benchmark; prints one JSON object")
     bench.add_argument(
         "which",
-        choices=["router", "dataplane", "teachers", "trainer", "quality", "load", "scale"],
+        choices=["router", "dataplane", "teachers", "trainer", "quality", "load", "accounting", "scale"],
         help="router: rate, latency, accuracy; dataplane: bytes, rates, buffer; teachers: pool vs bare vLLM; "
         "trainer: DeepSpeed ZeRO-3 step vs plain PyTorch AdamW tokens/s, padding waste; quality: the student's "
         "bits per byte on each teacher's held-out answers before and after a distillation (runs/quality); "
         "load: 100,000 prompts through the whole pipeline with a counting trainer, throughput and memory (runs/load); "
+        "accounting: the end of a run and a resume's answered ids from shard sidecars vs reading the spill; "
         "scale: the driver's peak memory and first request at 100,000 and 1,000,000 input prompts (runs/scale)",
     )
     bench.add_argument("--prompts", type=_positive_int, metavar="N",
-                       help="how many prompts (teachers: 200, load: 100000, scale: 1000000, the large size)")
+                       help="how many prompts (teachers: 200, load: 100000, accounting: 1000000, scale: 1000000)")
     bench.set_defaults(func=cmd_bench)
 
     scale = commands.add_parser("scale", help="resize a teacher pool of a running run (drains when shrinking)")

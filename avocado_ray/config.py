@@ -8,6 +8,7 @@ says) the line, so a broken config fails before any Ray actor starts.
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -352,10 +353,25 @@ class RayConfig(Strict):
     num_cpus: int | None = Field(None, gt=0, description="CPUs of a Ray started here (default: what the run needs).")
 
 
+class StorageConfig(Strict):
+    """How the run directory (and input) on object storage is reached; credentials come from each process's
+    environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or the pod's role), never from the config."""
+
+    s3_endpoint: str | None = Field(
+        None, description="S3 endpoint URL for s3:// locations, e.g. http://minio:9000 (default: AWS, or "
+        "AWS_ENDPOINT_URL).")
+    s3_region: str | None = Field(None, description="S3 region (default: AWS_REGION or the SDK's).")
+    log_flush_s: float = Field(
+        10.0, gt=0, description="On object storage, which has no append: seconds between uploads of a process's "
+        "metrics part (a killed process loses at most this much of its log, never samples or checkpoints).")
+
+
 class DistillConfig(Strict):
     """A whole distillation run."""
 
-    run_dir: str = Field(description="Folder for Parquet outputs, the student, metrics and the summary.")
+    run_dir: str = Field(
+        description="Folder for Parquet outputs, the student, metrics and the summary: a local path, file://..., or "
+        "an object-storage URI such as s3://bucket/run (needed on a multi-node cluster without a shared disk).")
     seed: int = Field(0, description="Seed of sampling (per replica: seed + index) and of training.")
     teachers: list[VLLMTeacher] = Field(min_length=1, description="Teacher pools; `kind` selects the serving backend.")
     routing: RoutingConfig
@@ -364,6 +380,7 @@ class DistillConfig(Strict):
     data: DataConfig
     dispatch: DispatchConfig = Field(default_factory=DispatchConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
 
     @field_validator("teachers")
     @classmethod
@@ -452,10 +469,27 @@ def _check_model_paths(config: DistillConfig) -> list[str]:
     local = not source.startswith("builtin:") and "://" not in source  # a URI is checked when it is read
     if local and not any(c in source for c in "*?[") and not Path(source).exists():
         problems.append(f"data.input: input {source!r} does not exist")
-    existing = next(p for p in [Path(config.run_dir).absolute(), *Path(config.run_dir).absolute().parents] if p.exists())
+    if "://" in config.run_dir and not config.run_dir.startswith("file://"):
+        return problems  # object storage: reached at run time, with the credentials of the cluster's processes
+    local = Path(config.run_dir.removeprefix("file://")).absolute()
+    existing = next(p for p in [local, *local.parents] if p.exists())
     if not existing.is_dir():
         problems.append(f"run_dir: {config.run_dir!r} cannot be a directory: {str(existing)!r} is a file")
     return problems
+
+
+def storage_warnings(config: DistillConfig) -> list[str]:
+    """What works on one machine only: a local run directory for a run on a cluster (`ray.address` or RAY_ADDRESS
+    set, or GPU training, as on a multi-node cluster), where each node would write to its own disk."""
+    remote = "://" in config.run_dir and not config.run_dir.startswith("file://")
+    on = (f"ray.address {config.ray.address}" if config.ray.address
+          else f"RAY_ADDRESS {os.environ['RAY_ADDRESS']}" if os.environ.get("RAY_ADDRESS")
+          else "trainer.use_gpu" if config.trainer.use_gpu else None)
+    if remote or on is None:
+        return []
+    return [f"run_dir: {config.run_dir!r} is a local folder, but the run is for a cluster ({on}): without a disk "
+            "that every node mounts there, each node writes its own part; use object storage (run_dir: "
+            "s3://BUCKET/run, docs/cluster.md)"]
 
 
 def load_config(path: str | Path, overrides: list[str] = (), check_paths: bool = True) -> DistillConfig:

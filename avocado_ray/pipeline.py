@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -23,7 +25,9 @@ from avocado_ray.config import DistillConfig
 from avocado_ray.dataplane.prompts import IdSet, InputError, PromptReader, Rejected
 from avocado_ray.dataplane.schema import samples_to_batch
 from avocado_ray.errors import RunError
-from avocado_ray.dataplane.spill import (SHARD_GLOB, ShardWriter, complete_shards, prompt_ids_in, sample_counts,
+from avocado_ray.dataplane.rundir import (METRICS, REJECTED, SAMPLES, STUDENT, SUMMARY, TAKEN_SEQ, Log,
+                                          RunDir)
+from avocado_ray.dataplane.spill import (Shard, ShardWriter, complete_shards, prompt_ids_in, sample_counts,
                                          write_manifest)
 from avocado_ray.dataplane.stream import SampleStream
 from avocado_ray.models.tiny import resolve_model, tokenizer_model
@@ -33,24 +37,15 @@ from avocado_ray.routing.router import RouterClient, start_router
 from avocado_ray.routing.selection import Selector
 from avocado_ray.teachers.control import start_control
 from avocado_ray.teachers.pool import PlacementError, TeacherPool
-from avocado_ray.training.trainer import TAKEN_SEQ, make_trainer
+from avocado_ray.training.trainer import make_trainer
 
 log = logging.getLogger("avocado_ray")
 READ_BATCH_ROWS = 1000  # input rows read and routed (one router call) at a time, at most
 
 
-def _end_torn_record(path: Path) -> None:
-    """A run that died mid-append (a full disk) left half a record: end its line, so the next one stays whole."""
-    if path.is_file() and path.stat().st_size:
-        with open(path, "rb+") as f:
-            f.seek(-1, 2)
-            if f.read(1) != b"\n":
-                f.write(b"\n")
-
-
-def _train_metrics(path: Path) -> dict:
+def _train_metrics(run: RunDir) -> dict:
     """Training figures of the student's lineage: a step retrained after a resume counts once (its last try)."""
-    steps = train_steps(read_metrics(path))
+    steps = train_steps(read_metrics(run))
     return {
         "train_steps": len(steps),
         "first_loss": steps[0]["loss"] if steps else None,
@@ -118,15 +113,16 @@ def run_distill(config: DistillConfig, train: bool = True, trainer_factory=None)
     room (`dispatch.max_pending_prompts`), so the first teacher request does not wait for the whole input and
     the driver holds a bounded window of it."""
     started = time.time()
-    run_dir = Path(config.run_dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _end_torn_record(run_dir / "metrics.jsonl")
+    run_dir = RunDir(config.run_dir, config.storage)
+    run_dir.make()
+    metrics = Log(run_dir, METRICS)
     log.info("ray: %s", cluster.connect(config))
 
-    samples_dir = run_dir / "samples"
-    previous_shards = complete_shards(samples_dir, verify=True) if samples_dir.is_dir() else []
+    samples_dir = run_dir.child(SAMPLES)
+    previous_shards = complete_shards(samples_dir)  # from sidecars: only changed or uncommitted shards are read
     answered = IdSet()
-    answered.update(prompt_ids_in(previous_shards))
+    for shard in previous_shards:  # their prompt_id columns, one shard at a time
+        answered.update(prompt_ids_in([shard]))
     if answered:
         log.info("resuming: %d prompts already answered on disk", len(answered))
 
@@ -138,14 +134,14 @@ def run_distill(config: DistillConfig, train: bool = True, trainer_factory=None)
         selector = ray.remote(Selector).options(num_cpus=0, max_concurrency=64).remote(
             config.routing.best_of, {name: pools[name].actors() for name in judges}
         )
-    writer = ray.remote(ShardWriter).options(num_cpus=0).remote(str(samples_dir), config.dispatch.rows_per_shard)
-    control = start_control(run_dir, list(pools))
+    writer = ray.remote(ShardWriter).options(num_cpus=0).remote(samples_dir, config.dispatch.rows_per_shard)
+    control = start_control(str(run_dir), list(pools))
     stream, training = (_start_training(config, run_dir, samples_dir, writer, trainer_factory) if train
                         else (None, None))
-    metrics = run_dir / "metrics.jsonl"
-    dead_letters = DeadLetters(run_dir / "rejected.jsonl")
+    dead_letters = DeadLetters(run_dir)
     reader = PromptReader(config.data.input, config.data.max_prompts, config.data.max_prompt_bytes,
-                          batch_rows=min(READ_BATCH_ROWS, config.dispatch.max_pending_prompts), skip=answered)
+                          batch_rows=min(READ_BATCH_ROWS, config.dispatch.max_pending_prompts), skip=answered,
+                          storage=config.storage)
     router = RouterClient(start_router(config.routing, [t.name for t in config.teachers]), compiled=False)
     try:
         if stream is not None:
@@ -158,27 +154,30 @@ def run_distill(config: DistillConfig, train: bool = True, trainer_factory=None)
         if training is not None:
             stream.close()
             training.join()
-        shards = ray.get(writer.close.remote())
-        if lost := _damaged_answers(samples_dir, reader, dead_letters):
-            # a shard damaged on disk during the run: ask again, to the spill only (the student has them)
+        ray.get(writer.close.remote())
+        whole, lost = _damaged_answers(samples_dir, reader, dead_letters)
+        if lost:  # a shard damaged on disk during the run: ask again, to the spill only (the student has them)
             log.warning("%d answers were in shards damaged on disk: asking the teachers again", len(lost))
             repair = Dispatcher(config, pools, selector, None, writer, control, metrics)
-            dead_letters.add_dispatched(repair.run({}, InputFeed(lost, router, config, pools, down, selector, dead_letters)))
+            again = InputFeed(lost, router, config, pools, down, selector, dead_letters)
+            dead_letters.add_dispatched(repair.run({}, again))
             dispatch.retried_prompts += len(lost)
-            shards = ray.get(writer.close.remote())
+            ray.get(writer.close.remote())
+            whole = complete_shards(samples_dir)
     except BaseException:  # stopped (`ray job stop`, Ctrl-C) or failed (a full disk): resumable, see _stop
         _stop(pools, control, writer)
         raise
     finally:
+        metrics.flush()
         dead_letters.close()
         ray.kill(router.router)  # stateless; a stopped run's rerun starts its own
     lost_replicas = sum(pool.lost_replicas for pool in pools.values())
     for pool in pools.values():
         pool.shutdown()
     ray.kill(control)
-    write_manifest(run_dir, complete_shards=[p.name for p in complete_shards(samples_dir)])
+    write_manifest(run_dir, complete_shards=[s.name for s in whole])
 
-    counts = sample_counts(samples_dir)
+    counts = sample_counts(whole)  # from the sidecars
     prompts_in = reader.valid + reader.rejected
     summary = {
         "run_dir": str(run_dir),
@@ -191,38 +190,39 @@ def run_distill(config: DistillConfig, train: bool = True, trainer_factory=None)
         "per_teacher": counts["per_teacher"],
         "per_domain_teacher": counts["per_domain_teacher"],
         "tokens_generated": counts["tokens"],
-        "shards": len(shards),
+        "shards": len(whole),
         "replicas_lost": lost_replicas,
         "prompts_sent_again": dispatch.retried_prompts,
         "prompts_rerouted": dispatch.rerouted_prompts,
         "first_request_s": dispatch.first_request_at and round(dispatch.first_request_at - started, 1),
-        **(_train_metrics(run_dir / "metrics.jsonl") if train else {}),
-        "student_dir": str(run_dir / "student") if train else None,
+        **(_train_metrics(run_dir) if train else {}),
+        "student_dir": run_dir.uri(STUDENT) if train else None,
         "wall_time_s": round(time.time() - started, 1),
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    run_dir.write_text(SUMMARY, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     return summary
 
 
 class DeadLetters:
-    """The run's rejected.jsonl, written as rejections come (the driver keeps counts and 8 bytes an id, not the
-    records): rows the reader or the router turned away, and prompts a dispatch gave up on. A rerun writes it
-    anew, since it reads (and rejects) its input again."""
+    """The run's rejected.jsonl, spooled to a local file as rejections come (the driver keeps counts and 8 bytes an
+    id, not the records) and put in the run directory whole at the end (object storage has no append): rows the
+    reader or the router turned away, and prompts a dispatch gave up on. A rerun writes it anew, since it reads
+    (and rejects) its input again."""
 
-    def __init__(self, path: Path):
-        self.file = open(path, "w")
+    def __init__(self, run_dir: RunDir):
+        self.run_dir = run_dir
+        self.spool = tempfile.TemporaryFile("w+b")
         self.count = 0
         self.by_reason: Counter[str] = Counter()
         self.ids = IdSet()  # for the repair pass: a dead-lettered prompt is not asked again
 
     def add(self, rejected: list[Rejected]) -> None:
         for record in rejected:
-            self.file.write(json.dumps(vars(record), ensure_ascii=False) + "\n")
+            self.spool.write((json.dumps(vars(record), ensure_ascii=False) + "\n").encode())
             self.by_reason[record.code] += 1
             if record.id is not None:
                 self.ids.add(record.id)
         self.count += len(rejected)
-        self.file.flush()
 
     def add_dispatched(self, items: list[dict]) -> None:
         """Rejections from teachers and the selector, with the input file and line their requests carried."""
@@ -230,7 +230,10 @@ class DeadLetters:
                   for item in items])
 
     def close(self) -> None:
-        self.file.close()
+        self.spool.seek(0)
+        with self.run_dir.atomic_output(REJECTED) as out:
+            shutil.copyfileobj(self.spool, out, 1 << 20)
+        self.spool.close()
 
 
 class InputFeed:
@@ -348,27 +351,34 @@ def _plan(prompts: list, routes: list) -> tuple[dict[tuple[str, bool], list[dict
     return work, best_of_prompts, rejected
 
 
-def _damaged_answers(samples_dir: Path, reader: PromptReader, dead_letters: DeadLetters) -> list:
-    """The prompts whose answers were lost with a shard that fails its page checksums (set aside as `*.corrupt`),
-    found by a second pass over the input; none (and no pass) when every shard reads whole."""
-    shards_before = len(list(samples_dir.glob(SHARD_GLOB)))
-    whole = complete_shards(samples_dir, verify=True)
-    if len(whole) == shards_before:
-        return []
+def _damaged_answers(samples_dir: RunDir, reader: PromptReader,
+                     dead_letters: DeadLetters) -> tuple[list[Shard], list]:
+    """The complete shards, and the prompts whose answers were lost with a shard found damaged (set aside as
+    `*.corrupt`), found by a second pass over the input: only shards whose bytes changed since they were committed
+    are read whole, and the input is read again only when one was damaged."""
+    def set_aside() -> int:
+        return sum(i.base_name.endswith(".corrupt") for i in samples_dir.list())
+
+    before = set_aside()
+    whole = complete_shards(samples_dir)
+    if set_aside() == before:
+        return whole, []
     answered = IdSet()
-    answered.update(prompt_ids_in(whole))
-    again = PromptReader(reader.source, reader.max_prompts, reader.max_bytes, reader.batch_rows, skip=answered)
-    return [p for prompts, _ in again.batches() for p in prompts if p.id not in dead_letters.ids]
+    for shard in whole:
+        answered.update(prompt_ids_in([shard]))
+    again = PromptReader(reader.source, reader.max_prompts, reader.max_bytes, reader.batch_rows, skip=answered,
+                         storage=reader.storage)
+    return whole, [p for prompts, _ in again.batches() for p in prompts if p.id not in dead_letters.ids]
 
 
-def _start_training(config: DistillConfig, run_dir: Path, samples_dir: Path, writer=None,
+def _start_training(config: DistillConfig, run_dir: RunDir, samples_dir: RunDir, writer=None,
                     trainer_factory=None) -> tuple[SampleStream, _Training]:
     """The bounded stream and a trainer consuming it; the trainer resumes from the run's last checkpoint.
     `samples_dir` has every sample the stream will carry (spilled by `writer` while the run goes on, if given)."""
     stream = SampleStream(config.dispatch.buffer_batches)
     if trainer_factory is not None:
         return stream, _Training(trainer_factory(stream))
-    (run_dir / TAKEN_SEQ).unlink(missing_ok=True)  # seq numbers start again with this run's shard writer
+    run_dir.delete(TAKEN_SEQ)  # seq numbers start again with this run's shard writer
     tokenizers = {t.name: resolve_model(tokenizer_model(t.model)) for t in config.teachers}  # for the losses
     trainer = make_trainer(config.trainer, resolve_model(config.student.model), stream, run_dir, writer, tokenizers,
                            samples_dir)
@@ -378,13 +388,14 @@ def _start_training(config: DistillConfig, run_dir: Path, samples_dir: Path, wri
 def run_train(config: DistillConfig, data_dir: str | Path) -> dict:
     """Train the student on teacher samples already on disk (e.g. from `avocado-ray generate`), no teachers."""
     started = time.time()
-    run_dir = Path(config.run_dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    shards = complete_shards(data_dir)
+    run_dir = RunDir(config.run_dir, config.storage)
+    run_dir.make()
+    data = RunDir(data_dir, config.storage)
+    shards = complete_shards(data)
     if not shards:
         raise InputError(f"{data_dir}: no complete sample shards (shard-*.parquet)")
     log.info("ray: %s", cluster.connect(config))
-    stream, training = _start_training(config, run_dir, Path(data_dir))
+    stream, training = _start_training(config, run_dir, data)
     try:
         _replay(shards, stream, training)
         stream.close()
@@ -394,13 +405,13 @@ def run_train(config: DistillConfig, data_dir: str | Path) -> dict:
         raise
     summary = {
         "run_dir": str(run_dir),
-        "data_dir": str(Path(data_dir).resolve()),
-        "samples_in": sum(pq.ParquetFile(shard).metadata.num_rows for shard in shards),
-        **_train_metrics(run_dir / "metrics.jsonl"),
-        "student_dir": str(run_dir / "student"),
+        "data_dir": str(data),
+        "samples_in": sum(shard.facts["rows"] for shard in shards),
+        **_train_metrics(run_dir),
+        "student_dir": run_dir.uri(STUDENT),
         "wall_time_s": round(time.time() - started, 1),
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    run_dir.write_text(SUMMARY, json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -411,11 +422,12 @@ def _put(stream: SampleStream, training: _Training, batch_ref: ray.ObjectRef, se
         training.check()
 
 
-def _replay(shards: list[Path], stream: SampleStream, training: _Training) -> None:
+def _replay(shards: list[Shard], stream: SampleStream, training: _Training) -> None:
     """Send samples already on disk (from an interrupted run) to this run's trainer, without asking teachers."""
     for shard in shards:
-        for batch in pq.ParquetFile(shard).iter_batches(batch_size=256):
-            _put(stream, training, ray.put(batch))
+        with shard.fs.open_input_file(shard.path) as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=256):
+                _put(stream, training, ray.put(batch))
 
 
 class Dispatcher:
@@ -426,10 +438,11 @@ class Dispatcher:
 
     POLL_S = 0.5
 
-    def __init__(self, config: DistillConfig, pools: dict, selector, stream, writer, control, metrics: Path,
+    def __init__(self, config: DistillConfig, pools: dict, selector, stream, writer, control, metrics: Log | Path,
                  training: _Training | None = None):
         self.config, self.pools, self.selector = config, pools, selector
-        self.stream, self.writer, self.control, self.metrics = stream, writer, control, metrics
+        self.stream, self.writer, self.control = stream, writer, control
+        self.metrics = metrics if isinstance(metrics, Log) else Log(RunDir(metrics.parent), metrics.name)
         self.training = training  # the stream's consumer: its failure ends the dispatch
         self.refused: dict[str, int] = {}  # the last scale target per pool that the cluster could not hold
         self.rejected: list[dict] = []
@@ -440,8 +453,7 @@ class Dispatcher:
         self.judges = {b.judge for b in config.routing.best_of.values() if b.judge} & set(pools)
 
     def _log(self, record: dict) -> None:
-        with open(self.metrics, "a") as f:
-            f.write(json.dumps({**record, "time": time.time()}) + "\n")
+        self.metrics.append({**record, "time": time.time()})
 
     def steer(self, queues: dict) -> None:
         """Scale requests from outside first, then each autoscaled pool towards its queue depth."""

@@ -210,6 +210,7 @@ def test_the_input_streams_through_the_router_while_the_teachers_answer_holding_
     """Through the real reader, router actor, dispatcher and the session's qwen and gemma replicas: a window of
     12 prompts over 61 input rows read 4 at a time; teachers answer before the input is read to its end."""
     from avocado_ray.dataplane.prompts import PromptReader
+    from avocado_ray.dataplane.rundir import RunDir
     from avocado_ray.pipeline import DeadLetters, InputFeed
     from avocado_ray.routing.router import RouterClient, start_router
 
@@ -234,7 +235,7 @@ def test_the_input_streams_through_the_router_while_the_teachers_answer_holding_
                 self.ended_at = time.time()
             return work
 
-    dead_letters = DeadLetters(tmp_path / "rejected.jsonl")
+    dead_letters = DeadLetters(RunDir(tmp_path))
     feed = Watched(PromptReader(str(source), batch_rows=4), router, config, pools, {}, None, dead_letters)
     dispatcher = Dispatcher(config, pools, None, None, writer, None, tmp_path / "metrics.jsonl")
     dead_letters.add_dispatched(dispatcher.run({}, feed))

@@ -214,23 +214,25 @@ def _builtin_path(source: str) -> str:
     return str(resources.files("avocado_ray.resources").joinpath(f"{source[len(BUILTIN_PREFIX):]}_prompts.jsonl"))
 
 
-def _filesystem(source: str) -> tuple[pafs.FileSystem, str]:
-    """The filesystem and path of a local path or a URI (`file://`, `s3://bucket/key?endpoint_override=...`,
-    `gs://`, ...: whatever pyarrow.fs knows; S3 also reads the AWS_* variables, AWS_ENDPOINT_URL among them)."""
+def _filesystem(source: str, storage=None) -> tuple[pafs.FileSystem, str]:
+    """The filesystem and path of a local path or a URI (`file://`, `s3://bucket/key`, `gs://`, ...: whatever
+    pyarrow.fs knows; S3 with `storage`'s endpoint and region, else the AWS_* variables)."""
+    from avocado_ray.dataplane.rundir import filesystem
+
     if source.startswith(BUILTIN_PREFIX):
         return pafs.LocalFileSystem(), _builtin_path(source)
     if "://" not in source:
         return pafs.LocalFileSystem(), str(Path(source).absolute())
     try:
-        return pafs.FileSystem.from_uri(source)
+        return filesystem(source, storage)
     except (pa.ArrowException, OSError, ValueError) as error:
         raise InputError(f"{source}: cannot open this location: {error}") from None
 
 
-def input_files(source: str) -> tuple[pafs.FileSystem, list[str]]:
+def input_files(source: str, storage=None) -> tuple[pafs.FileSystem, list[str]]:
     """The files a source names, in a stable order: one file, every JSONL/Parquet file under a folder, or the
     files a glob (`*`, `?`, `[...]` in the last parts of the path) matches."""
-    fs, path = _filesystem(source)
+    fs, path = _filesystem(source, storage)
     pattern = None
     parts = path.split("/")
     glob_at = next((i for i, part in enumerate(parts) if any(c in part for c in "*?[")), None)
@@ -283,10 +285,10 @@ def _jsonl_rows(fs: pafs.FileSystem, path: str, name: str, max_bytes: int):
                 yield line, parse_line(raw.rstrip(b"\r\n"), line, max_bytes)
 
 
-def _parsed_rows(source: str, max_bytes: int, batch_rows: int):
+def _parsed_rows(source: str, max_bytes: int, batch_rows: int, storage=None):
     """(file, line, prompt or rejection) for every non-empty JSONL line or every Parquet row of a source's files
     (lines and row numbers from 1 in each file)."""
-    fs, files = input_files(source)
+    fs, files = input_files(source, storage)
     for path in files:
         name = source if len(files) == 1 else path
         rows = (_parquet_rows(fs, path, name, max_bytes, batch_rows) if path.endswith(".parquet")
@@ -344,16 +346,16 @@ class PromptReader:
     rows over `max_bytes`); ids in `skip` (answered by an earlier attempt of the run) are passed over."""
 
     def __init__(self, source: str, max_prompts: int | None = None, max_bytes: int = MAX_PROMPT_BYTES,
-                 batch_rows: int = 1000, skip: IdSet | None = None):
+                 batch_rows: int = 1000, skip: IdSet | None = None, storage=None):
         self.source, self.max_prompts, self.max_bytes, self.batch_rows = source, max_prompts, max_bytes, batch_rows
-        self.skip = skip
+        self.skip, self.storage = skip, storage
         self.valid = self.rejected = self.skipped = 0  # rows so far: prompts, rejections, answered before
 
     def batches(self):
         """Yield (prompts, rejections) per batch of rows, in input order."""
         seen = IdSet()
         prompts, rejected = [], []
-        for line, parsed in _parsed_rows(self.source, self.max_bytes, self.batch_rows):
+        for line, parsed in _parsed_rows(self.source, self.max_bytes, self.batch_rows, self.storage):
             if self.max_prompts is not None and self.valid >= self.max_prompts:
                 break
             if isinstance(parsed, Prompt) and parsed.id in seen:
@@ -375,10 +377,11 @@ class PromptReader:
             yield prompts, rejected
 
 
-def read_prompts(source: str, max_prompts: int | None = None, max_bytes: int = MAX_PROMPT_BYTES) -> PromptSet:
-    """All of a (small) source at once: for the dry run and tests; a run streams with `PromptReader`."""
+def read_prompts(source: str, max_prompts: int | None = None, max_bytes: int = MAX_PROMPT_BYTES,
+                 storage=None) -> PromptSet:
+    """All of a (small) source at once: for tests; a run (and the dry run) streams with `PromptReader`."""
     result = PromptSet(source=source)
-    for prompts, rejected in PromptReader(source, max_prompts, max_bytes).batches():
+    for prompts, rejected in PromptReader(source, max_prompts, max_bytes, storage=storage).batches():
         result.prompts += prompts
         result.rejected += rejected
     return result

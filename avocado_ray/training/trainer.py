@@ -23,7 +23,6 @@ the student is consolidated from its ZeRO shards and saved in Hugging Face forma
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -31,14 +30,13 @@ from pathlib import Path
 from typing import Any
 
 from avocado_ray.config import TrainerConfig
-from avocado_ray.dataplane.spill import open_samples, write_manifest
+from avocado_ray.dataplane.rundir import METRICS, RAY_TRAIN, STUDENT, TAKEN_SEQ, TRAINED_IDS, Log, RunDir
+from avocado_ray.dataplane.spill import complete_shards, samples_not_in, write_manifest
 from avocado_ray.dataplane.stream import SampleStream
 from avocado_ray.models.chat import chat_prompt_ids
 
 IGNORE = -100
 THINK_FORMAT = "<think>\n{reasoning}\n</think>\n\n{answer}"  # the student's target with trainer.learn_reasoning
-TRAINED_IDS = "trained_ids.txt"  # the sample ids the student has been trained on, one per line, in order
-TAKEN_SEQ = "trainer_taken_seq"  # the highest writer seq rank 0 took from the stream in this run (for restarts)
 DEEPSPEED_TAG = "state"
 
 
@@ -359,8 +357,9 @@ class StudentTrainer:
         result["padding_waste"] = round(1 - real / slots, 4) if slots else 0.0
         return result
 
-    def save_hf(self, out: Path, is_writer: bool) -> None:
-        """Consolidate the ZeRO shards and write a Hugging Face model folder (rank 0 writes)."""
+    def save_hf(self, run: RunDir, is_writer: bool) -> None:
+        """Consolidate the ZeRO shards and write the run's Hugging Face model folder `student` (rank 0 writes it
+        to a local folder, uploaded to an object-storage run directory)."""
         import deepspeed
 
         module = self.engine.module
@@ -368,14 +367,9 @@ class StudentTrainer:
             if is_writer:
                 state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
         if is_writer:
-            out.mkdir(parents=True, exist_ok=True)
-            module.save_pretrained(out, state_dict=state)
-            self.tokenizer.save_pretrained(out)
-
-
-def _log(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+            with run.staged(STUDENT) as out:
+                module.save_pretrained(out, state_dict=state)
+                self.tokenizer.save_pretrained(out)
 
 
 def _seal_spill(writer, seq: int, poll_s: float = 0.05) -> list[str]:
@@ -391,50 +385,45 @@ def _seal_spill(writer, seq: int, poll_s: float = 0.05) -> list[str]:
     return shards
 
 
-def _taken_but_not_trained(writer, samples_dir: Path, run_dir: Path, columns: list[str],
+def _taken_but_not_trained(writer, samples_dir: RunDir, run_dir: RunDir, columns: list[str],
                            trained: set[str]) -> list[dict]:
     """After a worker restart within a run: the samples a lost attempt took from the stream without a checkpoint
     counting them. The stream hands each batch out once, but the spill keeps every batch, so they are read back
-    from there (with any spilled sample not yet trained; the caller skips those when the stream brings them)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
+    from there (with any spilled sample not yet trained; the caller skips those when the stream brings them):
+    the sample_id column of every shard, and whole only the shards holding such samples."""
     if writer is not None:
-        _seal_spill(writer, int((run_dir / TAKEN_SEQ).read_text()))
-    table = open_samples(samples_dir).to_table(columns=columns)
-    return table.filter(pc.invert(pc.is_in(table["sample_id"], pa.array(sorted(trained), pa.string())))).to_pylist()
-
-
-def _record_taken(run_dir: Path, seq: int) -> None:
-    temp = run_dir / f".{TAKEN_SEQ}.tmp"
-    temp.write_text(str(seq))
-    os.replace(temp, run_dir / TAKEN_SEQ)
+        _seal_spill(writer, int(run_dir.read_text(TAKEN_SEQ)))
+    return samples_not_in(complete_shards(samples_dir), trained, columns)
 
 
 class _Lineage:
-    """What the student has been trained on, in order: restored from the checkpoint, extended per step."""
+    """What the student has been trained on, in order: restored from the checkpoint, extended per step, and
+    written whole to the run's `trained_ids.txt` with each checkpoint (object storage has no append)."""
 
-    def __init__(self, run_dir: Path, checkpoint_dir: Path | None):
-        self.path = run_dir / TRAINED_IDS
+    def __init__(self, run_dir: RunDir, checkpoint_dir: Path | None):
+        self.run = run_dir
         self.step, self.ids = 0, []
         if checkpoint_dir is not None:
             self.step = json.loads((checkpoint_dir / "state.json").read_text())["step"]
             self.ids = (checkpoint_dir / TRAINED_IDS).read_text().split()
         self.already_trained = set(self.ids)  # samples a rerun replays but must not train on again
-        self.path.write_text("".join(i + "\n" for i in self.ids))
+        self.run.write_text(TRAINED_IDS, self.text())
+
+    def text(self) -> str:
+        return "".join(i + "\n" for i in self.ids)
 
     def add(self, rows: list[dict]) -> None:
         self.step += 1  # kept in step with the loop's counter: both start from the checkpoint's step
         self.ids.extend(row["sample_id"] for row in rows)
-        with open(self.path, "a") as f:
-            f.writelines(row["sample_id"] + "\n" for row in rows)
 
     def save(self, folder: Path) -> None:
         (folder / "state.json").write_text(json.dumps({"step": self.step, "samples": len(self.ids)}))
-        (folder / TRAINED_IDS).write_text("".join(i + "\n" for i in self.ids))
+        (folder / TRAINED_IDS).write_text(self.text())
+        self.run.write_text(TRAINED_IDS, self.text())
 
 
-def _checkpoint(student: StudentTrainer, step: int, lineage: _Lineage | None, run_dir: Path, shards: list[str]) -> None:
+def _checkpoint(student: StudentTrainer, step: int, lineage: _Lineage | None, run_dir: RunDir,
+                shards: list[str]) -> None:
     """Every rank saves its ZeRO shard; Ray Train merges the ranks' folders into one checkpoint in storage.
 
     Rank 0 (the one with the lineage) adds the trained sample ids and updates the run's manifest.
@@ -448,7 +437,7 @@ def _checkpoint(student: StudentTrainer, step: int, lineage: _Lineage | None, ru
             lineage.save(Path(folder))
         train.report({"step": step}, checkpoint=train.Checkpoint.from_directory(folder), checkpoint_dir_name=name)
     if lineage is not None:
-        trained = {"step": step, "samples": len(lineage.ids), "checkpoint": str(run_dir / "ray_train" / "student" / name)}
+        trained = {"step": step, "samples": len(lineage.ids), "checkpoint": run_dir.uri(RAY_TRAIN, STUDENT, name)}
         write_manifest(run_dir, complete_shards=shards, trained=trained)
 
 
@@ -466,8 +455,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     trainer = TrainerConfig.model_validate(loop_config["trainer"])
     stream: SampleStream = loop_config["stream"]
     writer = loop_config["writer"]  # None when every sample is already on disk (train-only mode)
-    samples_dir = loop_config["samples_dir"] and Path(loop_config["samples_dir"])  # every sample the stream carries
-    run_dir = Path(loop_config["run_dir"])
+    samples_dir: RunDir | None = loop_config["samples_dir"]  # every sample the stream carries
+    run_dir: RunDir = loop_config["run_dir"]
     context = train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     student = StudentTrainer(loop_config["student_path"], trainer, world, loop_config.get("teacher_tokenizers"))
@@ -478,7 +467,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             lineage = _Lineage(run_dir, Path(folder)) if rank == 0 else None
     elif rank == 0:
         lineage = _Lineage(run_dir, None)
-    metrics = run_dir / "metrics.jsonl"
+    metrics = Log(run_dir, METRICS) if rank == 0 else None
     monitor = TrainMonitor() if rank == 0 else None  # progress line in the job log, Ray metrics
     columns = student.encoder.columns
 
@@ -486,14 +475,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
         """Rank 0's view: full global batches of samples not yet trained on, then the remainder."""
         waited, last_seq = 0.0, 0
         pending = []
-        if samples_dir is not None and (run_dir / TAKEN_SEQ).is_file():  # not the run's first attempt
+        if samples_dir is not None and run_dir.exists(TAKEN_SEQ):  # not the run's first attempt
             pending = _taken_but_not_trained(writer, samples_dir, run_dir, columns, lineage.already_trained)
-            _log(metrics, {"kind": "train_restart", "samples_from_spill": len(pending), "time": time.time()})
+            metrics.append({"kind": "train_restart", "samples_from_spill": len(pending), "time": time.time()})
         skip = lineage.already_trained | {r["sample_id"] for r in pending}
         recorded = False  # replayed batches have seq 0: the first one taken must mark this run as started too
         for batch, wait_s, seq in stream.batches():
             if seq > last_seq or not recorded:
-                _record_taken(run_dir, seq)
+                run_dir.write_text(TAKEN_SEQ, str(seq))
                 recorded = True
             waited, last_seq = waited + wait_s, max(last_seq, seq)
             pending.extend(r for r in batch.select(columns).to_pylist() if r["sample_id"] not in skip)
@@ -527,17 +516,20 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 lineage.add(item[0])
                 record = {"kind": "train", "step": step, "samples": len(rows), "wait_s": round(wait_s, 4)}
                 record.update(result, step_s=round(time.monotonic() - started, 4), time=time.time())
-                _log(metrics, record)
+                metrics.append(record)
                 monitor.step(record)
         if step > checkpointed and (message[0] is None or step - checkpointed >= trainer.checkpoint_every):
             shards = _seal_spill(writer, last_seq) if rank == 0 and writer is not None else []
             _checkpoint(student, step, lineage, run_dir, shards)
+            if metrics is not None:
+                metrics.flush()
             checkpointed = step
         if message[0] is None:
             break
-    student.save_hf(run_dir / "student", is_writer=rank == 0)
+    student.save_hf(run_dir, is_writer=rank == 0)
     if rank == 0:
-        _log(metrics, {"kind": "train_end", "steps": step, "samples_not_trained": skipped, "time": time.time()})
+        metrics.append({"kind": "train_end", "steps": step, "samples_not_trained": skipped, "time": time.time()})
+        metrics.flush()
         monitor.finish()
 
 
@@ -545,17 +537,18 @@ def make_trainer(
     trainer: TrainerConfig,
     student_path: str,
     stream: SampleStream,
-    run_dir: Path,
+    run_dir: str | Path | RunDir,
     writer=None,
     teacher_tokenizers: dict[str, str] | None = None,
-    samples_dir: Path | None = None,
+    samples_dir: str | Path | RunDir | None = None,
 ):
     """A Ray Train TorchTrainer over `train_loop_per_worker`; call `.fit()` to run it.
 
     `writer` is the run's `ShardWriter` actor, asked to make samples durable before a checkpoint counts them.
     `teacher_tokenizers` maps teacher names to their tokenizer folders (or hub ids), for the distillation
     losses; samples of teachers not in it are trained with the supervised loss only.
-    Storage and name are fixed per run directory, so Ray Train restores the last checkpoint on a rerun.
+    Storage and name are fixed per run directory (`ray_train/student`, through pyarrow.fs on object storage), so
+    Ray Train restores the last checkpoint on a rerun.
     `samples_dir` holds every sample the stream carries (the run's spill, or a train-only run's data): after a
     worker dies, the restarted group reads back from it what the lost attempt had taken. Without it a dead
     worker fails the run (no restart), since those samples could not be recovered.
@@ -563,6 +556,8 @@ def make_trainer(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    run_dir = RunDir.of(run_dir)
+    samples_dir = None if samples_dir is None else RunDir.of(samples_dir, run_dir.storage)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -570,9 +565,9 @@ def make_trainer(
             "student_path": student_path,
             "stream": stream,
             "writer": writer,
-            "run_dir": str(run_dir.resolve()),
+            "run_dir": run_dir,
             "teacher_tokenizers": dict(teacher_tokenizers or {}),
-            "samples_dir": str(samples_dir.resolve()) if samples_dir is not None else None,
+            "samples_dir": samples_dir,
         },
         torch_config=TorchConfig(backend=comm_backend(trainer)),
         scaling_config=ScalingConfig(
@@ -581,8 +576,9 @@ def make_trainer(
             resources_per_worker={"CPU": trainer.cpus_per_worker},
         ),
         run_config=RunConfig(
-            storage_path=str((run_dir / "ray_train").resolve()),
-            name="student",
+            storage_path=run_dir.path(RAY_TRAIN),
+            storage_filesystem=None if run_dir.local else run_dir.fs,
+            name=STUDENT,
             checkpoint_config=CheckpointConfig(num_to_keep=trainer.keep_checkpoints),
             failure_config=FailureConfig(max_failures=trainer.max_failures if samples_dir is not None else 0),
         ),
