@@ -43,7 +43,7 @@ HANGUL_LEAD_BYTES = bytes(range(0xEA, 0xEE))
 # Japanese: kana LETTERS (hiragana U+3041-U+3096, katakana U+30A1-U+30FA). The katakana middle dot ・ (U+30FB)
 # and the prolonged sound mark ー (U+30FC) are punctuation that Chinese text uses too (《念奴娇・赤壁怀古》).
 KANA_LETTER = re.compile(rb"\xe3(?:\x81[\x81-\xbf]|\x82[\x80-\x96\xa1-\xbf]|\x83[\x80-\xba])")
-JAPANESE_KANA = 2  # kana letters that make a prompt Japanese (one may be a quoted の in a Chinese shop name)
+# Two kana letters make a prompt Japanese (one may be a quoted の in a Chinese shop name).
 
 # Characters that are frequent in source code and rare in prose (math's + - * / = ( ) are left out): code when
 # they are 3% of the prompt and at least 4 (a short quote with "#1" or "$25" is prose).
@@ -79,10 +79,11 @@ CODE_IDENTIFIERS = 4
 CODE_HAN = re.compile("代码|函数|编程|脚本|算法|源程序")  # code, function, programming, script, algorithm
 # A shell command on a line of its own, as manuals show them: after a $ or # prompt, or a lower-case command
 # name followed by an option (`tar -xvf a.tar`, `ls --all`); searched for only when the prompt has " -" or "$ ".
-CODE_COMMAND_LINE = re.compile(rb"(?m)^[ \t]*(?:[$#] [a-z]|[a-z][\w.+-]* +-{1,2}[a-zA-Z])")
+CODE_COMMAND_LINE = re.compile(rb"\n[ \t]*(?:[$#] [a-z]|[a-z][\w.+-]* +-{1,2}[a-zA-Z])")
 # In a prompt written in a CJK script, a line of ASCII words only that starts with a lower-case name is a
 # command or code (`tcpdump host sundown`, `route add -net 127.0.0.0`): prose lines hold CJK characters.
-CJK_ASCII_LINE = re.compile(r"(?m)^[ \t]*(?:[$#] )?[a-z][\w.+-]*(?: +[\x21-\x7e]+)+[ \t]*$")
+# (Both are searched in "\n" + the prompt: a pattern that starts with a literal lets the engine skip to it.)
+CJK_ASCII_LINE = re.compile(r"(?m)\n[ \t]*(?:[$#] )?[a-z][\w.+-]*(?: +[\x21-\x7e]+)+[ \t]*$")
 # Line shapes of code (a line that ends in one of these, or starts with one of those).
 CODE_LINE_ENDS = ("{", "}", ")", "(", "=", "[", "]", " then", " do", "end")
 CODE_LINE_STARTS = ("#", "//", "!", "}", "<", "@", "end", "if ", "let ", "open ", "import ", "return")
@@ -162,16 +163,15 @@ def _chinese_share(text: str, ascii_text: bytes, utf8: bytes) -> float:
     """Share of Han characters among the words of the prompt (see CHINESE_SHARE); 0 for Japanese (kana) text."""
     kana = 0
     if b"\xe3\x81" in utf8 or b"\xe3\x82" in utf8 or b"\xe3\x83" in utf8:  # the kana block at all
-        kana = len(KANA_LETTER.findall(utf8))
-        if kana >= JAPANESE_KANA:
+        found = KANA_LETTER.search(utf8)
+        if found and KANA_LETTER.search(utf8, found.end()):  # two: no need to count them all
             return 0.0
+        kana = 1 if found else 0
     han = _count(utf8, HAN_LEAD_BYTES)
-    if RARE_HAN.search(text):
-        han += len(RARE_HAN.findall(text))
-    if han < CHINESE_MIN_HAN:
-        return 0.0
-    words = han + len(ascii_text.translate(_LETTER_BYTES).split()) + _count(utf8, HANGUL_LEAD_BYTES) + kana
-    return han / words
+    others = len(ascii_text.translate(_LETTER_BYTES).split()) + _count(utf8, HANGUL_LEAD_BYTES) + kana
+    if han < CHINESE_MIN_HAN or han < CHINESE_SHARE * (han + others):  # the rare blocks may still tip it
+        han += len(RARE_HAN.findall(text)) if RARE_HAN.search(text) else 0
+    return han / (han + others) if han >= CHINESE_MIN_HAN else 0.0
 
 
 def _code_line_share(text: str) -> float:
@@ -200,10 +200,10 @@ def _code_rule(text: str, ascii_text: bytes, data: bytes, words: set[bytes], utf
         return "identifiers"
     if CODE_SYMBOL_MARKERS.search(data):
         return "marker"
-    if (b" -" in ascii_text or b"$ " in ascii_text or b"# " in ascii_text) and CODE_COMMAND_LINE.search(ascii_text):
+    if (b" -" in ascii_text or b"$ " in ascii_text or b"# " in ascii_text) and CODE_COMMAND_LINE.search(b"\n" + ascii_text):
         return "command"
     if utf8_length > len(text) and "\n" in text and utf8_length - len(ascii_text) > _count(ascii_text, _LETTERS) \
-            and CJK_ASCII_LINE.search(text):  # a prompt with more CJK (2 extra bytes each) than ASCII letters
+            and CJK_ASCII_LINE.search("\n" + text):  # a prompt with more CJK (2 extra bytes each) than ASCII letters
         return "command"
     if "\n" in text and _code_line_share(text) >= CODE_LINE_SHARE:
         return "lines"
