@@ -757,7 +757,8 @@ def english_with_names_template_items(poetry: Path, rng: random.Random, n: int) 
     poems = []
     for path in sorted(poetry.glob("全唐诗/poet.*.json"))[::20]:
         poems += [(p["author"], p["title"]) for p in json.loads(path.read_text(encoding="utf-8"))
-                  if p.get("author") and 2 <= len(p.get("title", "")) <= 8 and han_count(p["title"]) == len(p["title"])]
+                  if p.get("author") and 2 <= len(p.get("title", "")) <= 8
+                  and han_count(p["title"]) == len(p["title"])]
     items = []
     for i, (name, title) in enumerate(rng.sample(sorted(set(poems)), n)):
         template = i % len(EN_NAME_TEMPLATES)
@@ -896,7 +897,8 @@ def mo_items(locale_dir: Path, lang: str, rng: random.Random) -> list[list[tuple
                 texts.add(text.strip())
         texts = sorted(texts)
         rng.shuffle(texts)
-        domain, script = ("general", "ko") if lang == "ko" else ("chinese", "zh-Hans" if lang == "zh_CN" else "zh-Hant")
+        domain, script = ("general", "ko") if lang == "ko" else \
+            ("chinese", "zh-Hans" if lang == "zh_CN" else "zh-Hant")
         source = f"debian:{packages.get(str(path), 'unknown')}:{path}"
         groups.append([(domain, f"mo-{lang}", t, source, script) for t in texts])
     return groups
@@ -1022,7 +1024,7 @@ def write_records(records: list[dict], out: Path) -> None:
             fh.write(json.dumps(r, ensure_ascii=False) + "\n")
     counts = {}
     for r in records:
-        key = r["domain"] + ("/" + r.get("lang", "") if "lang" in r else "") + ("/" + r["split"] if "split" in r else "")
+        key = "/".join(str(r[k]) for k in ("domain", "lang", "split") if k in r)
         counts[key] = counts.get(key, 0) + 1
     print(f"wrote {len(records)} records to {out}: {dict(sorted(counts.items()))} "
           f"({out.stat().st_size} bytes)")

@@ -200,10 +200,11 @@ def _code_rule(text: str, ascii_text: bytes, data: bytes, words: set[bytes], utf
         return "identifiers"
     if CODE_SYMBOL_MARKERS.search(data):
         return "marker"
-    if (b" -" in ascii_text or b"$ " in ascii_text or b"# " in ascii_text) and CODE_COMMAND_LINE.search(b"\n" + ascii_text):
+    if (b" -" in ascii_text or b"$ " in ascii_text or b"# " in ascii_text) \
+            and CODE_COMMAND_LINE.search(b"\n" + ascii_text):
         return "command"
     if utf8_length > len(text) and "\n" in text and utf8_length - len(ascii_text) > _count(ascii_text, _LETTERS) \
-            and CJK_ASCII_LINE.search("\n" + text):  # a prompt with more CJK (2 extra bytes each) than ASCII letters
+            and CJK_ASCII_LINE.search("\n" + text):  # more CJK (2 extra bytes each) than ASCII letters
         return "command"
     if "\n" in text and _code_line_share(text) >= CODE_LINE_SHARE:
         return "lines"
@@ -283,7 +284,8 @@ class RuleClassifier:
         # the words on either side of a Han character stay apart.
         ascii_text = text.encode("ascii", "replace")
         data = ascii_text.lower()
-        words = VOCABULARY.intersection((URL.sub(b" ", data) if b"://" in data else data).translate(_WORD_BYTES).split())
+        unlinked = URL.sub(b" ", data) if b"://" in data else data
+        words = VOCABULARY.intersection(unlinked.translate(_WORD_BYTES).split())
         found = ["multimodal"] if has_image else []
         utf8 = None if text.isascii() else text.encode()
         if _code_rule(text, ascii_text, data, words, len(text) if utf8 is None else len(utf8)):
