@@ -197,3 +197,14 @@ def test_the_language_identifier_classifiers_tell_chinese_from_japanese_and_keep
         assert "chinese" not in classifier.labels("これは日本語の文章です。漢字も使います。")
         assert set(classifier.labels("用 Python 写一个快速排序函数，并解释它的时间复杂度。")) == {"code", "chinese"}
         assert classifier.labels("Why do leaves change colour in autumn?") == ["general"]
+
+
+def test_the_classifier_comparison_measures_every_installed_classifier_on_the_same_prompts():
+    from avocado_ray.bench import compare_classifiers
+
+    compared = compare_classifiers(load_config(config_path("builtin:local")).routing, seconds=0.01)
+    assert {"rules", "cld2", "lingua"} <= set(compared)
+    for figures in compared.values():
+        assert figures["prompts_per_s"] > 0 and figures["prompts_per_s_median"] > 0
+        assert figures["quality_heldout"]["chinese"]["n"] == compared["rules"]["quality_heldout"]["chinese"]["n"]
+        assert set(figures["quality_dev"]) >= {"code", "chinese", "math", "general", "ja_ko_as_chinese"}
