@@ -149,9 +149,9 @@ def bench_router(seconds: float = 3.0, calls: int = 2000, in_flight: tuple[int, 
     """Classification rate on one core, routing-decision latency through the router actor under load, and
     per-domain precision and recall on the dev prompts and on the held-out test prompts.
 
-    Rate: `RuleClassifier.labels` over the dev prompts in rounds of one pass, for `seconds`. `prompts_per_s` is
-    the best round, as timeit reports the best (other work on a shared machine only slows rounds down), and
-    `prompts_per_s_median` the median round. `classifiers`: the same figures and the quality of every installed
+    Rate: `RuleClassifier.labels` over the dev prompts in rounds of one pass, for `seconds`, in CPU time of this
+    process. `prompts_per_s` is the best round, as timeit reports the best (other work on a shared machine only
+    slows rounds down), and `prompts_per_s_median` the median round. `classifiers`: the same figures and the quality of every installed
     classifier (the rules, CLD2, Lingua) on the same prompts, side by side.
     Latency: one-prompt routing calls to a Router actor started as the pipeline starts it (a sync actor), `calls`
     calls with `in_flight` of them kept in flight, through a RouterClient as the pipeline routes (its compiled

@@ -46,7 +46,8 @@ KANA_LETTER = re.compile(rb"\xe3(?:\x81[\x81-\xbf]|\x82[\x80-\x96\xa1-\xbf]|\x83
 # Two kana letters make a prompt Japanese (one may be a quoted の in a Chinese shop name).
 
 # Characters that are frequent in source code and rare in prose (math's + - * / = ( ) are left out): code when
-# they are 3% of the prompt and at least 4 (a short quote with "#1" or "$25" is prose).
+# they are 3% of the prompt's UTF-8 bytes (a Han character weighs 3) and at least 4 (a short quote with "#1" or
+# "$25" is prose).
 CODE_SYMBOLS = b"{}[];<>_|&#$\\"
 CODE_SYMBOL_DENSITY = 0.03
 CODE_SYMBOL_MIN = 4
@@ -78,7 +79,8 @@ CODE_FUNCTION = re.compile(
 CODE_IDENTIFIERS = 4
 CODE_HAN = re.compile("代码|函数|编程|脚本|算法|源程序")  # code, function, programming, script, algorithm
 # A shell command on a line of its own, as manuals show them: after a $ or # prompt, or a lower-case command
-# name followed by an option (`tar -xvf a.tar`, `ls --all`); searched for only when the prompt has " -" or "$ ".
+# name followed by an option (`tar -xvf a.tar`, `ls --all`); searched for only when the prompt has " -", "$ "
+# or "# ".
 CODE_COMMAND_LINE = re.compile(rb"\n[ \t]*(?:[$#] [a-z]|[a-z][\w.+-]* +-{1,2}[a-zA-Z])")
 # In a prompt written in a CJK script, a line of ASCII words only that starts with a lower-case name is a
 # command or code (`tcpdump host sundown`, `route add -net 127.0.0.0`): prose lines hold CJK characters.
