@@ -32,7 +32,7 @@ from avocado_ray.report import read_metrics, train_steps
 from avocado_ray.routing.router import RouterClient, start_router
 from avocado_ray.routing.selection import Selector
 from avocado_ray.teachers.control import start_control
-from avocado_ray.teachers.pool import PlacementError, TeacherPool
+from avocado_ray.teachers.pool import PlacementError, PoolDown, TeacherPool
 from avocado_ray.training.trainer import TAKEN_SEQ, make_trainer
 
 log = logging.getLogger("avocado_ray")
@@ -166,8 +166,18 @@ def run_distill(config: DistillConfig, train: bool = True, trainer_factory=None)
     try:
         if stream is not None:
             _replay(previous_shards, stream, training)
-        for name, pool in pools.items():
-            log.info("teacher %s ready: %s", name, pool.ready())
+        for name in sorted(pools):  # a pool whose replicas cannot start is down: its prompts go to the fallback
+            try:
+                log.info("teacher %s ready: %s", name, pools[name].ready())
+            except PoolDown as error:
+                _log_pool_down(metrics, name, str(error))
+                del pools[name]
+                fallback = fall_back(config, work, best_of_prompts, {name: str(error)}, pools)
+                pools.update(fallback)
+                for started in fallback.values():
+                    started.ready()
+                if selector is not None:  # before any answer: the best-of prompts without the teacher that is down
+                    ray.get(selector.expect.remote(best_of_prompts))
         dispatch = Dispatcher(config, pools, selector, stream, writer, control, metrics, training)
         rejected += _dead_letters(dispatch.run(work), lines)
         if training is not None:
@@ -218,6 +228,13 @@ def run_distill(config: DistillConfig, train: bool = True, trainer_factory=None)
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     return summary
+
+
+def _log_pool_down(metrics: Path, name: str, why: str) -> None:
+    """A pool down for good, in the run log and the metrics."""
+    log.error("teacher %s is down: %s", name, why)
+    with open(metrics, "a") as f:
+        f.write(json.dumps({"kind": "pool_down", "teacher": name, "reason": why, "time": time.time()}) + "\n")
 
 
 def _dead_letters(items, lines: dict[str, int]) -> list[Rejected]:
@@ -377,6 +394,7 @@ class Dispatcher:
         self.retried_prompts = 0
         self.rerouted_prompts = 0
         self.judges = {b.judge for b in config.routing.best_of.values() if b.judge} & set(pools)
+        self.gone: set[str] = set()  # pools down and accounted for
 
     def _log(self, record: dict) -> None:
         with open(self.metrics, "a") as f:
@@ -387,6 +405,8 @@ class Dispatcher:
         sizes = {name: pool.size() for name, pool in self.pools.items()}
         requested = ray.get(self.control.take.remote(sizes)) if self.control is not None else {}
         for name, pool in self.pools.items():
+            if pool.down:
+                continue
             target, reason = requested.get(name), "request"
             bounds = pool.teacher.autoscale
             if target is None and bounds is not None:
@@ -421,6 +441,31 @@ class Dispatcher:
                 self._log({"kind": "reroute", "teacher": name, "to": fallback, "prompts": len(batch),
                            "reason": "saturated"})
 
+    def _answering(self, name: str) -> str:
+        """The pool that answers `name`'s prompts: the fallback once `name` is down."""
+        return self.config.routing.fallback if self.pools[name].down else name
+
+    def _reroute_down(self, queues: dict) -> None:
+        """The queued prompts of pools that went down (`max_start_failures`) go to the fallback teacher, started if
+        it runs no pool yet; the run fails if the fallback, a judge or a best-of teacher is down."""
+        fallback = self.config.routing.fallback
+        for name, pool in self.pools.items():
+            if not pool.down or name in self.gone:
+                continue
+            self.gone.add(name)
+            _log_pool_down(self.metrics, name, pool.down)
+            if name == fallback or name in self.judges or queues.get((name, True)):
+                raise RunError(f"{pool.down}; it is the fallback, a judge or a best-of teacher, so no teacher is left "
+                               "to answer its prompts")
+            moved = queues.pop((name, False), [])
+            queues.setdefault((fallback, False), []).extend(moved)
+            log.warning("teacher %s is down, its %d queued prompts go to %s", name, sum(map(len, moved)), fallback)
+        if fallback not in self.pools and queues.get((fallback, False)):
+            started, still_down = start_pools(self.config, {fallback})
+            if still_down:
+                raise RunError(f"teachers down, and the fallback {fallback!r} cannot be placed either: {still_down}")
+            self.pools.update(started)
+
     def _check_consumers(self, writes: list[ray.ObjectRef]) -> list[ray.ObjectRef]:
         """Raise what failed downstream now rather than at the end: a shard write (a full disk, named with its
         file) or the trainer. Returns the writes still running."""
@@ -448,6 +493,7 @@ class Dispatcher:
             if time.monotonic() >= next_steer:
                 self.steer(queues)
                 next_steer = time.monotonic() + self.POLL_S
+            self._reroute_down(queues)
             for (name, best_of), queue in queues.items():
                 while queue and self.pools[name].has_room():
                     in_flight[self.pools[name].submit(queue.pop(0))] = (name, best_of)
@@ -461,7 +507,7 @@ class Dispatcher:
                     continue
                 name, best_of = in_flight.pop(ref)
                 report, retry = self.pools[name].complete(ref)
-                queues.setdefault((name, best_of), [])[:0] = retry
+                queues.setdefault((self._answering(name), best_of), [])[:0] = retry
                 self.retried_prompts += sum(map(len, retry))
                 if report is None:
                     continue
