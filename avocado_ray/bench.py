@@ -285,7 +285,7 @@ def _real_answers_topk(prompts: int, tokens: int, k: int) -> dict:
     entries = sum(len(ids) for b in batches for row in b.column("topk_ids").to_pylist() for ids in row)
     return {
         "token_ids_source": "real teacher answers",
-        "teachers": {p.teacher.name: p.teacher.model for p in pools},
+        "teachers": {p.teacher.name: Path(p.model_path).name for p in pools},  # the model served (untrained or not)
         "samples": sum(b.num_rows for b in batches),
         "k": k,
         "topk_entries": entries,
