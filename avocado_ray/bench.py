@@ -236,42 +236,24 @@ def _synthetic_samples(count: int, tokens: int, k: int, vocab: int, seed: int = 
 
 
 def bench_dataplane(samples: int = 2048, tokens: int = 64, k: int = 20, batch_rows: int = 64,
-                    buffer_batches: int = 4, vocab: int = 151_936) -> dict:
+                    buffer_batches: int = 4, vocab: int = 151_936, real_prompts: int = 96) -> dict:
     """Parquet write rate and top-k bytes on disk; stream rate to a counting trainer; buffer bound under a
-    slow consumer. All in one run, on the same synthetic samples."""
-    import tempfile
-
-    import pyarrow.parquet as pq
-
+    slow consumer. All in one run, on the same synthetic samples (token ids drawn Zipf-like:
+    `token_ids_source`); then the top-k bytes again on real answers of the tiny teachers (`real_teacher_answers`)."""
     from avocado_ray.dataplane.schema import samples_to_batch
-    from avocado_ray.dataplane.spill import ShardWriter, complete_shards
 
     rows = _synthetic_samples(samples, tokens, k, vocab)
     batches = [samples_to_batch(rows[i : i + batch_rows]) for i in range(0, samples, batch_rows)]
+    parquet_s, topk_bytes = _spill(batches)
 
-    with tempfile.TemporaryDirectory() as folder:
-        started = time.perf_counter()
-        writer = ShardWriter(folder, rows_per_shard=samples)
-        for batch in batches:
-            writer.write(batch)
-        writer.close()
-        parquet_s = time.perf_counter() - started
-        topk_bytes = 0
-        for shard in complete_shards(folder):
-            metadata = pq.ParquetFile(shard.path).metadata
-            for group in range(metadata.num_row_groups):
-                for column in range(metadata.num_columns):
-                    chunk = metadata.row_group(group).column(column)
-                    if chunk.path_in_schema.startswith(("topk_ids", "topk_logprobs")):
-                        topk_bytes += chunk.total_compressed_size
-
-    start_local(num_cpus=2, log_to_driver=False)
+    start_local(num_cpus=4, log_to_driver=False)
     stream_through(batches[:buffer_batches], buffer_batches)  # warm-up: consumer worker and queue actor start
     fast = stream_through(batches, buffer_batches)
     slow_batches = batches[: 4 * buffer_batches]
     slow = stream_through(slow_batches, buffer_batches, consumer_delay_s=0.2)
     return {
         "benchmark": "dataplane",
+        "token_ids_source": "synthetic zipf",
         "samples": samples,
         "tokens_per_sample": tokens,
         "k": k,
@@ -285,6 +267,69 @@ def bench_dataplane(samples: int = 2048, tokens: int = 64, k: int = 20, batch_ro
         "peak_buffer_bytes": slow["peak_bytes"],
         "buffer_bound_bytes": slow["bound_bytes"],
         "producer_blocked_s": slow["producer_blocked_s"],
+        "real_teacher_answers": _real_answers_topk(real_prompts, tokens, k),
+    }
+
+
+def _spill(batches: list) -> tuple[float, int]:
+    """(seconds, compressed top-k bytes) of writing `batches` as Parquet shards with the pipeline's writer."""
+    import tempfile
+
+    import pyarrow.parquet as pq
+
+    from avocado_ray.dataplane.spill import ShardWriter, complete_shards
+
+    with tempfile.TemporaryDirectory() as folder:
+        started = time.perf_counter()
+        writer = ShardWriter(folder, rows_per_shard=sum(b.num_rows for b in batches))
+        for batch in batches:
+            writer.write(batch)
+        writer.close()
+        seconds, topk_bytes = time.perf_counter() - started, 0
+        for shard in complete_shards(folder):
+            metadata = pq.ParquetFile(shard.path).metadata
+            for group in range(metadata.num_row_groups):
+                for column in range(metadata.num_columns):
+                    chunk = metadata.row_group(group).column(column)
+                    if chunk.path_in_schema.startswith(("topk_ids", "topk_logprobs")):
+                        topk_bytes += chunk.total_compressed_size
+    return seconds, topk_bytes
+
+
+def _real_answers_topk(prompts: int, tokens: int, k: int) -> dict:
+    """Top-k bytes per entry on the tiny teachers' own answers (their replicas, sampling as configured, `tokens`
+    new tokens and top-`k` logprobs), spilled as the synthetic ones are."""
+    import ray
+
+    from avocado_ray.cli import config_path
+    from avocado_ray.config import load_config
+    from avocado_ray.models.tiny import resolve_model
+    from avocado_ray.teachers.pool import TeacherPool
+
+    config = load_config(config_path("builtin:local"))
+    texts = [row["prompt"][:300] for row in labelled_prompts()][:prompts]
+    pools, batches = [], []
+    for teacher in config.teachers:
+        sampling = teacher.sampling.model_copy(update={"max_tokens": tokens, "logprobs": k})
+        teacher = teacher.model_copy(update={"sampling": sampling})
+        pools.append(TeacherPool(teacher, resolve_model(teacher.model), use_gpu=False, max_in_flight=4))
+    for pool in pools:
+        pool.ready()
+        requests = [{"prompt_id": f"{pool.teacher.name}{i}", "domain": "general", "labels": ["general"],
+                     "messages": [{"role": "user", "content": text}]} for i, text in enumerate(texts)]
+        refs = [pool.submit(requests[i : i + 32]) for i in range(0, len(requests), 32)]
+        for ref in refs:
+            pool.complete(ref)
+        batches += ray.get(refs)
+        pool.shutdown()
+    entries = sum(len(ids) for b in batches for row in b.column("topk_ids").to_pylist() for ids in row)
+    return {
+        "token_ids_source": "real teacher answers",
+        "teachers": {p.teacher.name: Path(p.model_path).name for p in pools},  # the model served (untrained or not)
+        "samples": sum(b.num_rows for b in batches),
+        "k": k,
+        "topk_entries": entries,
+        "bytes_per_topk_entry": round(_spill(batches)[1] / entries, 3),
     }
 
 
@@ -363,8 +408,11 @@ def stream_through(batches: list, buffer_batches: int, consumer_delay_s: float =
 def _bench_teachers(prompts: int = 200, max_tokens: int = 16, batch: int = 25, in_flight: int = 8) -> dict:
     """Output tokens/s of the tiny Qwen teacher through replica actor + Arrow batches, the prompts routed first
     by the router actor as the pipeline routes them (`route_s`, apart), against a bare `vllm.LLM.generate` on the
-    same model, prompts and sampling, measured one after the other in this run."""
+    same model, prompts and sampling, measured one after the other in this run. Both engines take the replica's
+    engine arguments and environment (`engine_args`, `replica_env`): the ratio is what Ray and the data plane
+    cost, not a difference of engine settings."""
     import gc
+    import os
 
     import ray
     from vllm import LLM
@@ -375,8 +423,8 @@ def _bench_teachers(prompts: int = 200, max_tokens: int = 16, batch: int = 25, i
     from avocado_ray.models.chat import chat_prompt_ids
     from avocado_ray.models.tiny import resolve_model
     from avocado_ray.routing.router import RouterClient, start_router
-    from avocado_ray.teachers.pool import TeacherPool
-    from avocado_ray.teachers.replica import vllm_sampling_params
+    from avocado_ray.teachers.pool import TeacherPool, replica_env
+    from avocado_ray.teachers.replica import engine_args, vllm_sampling_params
 
     config = load_config(config_path("builtin:local"), ["routing.best_of={}"])
     teacher = config.teacher("qwen")
@@ -385,9 +433,10 @@ def _bench_teachers(prompts: int = 200, max_tokens: int = 16, batch: int = 25, i
     texts = [row["prompt"] for row in labelled_prompts() if row["domain"] in ("code", "chinese")][:prompts]
     messages = [[{"role": "user", "content": text[:400]}] for text in texts]
 
-    llm = LLM(model=model, max_model_len=teacher.engine.max_model_len, enforce_eager=True, seed=0,
-              max_logprobs=teacher.sampling.logprobs)
-    params = vllm_sampling_params(teacher.sampling)  # the teacher's sampling, max_tokens as set above
+    env = replica_env(teacher)
+    os.environ.update(env)  # the engine process starts with the replicas' environment
+    llm = LLM(**engine_args(teacher, model, seed=0))
+    params = vllm_sampling_params(teacher.sampling, flat_logprobs=True)  # as the replica asks, max_tokens as above
     tokenizer = llm.get_tokenizer()
     token_prompts = [{"prompt_token_ids": chat_prompt_ids(tokenizer, m)} for m in messages]
     llm.generate(token_prompts[:batch], params, use_tqdm=False)  # warm-up
@@ -449,6 +498,8 @@ def _bench_teachers(prompts: int = 200, max_tokens: int = 16, batch: int = 25, i
         "pool_tokens_per_s": round(pool_rate, 1),
         "ratio": round(pool_rate / bare_rate, 3),
         "route_s": round(route_s, 3),
+        "engine_args_both_sides": {k: v for k, v in engine_args(teacher, model, seed=0).items() if k != "model"},
+        "environment_both_sides": env,
     }
 
 

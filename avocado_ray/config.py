@@ -119,6 +119,13 @@ class VLLMTeacher(Strict):
         default_factory=dict, description="Ray node labels a replica's node must carry (e.g. a GPU type)."
     )
     max_restarts: int = Field(3, ge=0, description="Ray restarts of a crashed replica before it is replaced.")
+    max_start_failures: int = Field(
+        3,
+        gt=0,
+        description="Replica starts that fail in a row (an engine that cannot load its model: a gated model without "
+        "HF_TOKEN, a broken model folder) before the pool is down: the error goes to the run log and metrics, and "
+        "the pool's prompts go to `routing.fallback` (the run fails if the fallback is the pool that is down).",
+    )
     autoscale: AutoscaleConfig | None = Field(None, description="Scale between bounds by queue depth.")
     reasoning_parser: str | None = Field(
         None,

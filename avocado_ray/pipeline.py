@@ -236,6 +236,12 @@ class DeadLetters:
         self.spool.close()
 
 
+def _log_pool_down(metrics: Log, name: str, why: str) -> None:
+    """A pool down for good, in the run log and the metrics."""
+    log.error("teacher %s is down: %s", name, why)
+    metrics.append({"kind": "pool_down", "teacher": name, "reason": why, "time": time.time()})
+
+
 class InputFeed:
     """The Dispatcher's source of work: reads the next batch of prompts, routes it through the router, and
     returns its teacher requests (`_plan`); rows the reader or router rejects go to the dead letters, work of
@@ -451,6 +457,7 @@ class Dispatcher:
         self.first_request_at: float | None = None  # when the first call went to a teacher (time.time())
         self.max_pending = 0  # the most requests queued or in flight at once (bounded by a feed's window)
         self.judges = {b.judge for b in config.routing.best_of.values() if b.judge} & set(pools)
+        self.gone: set[str] = set()  # pools down and accounted for
 
     def _log(self, record: dict) -> None:
         self.metrics.append({**record, "time": time.time()})
@@ -460,6 +467,8 @@ class Dispatcher:
         sizes = {name: pool.size() for name, pool in self.pools.items()}
         requested = ray.get(self.control.take.remote(sizes)) if self.control is not None else {}
         for name, pool in self.pools.items():
+            if pool.down:
+                continue
             target, reason = requested.get(name), "request"
             bounds = pool.teacher.autoscale
             if target is None and bounds is not None:
@@ -494,6 +503,34 @@ class Dispatcher:
                 self.rerouted_prompts += len(batch)
                 self._log({"kind": "reroute", "teacher": name, "to": fallback, "prompts": len(batch),
                            "reason": "saturated"})
+
+    def _answering(self, name: str) -> str:
+        """The pool that answers `name`'s prompts: the fallback once `name` is down."""
+        return self.config.routing.fallback if self.pools[name].down else name
+
+    def _reroute_down(self, queues: dict, feed: InputFeed | None = None) -> None:
+        """The queued prompts of pools that went down (`max_start_failures`) go to the fallback teacher, started if
+        it runs no pool yet, and so do those `feed` routes to them from now on; the run fails if the fallback, a
+        judge or a best-of teacher is down."""
+        fallback = self.config.routing.fallback
+        for name, pool in self.pools.items():
+            if not pool.down or name in self.gone:
+                continue
+            self.gone.add(name)
+            _log_pool_down(self.metrics, name, pool.down)
+            if name == fallback or name in self.judges or queues.get((name, True)):
+                raise RunError(f"{pool.down}; it is the fallback, a judge or a best-of teacher, so no teacher is left "
+                               "to answer its prompts")
+            moved = queues.pop((name, False), [])
+            queues.setdefault((fallback, False), []).extend(moved)
+            if feed is not None:
+                feed.down[name] = pool.down
+            log.warning("teacher %s is down, its %d queued prompts go to %s", name, sum(map(len, moved)), fallback)
+        if fallback not in self.pools and queues.get((fallback, False)):
+            started, still_down = start_pools(self.config, {fallback})
+            if still_down:
+                raise RunError(f"teachers down, and the fallback {fallback!r} cannot be placed either: {still_down}")
+            self.pools.update(started)
 
     def _check_consumers(self, writes: list[ray.ObjectRef]) -> list[ray.ObjectRef]:
         """Raise what failed downstream now rather than at the end: a shard write (a full disk, named with its
@@ -541,6 +578,7 @@ class Dispatcher:
             if time.monotonic() >= next_steer:
                 self.steer(queues)
                 next_steer = time.monotonic() + self.POLL_S
+            self._reroute_down(queues, feed)
             for (name, best_of), queue in queues.items():
                 while queue and self.pools[name].has_room():
                     batch = queue.pop(0)
@@ -561,7 +599,7 @@ class Dispatcher:
                 del in_flight_prompts[ref]
                 requests = self.pools[name].calls[ref].requests
                 report, retry = self.pools[name].complete(ref)
-                queues.setdefault((name, best_of), [])[:0] = retry
+                queues.setdefault((self._answering(name), best_of), [])[:0] = retry
                 self.retried_prompts += sum(map(len, retry))
                 if report is None:
                     continue

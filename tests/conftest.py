@@ -55,6 +55,23 @@ def fault_seed() -> int:
     return FAULT_SEED
 
 
+@pytest.fixture(scope="session")
+def image_part():
+    """Makes an OpenAI-style image part holding a small PNG of one colour as a base64 data URL."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    def make(color: tuple[int, int, int] = (200, 10, 10)) -> dict:
+        buffer = io.BytesIO()
+        Image.new("RGB", (40, 30), color).save(buffer, format="PNG")
+        url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+        return {"type": "image_url", "image_url": {"url": url}}
+
+    return make
+
+
 @pytest.fixture
 def tmpfs():
     """Mounts a small tmpfs on a folder, for a disk that fills (mounting needs root, as the tests have in CI);

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -17,6 +18,7 @@ from avocado_ray.config import AutoscaleConfig
 from avocado_ray.dataplane.spill import ShardWriter, open_samples
 from avocado_ray.pipeline import Dispatcher
 from avocado_ray.teachers.control import request_scale, start_control
+from avocado_ray.teachers.pool import TeacherPool
 from avocado_ray.teachers.replica import topk_at_position
 
 
@@ -39,9 +41,9 @@ def test_topk_is_ranked_and_free_of_the_repeated_sampled_token():
 def run_work(tmp_path, teacher_pools, local_config):
     """Runs requests through the real dispatcher, shard-writer actor and run control; returns what was written."""
 
-    def run(requests, during=None, teachers=("qwen",), **routing):
-        """Every request goes to qwen; `routing` overrides options of the routing config."""
-        pools = {name: teacher_pools[name] for name in teachers}
+    def run(requests, during=None, teachers=("qwen",), extra_pools=None, to="qwen", **routing):
+        """Every request goes to teacher `to` (qwen); `routing` overrides options of the routing config."""
+        pools = {name: teacher_pools[name] for name in teachers} | (extra_pools or {})
         writer = ray.remote(ShardWriter).options(num_cpus=0).remote(str(tmp_path / "samples"), 4096)
         control = start_control(tmp_path, list(pools))
         metrics = tmp_path / "metrics.jsonl"
@@ -51,7 +53,7 @@ def run_work(tmp_path, teacher_pools, local_config):
         watcher = threading.Thread(target=during, args=(metrics,), daemon=True) if during else None
         if watcher:
             watcher.start()
-        rejected = dispatcher.run({("qwen", False): requests})
+        rejected = dispatcher.run({(to, False): requests})
         if watcher:
             watcher.join()
         ray.get(writer.close.remote())
@@ -184,6 +186,27 @@ def test_autoscale_follows_the_queue_and_drops_replicas_still_starting_first(tea
     assert pool.size() == 1 and set(pool.replicas) == serving  # the new ones went before their engines came up
     scales = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["replicas"], r["reason"]) for r in scales] == [(3, "autoscale"), (1, "autoscale")]
+
+
+@pytest.mark.slow
+def test_a_teacher_whose_model_cannot_load_goes_down_and_its_prompts_go_to_the_fallback(
+        run_work, tiny_models, local_config, tmp_path):
+    """A broken model folder (its weights file is not safetensors): real vLLM fails to load it, twice in a row
+    (`max_start_failures: 2`), and the pool is down instead of being replaced forever."""
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_models["qwen"], broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    teacher = local_config.teacher("qwen").model_copy(update={"name": "broken", "max_start_failures": 2,
+                                                             "max_restarts": 0})
+    pool = TeacherPool(teacher, str(broken), use_gpu=False, max_in_flight=4)
+    requests = requests_for(6, max_tokens=4)
+    table, rejected, records, _ = run_work(requests, extra_pools={"broken": pool}, to="broken", fallback="qwen")
+    assert_each_answered_once(table, requests)
+    assert set(table["teacher"].to_pylist()) == {"qwen"} and rejected == []
+    [down] = [r for r in records if r["kind"] == "pool_down"]
+    assert down["teacher"] == "broken" and "2 replica starts failed in a row" in down["reason"]
+    assert "Error" in down["reason"].split("the last: ")[1]  # the engine's own error, not only a count
+    assert pool.lost_replicas == 2 and not pool.replicas and not pool.groups
 
 
 @pytest.mark.slow

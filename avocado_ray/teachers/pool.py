@@ -31,7 +31,12 @@ class PlacementError(RuntimeError):
     """The cluster cannot hold the pool the config asks for; the message says what is missing."""
 
 
-def _replica_env(teacher: VLLMTeacher) -> dict[str, str]:
+class PoolDown(RuntimeError):
+    """The pool's replicas failed to start `max_start_failures` times in a row; the message holds the last error."""
+
+
+def replica_env(teacher: VLLMTeacher) -> dict[str, str]:
+    """The environment of a teacher's replica (for the replicas and the bare-vLLM side of `bench teachers`)."""
     env = {
         "VLLM_CPU_KVCACHE_SPACE": str(teacher.engine.kv_cache_gib),
         "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),  # keep job logs readable
@@ -78,6 +83,7 @@ class _Replica:
     probe: ray.ObjectRef | None  # engine start (or restart) not yet confirmed while set
     in_flight: int = 0
     draining: bool = False
+    served: bool = False  # its engine came up once: a later death is a crash, not a failed start
 
 
 @dataclass
@@ -101,6 +107,8 @@ class TeacherPool:
         self.calls: dict[ray.ObjectRef, _Call] = {}
         self.next_index = 0
         self.lost_replicas = 0
+        self.start_failures = 0  # replica starts failed in a row
+        self.down: str | None = None  # why the pool is down, once `max_start_failures` starts failed in a row
         self.groups: list[PlacementGroup] = []
         self._add(teacher.replicas)
 
@@ -144,7 +152,7 @@ class TeacherPool:
         index, self.next_index = self.next_index, self.next_index + 1
         tp = self.teacher.tensor_parallel_size
         gpu_actor = self.use_gpu and tp == 1
-        env = _replica_env(self.teacher)
+        env = replica_env(self.teacher)
         if self.teacher.replicas_per_node > 1 and self.use_gpu and tp > 1:  # vLLM's Ray workers take this slice
             env["VLLM_RAY_BUNDLE_INDICES"] = ",".join(str(slot * tp + i) for i in range(tp))
         actor = self.remote_class.options(
@@ -161,28 +169,46 @@ class TeacherPool:
     # -- readiness -------------------------------------------------------------------------------------------
 
     def ready(self) -> list[dict]:
-        """Wait until every replica's engine is up (start-up failures raise here)."""
-        infos = ray.get([r.probe for r in self.replicas.values() if r.probe is not None])
-        for replica in self.replicas.values():
-            replica.probe = None
-        return infos
+        """Wait until every replica's engine is up; a replica that fails to start is replaced, and the pool is down
+        (`PoolDown`) after `max_start_failures` failed starts in a row."""
+        while probes := self.probes():
+            ray.wait(probes, num_returns=len(probes))
+            self.check_probes()
+            if self.down:
+                raise PoolDown(self.down)
+        return ray.get([r.actor.info.remote() for r in self.replicas.values()])
 
     def check_probes(self) -> None:
-        """Replicas whose engine came up start serving; dead ones are replaced."""
+        """Replicas whose engine came up start serving; dead ones are replaced, unless starts have failed
+        `max_start_failures` times in a row: then the pool is down (`down` says why) and holds no replica."""
         for replica in list(self.replicas.values()):
-            if replica.probe is None or not ray.wait([replica.probe], timeout=0)[0]:
+            if self.down or replica.probe is None or not ray.wait([replica.probe], timeout=0)[0]:
                 continue
             try:
                 ray.get(replica.probe)
-                replica.probe = None
-            except RayActorError:  # dead for good (killed, or out of restarts): a new actor in its slot
+                replica.probe, replica.served, self.start_failures = None, True, 0
+            except RayActorError as error:  # dead for good (killed, out of restarts, or never started)
                 self.lost_replicas += 1
+                if not replica.served:
+                    self._start_failed(replica, error)
                 if replica.draining:
                     self._release(replica)
-                else:
+                elif self.down is None:
                     log.warning("teacher %s replica %d is dead; starting a replacement", self.teacher.name, replica.index)
                     self._end(replica)
                     self._start(replica.group, replica.slot)
+        if self.down:
+            self.shutdown()
+
+    def _start_failed(self, replica: _Replica, error: RayActorError) -> None:
+        self.start_failures += 1
+        cause = str(error).strip().splitlines()
+        cause = next((line for line in reversed(cause) if "Error" in line), cause[-1] if cause else "")[:500]
+        log.warning("teacher %s replica %d failed to start (%d in a row): %s", self.teacher.name, replica.index,
+                    self.start_failures, cause)
+        if self.start_failures >= self.teacher.max_start_failures:
+            self.down = (f"teacher {self.teacher.name}: {self.start_failures} replica starts failed in a row "
+                         f"(max_start_failures); the last: {cause}")
 
     # -- dispatch --------------------------------------------------------------------------------------------
 

