@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import ray
 from ray.exceptions import RayTaskError
 
-from avocado_ray import cluster
+from avocado_ray import cluster, plan
 from avocado_ray.config import DistillConfig
 from avocado_ray.dataplane.prompts import InputError, Rejected, read_prompts
 from avocado_ray.dataplane.schema import samples_to_batch
@@ -124,6 +124,8 @@ def run_distill(config: DistillConfig, train: bool = True, trainer_factory=None)
     run_dir.mkdir(parents=True, exist_ok=True)
     _end_torn_record(run_dir / "metrics.jsonl")
     log.info("ray: %s", cluster.connect(config))
+    ray_train = train and trainer_factory is None  # a trainer_factory's consumer reserves nothing
+    plan.check(config, run_dir, train=ray_train)  # fails here, before anything starts, if the cluster cannot hold it
 
     prompt_set = read_prompts(config.data.input, config.data.max_prompts, config.data.max_prompt_bytes)
     rejected: list[Rejected] = list(prompt_set.rejected)
@@ -149,7 +151,7 @@ def run_distill(config: DistillConfig, train: bool = True, trainer_factory=None)
 
     judges = _judges(config, best_of_prompts)
     spill_over = {config.routing.fallback} if config.routing.saturated_after_batches and work else set()
-    pools, down = start_pools(config, {t for t, _ in work} | judges | spill_over)
+    pools, down = start_pools(config, {t for t, _ in work} | judges | spill_over, trainer=ray_train)
     if down:
         pools.update(fall_back(config, work, best_of_prompts, down, pools))
     selector = None
@@ -230,18 +232,27 @@ def _judges(config: DistillConfig, best_of_prompts: list[dict]) -> set[str]:
     return {config.routing.best_of[p["domain"]].judge for p in best_of_prompts} - {None}
 
 
-def start_pools(config: DistillConfig, names: set[str]) -> tuple[dict[str, TeacherPool], dict[str, str]]:
+def start_pools(config: DistillConfig, names: set[str], trainer: bool = False
+                ) -> tuple[dict[str, TeacherPool], dict[str, str]]:
     """A pool per teacher named; a teacher the cluster cannot place is down (name -> why) instead of failing the
-    run, so that its prompts go to `routing.fallback`."""
+    run, so that its prompts go to `routing.fallback`. Every pool's placement groups (and, with `trainer`, room for
+    the trainer's workers) are placed before any engine starts, so no engine holds what another part needs."""
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     pools, down = {}, {}
     for name in sorted(names):
         teacher = config.teacher(name)
+        pool = TeacherPool(teacher, resolve_model(teacher.model), use_gpu, config.dispatch.max_in_flight_per_replica,
+                           config.seed, start=False)
         try:
-            pools[name] = TeacherPool(teacher, resolve_model(teacher.model), use_gpu,
-                                      config.dispatch.max_in_flight_per_replica, config.seed)
+            pool.reserve()
+            pools[name] = pool
         except PlacementError as error:
             down[name] = str(error)
+    plan.reserve_together({name: pool.groups for name, pool in pools.items()},
+                          plan.trainer_bundles(config) if trainer else [],
+                          max(config.ray.wait_for_resources_s, plan.PLACE_S))
+    for pool in pools.values():
+        pool.start()
     return pools, down
 
 
@@ -325,6 +336,7 @@ def run_train(config: DistillConfig, data_dir: str | Path) -> dict:
     if not shards:
         raise InputError(f"{data_dir}: no complete sample shards (shard-*.parquet)")
     log.info("ray: %s", cluster.connect(config))
+    plan.check(config, run_dir, teachers=False)
     stream, training = _start_training(config, run_dir, Path(data_dir))
     try:
         _replay(shards, stream, training)

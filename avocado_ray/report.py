@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from avocado_ray.dataplane.spill import SHARD_GLOB, sample_counts
+from avocado_ray.plan import PLAN_FILE
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -121,6 +122,9 @@ def run_status(run_dir: str | Path) -> dict:
         "last_loss": train[-1]["loss"] if train else None,
         "training_ended": trainer_log[-1:] == ["train_end"],
     }
+    plan_path = run_dir / PLAN_FILE  # the resource plan of the run's last start, as its log has it
+    if plan_path.is_file():
+        status["plan"] = json.loads(plan_path.read_text())
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
     open_shards = any((run_dir / "samples").glob(".*.tmp"))  # ShardWriter's shard in progress
