@@ -69,10 +69,7 @@ class Part:
     placed_on: list[str] = field(default_factory=list)
 
     def needs(self) -> dict[str, float]:
-        total: Counter = Counter()
-        for bundle in self.bundles:
-            total.update(bundle)
-        return {r: v * self.groups for r, v in total.items()} if self.down is None else {}
+        return {r: v * self.groups for r, v in _sum(self.bundles).items()} if self.down is None else {}
 
     def items(self) -> list[list[dict[str, float]]]:
         """What the plan places one at a time: whole groups on one node, or single bundles."""
@@ -327,7 +324,8 @@ def check(config: DistillConfig, run_dir: Path, teachers: bool = True, train: bo
     (run_dir / PLAN_FILE).write_text(json.dumps(plan.to_json(), indent=2) + "\n")
     if not plan.fits:
         waited = f" after waiting {wait_s:g} s (ray.wait_for_resources_s)" if wait_s > 0 else ""
-        raise RunError(f"the cluster cannot hold this run{waited}; nothing was started:\n  " + "\n  ".join(plan.missing))
+        raise RunError(f"the cluster cannot hold this run{waited}; nothing was started:\n  "
+                       + "\n  ".join(plan.missing))
     return plan
 
 

@@ -13,6 +13,7 @@ from avocado_ray import plan
 from avocado_ray.cli import config_path, main
 from avocado_ray.config import load_config
 from avocado_ray.errors import RunError
+from avocado_ray.report import run_status
 
 GPU_NODES = ["1x{CPU:16}", "4x{GPU:8,CPU:192}"]  # docs/cluster.md: a CPU head and 4 p5.48xlarge
 
@@ -135,12 +136,15 @@ def test_the_plan_command_prints_the_table_and_exits_2_when_it_does_not_fit(caps
 def test_a_run_the_cluster_cannot_hold_waits_as_configured_then_fails_naming_what_is_missing(
     ray_cluster, tmp_path, caplog
 ):
-    config = _config("configs/local.yaml", "teachers.0.replicas=40", "ray.wait_for_resources_s=0.5")
-    with pytest.raises(RunError, match=r"after waiting 0.5 s .*\n  needs 43 CPU, the cluster has \d+: qwen 40, "):
+    config = _config("configs/local.yaml", "trainer.num_workers=40", "trainer.batch_size=40",
+                     "ray.wait_for_resources_s=0.5")
+    missing = r"needs 43 CPU, the cluster has \d+: qwen 1, gemma 1, gptoss 1, trainer 40"
+    with pytest.raises(RunError, match=r"after waiting 0.5 s .*\n  " + missing):
         plan.check(config, tmp_path)
     assert "waiting for the cluster to hold the run" in caplog.text
-    kept = json.loads((tmp_path / plan.PLAN_FILE).read_text())  # for `avocado-ray status`
+    kept = json.loads((tmp_path / plan.PLAN_FILE).read_text())
     assert not kept["fits"] and kept["missing"][0].startswith("needs 43 CPU")
+    assert run_status(tmp_path)["plan"] == kept  # `avocado-ray status` shows it
 
 
 def test_a_run_that_fits_is_checked_against_what_the_cluster_has_free(ray_cluster, tmp_path):

@@ -50,7 +50,8 @@ def group_bundles(teacher: VLLMTeacher, use_gpu: bool) -> list[dict[str, float]]
     return [dict(bundle) for _ in range(teacher.tensor_parallel_size * teacher.replicas_per_node)]
 
 
-def check_fits(teacher: VLLMTeacher, groups: int, use_gpu: bool, held: int = 0, nodes: list[dict] | None = None) -> None:
+def check_fits(teacher: VLLMTeacher, groups: int, use_gpu: bool, held: int = 0,
+               nodes: list[dict] | None = None) -> None:
     """Fail early, before any placement group waits forever, when no layout of the cluster's alive nodes holds
     `groups` more placement groups of the pool (each `replicas_per_node` x `tensor_parallel_size` bundles, on one
     node, with the node labels asked for) beside the `held` ones it has. (Other pools' groups are not counted: the
