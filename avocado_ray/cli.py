@@ -264,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(plan)
     plan.add_argument("--job", choices=["distill", "generate", "train"], default="distill",
                       help="the run to plan: teachers and trainer (distill), teachers only, trainer only")
-    plan.add_argument("--address", help="join this Ray cluster and plan on what it has free now (default: "
+    plan.add_argument("--address", help="join this Ray cluster (HOST:PORT of its GCS, as RAY_ADDRESS) and plan on "
+                      "what it has free now (default: "
                       "ray.address, else RAY_ADDRESS; without any, the local Ray a run would start here)")
     plan.add_argument("--nodes", action="append", default=[], metavar="SHAPE",
                       help="plan on a described cluster instead, connecting to nothing: COUNTx{RESOURCE:N,...,"

@@ -5,6 +5,9 @@ check and reservation on the session's real Ray. The job a small head cannot hol
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 
 import pytest
 import ray
@@ -161,3 +164,15 @@ def test_placement_groups_ray_cannot_place_together_are_all_removed_before_any_e
     with pytest.raises(RunError, match=r"not placed: trainer 1 group; no engine was started"):
         plan.reserve_together({"qwen": [group]}, too_much, timeout_s=2)
     assert placement_group_table(group)["state"] == "REMOVED"
+
+
+def test_the_plan_command_joins_a_cluster_by_address_and_plans_on_what_it_has_free(ray_cluster):
+    address = ray.get_runtime_context().gcs_address
+    done = subprocess.run([sys.executable, "-m", "avocado_ray", "plan", "--config", "configs/local.yaml", "--address",
+                           address, "--set", "trainer.num_workers=8", "--set", "trainer.batch_size=8"],
+                          capture_output=True, text=True, timeout=120, check=False)
+    cpus = ray.cluster_resources()["CPU"]
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert f"resource plan on the cluster at {address}:" in done.stdout
+    assert re.search(r"needs 11 CPU, the cluster has [\d.]+: qwen 1, gemma 1, gptoss 1, trainer 8", done.stdout)
+    assert f"of CPU {cpus:g}" in done.stdout  # a node's line: what it has free of its total
