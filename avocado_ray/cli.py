@@ -147,6 +147,31 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    """The run's resource plan, without starting anything: on a cluster joined, a described one, or this machine."""
+    from avocado_ray import plan
+
+    config = _load(args, check_paths=False)
+    scope = {"distill": {}, "generate": {"train": False}, "train": {"teachers": False}}[args.job]
+    address = args.address or config.ray.address or os.environ.get("RAY_ADDRESS")
+    if args.nodes:
+        try:
+            nodes, cluster = plan.described_nodes(args.nodes), "the described cluster " + " + ".join(args.nodes)
+        except ValueError as error:
+            print(f"avocado-ray plan: {error}", file=sys.stderr)
+            return 2
+    elif address:
+        import ray
+
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+        nodes, cluster = plan.live_nodes(), f"the cluster at {address}"
+    else:
+        nodes, cluster = [plan.local_node(config)], "the local Ray a run starts here when none runs (logical CPUs)"
+    result = plan.make_plan(config, nodes, cluster, **scope)
+    print(result.table())
+    return 0 if result.fits else 2
+
+
 def cmd_config_check(args) -> int:
     config = _load(args, check_paths=not args.no_paths)
     for warning in storage_warnings(config):
@@ -237,6 +262,19 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="write RUN/report.html: plots and the summary table, readable offline")
     report.add_argument("run", metavar="RUN", help="run directory (the config's run_dir); plots also go to RUN/report/")
     report.set_defaults(func=cmd_report)
+
+    plan = commands.add_parser(
+        "plan", help="the run's resource plan (what each part reserves, where it goes); exit 2 if it does not fit")
+    _add_config_args(plan)
+    plan.add_argument("--job", choices=["distill", "generate", "train"], default="distill",
+                      help="the run to plan: teachers and trainer (distill), teachers only, trainer only")
+    plan.add_argument("--address", help="join this Ray cluster (HOST:PORT of its GCS, as RAY_ADDRESS) and plan on "
+                      "what it has free now (default: "
+                      "ray.address, else RAY_ADDRESS; without any, the local Ray a run would start here)")
+    plan.add_argument("--nodes", action="append", default=[], metavar="SHAPE",
+                      help="plan on a described cluster instead, connecting to nothing: COUNTx{RESOURCE:N,...,"
+                      "LABEL=VALUE}, repeatable, e.g. --nodes 1x{CPU:16} --nodes 4x{GPU:8,CPU:192}")
+    plan.set_defaults(func=cmd_plan)
 
     config = commands.add_parser("config", help="check a config or print its JSON Schema")
     config_commands = config.add_subparsers(dest="config_command", required=True)

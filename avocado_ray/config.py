@@ -358,7 +358,17 @@ class RayConfig(Strict):
     address: str | None = Field(
         None, description="Cluster address; default: RAY_ADDRESS, else a running local cluster, else start one."
     )
-    num_cpus: int | None = Field(None, gt=0, description="CPUs of a Ray started here (default: what the run needs).")
+    num_cpus: int | None = Field(
+        None, gt=0, description="Logical CPUs of a Ray started here (default: what the run's resource plan needs, at "
+        "least the machine's cores)."
+    )
+    wait_for_resources_s: float = Field(
+        0,
+        ge=0,
+        description="How long a run whose resource plan does not fit the cluster waits for it to grow (an autoscaler "
+        "is asked for the plan's bundles), with a line every 10 s, before it fails. 0 (a fixed cluster): it fails "
+        "at once, exit status 2, one line per missing resource.",
+    )
 
 
 class StorageConfig(Strict):

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import ray
 from ray.exceptions import RayTaskError
 
-from avocado_ray import cluster
+from avocado_ray import cluster, plan
 from avocado_ray.config import DistillConfig
 from avocado_ray.dataplane.prompts import IdSet, InputError, PromptReader, Rejected
 from avocado_ray.dataplane.schema import samples_to_batch
@@ -117,6 +117,8 @@ def run_distill(config: DistillConfig, train: bool = True, trainer_factory=None)
     run_dir.make()
     metrics = Log(run_dir, METRICS)
     log.info("ray: %s", cluster.connect(config))
+    ray_train = train and trainer_factory is None  # a trainer_factory's consumer reserves nothing
+    plan.check(config, run_dir, train=ray_train)  # fails here, before anything starts, if the cluster cannot hold it
 
     samples_dir = run_dir.child(SAMPLES)
     previous_shards = complete_shards(samples_dir)  # from sidecars: only changed or uncommitted shards are read
@@ -126,7 +128,7 @@ def run_distill(config: DistillConfig, train: bool = True, trainer_factory=None)
     if answered:
         log.info("resuming: %d prompts already answered on disk", len(answered))
 
-    pools, down = start_pools(config, routed_teachers(config))
+    pools, down = start_pools(config, routed_teachers(config), trainer=ray_train)
     check_down(config, down)
     judges = _judges(config, config.routing.best_of)
     selector = None
@@ -297,18 +299,27 @@ def routed_teachers(config: DistillConfig) -> set[str]:
     return names
 
 
-def start_pools(config: DistillConfig, names: set[str]) -> tuple[dict[str, TeacherPool], dict[str, str]]:
+def start_pools(config: DistillConfig, names: set[str], trainer: bool = False
+                ) -> tuple[dict[str, TeacherPool], dict[str, str]]:
     """A pool per teacher named; a teacher the cluster cannot place is down (name -> why) instead of failing the
-    run, so that its prompts go to `routing.fallback`."""
+    run, so that its prompts go to `routing.fallback`. Every pool's placement groups (and, with `trainer`, room for
+    the trainer's workers) are placed before any engine starts, so no engine holds what another part needs."""
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     pools, down = {}, {}
     for name in sorted(names):
         teacher = config.teacher(name)
+        pool = TeacherPool(teacher, resolve_model(teacher.model), use_gpu, config.dispatch.max_in_flight_per_replica,
+                           config.seed, start=False)
         try:
-            pools[name] = TeacherPool(teacher, resolve_model(teacher.model), use_gpu,
-                                      config.dispatch.max_in_flight_per_replica, config.seed)
+            pool.reserve()
+            pools[name] = pool
         except PlacementError as error:
             down[name] = str(error)
+    plan.reserve_together({name: pool.groups for name, pool in pools.items()},
+                          plan.trainer_bundles(config) if trainer else [],
+                          max(config.ray.wait_for_resources_s, plan.PLACE_S))
+    for pool in pools.values():
+        pool.start()
     return pools, down
 
 
@@ -401,6 +412,7 @@ def run_train(config: DistillConfig, data_dir: str | Path) -> dict:
     if not shards:
         raise InputError(f"{data_dir}: no complete sample shards (shard-*.parquet)")
     log.info("ray: %s", cluster.connect(config))
+    plan.check(config, run_dir, teachers=False)
     stream, training = _start_training(config, run_dir, data)
     try:
         _replay(shards, stream, training)

@@ -34,6 +34,9 @@ ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 CONFIG = ROOT / "tests" / "data" / "job.yaml"  # qwen alone, 32 prompts, a checkpoint every step
 PROMPTS = 32
+DEMO_CONFIG, DEMO_PROMPTS = ROOT / "configs" / "local.yaml", 48  # what docs/usage.md submits on one machine
+# The logical CPUs of docs/usage.md's one-machine head: the demo's resource plan (3 teachers and a trainer worker)
+DOCS_CPUS = int(re.search(r"ray start --head .*--num-cpus (\d+)", (ROOT / "docs" / "usage.md").read_text()).group(1))
 METRICS = {  # as Prometheus shows them (Ray's `ray_` prefix)
     "ray_avocado_prompts_routed_total", "ray_avocado_queue_depth", "ray_avocado_requests_in_flight",
     "ray_avocado_teacher_tokens_per_second", "ray_avocado_trainer_step_seconds_bucket", "ray_avocado_trainer_loss",
@@ -55,7 +58,7 @@ def _free_ports(count: int) -> list[int]:
 class Head:
     """A one-node Ray cluster from `ray start --head`, driven through the `ray` CLI and its HTTP API."""
 
-    def __init__(self):
+    def __init__(self, num_cpus: int = DOCS_CPUS):
         self.temp_dir = Path(tempfile.mkdtemp(prefix="arj-", dir="/tmp"))  # short: Ray's socket paths have a limit
         gcs, dashboard, client, agent, metrics = _free_ports(5)
         self.url = f"http://127.0.0.1:{dashboard}"
@@ -69,8 +72,8 @@ class Head:
         self.ray("start", "--head", "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
                  "--temp-dir", str(self.temp_dir), "--port", str(gcs), "--dashboard-port", str(dashboard),
                  "--ray-client-server-port", str(client), "--dashboard-agent-listen-port", str(agent),
-                 "--metrics-export-port", str(metrics), "--num-cpus", "4", "--object-store-memory", str(500 * 2**20),
-                 "--disable-usage-stats")
+                 "--metrics-export-port", str(metrics), "--num-cpus", str(num_cpus),
+                 "--object-store-memory", str(500 * 2**20), "--disable-usage-stats")
         self.token = (Path.home() / ".ray" / "auth_token").read_text().strip()
 
     def ray(self, *args: str, timeout: float = 300) -> str:
@@ -81,11 +84,17 @@ class Head:
         assert done.returncode == 0, f"{command}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
         return done.stdout + done.stderr
 
-    def submit(self, submission_id: str, run_dir: Path, job: str = "distill", *args: str) -> None:
-        """The command of docs/usage.md: the repository as working dir through deploy/runtime_env.yaml."""
-        self.ray("job", "submit", "--submission-id", submission_id, "--runtime-env", "deploy/runtime_env.yaml",
-                 "--no-wait", "--", "python", f"jobs/{job}.py", "--config", str(CONFIG), "--run-dir", str(run_dir),
-                 *args)
+    def submit(self, submission_id: str, run_dir: Path, job: str = "distill", *args: str, config: Path = CONFIG,
+               wait: bool = False, timeout: float = 300) -> subprocess.CompletedProcess:
+        """The command of docs/usage.md: the repository as working dir through deploy/runtime_env.yaml. With `wait`,
+        `ray job submit` follows the job to its end (its exit status says whether it failed), else it returns."""
+        command = [str(VENV_BIN / "ray"), "job", "submit", "--submission-id", submission_id, "--runtime-env",
+                   "deploy/runtime_env.yaml", *([] if wait else ["--no-wait"]), "--", "python", f"jobs/{job}.py",
+                   "--config", str(config), "--run-dir", str(run_dir), *args]
+        done = subprocess.run(command, check=False, cwd=ROOT, env=self.env, capture_output=True, text=True,
+                              timeout=timeout)
+        assert wait or done.returncode == 0, f"{command}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        return done
 
     def wait(self, submission_id: str, timeout_s: float = 900, on_poll=lambda: None) -> str:
         """Wait for a submitted job to end; returns its log, failing the test unless it succeeded."""
@@ -147,12 +156,24 @@ class Head:
 
 
 @pytest.fixture
-def ray_head():
-    head = Head()
+def ray_heads():
+    """Start heads with `ray_heads(num_cpus)` (default: as docs/usage.md starts one); all end after the test."""
+    heads: list[Head] = []
+
+    def start(num_cpus: int = DOCS_CPUS) -> Head:
+        heads.append(Head(num_cpus))
+        return heads[-1]
+
     try:
-        yield head
+        yield start
     finally:
-        head.stop()
+        for head in heads:
+            head.stop()
+
+
+@pytest.fixture
+def ray_head(ray_heads):
+    return ray_heads()
 
 
 def _wait_for(condition, what: str, timeout_s: float, on_poll=lambda: None, every_s: float = 2.0):
@@ -225,17 +246,18 @@ def test_a_submitted_job_stopped_midway_leaves_nothing_running_and_resumes_to_ea
     _wait_for(lambda: METRICS <= seen_metrics, f"the metrics {sorted(METRICS - seen_metrics)}", 30, scrape)
 
 
-def _check_finished_run(run_dir: Path, log: str, answered: int) -> None:
-    """A finished distillation: every prompt answered once, each sample trained once, the student exported, and
-    the job log (of the job that ended it, which answered `answered` prompts) with plain progress lines."""
+def _check_finished_run(run_dir: Path, log: str, answered: int, prompts: int = PROMPTS) -> None:
+    """A finished distillation of `prompts` prompts: every prompt answered once, each sample trained once, the
+    student exported, and the job log (of the job that ended it, which answered `answered` prompts) with plain
+    progress lines."""
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["counts_add_up"] and summary["samples_out"] == PROMPTS and summary["rejected"] == 0
+    assert summary["counts_add_up"] and summary["samples_out"] == prompts and summary["rejected"] == 0
     table = open_samples(run_dir / "samples").to_table(columns=["sample_id", "prompt_id"])
     prompt_ids = table["prompt_id"].to_pylist()
-    assert len(prompt_ids) == len(set(prompt_ids)) == PROMPTS  # every prompt answered once
+    assert len(prompt_ids) == len(set(prompt_ids)) == prompts  # every prompt answered once
     trained = (run_dir / "trained_ids.txt").read_text().split()
     assert sorted(trained) == sorted(table["sample_id"].to_pylist())  # each sample trained on once
-    assert json.loads((run_dir / "manifest.json").read_text())["trained"]["samples"] == PROMPTS
+    assert json.loads((run_dir / "manifest.json").read_text())["trained"]["samples"] == prompts
     assert (run_dir / "student" / "model.safetensors").is_file()
 
     # progress in a non-interactive log: plain lines, no carriage returns
@@ -248,7 +270,7 @@ def _check_finished_run(run_dir: Path, log: str, answered: int) -> None:
 
 
 @pytest.mark.slow
-def test_a_submitted_distillation_answers_every_prompt_trains_on_each_once_and_exports_metrics(
+def test_the_demo_submitted_to_a_head_started_as_the_docs_say_answers_every_prompt_trains_once_and_exports_metrics(
     tiny_models, ray_head, tmp_path
 ):
     head, run_dir, seen_metrics = ray_head, tmp_path / "run", set()
@@ -258,10 +280,26 @@ def test_a_submitted_distillation_answers_every_prompt_trains_on_each_once_and_e
     def scrape() -> None:
         seen_metrics.update(head.metric_names())
 
-    head.submit("distill", run_dir)
+    head.submit("distill", run_dir, config=DEMO_CONFIG)
     log = head.wait("distill", on_poll=scrape)
-    _check_finished_run(run_dir, log, PROMPTS)
+    _check_finished_run(run_dir, log, DEMO_PROMPTS, DEMO_PROMPTS)
+    assert f"CPU {DOCS_CPUS:g} of CPU {DOCS_CPUS:g}" in log and "\n  fits\n" in log  # the plan, at the start
     _wait_for(lambda: METRICS <= seen_metrics, f"the metrics {sorted(METRICS - seen_metrics)}", 30, scrape)
+
+
+@pytest.mark.slow
+def test_the_demo_submitted_to_a_head_with_too_few_cpus_fails_within_a_minute_saying_what_is_missing(
+    tiny_models, ray_heads, tmp_path
+):
+    head = ray_heads(num_cpus=2)
+    started = time.monotonic()
+    done = head.submit("distill-small", tmp_path / "run", config=DEMO_CONFIG, wait=True, timeout=60)
+    assert time.monotonic() - started < 60 and done.returncode != 0, done.stdout[-3000:]
+    assert head.job("distill-small")["status"] == "FAILED"
+    log = head.ray("job", "logs", "distill-small")
+    assert "needs 4 CPU, the cluster has 2: qwen 1, gemma 1, gptoss 1, trainer 1" in log, log[-3000:]
+    assert "Traceback" not in log and "TrainingFailedError" not in log  # one line, not Ray Train's startup error
+    assert not head.live_placement_groups(head.job("distill-small")["job_id"])  # nothing was started
 
 
 @pytest.mark.slow

@@ -48,13 +48,23 @@ def replica_env(teacher: VLLMTeacher) -> dict[str, str]:
     return env
 
 
-def check_fits(teacher: VLLMTeacher, groups: int, use_gpu: bool, held: int = 0) -> None:
+def group_bundles(teacher: VLLMTeacher, use_gpu: bool) -> list[dict[str, float]]:
+    """The bundles of one of the pool's placement groups: `replicas_per_node` x `tensor_parallel_size`, each a GPU
+    (with a CPU for its vLLM worker) or, on CPU, the replica's CPUs."""
+    bundle = {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": teacher.num_cpus}
+    return [dict(bundle) for _ in range(teacher.tensor_parallel_size * teacher.replicas_per_node)]
+
+
+def check_fits(teacher: VLLMTeacher, groups: int, use_gpu: bool, held: int = 0,
+               nodes: list[dict] | None = None) -> None:
     """Fail early, before any placement group waits forever, when no layout of the cluster's alive nodes holds
     `groups` more placement groups of the pool (each `replicas_per_node` x `tensor_parallel_size` bundles, on one
-    node, with the node labels asked for) beside the `held` ones it has. (Other pools' groups are not counted.)"""
-    bundles = teacher.replicas_per_node * teacher.tensor_parallel_size
-    size, unit = (bundles, "GPU") if use_gpu else (bundles * teacher.num_cpus, "CPU")
-    nodes = [n for n in ray.nodes() if n["Alive"]]
+    node, with the node labels asked for) beside the `held` ones it has. (Other pools' groups are not counted: the
+    run's resource plan, avocado_ray/plan.py, counts them.) `nodes`: as `ray.nodes()` gives them (the default),
+    with `Resources` and `Labels`, e.g. a cluster the plan describes."""
+    unit = "GPU" if use_gpu else "CPU"
+    size = sum(b[unit] for b in group_bundles(teacher, use_gpu))
+    nodes = [n for n in ray.nodes() if n["Alive"]] if nodes is None else nodes
     matching = [n for n in nodes if all(n.get("Labels", {}).get(k) == v for k, v in teacher.node_labels.items())]
     per_node = [n["Resources"].get(unit, 0) for n in matching]
     fits = sum(int(have // size) for have in per_node)
@@ -99,7 +109,7 @@ class TeacherPool:
     again) and, when a probe finishes, calls `check_probes`."""
 
     def __init__(self, teacher: VLLMTeacher, model_path: str, use_gpu: bool, max_in_flight: int, seed: int = 0,
-                 replica_class: type = TeacherReplica):
+                 replica_class: type = TeacherReplica, start: bool = True):
         self.teacher, self.model_path, self.use_gpu, self.seed = teacher, model_path, use_gpu, seed
         self.max_in_flight = max_in_flight
         self.remote_class = ray.remote(replica_class)  # a test double stands in where no GPU is
@@ -110,7 +120,22 @@ class TeacherPool:
         self.start_failures = 0  # replica starts failed in a row
         self.down: str | None = None  # why the pool is down, once `max_start_failures` starts failed in a row
         self.groups: list[PlacementGroup] = []
-        self._add(teacher.replicas)
+        if start:
+            self._add(teacher.replicas)
+
+    def reserve(self) -> list[PlacementGroup]:
+        """The placement groups of the pool's replicas, asked of Ray without starting any engine (with
+        `start=False`), so that a run can reserve every pool's before one engine starts (`pipeline.start_pools`).
+        Raises PlacementError when the cluster cannot hold them."""
+        groups = self._groups_needed(self.teacher.replicas)
+        check_fits(self.teacher, groups, self.use_gpu, held=len(self.groups))
+        for _ in range(groups):
+            self._new_group()
+        return self.groups
+
+    def start(self) -> None:
+        """Start the replicas of a pool made with `start=False`, in the groups `reserve` placed."""
+        self._add(self.teacher.replicas - len(self.replicas))
 
     def _groups_needed(self, replicas: int) -> int:
         """New placement groups for `replicas` more replicas, after the free slots of the groups there are."""
@@ -129,12 +154,14 @@ class TeacherPool:
             for slot in range(self.teacher.replicas_per_node):
                 if (group.id, slot) not in taken:
                     return group, slot
-        tp, per_node = self.teacher.tensor_parallel_size, self.teacher.replicas_per_node
-        bundle = {"GPU": 1, "CPU": 1} if self.use_gpu else {"CPU": self.teacher.num_cpus}
-        selector = [dict(self.teacher.node_labels)] * tp * per_node if self.teacher.node_labels else None
-        group = placement_group([dict(bundle)] * tp * per_node, strategy="STRICT_PACK", bundle_label_selector=selector)
+        return self._new_group(), 0
+
+    def _new_group(self) -> PlacementGroup:
+        bundles = group_bundles(self.teacher, self.use_gpu)
+        selector = [dict(self.teacher.node_labels)] * len(bundles) if self.teacher.node_labels else None
+        group = placement_group(bundles, strategy="STRICT_PACK", bundle_label_selector=selector)
         self.groups.append(group)
-        return group, 0
+        return group
 
     def _end(self, replica: _Replica) -> None:
         """End a replica's actor and forget it; its slot of the group stays reserved."""

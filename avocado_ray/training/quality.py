@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 from collections import defaultdict
@@ -149,9 +148,10 @@ def run_quality(
 
     At the demo's 0.8, a tiny teacher's samples are about as uncertain as the teacher itself (its training loss
     stays high), and no student gets below that; at 0.3 its answers carry its style with less noise."""
-    from avocado_ray.cluster import cpus_needed, start_local
+    from avocado_ray.cluster import start_local
     from avocado_ray.models.tiny import resolve_model
     from avocado_ray.pipeline import run_distill, run_train
+    from avocado_ray.plan import local_cpus
 
     started = time.time()
     out = Path(out).resolve()
@@ -168,7 +168,7 @@ def run_quality(
         + [{"id": r["id"], "prompt": r["prompt"]} for r in train_rows],  # routed by the table
     )
     config = quality_config(out / "generate", prompts, overrides)
-    start_local(max(cpus_needed(config), os.cpu_count() or 1))
+    start_local(local_cpus(config))
     generated = run_distill(config, train=False)
     answers = open_samples(out / "generate" / "samples").to_table().to_pylist()
     domain_of = {row["id"]: row["domain"] for row in heldout}
