@@ -127,12 +127,14 @@ def cmd_scale(args) -> int:
 
 def cmd_status(args) -> int:
     from avocado_ray.report import run_status
+    from avocado_ray.teachers.engines import unowned_engines
 
     try:
-        print(json.dumps(run_status(args.run), indent=2, ensure_ascii=False))
+        status = run_status(args.run) if args.run else {}
     except FileNotFoundError as error:
         print(error, file=sys.stderr)
         return 2
+    print(json.dumps({**status, "unowned_engines": unowned_engines()}, indent=2, ensure_ascii=False))
     return 0
 
 
@@ -255,8 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else the local cluster)")
     scale.set_defaults(func=cmd_scale)
 
-    status = commands.add_parser("status", help="progress of a running or finished run, as JSON (reads files only)")
-    status.add_argument("run", metavar="RUN", help="run directory (the config's run_dir)")
+    status = commands.add_parser("status", help="progress of a running or finished run (reads files only), and the "
+                                 "vLLM engine processes on this node that no live replica owns, as JSON")
+    status.add_argument("run", metavar="RUN", nargs="?", help="run directory (the config's run_dir); without it, "
+                        "only the engine processes")
     status.set_defaults(func=cmd_status)
 
     report = commands.add_parser("report", help="write RUN/report.html: plots and the summary table, readable offline")

@@ -36,7 +36,7 @@ from avocado_ray.report import read_metrics, train_steps
 from avocado_ray.routing.router import RouterClient, start_router
 from avocado_ray.routing.selection import Selector
 from avocado_ray.teachers.control import start_control
-from avocado_ray.teachers.pool import PlacementError, TeacherPool
+from avocado_ray.teachers.pool import PlacementError, TeacherPool, shutdown_pools
 from avocado_ray.training.trainer import make_trainer
 
 log = logging.getLogger("avocado_ray")
@@ -94,11 +94,11 @@ def _stop(pools: dict, control, writer) -> None:
     """End a stopped or failed run's engines and its control actor now, and keep the answers its writer holds;
     Ray ends the job's other actors (trainer, writer, queues) when the driver exits."""
     log.warning("run stopped: %s", RESUME)
-    for pool in pools.values():
-        pool.shutdown()
+    closing, deadline = writer.close.remote(), time.monotonic() + STOP_WRITER_S  # while the engines stop
+    shutdown_pools(pools.values())
     ray.kill(control)
     try:
-        ray.get(writer.close.remote(), timeout=STOP_WRITER_S)
+        ray.get(closing, timeout=max(deadline - time.monotonic(), 0))
     except (ray.exceptions.GetTimeoutError, RayTaskError) as error:  # too slow, or its disk is full
         log.warning("the shard writer could not complete its open shard (%s): its prompts will be asked again",
                     _last_line(error))
@@ -174,8 +174,7 @@ def run_distill(config: DistillConfig, train: bool = True, trainer_factory=None)
         dead_letters.close()
         ray.kill(router.router)  # stateless; a stopped run's rerun starts its own
     lost_replicas = sum(pool.lost_replicas for pool in pools.values())
-    for pool in pools.values():
-        pool.shutdown()
+    shutdown_pools(pools.values())
     ray.kill(control)
     write_manifest(run_dir, complete_shards=[s.name for s in whole])
 

@@ -3,7 +3,8 @@ distillation answers every prompt once, trains on every sample once and exports 
 plain progress lines, and the head's metrics endpoint the run's Ray metrics. In the soak suite, a submitted
 distillation is stopped with `ray job stop` midway, leaves nothing running, and a resubmission on the same run
 directory finishes it; the teachers-only and trainer-only jobs, submitted one after the other, make a student of
-the first one's answers. Every job runs directly too.
+the first one's answers; `ray stop --force` during a job leaves none of the engine processes its replicas reported.
+Every job runs directly too.
 
 The head has its own temp dir and ports, beside the test session's own Ray (conftest's `ray.init`) and any
 other Ray on the machine. It is not ended with `ray stop`, which stops every Ray of the machine (the session's
@@ -29,6 +30,7 @@ import psutil
 import pytest
 
 from avocado_ray.dataplane.spill import open_samples
+from avocado_ray.teachers.engines import process_tree, wait_gone
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -131,8 +133,8 @@ class Head:
             return set()
         return {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line.startswith("ray_avocado_")}
 
-    def stop(self) -> None:
-        """End this head's processes (those naming its session folder) and their children: workers, engines."""
+    def processes(self) -> dict[int, psutil.Process]:
+        """This head's processes (those naming its session folder) and their children: workers, engines."""
         marker = f"{self.temp_dir}/session_"
         roots = []
         for process in psutil.process_iter(["cmdline"]):
@@ -144,6 +146,25 @@ class Head:
                 processes.update({p.pid: p for p in [root, *root.children(recursive=True)]})
             except psutil.NoSuchProcess:
                 continue
+        return processes
+
+    def stop_force(self) -> None:
+        """`ray stop --force` for this head alone (the command itself ends every Ray of the machine): SIGKILL of
+        each of its processes that `ray stop` matches by name or command line, with Ray's own list; a vLLM
+        engine process is on no such list."""
+        from ray.autoscaler._private.constants import RAY_PROCESSES
+
+        for process in self.processes().values():
+            try:
+                name, args = process.name(), subprocess.list2cmdline(process.cmdline())
+                if any(keyword in (name if by_name else args) for keyword, by_name in RAY_PROCESSES):
+                    process.kill()
+            except psutil.NoSuchProcess:
+                continue
+
+    def stop(self) -> None:
+        """End this head's processes (those naming its session folder) and their children: workers, engines."""
+        processes = self.processes()
         for process in processes.values():
             try:
                 process.terminate()
@@ -285,6 +306,35 @@ def test_the_demo_submitted_to_a_head_started_as_the_docs_say_answers_every_prom
     _check_finished_run(run_dir, log, DEMO_PROMPTS, DEMO_PROMPTS)
     assert f"CPU {DOCS_CPUS:g} of CPU {DOCS_CPUS:g}" in log and "\n  fits\n" in log  # the plan, at the start
     _wait_for(lambda: METRICS <= seen_metrics, f"the metrics {sorted(METRICS - seen_metrics)}", 30, scrape)
+
+
+def _engine_pids(log: str) -> dict[int, list[int]]:
+    """The replicas' PIDs and their engines' PIDs, as the job logs them when its teachers are ready."""
+    return {int(pid): [int(p) for p in engines.split(",")]
+            for pid, engines in re.findall(r"'pid': (\d+), 'engine_pids': \[([\d, ]+)\]", log)}
+
+
+@pytest.mark.slow
+@pytest.mark.soak
+def test_ray_stop_force_during_a_job_leaves_none_of_its_engine_processes_and_status_lists_no_leftover(
+    tiny_models, ray_head, tmp_path
+):
+    head = ray_head
+    head.submit("generate", tmp_path / "run", "generate")
+    engines = _wait_for(lambda: _engine_pids(head.ray("job", "logs", "generate")), "the teachers' engines", 600)
+    engine_pids = [pid for pids in engines.values() for pid in pids]
+    assert engine_pids and all(len(pids) >= 2 for pids in engines.values())  # EngineCore and Worker, each replica
+    status = [sys.executable, "-m", "avocado_ray", "status"]
+    listed = json.loads(subprocess.run(status, check=True, capture_output=True, text=True).stdout)["unowned_engines"]
+    assert not {e["pid"] for e in listed} & set(engine_pids)  # owned by live replicas
+
+    processes = process_tree(engine_pids)
+    assert sorted(p.pid for p in processes) == sorted(engine_pids)  # alive, and nothing else under them
+    head.stop_force()
+    alive = wait_gone(processes, timeout_s=10)
+    assert not alive, f"engine processes left 10 s after `ray stop --force`: {alive}"
+    listed = json.loads(subprocess.run(status, check=True, capture_output=True, text=True).stdout)["unowned_engines"]
+    assert not {e["pid"] for e in listed} & set(engine_pids)
 
 
 @pytest.mark.slow

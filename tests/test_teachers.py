@@ -1,24 +1,29 @@
-"""Teacher outputs: vLLM's logprobs turned into the top-k columns of the sample schema."""
+"""Teacher outputs: vLLM's logprobs turned into the top-k columns of the sample schema; elastic, fault-tolerant pools
+of real engines; engine processes that end with their replica."""
 
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
 import time
 from collections import Counter
 
+import psutil
 import pytest
 import ray
 from vllm.logprobs import FlatLogprobs
 
 from avocado_ray.bench import labelled_prompts
+from avocado_ray.cli import main
 from avocado_ray.config import AutoscaleConfig
 from avocado_ray.dataplane.spill import ShardWriter, open_samples
 from avocado_ray.pipeline import Dispatcher
 from avocado_ray.teachers.control import request_scale, start_control
 from avocado_ray.teachers.pool import TeacherPool
+from avocado_ray.teachers.engines import GUARD_ENV, end_processes, process_tree, wait_gone
 from avocado_ray.teachers.replica import topk_at_position
 
 
@@ -138,19 +143,29 @@ def test_least_loaded_dispatch_spreads_200_prompts_within_60_40(run_work, teache
 
 
 @pytest.mark.slow
-def test_a_replica_killed_mid_run_loses_and_duplicates_nothing(run_work, teacher_pools):
+def test_a_replica_sigkilled_mid_run_takes_its_engine_along_and_loses_and_duplicates_nothing(run_work, teacher_pools):
     pool = teacher_pools["qwen"]
     assert pool.size() == 2  # left by the spread test
     requests = requests_for(300, max_tokens=64)
+    killed = {}
 
     def kill(metrics):
         wait_for(lambda rs: sum(1 for r in rs if r["kind"] == "generate") >= 5, metrics)
-        ray.kill(pool.actors()[0])  # no restart: the pool must replace it and send its calls again
+        killed.update(ray.get(pool.actors()[0].info.remote()))
+        engines = process_tree(killed["engine_pids"])  # as reported: EngineCore and its Worker, under the actor
+        killed["found"] = sorted(p.pid for p in engines)
+        os.kill(killed["pid"], signal.SIGKILL)  # its calls are lost; the pool replaces it (or Ray restarts it)
+        killed["left"] = wait_gone(engines, timeout_s=10)
 
     table, _, _, dispatcher = run_work(requests, during=kill)
+    assert len(killed["engine_pids"]) >= 2 and killed["found"] == killed["engine_pids"]
+    assert killed["left"] == [], "engine processes outlived their replica by 10 s"
     assert_each_answered_once(table, requests)
-    assert pool.lost_replicas == 1 and dispatcher.retried_prompts > 0
-    pool.ready()  # the replacement comes up
+    assert dispatcher.retried_prompts > 0
+    pool.ready()  # the replacement (or the restarted actor) comes up, with an engine of its own
+    serving = ray.get([actor.info.remote() for actor in pool.actors()])
+    assert len(serving) == 2 and killed["pid"] not in {info["pid"] for info in serving}
+    assert not {pid for info in serving for pid in info["engine_pids"]} & set(killed["engine_pids"])
     pool.scale(1)
     assert pool.size() == 1
 
@@ -273,3 +288,66 @@ def test_the_input_streams_through_the_router_while_the_teachers_answer_holding_
     assert dispatcher.first_request_at < feed.ended_at  # answering began before the input was read to its end
     dead = [json.loads(line) for line in (tmp_path / "rejected.jsonl").read_text().splitlines()]
     assert [(d["file"], d["line"], d["code"]) for d in dead] == [(str(source), 61, "bad_row")]
+
+# --- Engine processes end with their replica (teachers/engines.py) ------------------------------------------------
+# A stand-in for vLLM's EngineCore: a process that multiprocessing spawns, as vLLM does, titled as vLLM titles it,
+# that asks for the parent-death signal as vLLM's plugin hook makes each engine process do. Real processes and real
+# signals; the vLLM engines themselves are in the tests below and in tests/test_jobs.py.
+
+ENGINE_PARENT = '''
+import multiprocessing, sys, time
+import setproctitle
+from avocado_ray.teachers.engines import die_with_parent
+
+def engine(delay_s):
+    setproctitle.setproctitle("VLLM::EngineCore")
+    time.sleep(delay_s)  # the parent may die before the request: the guard must notice
+    die_with_parent()
+    time.sleep(120)
+
+if __name__ == "__main__":
+    child = multiprocessing.get_context("spawn").Process(target=engine, args=(float(sys.argv[1]),))
+    child.start()
+    print(child.pid, flush=True)
+    time.sleep(120)
+'''
+
+
+def engine_under_a_parent(tmp_path, guarded: bool, delay_s: float = 0.0) -> tuple[subprocess.Popen, int]:
+    """A parent process and its spawned engine stand-in; returns (parent, the engine's PID) once it runs."""
+    script = tmp_path / "engine_parent.py"
+    script.write_text(ENGINE_PARENT)
+    env = {k: v for k, v in os.environ.items() if k != GUARD_ENV} | ({GUARD_ENV: "1"} if guarded else {})
+    parent = subprocess.Popen([sys.executable, str(script), str(delay_s)], env=env, stdout=subprocess.PIPE, text=True)
+    engine_pid = int(parent.stdout.readline())
+    deadline = time.monotonic() + 30
+    while "VLLM::EngineCore" not in " ".join(psutil.Process(engine_pid).cmdline()):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    return parent, engine_pid
+
+
+@pytest.mark.parametrize("delay_s", [0.0, 2.0], ids=["parent-dies-after-the-request", "parent-dies-before-it"])
+def test_a_guarded_engine_process_dies_with_its_sigkilled_parent(tmp_path, delay_s):
+    parent, engine_pid = engine_under_a_parent(tmp_path, guarded=True, delay_s=delay_s)
+    if delay_s == 0.0:
+        time.sleep(1.0)  # the engine has asked for the signal
+    parent.kill()
+    parent.wait()
+    try:
+        assert wait_gone(process_tree([engine_pid]), timeout_s=10) == []
+    finally:
+        end_processes(process_tree([engine_pid]), timeout_s=5)
+
+
+def test_status_lists_an_unguarded_engine_process_that_outlived_its_parent(tmp_path, capsys):
+    """(That it leaves out the engines of live replicas is checked on a real job in tests/test_jobs.py.)"""
+    parent, engine_pid = engine_under_a_parent(tmp_path, guarded=False)  # as vLLM alone leaves it
+    try:
+        parent.kill()
+        parent.wait()
+        assert main(["status"]) == 0
+        left = {e["pid"]: e for e in json.loads(capsys.readouterr().out)["unowned_engines"]}
+        assert left[engine_pid]["title"] == "VLLM::EngineCore" and left[engine_pid]["owner_pid"] != parent.pid
+    finally:
+        end_processes(process_tree([engine_pid]), timeout_s=5)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import ray
@@ -327,5 +328,41 @@ class TeacherPool:
             self._release(replica)
 
     def shutdown(self) -> None:
-        for replica in list(self.replicas.values()):
-            self._release(replica)
+        """End every replica, its engine first (see `shutdown_pools`)."""
+        shutdown_pools([self])
+
+
+ENGINE_STOP_S = 2.0  # for all replicas' `stop_engine` at once: within `ray job stop`'s 3 s, beside the shard writer
+
+
+def shutdown_pools(pools: Iterable[TeacherPool], timeout_s: float = ENGINE_STOP_S) -> None:
+    """End every replica of `pools`, engines first: each replica ends its engine's processes and confirms them
+    gone (PIDs are node-local, so the replica checks, not the driver), all at once; then the actors go. A replica
+    that does not answer in time (dead, restarting, hung) takes its engine with it when its actor goes: engine
+    processes die with their parent (teachers.engines). The log names what ended."""
+    pools = list(pools)
+    stops = {replica.actor.stop_engine.remote(): (pool, replica.index) for pool in pools
+             for replica in pool.replicas.values()}
+    done, _ = ray.wait(list(stops), num_returns=len(stops), timeout=timeout_s) if stops else ([], [])
+    ended: dict[str, list[int]] = {pool.teacher.name: [] for pool in pools}
+    confirmed: set[tuple[str, int]] = set()
+    for ref in done:
+        pool, index = stops[ref]
+        try:
+            stopped = ray.get(ref)
+        except (RayActorError, RayTaskError):
+            continue
+        ended[pool.teacher.name] += stopped["ended"]
+        if not stopped["left"]:
+            confirmed.add((pool.teacher.name, index))
+    for pool in pools:
+        replicas = list(pool.replicas.values())
+        for replica in replicas:
+            pool._release(replica)
+        if not replicas:
+            continue
+        unconfirmed = [r.index for r in replicas if (pool.teacher.name, r.index) not in confirmed]
+        log.info("teacher %s: engine processes of %d replicas ended (pids %s)%s", pool.teacher.name,
+                 len(replicas) - len(unconfirmed), sorted(ended[pool.teacher.name]),
+                 f"; replicas {unconfirmed} did not confirm in {timeout_s:g} s and ended with their actors, their "
+                 "engines with them" if unconfirmed else "")

@@ -9,12 +9,16 @@ A reasoning teacher's completion is split by vLLM's own parser (`ReasoningSplitt
 the final answer. Prompts are rendered by the engine's own renderer, as vLLM's chat API renders them (content
 format of the template, image parts as the family's placeholder and as multi-modal input: `models.chat`). Image
 parts go only to a vision teacher; any other teacher rejects such a prompt with its reason.
+
+The engine's processes end with the replica however it ends (see `teachers.engines`): each asks the kernel to be
+killed with its parent, and `stop_engine` ends them at once when the run stops.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import time
 import uuid
@@ -25,6 +29,9 @@ from avocado_ray.config import SamplingConfig, VLLMTeacher
 from avocado_ray.dataplane.prompts import image_urls
 from avocado_ray.dataplane.schema import samples_to_batch
 from avocado_ray.models.chat import openai_messages
+from avocado_ray.teachers.engines import GUARD_ENV, end_processes, guard_missing, process_tree
+
+log = logging.getLogger(__name__)
 
 HARMONY_PARSER = "openai_gptoss"  # gpt-oss: vLLM parses its harmony channels with HarmonyParser
 
@@ -141,11 +148,39 @@ class TeacherReplica:
         # before the engine starts, so an unknown parser name fails fast
         self.splitter = ReasoningSplitter(teacher.reasoning_parser, self.tokenizer) if teacher.reasoning_parser else None
         args = AsyncEngineArgs(**engine_args(teacher, model_path, seed + index))
+        os.environ[GUARD_ENV] = "1"  # the engine's processes die with this one (teachers.engines)
+        if missing := guard_missing():
+            log.warning("teacher %s replica %d: its engine processes will outlive it if it is killed: %s",
+                        teacher.name, index, missing)
+        self.stopping = False
         self.engine = AsyncLLM.from_engine_args(args)
 
     def info(self) -> dict:
-        """Facts about the engine (answers while the actor lives)."""
-        return {"teacher": self.teacher.name, "replica": self.index, "max_model_len": self.teacher.engine.max_model_len}
+        """Facts about the engine (answers while the actor lives), with the PIDs of the actor and of its engine's
+        processes on its node."""
+        return {"teacher": self.teacher.name, "replica": self.index, "max_model_len": self.teacher.engine.max_model_len,
+                "pid": os.getpid(), "engine_pids": self.engine_pids()}
+
+    def engine_pids(self) -> list[int]:
+        """PIDs of the engine's processes alive now: vLLM's EngineCore processes and their Workers."""
+        manager = self.engine.engine_core.resources.engine_manager
+        return sorted(p.pid for p in process_tree([proc.pid for proc in getattr(manager, "processes", [])]))
+
+    ENGINE_GRACE_S = 0.5  # vLLM's own shutdown: SIGTERM, and SIGKILL after this
+    ENGINE_GONE_S = 1.0  # then SIGKILL by PID for what is left, and the wait for it to go
+
+    def stop_engine(self) -> dict:
+        """End the engine's processes now and confirm they are gone: vLLM's shutdown first, then SIGKILL by PID
+        for any left. Returns {"pid", "ended": PIDs, "left": PIDs still running}. Calls in flight fail."""
+        self.stopping = True
+        processes = process_tree(self.engine_pids())
+        self.engine.shutdown(timeout=self.ENGINE_GRACE_S)
+        left = end_processes(processes, timeout_s=self.ENGINE_GONE_S)
+        return {"pid": os.getpid(), "ended": sorted(p.pid for p in processes if p.pid not in left), "left": left}
+
+    def __ray_shutdown__(self) -> None:
+        """Ray's hook on a graceful actor exit (its handles gone, `__ray_terminate__`): the engine goes first."""
+        self.stop_engine()
 
     WARM_UP_PROMPTS = 8
 
@@ -285,6 +320,8 @@ class TeacherReplica:
         try:
             answers = await asyncio.gather(*(self._answer(r, started) for r in requests))
         except EngineDeadError:  # the engine process is gone: end this actor so Ray restarts it, engine and all
+            if self.stopping:  # unless it was stopped on purpose
+                raise
             os._exit(1)
         samples = [a for a in answers if "rejected" not in a]
         rejected = [
