@@ -572,7 +572,8 @@ def _bench_trainer(steps: int = 4, batch_size: int = 8, hidden: int = 512, layer
     from transformers import AutoModelForCausalLM
 
     from avocado_ray.config import TrainerConfig
-    from avocado_ray.training.trainer import StudentTrainer, bucket, forward, micro_loss, padding_waste
+    from avocado_ray.training.losses import CausalLMLoss
+    from avocado_ray.training.trainer import StudentTrainer, bucket, micro_loss, padding_waste
 
     texts = [row["prompt"] for row in labelled_prompts()]
     count = (warmup + steps) * batch_size
@@ -598,7 +599,7 @@ def _bench_trainer(steps: int = 4, batch_size: int = 8, hidden: int = 512, layer
         optimizer = torch.optim.AdamW(plain.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
         zero3 = StudentTrainer(student_path, settings, world_size=1)
         encoder = zero3.encoder
-        parameters = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in zero3.engine.module.parameters())
+        parameters = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in zero3.student.parameters())
 
     def plan(batch):
         return bucket(encoder.sort_by_length(batch), 1, zero3.accumulation)[0]
@@ -612,8 +613,7 @@ def _bench_trainer(steps: int = 4, batch_size: int = 8, hidden: int = 512, layer
         tokens = max(sum(m.tokens for m in micros), 1)
         total = 0.0
         for micro in micros:
-            logits = forward(plain, micro)
-            mixed = micro_loss(logits, micro, zero3.weights, zero3.options)
+            mixed = micro_loss(CausalLMLoss(plain), micro, zero3.weights, zero3.options)
             (mixed.total / tokens).backward()
             total += mixed.total.item()
         torch.nn.utils.clip_grad_norm_(plain.parameters(), 1.0)

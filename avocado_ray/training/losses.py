@@ -20,6 +20,14 @@ the student is reduced to the same K + 1 buckets: its probabilities of the K can
 mass of every other id, a log-sum-exp over the complement (exact and differentiable even when the tail is tiny).
 The divergence compares these two K + 1 bucket distributions; candidate ids of a row must be distinct.
 
+Bounded memory. `chunked_mix` is `mix` of the logits hidden @ W^T at the answer positions, computed
+`LossOptions.chunk_tokens` positions at a time: a chunk's logits ([chunk, V], cast to float32 there) exist only
+while that chunk's loss and its gradients (to the hidden states and to W) are taken, and the gradients are kept
+for the backward pass (as Liger Kernel's fused linear cross-entropy does), so peak memory is one chunk's logits
+and their gradient whatever the number of positions. Within a chunk a divergence gathers the K candidates' logits
+and one log-sum-exp over the rest for the tail. `CausalLMLoss` runs a Hugging Face causal LM's decoder and this
+loss in one forward, so that the full logits are never built and DeepSpeed ZeRO-3 gathers W for that forward.
+
 Temperature T. The tail's own distribution is unknown on the teacher's side, so softmax(logits / T) has no
 exact counterpart there. Both bucket distributions are therefore tempered the same way, b^(1/T) renormalised
 over the K + 1 buckets (DistillKit's convention for a top-k teacher, applied to the student as well). Among the
@@ -81,6 +89,9 @@ class Targets:
     topk_logprobs: torch.Tensor  # [N, K] float: the teacher's logprobs of those candidates (at temperature 1)
     distill: torch.Tensor  # [N] bool: the row has a teacher distribution; elsewhere `mix` uses the supervised loss
 
+    def __getitem__(self, rows: slice) -> Targets:
+        return Targets(self.labels[rows], self.topk_ids[rows], self.topk_logprobs[rows], self.distill[rows])
+
 
 @dataclass(frozen=True)
 class LossOptions:
@@ -88,8 +99,11 @@ class LossOptions:
 
     temperature: float = 1.0
     jsd_beta: float = 0.5
+    chunk_tokens: int = 1024  # positions whose logits `chunked_mix` holds at once
 
     def __post_init__(self) -> None:
+        if self.chunk_tokens <= 0:
+            raise ValueError(f"chunk_tokens must be > 0, got {self.chunk_tokens}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if not 0 < self.jsd_beta < 1:
@@ -120,11 +134,12 @@ def _buckets(logits: torch.Tensor, targets: Targets, temperature: float):
     """Student and teacher log-probs over the K candidates + tail, tempered; pads hold 0 and are False in `valid`."""
     valid = (targets.topk_ids >= 0) & torch.isfinite(targets.topk_logprobs)
     ids = targets.topk_ids.clamp(min=0)
-    logq = torch.log_softmax(logits.float(), dim=-1)
+    logits = logits.float()
+    norm = torch.logsumexp(logits, dim=-1, keepdim=True)
     # scatter_add, not scatter: a pad clamped to id 0 must not unmark a real candidate 0 of the same row
-    in_topk = torch.zeros_like(logq).scatter_add(1, ids, valid.to(logq.dtype)) > 0
-    student_tail = torch.logsumexp(logq.masked_fill(in_topk, -math.inf), dim=-1, keepdim=True)
-    student = torch.cat([logq.gather(1, ids).masked_fill(~valid, -math.inf), student_tail], dim=-1)
+    in_topk = torch.zeros_like(logits, dtype=torch.uint8).scatter_add_(1, ids, valid.to(torch.uint8)) > 0
+    student_tail = torch.logsumexp(logits.masked_fill(in_topk, -math.inf), dim=-1, keepdim=True) - norm
+    student = torch.cat([(logits.gather(1, ids) - norm).masked_fill(~valid, -math.inf), student_tail], dim=-1)
     teacher = targets.topk_logprobs.float().masked_fill(~valid, -math.inf)
     teacher_tail = torch.log((1 - teacher.exp().sum(-1, keepdim=True)).clamp(min=TAIL_EPS))
     teacher = torch.cat([teacher, teacher_tail], dim=-1)
@@ -195,6 +210,106 @@ def mix(
         total = total + weight * applied
         terms[name] = (torch.where(covered, loss, 0.0).sum().detach(), covered.sum())
     return MixedLoss(torch.where(mask, total, 0.0).sum(), mask.sum(), terms)
+
+
+def _chunk_losses(
+    hidden: torch.Tensor, weight: torch.Tensor, loss_of: Callable[[torch.Tensor, slice], torch.Tensor], chunk: int,
+    need: tuple[bool, bool],
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Sum over chunks of rows of loss_of(hidden[rows] @ weight^T in float32, rows), and where `need` says so its
+    gradients to hidden and weight (float32), taken chunk by chunk so that one chunk's logits exist at a time."""
+    grad_hidden = torch.zeros_like(hidden) if need[0] else None
+    grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need[1] else None
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, max(len(hidden), 1), chunk):  # one chunk at least, so that an empty batch has its terms
+        rows = slice(start, start + chunk)
+        with torch.set_grad_enabled(any(need)):
+            h, w = hidden[rows].detach().requires_grad_(need[0]), weight.detach().requires_grad_(need[1])
+            loss = loss_of(F.linear(h, w).float(), rows)
+            if any(need):
+                grads = iter(torch.autograd.grad(loss, [x for x, wanted in zip((h, w), need) if wanted]))
+                if need[0]:
+                    grad_hidden[rows] = next(grads)
+                if need[1]:
+                    grad_weight += next(grads)
+        total = total + loss.detach()
+    return total, grad_hidden, grad_weight
+
+
+class _ChunkedLoss(torch.autograd.Function):
+    """`_chunk_losses` as an autograd function: gradients are taken in the forward pass and scaled in the backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, loss_of, chunk):
+        total, grad_hidden, grad_weight = _chunk_losses(hidden, weight, loss_of, chunk, ctx.needs_input_grad[:2])
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        grad_hidden = None if grad_hidden is None else grad_hidden * grad_total.to(grad_hidden.dtype)
+        grad_weight = None if grad_weight is None else (grad_weight * grad_total).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None
+
+
+def chunked_mix(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: Targets,
+    mask: torch.Tensor,
+    weights: dict[str, float],
+    options: LossOptions,
+) -> MixedLoss:
+    """`mix` of the logits hidden @ weight^T ([N, H] @ [H, V]) with at most `options.chunk_tokens` rows of logits
+    in memory (module docstring, Bounded memory); equal to `mix` on the full logits, gradients included."""
+    parts: list[MixedLoss] = []
+
+    def loss_of(logits: torch.Tensor, rows: slice) -> torch.Tensor:
+        part = mix(logits, targets[rows], mask[rows], weights, options)
+        parts.append(part._replace(total=part.total.detach()))  # the chunk's graph goes once its grads are taken
+        return part.total
+
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        total = _ChunkedLoss.apply(hidden, weight, loss_of, options.chunk_tokens)
+    else:
+        total = _chunk_losses(hidden, weight, loss_of, options.chunk_tokens, (False, False))[0]
+    terms = {
+        name: (sum(p.terms[name][0] for p in parts), sum(p.terms[name][1] for p in parts)) for name in weights
+    }
+    return MixedLoss(total, sum(p.tokens for p in parts), terms)
+
+
+class CausalLMLoss(torch.nn.Module):
+    """A Hugging Face causal LM whose forward returns `chunked_mix` at chosen positions instead of logits.
+
+    The decoder (`base_model`) gives the final hidden states; the output layer's weight is read here, not through
+    the output layer's forward, so with DeepSpeed ZeRO-3 it must be registered as an external parameter of this
+    module (`deepspeed.zero.register_external_parameter`). The output layer must be a plain linear map: models
+    that scale or soft-cap their logits are refused.
+    """
+
+    def __init__(self, lm: torch.nn.Module):
+        super().__init__()
+        config = lm.config.get_text_config()
+        if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+            raise ValueError(f"{type(lm).__name__} transforms its logits: the chunked loss supports a plain output layer")
+        self.lm = lm
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        rows: torch.Tensor,
+        targets: Targets,
+        weights: dict[str, float],
+        options: LossOptions,
+    ) -> MixedLoss:
+        """`chunked_mix` over the hidden states at `rows` ([B, L] bool, in order), all of them masked in."""
+        hidden = self.lm.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        weight = self.lm.get_output_embeddings().weight
+        return chunked_mix(hidden[rows], weight, targets, torch.ones_like(targets.distill), weights, options)
 
 
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
