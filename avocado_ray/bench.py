@@ -657,6 +657,127 @@ def _bench_trainer(steps: int = 4, batch_size: int = 8, hidden: int = 512, layer
     }
 
 
+LOSS_WEIGHTS = {"supervised": 1.0, "forward_kl": 1.0}  # the bench's loss: top-k distillation, supervised fallback
+
+
+def _loss_case(tokens: int, vocab: int, hidden: int, k: int, seed: int = 0):
+    """Hidden states, an output weight, teacher top-k targets (a fifth of the rows without a teacher) and a mask."""
+    import torch
+
+    from avocado_ray.training.losses import Targets
+
+    torch.manual_seed(seed)
+    h = torch.randn(tokens, hidden).requires_grad_()
+    w = (torch.randn(vocab, hidden) / hidden**0.5).requires_grad_()
+    targets = Targets(
+        labels=torch.randint(vocab, (tokens,)),
+        topk_ids=torch.randint(vocab, (tokens, k)),  # repeats within a row are rare at this vocabulary
+        topk_logprobs=torch.log_softmax(torch.randn(tokens, k), -1) - 0.05,
+        distill=torch.rand(tokens) > 0.2,
+    )
+    return h, w, targets, torch.ones(tokens, dtype=torch.bool)
+
+
+def _loss_and_grads(side: str, case: tuple, chunk_tokens: int):
+    """Loss + backward of one side: `mix` of the full logits (naive) or `chunked_mix` (chunked)."""
+    from avocado_ray.training.losses import LossOptions, chunked_mix, mix
+
+    h, w, targets, mask = case
+    options = LossOptions(chunk_tokens=chunk_tokens)
+    if side == "naive":
+        loss = mix(h @ w.T, targets, mask, LOSS_WEIGHTS, options).total
+    else:
+        loss = chunked_mix(h, w, targets, mask, LOSS_WEIGHTS, options).total
+    loss.backward()
+    return loss
+
+
+def _tracked_peak_mb(side: str, tokens: int, vocab: int, hidden: int, k: int, chunk_tokens: int) -> float:
+    """Peak MB of live tensors during one side's loss + backward beyond its inputs, as torch's MemTracker counts
+    them under FakeTensorMode (shapes without storage: nothing is allocated or computed)."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    with FakeTensorMode():
+        case = _loss_case(tokens, vocab, hidden, k)
+        tracker = MemTracker()
+        tracker.track_external(*case[:2])
+        with tracker:
+            _loss_and_grads(side, case, chunk_tokens)
+        peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+    inputs = sum(t.numel() * t.element_size() for t in case[:2])
+    return (peak - inputs) / 2**20
+
+
+def _loss_side(side: str, tokens: int, vocab: int, hidden: int, k: int, chunk_tokens: int, out: str) -> None:
+    """One side for real in this (fresh) process: prints the peak RSS delta and seconds of its loss + backward as
+    JSON, and saves the loss and gradients to `out`."""
+    import resource
+
+    import torch
+
+    case = _loss_case(tokens, vocab, hidden, k)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    started = time.perf_counter()
+    loss = _loss_and_grads(side, case, chunk_tokens)
+    seconds = time.perf_counter() - started
+    peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024  # ru_maxrss is in KiB
+    torch.save({"loss": loss.detach(), "h": case[0].grad, "w": case[1].grad}, out)
+    print(json.dumps({"rss_mb": round(peak_mb), "s": round(seconds, 2)}))
+
+
+def _bench_loss(tokens: int = 8192, vocab: int = 151_936, hidden: int = 1024, k: int = 20,
+                chunk_tokens: int = 1024, check_tokens: int = 2048) -> dict:
+    """Memory of the distillation loss + backward over `tokens` answer positions with full logits (`mix` of
+    hidden @ W^T, "naive") against the chunked loss (`chunked_mix`), on the same inputs.
+
+    Peaks at `tokens` are counted by torch's MemTracker on fake tensors (the naive side needs about 11 GB there, more
+    than a shared 24 GB machine spares). At `check_tokens` both sides also run for real, each in a fresh process:
+    the peak RSS delta checks the tracker's count, and the loss and gradients of the two are compared.
+    Memory figures exclude the inputs (hidden states, weight) and include the gradients returned for them.
+    """
+    import subprocess
+    import sys
+    import tempfile
+
+    import torch
+
+    shape = {"tokens": tokens, "vocab": vocab, "hidden": hidden, "k": k, "chunk_tokens": chunk_tokens}
+    peaks = {side: _tracked_peak_mb(side, **shape) for side in ("naive", "chunked")}
+    check = {**shape, "tokens": check_tokens}
+    real, results = {}, {}
+    with tempfile.TemporaryDirectory(prefix="avocado-bench-loss-") as folder:
+        for side in ("naive", "chunked"):
+            out = f"{folder}/{side}.pt"
+            call = f"from avocado_ray.bench import _loss_side; _loss_side({side!r}, **{check!r}, out={out!r})"
+            done = subprocess.run([sys.executable, "-c", call], check=True, capture_output=True, text=True)
+            real[side] = json.loads(done.stdout.strip().splitlines()[-1])
+            real[side]["tracked_mb"] = round(_tracked_peak_mb(side, **check))
+            results[side] = torch.load(out)
+    naive, chunked = results["naive"], results["chunked"]
+    diffs = {name: float((chunked[name] - naive[name]).abs().max() / naive[name].abs().max()) for name in naive}
+    return {
+        "benchmark": "loss",
+        **shape,
+        "losses": LOSS_WEIGHTS,
+        "memory": "peak MB of live tensors in loss + backward beyond the inputs (hidden states, weight), the returned "
+        "gradients included: torch MemTracker under FakeTensorMode",
+        "naive_peak_mb": round(peaks["naive"]),
+        "chunked_peak_mb": round(peaks["chunked"]),
+        "ratio": round(peaks["chunked"] / peaks["naive"], 4),
+        "check": {
+            "tokens": check_tokens,
+            "memory": "peak RSS delta of a fresh process over its loss + backward (rss_mb) beside the tracker's count",
+            **{side: real[side] for side in ("naive", "chunked")},
+        },
+        "max_rel_diff": max(diffs.values()),
+        "rel_diff": {"loss": diffs["loss"], "grad_hidden": diffs["h"], "grad_weight": diffs["w"]},
+        "rel_diff_is": "max |chunked - naive| / max |naive|, for the loss and each gradient",
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
 def _stdout_on_stderr(bench):
     """`bench` with file descriptor 1 on stderr: DeepSpeed's logs and op builds (and vLLM's) print to stdout,
     which stays for the one JSON object."""
@@ -695,5 +816,5 @@ bench_teachers = _stdout_on_stderr(_bench_teachers)  # so does the bare vLLM eng
 
 BENCHMARKS = {
     "router": bench_router, "dataplane": bench_dataplane, "teachers": bench_teachers, "trainer": bench_trainer,
-    "quality": bench_quality, "load": bench_load,
+    "quality": bench_quality, "load": bench_load, "loss": _bench_loss,
 }

@@ -272,8 +272,8 @@ class TrainerConfig(Strict):
         1024,
         gt=0,
         description="Answer positions whose full-vocabulary logits exist at once: the losses take the output layer "
-        "chunk by chunk, so loss memory is about 3 x chunk x vocabulary x 4 bytes whatever the micro-batch's tokens "
-        "(docs/training.md, Bounded loss memory).",
+        "chunk by chunk, so they hold about 2 x chunk x vocabulary float32 values (and a float32 gradient of the "
+        "output weight) whatever the micro-batch's tokens (docs/training.md, Bounded loss memory).",
     )
     offload: Literal["none", "optimizer", "optimizer+params"] = Field(
         "none",

@@ -5,7 +5,11 @@ ids 1 and 2 with p = 0.5 and 0.25, so the teacher's tail is 0.25. On those bucke
 has (0.25, 0.125, 0.5 + 0.125 = 0.625).
 """
 
+import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -211,6 +215,22 @@ def test_causal_lm_loss_equals_the_loss_of_the_models_own_logits(tiny_models):
     assert got.total.item() == pytest.approx(expected.item(), rel=1e-5)
     got.total.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_the_gpu_check_trains_a_student_with_both_losses_alike_without_ray_vllm_or_deepspeed():
+    # scripts/gpu-check --tiny: the device check on CPU; 95 answer positions in chunks of 32 (the last one short)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu-check"
+    done = subprocess.run([sys.executable, str(script), "--tiny", "--chunk-tokens", "32", "--steps", "2"],
+                          capture_output=True, text=True, timeout=300, check=True)
+    report = json.loads(done.stdout)
+    assert report["imported"] == [] and report["answer_positions"] == 95
+    for side in ("chunked", "naive"):
+        assert {"tokens_per_s", "mfu", "peak_mem_gb", "first_loss", "last_loss"} <= set(report[side])
+        assert report[side]["tokens_per_s"] > 0
+    assert report["first_loss_rel_diff"] < 1e-5
+    # four AdamW steps on the two losses' gradients end at the same loss: the gradients agree
+    assert report["chunked"]["last_loss"] == pytest.approx(report["naive"]["last_loss"], rel=1e-5)
+    assert report["chunked"]["last_loss"] < report["chunked"]["first_loss"]
 
 
 # Cross-tokenizer alignment on two hand-made byte-level BPE tokenizers. Ids: "<end>" is 0, then `tokens` in order

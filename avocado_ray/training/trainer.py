@@ -269,7 +269,7 @@ def micro_loss(model, micro: MicroBatch, weights: dict[str, float], options):
         topk_logprobs=micro.topk_logprobs[:, 1:][keep],
         distill=micro.distill[:, 1:][keep],
     )
-    rows = torch.cat([keep, torch.zeros_like(keep[:, :1])], dim=1)  # the last position predicts nothing
+    rows = torch.nn.functional.pad(keep, (0, 1), value=False)  # the last position predicts nothing
     return model(micro.input_ids, micro.position_ids, rows, targets, weights, options)
 
 
