@@ -16,7 +16,9 @@ when the teacher uses the student's tokenizer, `TokenAligner`'s byte spans other
 loss on the teacher's answer text (student tokenizer, answer tokens only) everywhere else. The answer text is
 `SampleEncoder.target`: the final answer, or with `trainer.learn_reasoning` a reasoning teacher's reasoning in
 <think> tags before it (docs/training.md). The loss of a step
-is the mean over the answer tokens of the whole global batch; each term is logged as `loss_NAME`. At the end
+is the mean over the answer tokens of the whole global batch; each term is logged as `loss_NAME`. No logits are
+built for a whole micro-batch: DeepSpeed wraps the student in `CausalLMLoss`, whose forward takes the output layer
+over the answer positions in chunks of `trainer.loss_chunk_tokens` (losses.py, Bounded memory). At the end
 the student is consolidated from its ZeRO shards and saved in Hugging Face format.
 """
 
