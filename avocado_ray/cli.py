@@ -238,13 +238,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="run a benchmark; prints one JSON object")
     bench.add_argument(
         "which",
-        choices=["router", "dataplane", "teachers", "trainer", "quality", "load", "accounting", "scale"],
+        choices=["router", "dataplane", "teachers", "trainer", "quality", "load", "accounting", "scale", "loss"],
         help="router: rate, latency, accuracy; dataplane: bytes, rates, buffer; teachers: pool vs bare vLLM; "
         "trainer: DeepSpeed ZeRO-3 step vs plain PyTorch AdamW tokens/s, padding waste; quality: the student's "
         "bits per byte on each teacher's held-out answers before and after a distillation (runs/quality); "
         "load: 100,000 prompts through the whole pipeline with a counting trainer, throughput and memory (runs/load); "
         "accounting: the end of a run and a resume's answered ids from shard sidecars vs reading the spill; "
-        "scale: the driver's peak memory and first request at 100,000 and 1,000,000 input prompts (runs/scale)",
+        "scale: the driver's peak memory and first request at 100,000 and 1,000,000 input prompts (runs/scale); "
+        "loss: memory of the chunked loss + backward against full logits at a 151,936 vocabulary, and their agreement",
     )
     bench.add_argument("--prompts", type=_positive_int, metavar="N",
                        help="how many prompts (teachers: 200, load: 100000, accounting: 1000000, scale: 1000000)")

@@ -272,6 +272,18 @@ class TrainerConfig(Strict):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass (less memory, about a third more compute)."
     )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa",
+        description="The student's attention kernel (Hugging Face attn_implementation); flash_attention_2 needs the "
+        "flash-attn package and a GPU.",
+    )
+    loss_chunk_tokens: int = Field(
+        1024,
+        gt=0,
+        description="Answer positions whose full-vocabulary logits exist at once: the losses take the output layer "
+        "chunk by chunk, so they hold about 2 x chunk x vocabulary float32 values (and a float32 gradient of the "
+        "output weight) whatever the micro-batch's tokens (docs/training.md, Bounded loss memory).",
+    )
     offload: Literal["none", "optimizer", "optimizer+params"] = Field(
         "none",
         description="ZeRO offload to CPU memory: the optimizer state (offload_optimizer), and with +params the "

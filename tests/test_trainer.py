@@ -20,14 +20,13 @@ from transformers import AutoTokenizer
 from avocado_ray.config import TrainerConfig
 from avocado_ray.dataplane.schema import samples_to_batch
 from avocado_ray.dataplane.stream import SampleStream
-from avocado_ray.training.losses import LossOptions
+from avocado_ray.training.losses import CausalLMLoss, LossOptions
 from avocado_ray.training.trainer import (
     IGNORE,
     SampleEncoder,
     bucket,
     comm_backend,
     deepspeed_config,
-    forward,
     make_trainer,
     micro_loss,
     pack,
@@ -162,11 +161,11 @@ def test_packing_fills_rows_and_keeps_each_sample_to_itself(tiny_models, tokeniz
     assert packed.slots - packed.real < 0.5 * (padded - packed.real)  # packing removes most of the padding
     assert packed.tokens == sum(a.tokens for a in alone)
     # the packed forward sees each sample alone: the same loss as eight separate forwards
-    model = AutoModelForCausalLM.from_pretrained(tiny_models["student"])
+    model = CausalLMLoss(AutoModelForCausalLM.from_pretrained(tiny_models["student"]))
     options = LossOptions()
     with torch.no_grad():
-        together = micro_loss(forward(model, packed), packed, LOSSES, options)
-        separate = [micro_loss(forward(model, a), a, LOSSES, options) for a in alone]
+        together = micro_loss(model, packed, LOSSES, options)
+        separate = [micro_loss(model, a, LOSSES, options) for a in alone]
     assert together.total.item() == pytest.approx(sum(m.total.item() for m in separate), rel=1e-5)
     for name in LOSSES:
         assert together.terms[name][1].item() == sum(m.terms[name][1].item() for m in separate)

@@ -69,11 +69,11 @@ def measure(student_dir: str, samples: list[dict], teacher_tokenizers: dict[str,
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from avocado_ray.config import TrainerConfig
-    from avocado_ray.training.losses import LossOptions
-    from avocado_ray.training.trainer import IGNORE, SampleEncoder, forward, micro_loss
+    from avocado_ray.training.losses import CausalLMLoss, LossOptions
+    from avocado_ray.training.trainer import IGNORE, SampleEncoder, micro_loss
 
     tokenizer = AutoTokenizer.from_pretrained(student_dir)
-    model = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32).eval()
+    model = CausalLMLoss(AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)).eval()
     weights = {"supervised": 1.0, "forward_kl": 0.0}  # forward_kl weighted 0: measured, not mixed in
     encoder = SampleEncoder(tokenizer, TrainerConfig(max_seq_len=max_seq_len, losses=weights), teacher_tokenizers)
     sums: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0, 0.0, 0])  # nats, bytes, kl, kl positions
@@ -82,7 +82,7 @@ def measure(student_dir: str, samples: list[dict], teacher_tokenizers: dict[str,
             micro = encoder.collate([row])
             if row["finish_reason"] != "stop":  # cut by max_tokens: the teacher never said the answer ends
                 micro.labels[0, micro.real - 1] = IGNORE
-            terms = micro_loss(forward(model, micro), micro, weights, LossOptions()).terms
+            terms = micro_loss(model, micro, weights, LossOptions()).terms
             entry = sums[(row["true_domain"], row["teacher"])]
             entry[0] += terms["supervised"][0].item()
             entry[1] += len(row["answer"].encode())

@@ -16,7 +16,9 @@ when the teacher uses the student's tokenizer, `TokenAligner`'s byte spans other
 loss on the teacher's answer text (student tokenizer, answer tokens only) everywhere else. The answer text is
 `SampleEncoder.target`: the final answer, or with `trainer.learn_reasoning` a reasoning teacher's reasoning in
 <think> tags before it (docs/training.md). The loss of a step
-is the mean over the answer tokens of the whole global batch; each term is logged as `loss_NAME`. At the end
+is the mean over the answer tokens of the whole global batch; each term is logged as `loss_NAME`. No logits are
+built for a whole micro-batch: DeepSpeed wraps the student in `CausalLMLoss`, whose forward takes the output layer
+over the answer positions in chunks of `trainer.loss_chunk_tokens` (losses.py, Bounded memory). At the end
 the student is consolidated from its ZeRO shards and saved in Hugging Face format.
 """
 
@@ -141,12 +143,6 @@ class MicroBatch:
     slots: int  # B x L
 
 
-def forward(model, micro: MicroBatch):
-    """The logits of a packed micro-batch: position ids keep samples apart (HF builds a block-causal mask from
-    them when no attention mask and no cache are given)."""
-    return model(input_ids=micro.input_ids, position_ids=micro.position_ids, use_cache=False).logits
-
-
 class SampleEncoder:
     """Turns teacher samples into student micro-batches: token ids, labels and the teacher's aligned top-k.
 
@@ -257,11 +253,14 @@ class SampleEncoder:
         )
 
 
-def micro_loss(logits, micro: MicroBatch, weights: dict[str, float], options):
-    """`mix` over the answer positions of a micro-batch: the logits at t predict the token (and targets) at t + 1."""
+def micro_loss(model, micro: MicroBatch, weights: dict[str, float], options):
+    """`mix` over the answer positions of a micro-batch: the hidden state at t predicts the token (and targets) at
+    t + 1. `model` is a `CausalLMLoss` (or a DeepSpeed engine over one): the logits are built chunk by chunk
+    (`chunked_mix`). Position ids keep packed samples apart (HF builds a block-causal mask from them when no
+    attention mask and no cache are given)."""
     import torch
 
-    from avocado_ray.training.losses import Targets, mix
+    from avocado_ray.training.losses import Targets
 
     keep = micro.labels[:, 1:] != IGNORE
     targets = Targets(
@@ -270,7 +269,8 @@ def micro_loss(logits, micro: MicroBatch, weights: dict[str, float], options):
         topk_logprobs=micro.topk_logprobs[:, 1:][keep],
         distill=micro.distill[:, 1:][keep],
     )
-    return mix(logits[:, :-1][keep], targets, torch.ones_like(targets.distill), weights, options)
+    rows = torch.nn.functional.pad(keep, (0, 1), value=False)  # the last position predicts nothing
+    return model(micro.input_ids, micro.position_ids, rows, targets, weights, options)
 
 
 class StudentTrainer:
@@ -288,7 +288,7 @@ class StudentTrainer:
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.integrations import HfDeepSpeedConfig
 
-        from avocado_ray.training.losses import LossOptions
+        from avocado_ray.training.losses import CausalLMLoss, LossOptions
 
         self.torch = torch
         self.trainer = trainer
@@ -296,7 +296,9 @@ class StudentTrainer:
         self.ds_config = deepspeed_config(trainer, world_size)
         self.accumulation = int(self.ds_config["gradient_accumulation_steps"])  # raw DeepSpeed keys may set it
         self.weights = dict(trainer.losses)
-        self.options = LossOptions(temperature=trainer.temperature, jsd_beta=trainer.jsd_beta)
+        self.options = LossOptions(
+            temperature=trainer.temperature, jsd_beta=trainer.jsd_beta, chunk_tokens=trainer.loss_chunk_tokens
+        )
         # Ray Train made the torch process group; DeepSpeed's comm layer adopts it.
         deepspeed.init_distributed(dist_backend=comm_backend(trainer))
         # Keeping this object alive makes from_pretrained build the model under zero.Init (sharded from the start).
@@ -304,11 +306,19 @@ class StudentTrainer:
         self.tokenizer = AutoTokenizer.from_pretrained(student_path)
         self.encoder = SampleEncoder(self.tokenizer, trainer, teacher_tokenizers)
         dtype = torch.bfloat16 if trainer.use_gpu else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(student_path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(
+            student_path, dtype=dtype, attn_implementation=trainer.attn_implementation
+        )
         if trainer.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()  # from_pretrained returns eval mode, in which HF skips gradient checkpointing
-        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=self.ds_config)
+        self.student = model
+        with_loss = CausalLMLoss(model)
+        if trainer.zero_stage == 3:  # CausalLMLoss reads the output weight outside the output layer's forward
+            deepspeed.zero.register_external_parameter(with_loss, model.get_output_embeddings().weight)
+        self.engine, *_ = deepspeed.initialize(
+            model=with_loss, model_parameters=with_loss.parameters(), config=self.ds_config
+        )
 
     def plan(self, rows: list[dict]) -> list[list[list[dict]]]:
         """Rank -> micro-batch -> rows of a global batch (sorted by `encoder.sort_by_length` first)."""
@@ -335,8 +345,7 @@ class StudentTrainer:
         names = list(self.weights)
         sums = torch.zeros(2 + 2 * len(names), dtype=torch.float64)  # total, distilled, (term sum, term count)...
         for micro in micros:
-            logits = forward(self.engine, micro)
-            mixed = micro_loss(logits, micro, self.weights, self.options)
+            mixed = micro_loss(self.engine, micro, self.weights, self.options)
             # DeepSpeed averages gradients over ranks: scale by world size for a global token mean. Each
             # micro-batch's loss is already its share of that mean, so no division by accumulation steps.
             self.engine.backward(mixed.total * dist.get_world_size() / tokens, scale_wrt_gas=False)
@@ -362,7 +371,7 @@ class StudentTrainer:
         to a local folder, uploaded to an object-storage run directory)."""
         import deepspeed
 
-        module = self.engine.module
+        module = self.student
         with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
             if is_writer:
                 state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
