@@ -23,6 +23,7 @@ import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from avocado_ray.config import DistillConfig
 from avocado_ray.dataplane.rundir import RunDir
@@ -294,7 +295,7 @@ def local_node(config: DistillConfig) -> Node:
 
 # -- at the start of a run -------------------------------------------------------------------------------------
 
-def check(config: DistillConfig, run_dir: RunDir, teachers: bool = True, train: bool = True) -> Plan:
+def check(config: DistillConfig, run_dir: RunDir | Path, teachers: bool = True, train: bool = True) -> Plan:
     """The run's plan on the cluster it is connected to: logged as one table and kept in `run_dir/plan.json`.
     One that does not fit raises a RunError naming what is missing, at once or, with `ray.wait_for_resources_s`,
     once that long has passed without the cluster growing to hold it (a line every WAIT_LOG_S meanwhile)."""
@@ -321,7 +322,7 @@ def check(config: DistillConfig, run_dir: RunDir, teachers: bool = True, train: 
         finally:
             request_resources(bundles=[])
         log.info("%s", plan.table())
-    run_dir.write_text(PLAN_FILE, json.dumps(plan.to_json(), indent=2) + "\n")
+    RunDir.of(run_dir).write_text(PLAN_FILE, json.dumps(plan.to_json(), indent=2) + "\n")
     if not plan.fits:
         waited = f" after waiting {wait_s:g} s (ray.wait_for_resources_s)" if wait_s > 0 else ""
         raise RunError(f"the cluster cannot hold this run{waited}; nothing was started:\n  "
