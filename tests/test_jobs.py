@@ -121,7 +121,8 @@ class Head:
 
     def live_placement_groups(self, job_id: str) -> list[dict]:
         out = self.ray("list", "placement-groups", "--format", "json", "--filter", f"creator_job_id={job_id}")
-        return [g for g in json.loads(out[out.index("[") :]) if g["state"] != "REMOVED"]
+        groups = json.loads(out[out.index("[") :]) if "[" in out else []  # none: Ray prints a notice, no list
+        return [g for g in groups if g["state"] != "REMOVED"]
 
     def metric_names(self) -> set[str]:
         try:
