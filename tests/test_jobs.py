@@ -123,7 +123,8 @@ class Head:
 
     def live_placement_groups(self, job_id: str) -> list[dict]:
         out = self.ray("list", "placement-groups", "--format", "json", "--filter", f"creator_job_id={job_id}")
-        return [g for g in json.loads(out[out.index("[") :]) if g["state"] != "REMOVED"]
+        groups = json.loads(out[out.index("[") :]) if "[" in out else []  # none: Ray prints a notice, no list
+        return [g for g in groups if g["state"] != "REMOVED"]
 
     def metric_names(self) -> set[str]:
         try:
@@ -267,7 +268,7 @@ def test_a_submitted_job_stopped_midway_leaves_nothing_running_and_resumes_to_ea
     _wait_for(lambda: METRICS <= seen_metrics, f"the metrics {sorted(METRICS - seen_metrics)}", 30, scrape)
 
 
-def _check_finished_run(run_dir: Path, log: str, answered: int, prompts: int = PROMPTS) -> None:
+def _check_finished_run(run_dir: Path, log: str, answered: int | None, prompts: int = PROMPTS) -> None:
     """A finished distillation of `prompts` prompts: every prompt answered once, each sample trained once, the
     student exported, and the job log (of the job that ended it, which answered `answered` prompts) with plain
     progress lines."""
@@ -284,7 +285,8 @@ def _check_finished_run(run_dir: Path, log: str, answered: int, prompts: int = P
     # progress in a non-interactive log: plain lines, no carriage returns
     generate = [line for line in log.split("\n") if " generate " in line and " tok/s" in line]
     train = [line for line in log.split("\n") if re.search(r"train step \d+ \| loss [\d.]+ \| [\d.]+ samples/s", line)]
-    assert any(f"generate {answered}/{answered} (100%)" in line for line in generate), generate
+    done = f"generate {answered}/{answered} (100%)" if answered else " (100%) |"  # best-of: answers > prompts
+    assert any(done in line for line in generate), generate
     assert train and not any("\r" in line for line in generate + train)
     kinds = {r["kind"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
     assert {"route", "dispatch", "generate", "train", "train_end"} <= kinds
@@ -303,7 +305,7 @@ def test_the_demo_submitted_to_a_head_started_as_the_docs_say_answers_every_prom
 
     head.submit("distill", run_dir, config=DEMO_CONFIG)
     log = head.wait("distill", on_poll=scrape)
-    _check_finished_run(run_dir, log, DEMO_PROMPTS, DEMO_PROMPTS)
+    _check_finished_run(run_dir, log, None, DEMO_PROMPTS)  # math prompts are answered by two teachers (best-of)
     assert f"CPU {DOCS_CPUS:g} of CPU {DOCS_CPUS:g}" in log and "\n  fits\n" in log  # the plan, at the start
     _wait_for(lambda: METRICS <= seen_metrics, f"the metrics {sorted(METRICS - seen_metrics)}", 30, scrape)
 
