@@ -177,7 +177,11 @@ class ShardWriter:
         name = self._name()
         if self.folder.local:
             self.folder.fs.move(self._target(), self.folder.path(name))
-        _commit(self.folder, name, self.facts)
+        try:
+            _commit(self.folder, name, self.facts)
+        except OSError:  # e.g. the disk filled: the shard is given up with its batches, as an open one is
+            self.folder.delete(name)
+            raise
         self.shards.append(name)
         self.shard_index += 1
         self.writer, self.stream, self.rows_in_shard, self.facts = None, None, 0, NO_FACTS
@@ -208,10 +212,10 @@ def write_manifest(run_dir: str | Path | RunDir, **fields) -> None:
     run.write_text(MANIFEST, json.dumps(manifest, indent=2) + "\n")
 
 
-def _checked(folder: RunDir, name: str) -> dict | None:
-    """Read a shard whole with its page checksums and commit it with fresh accounting; None (and the shard set
-    aside as `*.corrupt`, kept for inspection, never read again) if it is torn or damaged. A shard of another
-    schema version fails."""
+def _checked(folder: RunDir, name: str, commit: bool) -> dict | None:
+    """Read a shard whole with its page checksums and (with `commit`: it has no sidecar, or one of other bytes)
+    commit it with fresh accounting; None (and the shard set aside as `*.corrupt`, kept for inspection, never read
+    again) if it is torn or damaged. A shard of another schema version fails."""
     try:
         with folder.fs.open_input_file(folder.path(name)) as f:
             parquet = pq.ParquetFile(f, page_checksum_verification=True)
@@ -222,7 +226,8 @@ def _checked(folder: RunDir, name: str) -> dict | None:
         folder.delete(sidecar_name(name))
         folder.move(name, name + ".corrupt")
         return None
-    _commit(folder, name, facts)
+    if commit:
+        _commit(folder, name, facts)
     return facts
 
 
@@ -242,8 +247,9 @@ def complete_shards(folder: str | Path | RunDir, verify: bool = False) -> list[S
         facts = sidecars.get(name)
         if facts is not None and facts.get("schema_version") != SCHEMA_VERSION:
             check_schema_version(pq.read_schema(folder.path(name), filesystem=folder.fs), folder.uri(name))
-        if verify or facts is None or facts["fingerprint"] != _fingerprint(infos[name], folder.local):
-            facts = _checked(folder, name)
+        changed = facts is None or facts["fingerprint"] != _fingerprint(infos[name], folder.local)
+        if verify or changed:
+            facts = _checked(folder, name, commit=changed)
         if facts is not None:
             shards.append(Shard(name, folder.path(name), facts, folder.fs))
     return shards
