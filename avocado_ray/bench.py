@@ -13,6 +13,7 @@ from avocado_ray.cluster import start_local
 
 if TYPE_CHECKING:
     from avocado_ray.config import RoutingConfig
+    from avocado_ray.routing.classifier import DomainClassifier
 
 
 LABELLED_DIR = Path(__file__).resolve().parents[1] / "tests" / "data"
@@ -21,9 +22,11 @@ LABELLED_DIR = Path(__file__).resolve().parents[1] / "tests" / "data"
 def labelled_prompts(split: str = "dev") -> list[dict]:
     """Real prompts of every domain with their true domain (tests/data, built by scripts/build_router_eval.py).
 
-    'dev': router_eval.jsonl, which the rules were written against, and the dev half of router_heldout.jsonl,
-    used to tune them since. 'test': the other half of router_heldout.jsonl (other files, modules, seeds and
-    request wordings than router_eval.jsonl), never used to tune the rules, only to report them.
+    'dev': router_eval.jsonl, which the rules were written against, and the dev halves of router_heldout.jsonl
+    (code, math, general) and router_heldout_cjk.jsonl (Chinese poetry, manuals and phrases; Japanese, Korean and
+    English with Han names), used to tune them since. 'test': the other halves (other files, modules, seeds and
+    request wordings than router_eval.jsonl, other source files than the dev halves), never used to tune the
+    rules, only to report them.
     """
     if split not in ("dev", "test"):
         raise ValueError(f"split must be 'dev' or 'test', not {split!r}")
@@ -31,16 +34,21 @@ def labelled_prompts(split: str = "dev") -> list[dict]:
     def read(name: str) -> list[dict]:
         return [json.loads(line) for line in (LABELLED_DIR / name).read_text().splitlines() if line.strip()]
 
-    heldout = [row for row in read("router_heldout.jsonl") if row["split"] == split]
+    heldout = [row for name in ("router_heldout.jsonl", "router_heldout_cjk.jsonl") for row in read(name)
+               if row["split"] == split]
     return (read("router_eval.jsonl") if split == "dev" else []) + heldout
 
 
-def classifier_quality(rows: list[dict], routing: RoutingConfig) -> dict:
-    """Per-domain precision and recall of the routing domain (`routing.domain_of` the labels)."""
+def classifier_quality(rows: list[dict], routing: RoutingConfig, classifier: DomainClassifier | None = None) -> dict:
+    """Per-domain precision and recall of the routing domain (`routing.domain_of` the labels), and the share of
+    the Japanese and Korean prompts labelled Chinese (`ja_ko_as_chinese`)."""
     from avocado_ray.routing.classifier import RuleClassifier
 
-    classifier = RuleClassifier()
-    predicted = [routing.domain_of(classifier.labels(row["prompt"])) for row in rows]
+    classifier = classifier or RuleClassifier()
+    labels = [classifier.labels(row["prompt"]) for row in rows]
+    routed = [routing.domain_of(found) for found in labels]
+    # A row may accept a second domain (a manual section routed as code): it counts as its own domain then.
+    predicted = [row["domain"] if p in row.get("accept", ()) else p for row, p in zip(rows, routed)]
     quality = {}
     for domain in sorted({row["domain"] for row in rows}):
         true_positive = sum(1 for row, p in zip(rows, predicted) if p == domain == row["domain"])
@@ -51,7 +59,41 @@ def classifier_quality(rows: list[dict], routing: RoutingConfig) -> dict:
             "precision": round(true_positive / max(predicted_n, 1), 4),
             "recall": round(true_positive / max(actual_n, 1), 4),
         }
+    ja_ko = [found for row, found in zip(rows, labels) if row.get("lang") in ("ja", "ko")]
+    quality["ja_ko_as_chinese"] = {"n": len(ja_ko),
+                                   "share": round(sum("chinese" in found for found in ja_ko) / max(len(ja_ko), 1), 4)}
+    quality["accepted_second_domain"] = sum(1 for row, p in zip(rows, routed) if p in row.get("accept", ()))
     return quality
+
+
+def _classification_rates(classifier: DomainClassifier, texts: list[str], seconds: float) -> list[float]:
+    """Prompts per CPU second of `classifier.labels` over `texts`, one figure per pass, passes for `seconds` of
+    wall time. CPU time of this process (one thread), so that other work on a shared machine does not count."""
+    rates, started = [], time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        round_started = time.process_time()
+        for text in texts:
+            classifier.labels(text)
+        rates.append(len(texts) / (time.process_time() - round_started))
+    return rates
+
+
+def compare_classifiers(routing: RoutingConfig, seconds: float = 3.0) -> dict:
+    """Every installed classifier of the `avocado_ray.classifiers` entry points on the same prompts: its rate on
+    one core (`prompts_per_s`: the best pass over the dev prompts, `prompts_per_s_median`) and its per-domain
+    quality on the dev and the held-out test prompts."""
+    from avocado_ray.routing.classifier import installed_classifiers, load_classifier
+
+    dev, test = labelled_prompts("dev"), labelled_prompts("test")
+    texts = [row["prompt"] for row in dev]
+    compared = {}
+    for name in installed_classifiers():
+        classifier = load_classifier(name)
+        rates = _classification_rates(classifier, texts, seconds)
+        compared[name] = {"prompts_per_s": round(max(rates)), "prompts_per_s_median": round(float(np.median(rates))),
+                          "quality_dev": classifier_quality(dev, routing, classifier),
+                          "quality_heldout": classifier_quality(test, routing, classifier)}
+    return compared
 
 
 class _NoopRouter:
@@ -107,9 +149,10 @@ def bench_router(seconds: float = 3.0, calls: int = 2000, in_flight: tuple[int, 
     """Classification rate on one core, routing-decision latency through the router actor under load, and
     per-domain precision and recall on the dev prompts and on the held-out test prompts.
 
-    Rate: `RuleClassifier.labels` over the dev prompts in rounds of one pass, for `seconds`. `prompts_per_s` is
-    the best round, as timeit reports the best (other work on a shared machine only slows rounds down), and
-    `prompts_per_s_median` the median round.
+    Rate: `RuleClassifier.labels` over the dev prompts in rounds of one pass, for `seconds`, in CPU time of this
+    process. `prompts_per_s` is the best round, as timeit reports the best (other work on a shared machine only
+    slows rounds down), and `prompts_per_s_median` the median round. `classifiers`: the same figures and the quality of every installed
+    classifier (the rules, CLD2, Lingua) on the same prompts, side by side.
     Latency: one-prompt routing calls to a Router actor started as the pipeline starts it (a sync actor), `calls`
     calls with `in_flight` of them kept in flight, through a RouterClient as the pipeline routes (its compiled
     graph); `p99_ms` is at `load` in flight. Side by side: the same loop with plain actor calls to the same
@@ -128,15 +171,10 @@ def bench_router(seconds: float = 3.0, calls: int = 2000, in_flight: tuple[int, 
 
     rows = labelled_prompts("dev")
     texts = [row["prompt"] for row in rows]
-    classifier = RuleClassifier()
-    rates, started = [], time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        round_started = time.perf_counter()
-        for text in texts:
-            classifier.labels(text)
-        rates.append(len(texts) / (time.perf_counter() - round_started))
-
+    rates = _classification_rates(RuleClassifier(), texts, seconds)
     config = load_config(config_path("builtin:local"), check_paths=False)
+    classifiers = compare_classifiers(config.routing, seconds)
+
     start_local(num_cpus=2, log_to_driver=False)
     router = start_router(config.routing, [t.name for t in config.teachers])
     noop = ray.remote(_NoopRouter).options(num_cpus=0).remote()
@@ -172,6 +210,8 @@ def bench_router(seconds: float = 3.0, calls: int = 2000, in_flight: tuple[int, 
         "machine": {"cpus": os.cpu_count(), "load_avg_1m": round(load_avg, 2)},
         "quality_dev": classifier_quality(rows, config.routing),
         "quality_heldout": classifier_quality(labelled_prompts("test"), config.routing),
+        "classifiers": classifiers,
+        "default_classifier": config.routing.classifier,
     }
 
 
@@ -196,42 +236,24 @@ def _synthetic_samples(count: int, tokens: int, k: int, vocab: int, seed: int = 
 
 
 def bench_dataplane(samples: int = 2048, tokens: int = 64, k: int = 20, batch_rows: int = 64,
-                    buffer_batches: int = 4, vocab: int = 151_936) -> dict:
+                    buffer_batches: int = 4, vocab: int = 151_936, real_prompts: int = 96) -> dict:
     """Parquet write rate and top-k bytes on disk; stream rate to a counting trainer; buffer bound under a
-    slow consumer. All in one run, on the same synthetic samples."""
-    import tempfile
-
-    import pyarrow.parquet as pq
-
+    slow consumer. All in one run, on the same synthetic samples (token ids drawn Zipf-like:
+    `token_ids_source`); then the top-k bytes again on real answers of the tiny teachers (`real_teacher_answers`)."""
     from avocado_ray.dataplane.schema import samples_to_batch
-    from avocado_ray.dataplane.spill import ShardWriter, complete_shards
 
     rows = _synthetic_samples(samples, tokens, k, vocab)
     batches = [samples_to_batch(rows[i : i + batch_rows]) for i in range(0, samples, batch_rows)]
+    parquet_s, topk_bytes = _spill(batches)
 
-    with tempfile.TemporaryDirectory() as folder:
-        started = time.perf_counter()
-        writer = ShardWriter(folder, rows_per_shard=samples)
-        for batch in batches:
-            writer.write(batch)
-        writer.close()
-        parquet_s = time.perf_counter() - started
-        topk_bytes = 0
-        for shard in complete_shards(folder):
-            metadata = pq.ParquetFile(shard).metadata
-            for group in range(metadata.num_row_groups):
-                for column in range(metadata.num_columns):
-                    chunk = metadata.row_group(group).column(column)
-                    if chunk.path_in_schema.startswith(("topk_ids", "topk_logprobs")):
-                        topk_bytes += chunk.total_compressed_size
-
-    start_local(num_cpus=2, log_to_driver=False)
+    start_local(num_cpus=4, log_to_driver=False)
     stream_through(batches[:buffer_batches], buffer_batches)  # warm-up: consumer worker and queue actor start
     fast = stream_through(batches, buffer_batches)
     slow_batches = batches[: 4 * buffer_batches]
     slow = stream_through(slow_batches, buffer_batches, consumer_delay_s=0.2)
     return {
         "benchmark": "dataplane",
+        "token_ids_source": "synthetic zipf",
         "samples": samples,
         "tokens_per_sample": tokens,
         "k": k,
@@ -245,6 +267,69 @@ def bench_dataplane(samples: int = 2048, tokens: int = 64, k: int = 20, batch_ro
         "peak_buffer_bytes": slow["peak_bytes"],
         "buffer_bound_bytes": slow["bound_bytes"],
         "producer_blocked_s": slow["producer_blocked_s"],
+        "real_teacher_answers": _real_answers_topk(real_prompts, tokens, k),
+    }
+
+
+def _spill(batches: list) -> tuple[float, int]:
+    """(seconds, compressed top-k bytes) of writing `batches` as Parquet shards with the pipeline's writer."""
+    import tempfile
+
+    import pyarrow.parquet as pq
+
+    from avocado_ray.dataplane.spill import ShardWriter, complete_shards
+
+    with tempfile.TemporaryDirectory() as folder:
+        started = time.perf_counter()
+        writer = ShardWriter(folder, rows_per_shard=sum(b.num_rows for b in batches))
+        for batch in batches:
+            writer.write(batch)
+        writer.close()
+        seconds, topk_bytes = time.perf_counter() - started, 0
+        for shard in complete_shards(folder):
+            metadata = pq.ParquetFile(shard.path).metadata
+            for group in range(metadata.num_row_groups):
+                for column in range(metadata.num_columns):
+                    chunk = metadata.row_group(group).column(column)
+                    if chunk.path_in_schema.startswith(("topk_ids", "topk_logprobs")):
+                        topk_bytes += chunk.total_compressed_size
+    return seconds, topk_bytes
+
+
+def _real_answers_topk(prompts: int, tokens: int, k: int) -> dict:
+    """Top-k bytes per entry on the tiny teachers' own answers (their replicas, sampling as configured, `tokens`
+    new tokens and top-`k` logprobs), spilled as the synthetic ones are."""
+    import ray
+
+    from avocado_ray.cli import config_path
+    from avocado_ray.config import load_config
+    from avocado_ray.models.tiny import resolve_model
+    from avocado_ray.teachers.pool import TeacherPool
+
+    config = load_config(config_path("builtin:local"))
+    texts = [row["prompt"][:300] for row in labelled_prompts()][:prompts]
+    pools, batches = [], []
+    for teacher in config.teachers:
+        sampling = teacher.sampling.model_copy(update={"max_tokens": tokens, "logprobs": k})
+        teacher = teacher.model_copy(update={"sampling": sampling})
+        pools.append(TeacherPool(teacher, resolve_model(teacher.model), use_gpu=False, max_in_flight=4))
+    for pool in pools:
+        pool.ready()
+        requests = [{"prompt_id": f"{pool.teacher.name}{i}", "domain": "general", "labels": ["general"],
+                     "messages": [{"role": "user", "content": text}]} for i, text in enumerate(texts)]
+        refs = [pool.submit(requests[i : i + 32]) for i in range(0, len(requests), 32)]
+        for ref in refs:
+            pool.complete(ref)
+        batches += ray.get(refs)
+        pool.shutdown()
+    entries = sum(len(ids) for b in batches for row in b.column("topk_ids").to_pylist() for ids in row)
+    return {
+        "token_ids_source": "real teacher answers",
+        "teachers": {p.teacher.name: Path(p.model_path).name for p in pools},  # the model served (untrained or not)
+        "samples": sum(b.num_rows for b in batches),
+        "k": k,
+        "topk_entries": entries,
+        "bytes_per_topk_entry": round(_spill(batches)[1] / entries, 3),
     }
 
 
@@ -323,8 +408,11 @@ def stream_through(batches: list, buffer_batches: int, consumer_delay_s: float =
 def _bench_teachers(prompts: int = 200, max_tokens: int = 16, batch: int = 25, in_flight: int = 8) -> dict:
     """Output tokens/s of the tiny Qwen teacher through replica actor + Arrow batches, the prompts routed first
     by the router actor as the pipeline routes them (`route_s`, apart), against a bare `vllm.LLM.generate` on the
-    same model, prompts and sampling, measured one after the other in this run."""
+    same model, prompts and sampling, measured one after the other in this run. Both engines take the replica's
+    engine arguments and environment (`engine_args`, `replica_env`): the ratio is what Ray and the data plane
+    cost, not a difference of engine settings."""
     import gc
+    import os
 
     import ray
     from vllm import LLM
@@ -335,8 +423,8 @@ def _bench_teachers(prompts: int = 200, max_tokens: int = 16, batch: int = 25, i
     from avocado_ray.models.chat import chat_prompt_ids
     from avocado_ray.models.tiny import resolve_model
     from avocado_ray.routing.router import RouterClient, start_router
-    from avocado_ray.teachers.pool import TeacherPool
-    from avocado_ray.teachers.replica import vllm_sampling_params
+    from avocado_ray.teachers.pool import TeacherPool, replica_env
+    from avocado_ray.teachers.replica import engine_args, vllm_sampling_params
 
     config = load_config(config_path("builtin:local"), ["routing.best_of={}"])
     teacher = config.teacher("qwen")
@@ -345,9 +433,10 @@ def _bench_teachers(prompts: int = 200, max_tokens: int = 16, batch: int = 25, i
     texts = [row["prompt"] for row in labelled_prompts() if row["domain"] in ("code", "chinese")][:prompts]
     messages = [[{"role": "user", "content": text[:400]}] for text in texts]
 
-    llm = LLM(model=model, max_model_len=teacher.engine.max_model_len, enforce_eager=True, seed=0,
-              max_logprobs=teacher.sampling.logprobs)
-    params = vllm_sampling_params(teacher.sampling)  # the teacher's sampling, max_tokens as set above
+    env = replica_env(teacher)
+    os.environ.update(env)  # the engine process starts with the replicas' environment
+    llm = LLM(**engine_args(teacher, model, seed=0))
+    params = vllm_sampling_params(teacher.sampling, flat_logprobs=True)  # as the replica asks, max_tokens as above
     tokenizer = llm.get_tokenizer()
     token_prompts = [{"prompt_token_ids": chat_prompt_ids(tokenizer, m)} for m in messages]
     llm.generate(token_prompts[:batch], params, use_tqdm=False)  # warm-up
@@ -409,6 +498,8 @@ def _bench_teachers(prompts: int = 200, max_tokens: int = 16, batch: int = 25, i
         "pool_tokens_per_s": round(pool_rate, 1),
         "ratio": round(pool_rate / bare_rate, 3),
         "route_s": round(route_s, 3),
+        "engine_args_both_sides": {k: v for k, v in engine_args(teacher, model, seed=0).items() if k != "model"},
+        "environment_both_sides": env,
     }
 
 
@@ -443,7 +534,8 @@ class _CountingTrainer:
 def _bench_load(prompts: int = 100_000, replicas: int = 2, run_dir: str = "runs/load") -> dict:
     """The whole pipeline on `prompts` prompts (tiny Qwen, 2-token answers, top-5 logprobs, a pool of `replicas`),
     with a trainer that only counts: throughput over the run, nothing lost, and the resident memory of the driver
-    and the router actor when 10,000 samples were counted against the end."""
+    and the router actor when 10,000 samples were counted against the end; and the end of the run (from the last
+    sample counted to the summary): its seconds and the bytes the driver read meanwhile, against the spill's size."""
     import shutil
     import threading
 
@@ -488,8 +580,10 @@ def _bench_load(prompts: int = 100_000, replicas: int = 2, run_dir: str = "runs/
 
     others = set(routers())  # a cluster shared with other work (the tests) may have routers of its own
 
+    driver, started = psutil.Process(), time.monotonic()
+
     def watch():
-        driver, router, started = psutil.Process(), None, time.monotonic()
+        router = None
         while not done.wait(0.1):
             if router is None:
                 pids = [pid for actor, pid in routers().items() if actor not in others]
@@ -497,11 +591,15 @@ def _bench_load(prompts: int = 100_000, replicas: int = 2, run_dir: str = "runs/
             if not trainers or router is None:
                 continue
             samples.append({"counted": ray.get(trainers[0].counter.count.remote()), "s": time.monotonic() - started,
-                            "driver_mb": driver.memory_info().rss / 2**20, "router_mb": router.memory_info().rss / 2**20})
+                            "driver_mb": driver.memory_info().rss / 2**20,
+                            "router_mb": router.memory_info().rss / 2**20,
+                            "read_mb": driver.io_counters().read_chars / 2**20})
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     summary = run_distill(config, trainer_factory=counting_trainer)
+    returned = {"s": time.monotonic() - started, "read_mb": driver.io_counters().read_chars / 2**20}
+    spill = sum(p.stat().st_size for p in (folder / "run" / "samples").glob("shard-*.parquet"))
     done.set()
     watcher.join()
     counted = ray.get(trainers[0].counter.count.remote())
@@ -529,6 +627,133 @@ def _bench_load(prompts: int = 100_000, replicas: int = 2, run_dir: str = "runs/
         "router_rss_mb": {"at_10k": round(early["router_mb"], 1), "at_end": round(last["router_mb"], 1)},
         "driver_growth_mb": round(last["driver_mb"] - early["driver_mb"], 1),
         "router_growth_mb": round(last["router_mb"] - early["router_mb"], 1),
+        "end_of_run": {"s": round(returned["s"] - final["s"], 2),
+                       "driver_read_mb": round(returned["read_mb"] - final["read_mb"], 1),
+                       "spill_mb": round(spill / 2**20, 1)},
+    }
+
+
+def _scale_prompts(path: Path, count: int) -> None:
+    """`count` real-text prompts: the labelled prompts of both splits in turn, each copy numbered."""
+    texts = [row["prompt"][:400] for row in labelled_prompts("dev") + labelled_prompts("test")]
+    with open(path, "w") as f:
+        for i in range(count):
+            row = {"id": f"scale-{i}", "prompt": f"{texts[i % len(texts)]} ({i // len(texts)})"}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def scale_driver(prompts_file: str, run_dir: str, answer_prompts: int) -> dict:
+    """One driver process of `bench scale`: the run's own parts (pools started first, the streaming reader, the
+    router actor, the dispatcher, a tiny Qwen pool and the shard writer) over the whole input, where the teachers
+    answer the first `answer_prompts` prompts and the rest is read and routed but not sent (a 2-core machine
+    cannot answer a million prompts in a benchmark). Returns the process's peak resident memory and timings."""
+    import resource
+
+    import psutil
+    import ray
+
+    from avocado_ray.config import DistillConfig
+    from avocado_ray.dataplane.prompts import PromptReader
+    from avocado_ray.dataplane.rundir import RunDir
+    from avocado_ray.dataplane.spill import ShardWriter, complete_shards, sample_counts
+    from avocado_ray.pipeline import READ_BATCH_ROWS, DeadLetters, Dispatcher, InputFeed, routed_teachers, start_pools
+    from avocado_ray.routing.router import RouterClient, start_router
+
+    process_start = psutil.Process().create_time()
+    folder = Path(run_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = DistillConfig.model_validate({
+        "run_dir": run_dir,
+        "teachers": [{"name": "qwen", "model": "tiny:qwen", "family": "qwen2", "sampling": {"max_tokens": 2, "logprobs": 5},
+                      "engine": {"max_model_len": 512, "kv_cache_gib": 1, "enforce_eager": True}}],
+        "routing": {"table": {d: "qwen" for d in ("code", "chinese", "math", "general", "multimodal")}, "fallback": "qwen"},
+        "student": {"model": "tiny:student"},
+        "data": {"input": prompts_file},
+        "dispatch": {"batch_size": 32, "max_in_flight_per_replica": 4},
+    })
+
+    class AnswerFirst(InputFeed):
+        """Sends the first `answer_prompts` prompts' work on; routes the rest and counts it."""
+
+        sent = routed = 0
+        first_routed_at: float | None = None
+
+        def next(self) -> dict:
+            work = super().next()
+            prompts = len({r["prompt_id"] for requests in work.values() for r in requests})
+            self.routed += prompts
+            if prompts and self.first_routed_at is None:
+                self.first_routed_at = time.time()
+            if self.sent >= answer_prompts:
+                return {}
+            self.sent += prompts
+            return work
+
+    start_local(4, log_to_driver=False)
+    pools, down = start_pools(config, routed_teachers(config))
+    writer = ray.remote(ShardWriter).options(num_cpus=0).remote(str(folder / "samples"), 8192)
+    dead_letters = DeadLetters(RunDir(folder))
+    reader = PromptReader(prompts_file, batch_rows=READ_BATCH_ROWS)
+    router = RouterClient(start_router(config.routing, ["qwen"]), compiled=False)
+    feed = AnswerFirst(reader, router, config, pools, down, None, dead_letters)
+    dispatcher = Dispatcher(config, pools, None, None, writer, None, folder / "metrics.jsonl")
+    dead_letters.add_dispatched(dispatcher.run({}, feed))
+    dead_letters.close()
+    ray.get(writer.close.remote())
+    for pool in pools.values():
+        pool.shutdown()
+    return {
+        "prompts": reader.valid + reader.rejected,
+        "routed": feed.routed,
+        "answered": sample_counts(complete_shards(folder / "samples"))["samples"],
+        "rejected": dead_letters.count,
+        "first_routed_s": round(feed.first_routed_at - process_start, 2),
+        "first_request_s": round(dispatcher.first_request_at - process_start, 2),
+        "wall_s": round(time.time() - process_start, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+
+
+def _bench_scale(prompts: int = 1_000_000, small_ratio: int = 10, answer_prompts: int = 256,
+                 run_dir: str = "runs/scale") -> dict:
+    """Driver memory against input size: the same run on `prompts // small_ratio` and on `prompts` real-text
+    prompts, each driver a fresh process (`scale_driver`), so the peak resident memory of each is its own."""
+    import shutil
+    import subprocess
+    import sys
+
+    folder = Path(run_dir).resolve()
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    results = {}
+    for size in ("small", "large"):
+        count = prompts // small_ratio if size == "small" else prompts
+        source = folder / f"prompts-{size}.jsonl"
+        _scale_prompts(source, count)
+        code = ("import json, sys; from avocado_ray.bench import scale_driver; "
+                "print(json.dumps(scale_driver(sys.argv[1], sys.argv[2], int(sys.argv[3]))))")
+        done = subprocess.run([sys.executable, "-c", code, str(source), str(folder / size), str(answer_prompts)],
+                              stdout=subprocess.PIPE, check=True, text=True)
+        results[size] = json.loads(done.stdout.strip().splitlines()[-1])
+        source.unlink()
+    small, large = results["small"], results["large"]
+    return {
+        "benchmark": "scale",
+        "prompts_small": small["prompts"],
+        "prompts_large": large["prompts"],
+        "driver_peak_rss_mb_small": small["peak_rss_mb"],
+        "driver_peak_rss_mb_large": large["peak_rss_mb"],
+        "rss_ratio": round(large["peak_rss_mb"] / small["peak_rss_mb"], 3),
+        "first_routed_s_small": small["first_routed_s"],
+        "first_routed_s_large": large["first_routed_s"],
+        "first_request_s_small": small["first_request_s"],
+        "first_request_s_large": large["first_request_s"],
+        "answered_small": small["answered"],
+        "answered_large": large["answered"],
+        "routed_large": large["routed"],
+        "read_and_route_prompts_per_s_large": round(large["routed"] / large["wall_s"], 1),
+        "wall_s": {"small": small["wall_s"], "large": large["wall_s"]},
+        "measured": "driver peak RSS (ru_maxrss) of a fresh process per size; times from that process's start",
     }
 
 
@@ -575,7 +800,8 @@ def _bench_trainer(steps: int = 4, batch_size: int = 8, hidden: int = 512, layer
     from transformers import AutoModelForCausalLM
 
     from avocado_ray.config import TrainerConfig
-    from avocado_ray.training.trainer import StudentTrainer, SampleEncoder, forward, micro_loss, padding_waste
+    from avocado_ray.training.losses import CausalLMLoss
+    from avocado_ray.training.trainer import StudentTrainer, SampleEncoder, micro_loss, padding_waste
 
     texts = [row["prompt"] for row in labelled_prompts()]
     count = (warmup + steps) * batch_size
@@ -602,7 +828,7 @@ def _bench_trainer(steps: int = 4, batch_size: int = 8, hidden: int = 512, layer
         optimizer = torch.optim.AdamW(plain.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
         zero3 = StudentTrainer(student_path, settings, world_size=1)
         encoder = zero3.encoder
-        parameters = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in zero3.engine.module.parameters())
+        parameters = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in zero3.student.parameters())
 
     def plan(batch, by=encoder):
         return by.micro_batches([by.encode(row) for row in batch], 1, zero3.accumulation)[0]
@@ -616,8 +842,7 @@ def _bench_trainer(steps: int = 4, batch_size: int = 8, hidden: int = 512, layer
         tokens = max(sum(m.tokens for m in micros), 1)
         total = 0.0
         for micro in micros:
-            logits = forward(plain, micro)
-            mixed = micro_loss(logits, micro, zero3.weights, zero3.options)
+            mixed = micro_loss(CausalLMLoss(plain), micro, zero3.weights, zero3.options)
             (mixed.total / tokens).backward()
             total += mixed.total.item()
         torch.nn.utils.clip_grad_norm_(plain.parameters(), 1.0)
@@ -667,6 +892,134 @@ def _bench_trainer(steps: int = 4, batch_size: int = 8, hidden: int = 512, layer
     }
 
 
+LOSS_WEIGHTS = {"supervised": 1.0, "forward_kl": 1.0}  # the bench's loss: top-k distillation, supervised fallback
+
+
+def _loss_case(tokens: int, vocab: int, hidden: int, k: int, seed: int = 0):
+    """Hidden states, an output weight, teacher top-k targets (a fifth of the rows without a teacher) and a mask."""
+    import torch
+
+    from avocado_ray.training.losses import Targets
+
+    torch.manual_seed(seed)
+    h = torch.randn(tokens, hidden).requires_grad_()
+    w = torch.randn(vocab, hidden).div_(hidden**0.5).requires_grad_()  # in place: no second copy in the RSS peak
+    targets = Targets(
+        labels=torch.randint(vocab, (tokens,)),
+        topk_ids=torch.randint(vocab, (tokens, k)),  # repeats within a row are rare at this vocabulary
+        topk_logprobs=torch.log_softmax(torch.randn(tokens, k), -1) - 0.05,
+        distill=torch.rand(tokens) > 0.2,
+    )
+    return h, w, targets, torch.ones(tokens, dtype=torch.bool)
+
+
+def _loss_and_grads(side: str, case: tuple, chunk_tokens: int):
+    """Loss + backward of one side: `mix` of the full logits (naive) or `chunked_mix` (chunked)."""
+    from avocado_ray.training.losses import LossOptions, chunked_mix, mix
+
+    h, w, targets, mask = case
+    options = LossOptions(chunk_tokens=chunk_tokens)
+    if side == "naive":
+        loss = mix(h @ w.T, targets, mask, LOSS_WEIGHTS, options).total
+    else:
+        loss = chunked_mix(h, w, targets, mask, LOSS_WEIGHTS, options).total
+    loss.backward()
+    return loss
+
+
+def _tracked_peak_mb(side: str, tokens: int, vocab: int, hidden: int, k: int, chunk_tokens: int) -> float:
+    """Peak MB of live tensors during one side's loss + backward beyond its inputs, as torch's MemTracker counts
+    them under FakeTensorMode (shapes without storage: nothing is allocated or computed)."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    with FakeTensorMode():
+        case = _loss_case(tokens, vocab, hidden, k)
+        tracker = MemTracker()
+        tracker.track_external(*case[:2])
+        with tracker:
+            _loss_and_grads(side, case, chunk_tokens)
+        peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+    inputs = sum(t.numel() * t.element_size() for t in case[:2])
+    return (peak - inputs) / 2**20
+
+
+def _loss_side(side: str, tokens: int, vocab: int, hidden: int, k: int, chunk_tokens: int, out: str) -> None:
+    """One side for real in this (fresh) process: prints the peak RSS delta and seconds of its loss + backward as
+    JSON, and saves the loss and gradients to `out`."""
+    import resource
+
+    import torch
+
+    case = _loss_case(tokens, vocab, hidden, k)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    started = time.perf_counter()
+    loss = _loss_and_grads(side, case, chunk_tokens)
+    seconds = time.perf_counter() - started
+    peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024  # ru_maxrss is in KiB
+    torch.save({"loss": loss.detach(), "h": case[0].grad, "w": case[1].grad}, out)
+    print(json.dumps({"rss_mb": round(peak_mb), "s": round(seconds, 2)}))
+
+
+def _bench_loss(tokens: int = 8192, vocab: int = 151_936, hidden: int = 1024, k: int = 20,
+                chunk_tokens: int = 1024, check_tokens: int = 2048) -> dict:
+    """Memory of the distillation loss + backward over `tokens` answer positions with full logits (`mix` of
+    hidden @ W^T, "naive") against the chunked loss (`chunked_mix`), on the same inputs.
+
+    Peaks at `tokens` are counted by torch's MemTracker on fake tensors (the naive side needs about 11 GB there, more
+    than a shared 24 GB machine spares). At `check_tokens` both sides also run for real, each in a fresh process:
+    the peak RSS delta checks the tracker's count, and the loss and gradients of the two are compared.
+    The loss's memory is its peak beyond the inputs (hidden states, weight) and the gradients it returns for them,
+    which any implementation holds; the ratio with those included is reported too.
+    """
+    import subprocess
+    import sys
+    import tempfile
+
+    import torch
+
+    shape = {"tokens": tokens, "vocab": vocab, "hidden": hidden, "k": k, "chunk_tokens": chunk_tokens}
+    peaks = {side: _tracked_peak_mb(side, **shape) for side in ("naive", "chunked")}
+    check = {**shape, "tokens": check_tokens}
+    real, results = {}, {}
+    with tempfile.TemporaryDirectory(prefix="avocado-bench-loss-") as folder:
+        for side in ("naive", "chunked"):
+            out = f"{folder}/{side}.pt"
+            call = f"from avocado_ray.bench import _loss_side; _loss_side({side!r}, **{check!r}, out={out!r})"
+            done = subprocess.run([sys.executable, "-c", call], check=True, capture_output=True, text=True)
+            real[side] = json.loads(done.stdout.strip().splitlines()[-1])
+            real[side]["tracked_mb"] = round(_tracked_peak_mb(side, **check))
+            results[side] = torch.load(out)
+    inputs_mb = (tokens + vocab) * hidden * 4 / 2**20  # float32 hidden states and weight; their gradients alike
+    loss_mb = {side: peak - inputs_mb for side, peak in peaks.items()}  # peaks count the gradients, not the inputs
+    naive, chunked = results["naive"], results["chunked"]
+    diffs = {name: float((chunked[name] - naive[name]).abs().max() / naive[name].abs().max()) for name in naive}
+    return {
+        "benchmark": "loss",
+        **shape,
+        "losses": LOSS_WEIGHTS,
+        "memory": "peak MB of live tensors in loss + backward beyond the inputs (hidden states, weight) and the "
+        "gradients returned for them: torch MemTracker under FakeTensorMode",
+        "naive_peak_mb": round(loss_mb["naive"]),
+        "chunked_peak_mb": round(loss_mb["chunked"]),
+        "ratio": round(loss_mb["chunked"] / loss_mb["naive"], 4),
+        "inputs_mb": round(inputs_mb),
+        "gradients_mb": round(inputs_mb),
+        "ratio_with_inputs_and_gradients": round((peaks["chunked"] + inputs_mb) / (peaks["naive"] + inputs_mb), 4),
+        "check": {
+            "tokens": check_tokens,
+            "memory": "peak RSS delta of a fresh process over its loss + backward (rss_mb, beyond the inputs, the "
+            "gradients included) beside the tracker's count of the same (tracked_mb)",
+            **{side: real[side] for side in ("naive", "chunked")},
+        },
+        "max_rel_diff": max(diffs.values()),
+        "rel_diff": {"loss": diffs["loss"], "grad_hidden": diffs["h"], "grad_weight": diffs["w"]},
+        "rel_diff_is": "max |chunked - naive| / max |naive|, for the loss and each gradient",
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
 def _stdout_on_stderr(bench):
     """`bench` with file descriptor 1 on stderr: DeepSpeed's logs and op builds (and vLLM's) print to stdout,
     which stays for the one JSON object."""
@@ -698,12 +1051,57 @@ def _bench_quality(**options) -> dict:
     return run_quality(**options)
 
 
+def bench_accounting(prompts: int = 1_000_000) -> dict:
+    """The end of a run and the start of a resume on a spill of `prompts` samples like `bench load`'s (its prompts,
+    2-token answers with top-5 logprobs, 8192 rows per shard), beside reading the spill as the end did before shard
+    sidecars (every page's checksum, then `token_ids` of every sample): seconds and bytes this process read."""
+    import tempfile
+
+    import psutil
+
+    from avocado_ray.dataplane.schema import samples_to_batch
+    from avocado_ray.dataplane.spill import ShardWriter, complete_shards, open_samples, prompt_ids_in, sample_counts
+
+    process = psutil.Process()
+
+    def measured(work) -> dict:
+        read, started = process.io_counters().read_chars, time.perf_counter()
+        work()
+        return {"s": round(time.perf_counter() - started, 3),
+                "read_mb": round((process.io_counters().read_chars - read) / 2**20, 2)}
+
+    texts = [row["prompt"][:200] for row in labelled_prompts()]
+    rows = _synthetic_samples(1000, tokens=2, k=5, vocab=151_936)
+    with tempfile.TemporaryDirectory() as folder:
+        writer = ShardWriter(folder, rows_per_shard=8192)
+        for start in range(0, prompts, 1000):
+            writer.write(samples_to_batch([
+                dict(row, sample_id=f"{start + i}:qwen", prompt_id=str(start + i),
+                     messages=json.dumps([{"role": "user", "content": texts[(start + i) % len(texts)]}]))
+                for i, row in enumerate(rows[: min(1000, prompts - start)])]))
+        writer.close()
+        spill_mb = sum(p.stat().st_size for p in Path(folder).glob("shard-*.parquet")) / 2**20
+        end = measured(lambda: sample_counts(complete_shards(folder)))
+        resume = measured(lambda: prompt_ids_in(complete_shards(folder)))
+
+        def read_spill() -> None:
+            complete_shards(folder, verify=True)
+            open_samples(folder).to_table(columns=["domain", "teacher", "token_ids"])
+
+        reading = measured(read_spill)
+    return {"benchmark": "accounting", "prompts": prompts, "spill_mb": round(spill_mb, 1),
+            "end_of_run": end, "resume_answered_ids": resume, "reading_the_spill": reading,
+            "end_speedup": round(reading["s"] / max(end["s"], 1e-6), 1)}
+
+
 bench_trainer = _stdout_on_stderr(_bench_trainer)
 bench_quality = _stdout_on_stderr(_bench_quality)
 bench_load = _stdout_on_stderr(_bench_load)  # Ray forwards the replicas' logs to the driver's stdout
 bench_teachers = _stdout_on_stderr(_bench_teachers)  # so does the bare vLLM engine's log
+bench_scale = _stdout_on_stderr(_bench_scale)
 
 BENCHMARKS = {
     "router": bench_router, "dataplane": bench_dataplane, "teachers": bench_teachers, "trainer": bench_trainer,
-    "quality": bench_quality, "load": bench_load,
+    "quality": bench_quality, "load": bench_load, "accounting": bench_accounting, "scale": bench_scale,
+    "loss": _bench_loss,
 }

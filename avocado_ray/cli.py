@@ -10,7 +10,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from avocado_ray.config import ConfigError, DistillConfig, json_schema, load_config
+from avocado_ray.config import ConfigError, DistillConfig, json_schema, load_config, storage_warnings
 from avocado_ray.dataplane.prompts import InputError
 from avocado_ray.dataplane.schema import SchemaVersionError
 from avocado_ray.errors import RunError
@@ -67,32 +67,32 @@ def cmd_route(args) -> int:
     """Dry run of the router: where each input row would go, without starting any teacher."""
     from collections import Counter
 
-    from avocado_ray.dataplane.prompts import read_prompts
+    from avocado_ray.dataplane.prompts import PromptReader
     from avocado_ray.routing.router import Router
 
     config = _load(args, check_paths=False)
-    prompt_set = read_prompts(args.input, max_bytes=config.data.max_prompt_bytes)
+    reader = PromptReader(args.input, max_bytes=config.data.max_prompt_bytes)
     router = Router(config.routing, [t.name for t in config.teachers])
     output = Path(args.output)
     rejected_path = output.with_name(output.name.removesuffix(".jsonl") + ".rejected.jsonl")
-    rejected = [vars(r) for r in prompt_set.rejected]  # the records of a run's rejected.jsonl
-    domains, teachers = Counter(), Counter()
-    with open(output, "w") as out:
-        for prompt, route in zip(prompt_set.prompts, router.route(prompt_set.prompts)):
-            if route.teacher is None:
-                rejected.append(vars(route.rejection(prompt)))
-                continue
-            record = {"id": prompt.id, "domain": route.domain, "teacher": route.teacher, "labels": route.labels}
-            if route.candidates:
-                record["candidates"] = route.candidates
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
-            domains[route.domain] += 1
-            teachers[route.teacher] += 1
-    rejected.sort(key=lambda r: r["line"])
-    with open(rejected_path, "w") as out:
-        out.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rejected)
+    domains, teachers, rejected = Counter(), Counter(), 0
+    with open(output, "w") as out, open(rejected_path, "w") as dead:
+        for prompts, refused in reader.batches():  # streamed; the rejections as a run's rejected.jsonl has them
+            routed = list(zip(prompts, router.route(prompts)))
+            refused += [route.rejection(prompt) for prompt, route in routed if route.teacher is None]
+            dead.writelines(json.dumps(vars(r), ensure_ascii=False) + "\n" for r in sorted(refused, key=lambda r: r.line))
+            rejected += len(refused)
+            for prompt, route in routed:
+                if route.teacher is None:
+                    continue
+                record = {"id": prompt.id, "domain": route.domain, "teacher": route.teacher, "labels": route.labels}
+                if route.candidates:
+                    record["candidates"] = route.candidates
+                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                domains[route.domain] += 1
+                teachers[route.teacher] += 1
     counts = {"routed": sum(teachers.values()), "per_domain": dict(domains), "per_teacher": dict(teachers)}
-    counts.update(rejected=len(rejected), output=str(output), rejected_output=str(rejected_path))
+    counts.update(rejected=rejected, output=str(output), rejected_output=str(rejected_path))
     print(json.dumps(counts, indent=2, ensure_ascii=False))
     return 0
 
@@ -127,12 +127,14 @@ def cmd_scale(args) -> int:
 
 def cmd_status(args) -> int:
     from avocado_ray.report import run_status
+    from avocado_ray.teachers.engines import unowned_engines
 
     try:
-        print(json.dumps(run_status(args.run), indent=2, ensure_ascii=False))
+        status = run_status(args.run) if args.run else {}
     except FileNotFoundError as error:
         print(error, file=sys.stderr)
         return 2
+    print(json.dumps({**status, "unowned_engines": unowned_engines()}, indent=2, ensure_ascii=False))
     return 0
 
 
@@ -147,8 +149,35 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    """The run's resource plan, without starting anything: on a cluster joined, a described one, or this machine."""
+    from avocado_ray import plan
+
+    config = _load(args, check_paths=False)
+    scope = {"distill": {}, "generate": {"train": False}, "train": {"teachers": False}}[args.job]
+    address = args.address or config.ray.address or os.environ.get("RAY_ADDRESS")
+    if args.nodes:
+        try:
+            nodes, cluster = plan.described_nodes(args.nodes), "the described cluster " + " + ".join(args.nodes)
+        except ValueError as error:
+            print(f"avocado-ray plan: {error}", file=sys.stderr)
+            return 2
+    elif address:
+        import ray
+
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+        nodes, cluster = plan.live_nodes(), f"the cluster at {address}"
+    else:
+        nodes, cluster = [plan.local_node(config)], "the local Ray a run starts here when none runs (logical CPUs)"
+    result = plan.make_plan(config, nodes, cluster, **scope)
+    print(result.table())
+    return 0 if result.fits else 2
+
+
 def cmd_config_check(args) -> int:
     config = _load(args, check_paths=not args.no_paths)
+    for warning in storage_warnings(config):
+        print(f"{args.config}: warning: {warning}", file=sys.stderr)
     print(f"{args.config}: ok ({len(config.teachers)} teachers, run_dir {config.run_dir})")
     return 0
 
@@ -209,14 +238,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="run a benchmark; prints one JSON object")
     bench.add_argument(
         "which",
-        choices=["router", "dataplane", "teachers", "trainer", "quality", "load"],
+        choices=["router", "dataplane", "teachers", "trainer", "quality", "load", "accounting", "scale", "loss"],
         help="router: rate, latency, accuracy; dataplane: bytes, rates, buffer; teachers: pool vs bare vLLM; "
         "trainer: DeepSpeed ZeRO-3 step vs plain PyTorch AdamW tokens/s, padding waste; quality: the student's "
         "bits per byte on each teacher's held-out answers before and after a distillation (runs/quality); "
-        "load: 100,000 prompts through the whole pipeline with a counting trainer, throughput and memory (runs/load)",
+        "load: 100,000 prompts through the whole pipeline with a counting trainer, throughput and memory (runs/load); "
+        "accounting: the end of a run and a resume's answered ids from shard sidecars vs reading the spill; "
+        "scale: the driver's peak memory and first request at 100,000 and 1,000,000 input prompts (runs/scale); "
+        "loss: memory of the chunked loss + backward against full logits at a 151,936 vocabulary, and their agreement",
     )
     bench.add_argument("--prompts", type=_positive_int, metavar="N",
-                       help="how many prompts (teachers: 200, load: 100000)")
+                       help="how many prompts (teachers: 200, load: 100000, accounting: 1000000, scale: 1000000)")
     bench.set_defaults(func=cmd_bench)
 
     scale = commands.add_parser("scale", help="resize a teacher pool of a running run (drains when shrinking)")
@@ -226,13 +258,28 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else the local cluster)")
     scale.set_defaults(func=cmd_scale)
 
-    status = commands.add_parser("status", help="progress of a running or finished run, as JSON (reads files only)")
-    status.add_argument("run", metavar="RUN", help="run directory (the config's run_dir)")
+    status = commands.add_parser("status", help="progress of a running or finished run (reads files only), and the "
+                                 "vLLM engine processes on this node that no live replica owns, as JSON")
+    status.add_argument("run", metavar="RUN", nargs="?", help="run directory (the config's run_dir); without it, "
+                        "only the engine processes")
     status.set_defaults(func=cmd_status)
 
     report = commands.add_parser("report", help="write RUN/report.html: plots and the summary table, readable offline")
     report.add_argument("run", metavar="RUN", help="run directory (the config's run_dir); plots also go to RUN/report/")
     report.set_defaults(func=cmd_report)
+
+    plan = commands.add_parser(
+        "plan", help="the run's resource plan (what each part reserves, where it goes); exit 2 if it does not fit")
+    _add_config_args(plan)
+    plan.add_argument("--job", choices=["distill", "generate", "train"], default="distill",
+                      help="the run to plan: teachers and trainer (distill), teachers only, trainer only")
+    plan.add_argument("--address", help="join this Ray cluster (HOST:PORT of its GCS, as RAY_ADDRESS) and plan on "
+                      "what it has free now (default: "
+                      "ray.address, else RAY_ADDRESS; without any, the local Ray a run would start here)")
+    plan.add_argument("--nodes", action="append", default=[], metavar="SHAPE",
+                      help="plan on a described cluster instead, connecting to nothing: COUNTx{RESOURCE:N,...,"
+                      "LABEL=VALUE}, repeatable, e.g. --nodes 1x{CPU:16} --nodes 4x{GPU:8,CPU:192}")
+    plan.set_defaults(func=cmd_plan)
 
     config = commands.add_parser("config", help="check a config or print its JSON Schema")
     config_commands = config.add_subparsers(dest="config_command", required=True)

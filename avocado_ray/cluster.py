@@ -7,18 +7,12 @@ import os
 import ray
 
 from avocado_ray.config import DistillConfig
+from avocado_ray.plan import local_cpus
 
 # Raylet settings for a Ray this process starts. Released objects are deleted from the object store in periods
 # (1 s by default); a shorter period keeps the store's use at the stream's bound when the trainer is slow.
 # A cluster started with `ray start` takes the same as RAY_free_objects_period_milliseconds=100 (see cluster/).
 SYSTEM_CONFIG = {"free_objects_period_milliseconds": 100}
-
-
-def cpus_needed(config: DistillConfig) -> int:
-    """Logical CPUs the run reserves: teacher replicas, trainer workers and one for the driver's actors."""
-    teachers = sum(t.num_cpus * t.replicas * t.tensor_parallel_size for t in config.teachers)
-    trainer = config.trainer.num_workers * config.trainer.cpus_per_worker
-    return int(teachers + trainer + 1.999)
 
 
 def connect(config: DistillConfig) -> str:
@@ -37,7 +31,7 @@ def connect(config: DistillConfig) -> str:
         return "joined the running local cluster"
     except ConnectionError:
         pass
-    num_cpus = config.ray.num_cpus or max(cpus_needed(config), os.cpu_count() or 1)
+    num_cpus = local_cpus(config)
     start_local(num_cpus)
     return f"started a local Ray with {num_cpus} logical CPUs"
 

@@ -8,6 +8,7 @@ says) the line, so a broken config fails before any Ray actor starts.
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -118,6 +119,13 @@ class VLLMTeacher(Strict):
         default_factory=dict, description="Ray node labels a replica's node must carry (e.g. a GPU type)."
     )
     max_restarts: int = Field(3, ge=0, description="Ray restarts of a crashed replica before it is replaced.")
+    max_start_failures: int = Field(
+        3,
+        gt=0,
+        description="Replica starts that fail in a row (an engine that cannot load its model: a gated model without "
+        "HF_TOKEN, a broken model folder) before the pool is down: the error goes to the run log and metrics, and "
+        "the pool's prompts go to `routing.fallback` (the run fails if the fallback is the pool that is down).",
+    )
     autoscale: AutoscaleConfig | None = Field(None, description="Scale between bounds by queue depth.")
     reasoning_parser: str | None = Field(
         None,
@@ -178,8 +186,9 @@ class RoutingConfig(Strict):
     )
     classifier: str = Field(
         "rules",
-        description="Domain classifier: `rules` (built in), or the name of an entry point in the "
-        "`avocado_ray.classifiers` group of an installed package (the only code a config can select).",
+        description="Domain classifier: `rules` (built in), `cld2` or `lingua` (the rules with a language "
+        "identifier deciding the Chinese label; `langid` extra; compared in `bench router`), or the name of an entry "
+        "point in the `avocado_ray.classifiers` group of an installed package (the only code a config can select).",
     )
     best_of: dict[Domain, BestOfConfig] = Field(
         default_factory=dict, description="Domains whose prompts go to several teachers, keeping the best answer."
@@ -265,9 +274,17 @@ class TrainerConfig(Strict):
     )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
         "sdpa",
-        description="The student's attention (Hugging Face attn_implementation). Packed samples never attend to each "
-        "other with any of them: position ids from 0 per sample give flash_attention_2 its varlen boundaries and "
-        "sdpa / eager a block-diagonal causal mask (tests/test_trainer.py checks packed == alone).",
+        description="The student's attention kernel (Hugging Face attn_implementation); flash_attention_2 needs the "
+        "flash-attn package and a GPU. Packed samples never attend to each other with any of them: position ids "
+        "from 0 per sample give flash_attention_2 its varlen boundaries and sdpa / eager a block-diagonal causal "
+        "mask (tests/test_trainer.py checks packed == alone).",
+    )
+    loss_chunk_tokens: int = Field(
+        1024,
+        gt=0,
+        description="Answer positions whose full-vocabulary logits exist at once: the losses take the output layer "
+        "chunk by chunk, so they hold about 2 x chunk x vocabulary float32 values (and a float32 gradient of the "
+        "output weight) whatever the micro-batch's tokens (docs/training.md, Bounded loss memory).",
     )
     max_tokens_per_micro_batch: int | None = Field(
         None,
@@ -355,7 +372,12 @@ class TrainerConfig(Strict):
 class DataConfig(Strict):
     """Where the prompts come from."""
 
-    input: str = Field(description="JSONL or Parquet file of prompts, or builtin:demo for the embedded demo set.")
+    input: str = Field(
+        description="Prompts: a JSONL or Parquet file, a folder of them, or a glob (`data/part-*.parquet`), as a local "
+        "path or a URI pyarrow.fs knows (`file://`, `s3://bucket/prefix` with the AWS_* variables, AWS_ENDPOINT_URL "
+        "among them, or `?endpoint_override=HOST:PORT&scheme=http`, `gs://`); or builtin:demo for the embedded demo "
+        "set. It is read as a stream, never whole."
+    )
     max_prompts: int | None = Field(None, gt=0, description="Use at most this many prompts.")
     max_prompt_bytes: int = Field(
         MAX_PROMPT_BYTES,
@@ -372,6 +394,13 @@ class DispatchConfig(Strict):
     max_in_flight_per_replica: int = Field(4, gt=0, description="Calls in flight per replica (bounds memory).")
     buffer_batches: int = Field(8, gt=0, description="Teacher batches queued for the trainer (backpressure).")
     rows_per_shard: int = Field(4096, gt=0, description="Samples per Parquet shard; a shard is durable once complete.")
+    max_pending_prompts: int = Field(
+        20_000,
+        gt=0,
+        description="The driver's window on the input: prompts read, routed and not yet answered (queued or in "
+        "flight) stay at most about this many, so the driver's memory does not grow with the input. Make it "
+        "several times the prompts all replicas hold in flight (replicas x max_in_flight_per_replica x batch_size).",
+    )
 
 
 class RayConfig(Strict):
@@ -380,13 +409,38 @@ class RayConfig(Strict):
     address: str | None = Field(
         None, description="Cluster address; default: RAY_ADDRESS, else a running local cluster, else start one."
     )
-    num_cpus: int | None = Field(None, gt=0, description="CPUs of a Ray started here (default: what the run needs).")
+    num_cpus: int | None = Field(
+        None, gt=0, description="Logical CPUs of a Ray started here (default: what the run's resource plan needs, at "
+        "least the machine's cores)."
+    )
+    wait_for_resources_s: float = Field(
+        0,
+        ge=0,
+        description="How long a run whose resource plan does not fit the cluster waits for it to grow (an autoscaler "
+        "is asked for the plan's bundles), with a line every 10 s, before it fails. 0 (a fixed cluster): it fails "
+        "at once, exit status 2, one line per missing resource.",
+    )
+
+
+class StorageConfig(Strict):
+    """How the run directory (and input) on object storage is reached; credentials come from each process's
+    environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or the pod's role), never from the config."""
+
+    s3_endpoint: str | None = Field(
+        None, description="S3 endpoint URL for s3:// locations, e.g. http://minio:9000 (default: AWS, or "
+        "AWS_ENDPOINT_URL).")
+    s3_region: str | None = Field(None, description="S3 region (default: AWS_REGION or the SDK's).")
+    log_flush_s: float = Field(
+        10.0, gt=0, description="On object storage, which has no append: seconds between uploads of a process's "
+        "metrics part (a killed process loses at most this much of its log, never samples or checkpoints).")
 
 
 class DistillConfig(Strict):
     """A whole distillation run."""
 
-    run_dir: str = Field(description="Folder for Parquet outputs, the student, metrics and the summary.")
+    run_dir: str = Field(
+        description="Folder for Parquet outputs, the student, metrics and the summary: a local path, file://..., or "
+        "an object-storage URI such as s3://bucket/run (needed on a multi-node cluster without a shared disk).")
     seed: int = Field(0, description="Seed of sampling (per replica: seed + index) and of training.")
     teachers: list[VLLMTeacher] = Field(min_length=1, description="Teacher pools; `kind` selects the serving backend.")
     routing: RoutingConfig
@@ -395,6 +449,7 @@ class DistillConfig(Strict):
     data: DataConfig
     dispatch: DispatchConfig = Field(default_factory=DispatchConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
 
     @field_validator("teachers")
     @classmethod
@@ -479,12 +534,31 @@ def _check_model_paths(config: DistillConfig) -> list[str]:
     for key, model in entries:
         if not model.startswith((TINY_SCHEME, HUB_SCHEME)) and not Path(model).is_dir():
             problems.append(f"{key}: model path {model!r} does not exist")
-    if not config.data.input.startswith("builtin:") and not Path(config.data.input).is_file():
-        problems.append(f"data.input: input file {config.data.input!r} does not exist")
-    existing = next(p for p in [Path(config.run_dir).absolute(), *Path(config.run_dir).absolute().parents] if p.exists())
+    source = config.data.input
+    local = not source.startswith("builtin:") and "://" not in source  # a URI is checked when it is read
+    if local and not any(c in source for c in "*?[") and not Path(source).exists():
+        problems.append(f"data.input: input {source!r} does not exist")
+    if "://" in config.run_dir and not config.run_dir.startswith("file://"):
+        return problems  # object storage: reached at run time, with the credentials of the cluster's processes
+    local = Path(config.run_dir.removeprefix("file://")).absolute()
+    existing = next(p for p in [local, *local.parents] if p.exists())
     if not existing.is_dir():
         problems.append(f"run_dir: {config.run_dir!r} cannot be a directory: {str(existing)!r} is a file")
     return problems
+
+
+def storage_warnings(config: DistillConfig) -> list[str]:
+    """What works on one machine only: a local run directory for a run on a cluster (`ray.address` or RAY_ADDRESS
+    set, or GPU training, as on a multi-node cluster), where each node would write to its own disk."""
+    remote = "://" in config.run_dir and not config.run_dir.startswith("file://")
+    on = (f"ray.address {config.ray.address}" if config.ray.address
+          else f"RAY_ADDRESS {os.environ['RAY_ADDRESS']}" if os.environ.get("RAY_ADDRESS")
+          else "trainer.use_gpu" if config.trainer.use_gpu else None)
+    if remote or on is None:
+        return []
+    return [f"run_dir: {config.run_dir!r} is a local folder, but the run is for a cluster ({on}): without a disk "
+            "that every node mounts there, each node writes its own part; use object storage (run_dir: "
+            "s3://BUCKET/run, docs/cluster.md)"]
 
 
 def load_config(path: str | Path, overrides: list[str] = (), check_paths: bool = True) -> DistillConfig:

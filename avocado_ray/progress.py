@@ -92,29 +92,47 @@ class Throughput:
 
 class GenerationMonitor:
     """The Dispatcher's reporter: the `generate` progress line, the generation Ray metrics, and records in
-    metrics.jsonl (`route` once; `dispatch` with queue depths, calls in flight and tokens/s per teacher,
-    as often as the progress line)."""
+    metrics.jsonl (`route` with what was routed so far, whenever it grew; `dispatch` with queue depths, calls in
+    flight and tokens/s per teacher, as often as the progress line)."""
 
     def __init__(self, work: dict[tuple[str, bool], list[dict]], log: Callable[[dict], None],
                  stream: TextIO | None = None):
         self.log = log
         self.metrics = GenerationMetrics()
-        routed: Counter[tuple[str, str]] = Counter()
-        domains: dict[str, set[str]] = {}
-        for (teacher, _), requests in work.items():
-            for request in requests:
-                routed[request["domain"], teacher] += 1
-                domains.setdefault(request["domain"], set()).add(request["prompt_id"])
-        for (domain, teacher), count in routed.items():
-            self.metrics.routed.inc(count, tags={"domain": domain, "teacher": teacher})
-        self.teachers = sorted({teacher for teacher, _ in work})
-        per_teacher = {t: sum(n for (_, teacher), n in routed.items() if teacher == t) for t in self.teachers}
-        log({"kind": "route", "per_domain": {d: len(ids) for d, ids in domains.items()}, "per_teacher": per_teacher})
+        self.routed: Counter[tuple[str, str]] = Counter()  # (domain, teacher) -> requests
+        self.routed_prompts: Counter[str] = Counter()  # domain -> prompts (a best-of prompt counts once)
+        self.route_logged = True
         self.done: Counter[str] = Counter()
         self.rates: dict[str, Throughput] = {}
         self.replica_rates: dict[tuple[str, int], Throughput] = {}
-        self.progress = Progress("generate", sum(per_teacher.values()), stream)
+        self.progress = Progress("generate", 0, stream)
         self.ticked_at = float("-inf")
+        if work:
+            self.route(work)
+            self._log_route()
+
+    @property
+    def teachers(self) -> list[str]:
+        return sorted({teacher for _, teacher in self.routed})
+
+    def route(self, work: dict[tuple[str, bool], list[dict]]) -> None:
+        """Count a routed chunk of the input (its requests per teacher); the progress total grows with it."""
+        prompts: dict[str, set[str]] = {}
+        for (teacher, _), requests in work.items():
+            for request in requests:
+                self.routed[request["domain"], teacher] += 1
+                prompts.setdefault(request["domain"], set()).add(request["prompt_id"])
+                self.metrics.routed.inc(1, tags={"domain": request["domain"], "teacher": teacher})
+        for domain, ids in prompts.items():
+            self.routed_prompts[domain] += len(ids)
+        self.progress.total = sum(self.routed.values())
+        self.route_logged = self.route_logged and not work
+
+    def _log_route(self) -> None:
+        """The `route` record: prompts per domain and requests per teacher routed so far."""
+        per_teacher = {t: sum(n for (_, teacher), n in self.routed.items() if teacher == t) for t in self.teachers}
+        self.log({"kind": "route", "per_domain": dict(self.routed_prompts), "per_teacher": per_teacher})
+        self.route_logged = True
 
     def answered(self, teacher: str, report: dict) -> None:
         """A finished call's report (`samples`, `rejected`, `tokens`, `batch_s`, `replica`)."""
@@ -144,6 +162,8 @@ class GenerationMonitor:
         rates = {teacher: round(rate.rate(), 1) for teacher, rate in sorted(self.rates.items())}
         details = " | ".join(f"{t} {self.done[t]} answered {rates.get(t, 0):.0f} tok/s" for t in teachers)
         if self.progress.update(sum(self.done.values()), details, final=final):
+            if not self.route_logged:
+                self._log_route()
             self.log({"kind": "dispatch", "answered": dict(self.done), "queued": queued, "in_flight": dict(calls),
                       "tokens_per_s": rates})
 

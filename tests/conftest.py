@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import ray
+import yaml
 
 from avocado_ray.cli import config_path
 from avocado_ray.cluster import start_local
@@ -33,6 +36,12 @@ VENV_BIN = str(Path(sys.executable).parent)
 if os.environ.get("PATH", "").split(os.pathsep)[0] != VENV_BIN:
     os.environ["PATH"] = VENV_BIN + os.pathsep + os.environ.get("PATH", "")
 
+# Credentials for the loopback S3 server of `s3_server` (moto accepts any), set before Ray starts so that the run's
+# actors and trainer workers reach it as a cluster's processes reach a real store: from their own environment.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "avocado-test")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "avocado-test")
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+
 # The fault suite draws its injection points from this seed; a failure replays with AVOCADO_FAULT_SEED=N.
 FAULT_SEED = int(os.environ.get("AVOCADO_FAULT_SEED") or random.SystemRandom().randrange(1_000_000))
 
@@ -44,6 +53,23 @@ def pytest_report_header(config):
 @pytest.fixture
 def fault_seed() -> int:
     return FAULT_SEED
+
+
+@pytest.fixture(scope="session")
+def image_part():
+    """Makes an OpenAI-style image part holding a small PNG of one colour as a base64 data URL."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    def make(color: tuple[int, int, int] = (200, 10, 10)) -> dict:
+        buffer = io.BytesIO()
+        Image.new("RGB", (40, 30), color).save(buffer, format="PNG")
+        url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+        return {"type": "image_url", "image_url": {"url": url}}
+
+    return make
 
 
 @pytest.fixture
@@ -113,3 +139,52 @@ def teacher_pools(tiny_models, ray_cluster, local_config):
     yield pools
     for pool in pools.values():
         pool.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3-protocol server (moto in server mode, its own process) bound to 127.0.0.1 only, with an empty
+    bucket `avocado`; yields its endpoint URL (config `storage.s3_endpoint`)."""
+    import pyarrow.fs as pafs
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=log, stderr=subprocess.STDOUT)
+    for _ in range(300):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            assert server.poll() is None, "the S3 server exited at start"
+            time.sleep(0.1)
+    s3 = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", region="us-east-1",
+                           allow_bucket_creation=True)
+    s3.create_dir("avocado")
+    yield f"http://127.0.0.1:{port}"
+    server.terminate()
+    server.wait(30)
+    log.close()
+
+
+@pytest.fixture
+def one_teacher_config(tmp_path):
+    """The demo config with qwen alone answering everything, in small shards and checkpoints every step, so that a
+    run has many durable points to be killed between; `(run_dir, **top-level keys)` writes it and returns its path."""
+
+    def write(run_dir, **keys) -> Path:
+        config = yaml.safe_load(config_path("builtin:local").read_text())
+        config["teachers"] = [t for t in config["teachers"] if t["name"] == "qwen"]
+        config["routing"] = {"table": {d: "qwen" for d in ("code", "chinese", "multimodal", "math", "general")},
+                             "fallback": "qwen"}
+        config["run_dir"] = str(run_dir)
+        config["trainer"].update(batch_size=4, checkpoint_every=1)
+        config["dispatch"].update(batch_size=4, max_in_flight_per_replica=1, rows_per_shard=8)
+        config.update(keys)
+        path = tmp_path / "one-teacher.yaml"
+        path.write_text(yaml.safe_dump(config))
+        return path
+
+    return write

@@ -141,7 +141,7 @@ CONFIGS: list[tuple[str, str, str, str | None]] = [
     ("engine argument that loads code", "teachers.0.engine.extra_args={worker_cls: os.system}",
      "teachers.0.engine.extra_args: Value error, engine arguments ['worker_cls'] are not allowed", "extra_args"),
     ("missing input file", "data.input=/nowhere/prompts.jsonl",
-     "data.input: input file '/nowhere/prompts.jsonl' does not exist", None),
+     "data.input: input '/nowhere/prompts.jsonl' does not exist", None),
 ]
 
 

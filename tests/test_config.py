@@ -71,12 +71,26 @@ def test_config_check_exits_non_zero_and_names_the_problem(tmp_path, capsys):
     assert main(["config", "check", str(LOCAL)]) == 0
 
 
-def test_config_check_without_paths_checks_a_clusters_config_off_the_cluster(capsys):
+def test_config_check_without_paths_checks_a_clusters_config_off_the_cluster(tmp_path, capsys):
     gpu_cluster = pathlib.Path(__file__).resolve().parents[1] / "configs" / "gpu-cluster.yaml"
-    assert main(["config", "check", str(gpu_cluster)]) == 2  # its prompt file is on the cluster's shared disk
-    assert "data.input: input file '/mnt/shared/prompts/mix.jsonl' does not exist" in capsys.readouterr().err
-    assert main(["config", "check", str(gpu_cluster), "--no-paths"]) == 0
+    on_shared_disk = ["--set", "data.input=/mnt/shared/prompts/mix.jsonl"]
+    assert main(["config", "check", str(gpu_cluster), *on_shared_disk]) == 2  # a prompt file on the cluster's disk
+    assert "data.input: input '/mnt/shared/prompts/mix.jsonl' does not exist" in capsys.readouterr().err
+    assert main(["config", "check", str(gpu_cluster), *on_shared_disk, "--no-paths"]) == 0
     assert "ok (3 teachers" in capsys.readouterr().out
+
+
+def test_config_check_warns_when_a_cluster_run_is_given_a_local_run_directory(tmp_path, capsys, monkeypatch):
+    gpu_cluster = pathlib.Path(__file__).resolve().parents[1] / "configs" / "gpu-cluster.yaml"
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert main(["config", "check", str(gpu_cluster)]) == 0  # run_dir and input on object storage
+    assert "warning" not in capsys.readouterr().err
+    assert main(["config", "check", str(gpu_cluster), "--set", f"run_dir={tmp_path}"]) == 0
+    assert f"run_dir: '{tmp_path}' is a local folder, but the run is for a cluster (trainer.use_gpu)" in (
+        capsys.readouterr().err)
+    assert main(["config", "check", str(LOCAL), "--set", "ray.address=10.0.0.1:6379"]) == 0
+    assert "is a local folder, but the run is for a cluster (ray.address 10.0.0.1:6379)" in capsys.readouterr().err
+    assert main(["config", "check", str(LOCAL)]) == 0 and "warning" not in capsys.readouterr().err
 
 
 def test_distill_with_a_missing_model_fails_before_ray_starts(tmp_path):

@@ -6,14 +6,13 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
-import yaml
 
-from avocado_ray.cli import config_path
 from avocado_ray.dataplane.schema import SAMPLE_SCHEMA, SCHEMA_VERSION, VERSION_KEY, SchemaVersionError, samples_to_batch
 from avocado_ray.dataplane.spill import ShardWriter, complete_shards, open_samples, prompt_ids_in
 
@@ -73,27 +72,12 @@ def test_the_demo_shards_load_in_datasets_and_duckdb(demo_run):
     assert count == demo_run["samples_out"]
 
 
-def _one_teacher_config(tmp_path, run_dir):
-    """The demo config with qwen alone answering everything, in small shards and checkpoints every step,
-    so that a run has many durable points to be killed between."""
-    config = yaml.safe_load(config_path("builtin:local").read_text())
-    config["teachers"] = [t for t in config["teachers"] if t["name"] == "qwen"]
-    config["routing"] = {"table": {d: "qwen" for d in ("code", "chinese", "multimodal", "math", "general")},
-                         "fallback": "qwen"}
-    config["run_dir"] = str(run_dir)
-    config["trainer"].update(batch_size=4, checkpoint_every=1)
-    config["dispatch"].update(batch_size=4, max_in_flight_per_replica=1, rows_per_shard=8)
-    path = tmp_path / "one-teacher.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
 @pytest.mark.slow
 def test_a_run_killed_with_sigkill_resumes_with_one_sample_per_prompt_each_trained_once(
-    tiny_models, ray_cluster, tmp_path
+    tiny_models, ray_cluster, tmp_path, one_teacher_config
 ):
     run_dir = tmp_path / "run"
-    command = [sys.executable, "-m", "avocado_ray", "distill", "--config", str(_one_teacher_config(tmp_path, run_dir))]
+    command = [sys.executable, "-m", "avocado_ray", "distill", "--config", str(one_teacher_config(run_dir))]
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}  # the tests' Ray cluster
     manifest = run_dir / "manifest.json"
     with open(tmp_path / "killed.log", "w") as log:
@@ -107,7 +91,7 @@ def test_a_run_killed_with_sigkill_resumes_with_one_sample_per_prompt_each_train
     killed_at = json.loads(manifest.read_text())["trained"]
     assert killed_at["samples"] < 48
     shards = complete_shards(run_dir / "samples")
-    torn = shards[0]  # and one of its shards is torn, as by a full disk
+    torn = Path(shards[0].path)  # and one of its shards is torn, as by a full disk
     torn_prompts = set(pq.read_table(torn, columns=["prompt_id"])["prompt_id"].to_pylist())
     torn.write_bytes(torn.read_bytes()[:200])
 

@@ -78,6 +78,8 @@ def test_a_router_dead_for_good_fails_the_next_call_instead_of_waiting_for_a_res
     prompts = [Prompt(id=str(i), messages=[{"role": "user", "content": "What is 2 + 2?"}], line=i) for i in range(3)]
     assert [r.teacher for r in client.route(prompts)] == ["gptoss"] * 3
     ray.kill(router, no_restart=True)
+    while state.actor_table(router._actor_id.hex())["State"] != "DEAD":  # the kill is asynchronous: a call sent
+        time.sleep(0.05)  # before the process is gone may still be answered by it
     started = time.monotonic()
     with pytest.raises(ActorDiedError):
         client.route(prompts)

@@ -3,7 +3,8 @@ distillation answers every prompt once, trains on every sample once and exports 
 plain progress lines, and the head's metrics endpoint the run's Ray metrics. In the soak suite, a submitted
 distillation is stopped with `ray job stop` midway, leaves nothing running, and a resubmission on the same run
 directory finishes it; the teachers-only and trainer-only jobs, submitted one after the other, make a student of
-the first one's answers. Every job runs directly too.
+the first one's answers; `ray stop --force` during a job leaves none of the engine processes its replicas reported.
+Every job runs directly too.
 
 The head has its own temp dir and ports, beside the test session's own Ray (conftest's `ray.init`) and any
 other Ray on the machine. It is not ended with `ray stop`, which stops every Ray of the machine (the session's
@@ -29,11 +30,15 @@ import psutil
 import pytest
 
 from avocado_ray.dataplane.spill import open_samples
+from avocado_ray.teachers.engines import process_tree, wait_gone
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 CONFIG = ROOT / "tests" / "data" / "job.yaml"  # qwen alone, 32 prompts, a checkpoint every step
 PROMPTS = 32
+DEMO_CONFIG, DEMO_PROMPTS = ROOT / "configs" / "local.yaml", 48  # what docs/usage.md submits on one machine
+# The logical CPUs of docs/usage.md's one-machine head: the demo's resource plan (3 teachers and a trainer worker)
+DOCS_CPUS = int(re.search(r"ray start --head .*--num-cpus (\d+)", (ROOT / "docs" / "usage.md").read_text()).group(1))
 METRICS = {  # as Prometheus shows them (Ray's `ray_` prefix)
     "ray_avocado_prompts_routed_total", "ray_avocado_queue_depth", "ray_avocado_requests_in_flight",
     "ray_avocado_teacher_tokens_per_second", "ray_avocado_trainer_step_seconds_bucket", "ray_avocado_trainer_loss",
@@ -55,7 +60,7 @@ def _free_ports(count: int) -> list[int]:
 class Head:
     """A one-node Ray cluster from `ray start --head`, driven through the `ray` CLI and its HTTP API."""
 
-    def __init__(self):
+    def __init__(self, num_cpus: int = DOCS_CPUS):
         self.temp_dir = Path(tempfile.mkdtemp(prefix="arj-", dir="/tmp"))  # short: Ray's socket paths have a limit
         gcs, dashboard, client, agent, metrics = _free_ports(5)
         self.url = f"http://127.0.0.1:{dashboard}"
@@ -69,8 +74,8 @@ class Head:
         self.ray("start", "--head", "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
                  "--temp-dir", str(self.temp_dir), "--port", str(gcs), "--dashboard-port", str(dashboard),
                  "--ray-client-server-port", str(client), "--dashboard-agent-listen-port", str(agent),
-                 "--metrics-export-port", str(metrics), "--num-cpus", "4", "--object-store-memory", str(500 * 2**20),
-                 "--disable-usage-stats")
+                 "--metrics-export-port", str(metrics), "--num-cpus", str(num_cpus),
+                 "--object-store-memory", str(500 * 2**20), "--disable-usage-stats")
         self.token = (Path.home() / ".ray" / "auth_token").read_text().strip()
 
     def ray(self, *args: str, timeout: float = 300) -> str:
@@ -81,11 +86,17 @@ class Head:
         assert done.returncode == 0, f"{command}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
         return done.stdout + done.stderr
 
-    def submit(self, submission_id: str, run_dir: Path, job: str = "distill", *args: str) -> None:
-        """The command of docs/usage.md: the repository as working dir through deploy/runtime_env.yaml."""
-        self.ray("job", "submit", "--submission-id", submission_id, "--runtime-env", "deploy/runtime_env.yaml",
-                 "--no-wait", "--", "python", f"jobs/{job}.py", "--config", str(CONFIG), "--run-dir", str(run_dir),
-                 *args)
+    def submit(self, submission_id: str, run_dir: Path, job: str = "distill", *args: str, config: Path = CONFIG,
+               wait: bool = False, timeout: float = 300) -> subprocess.CompletedProcess:
+        """The command of docs/usage.md: the repository as working dir through deploy/runtime_env.yaml. With `wait`,
+        `ray job submit` follows the job to its end (its exit status says whether it failed), else it returns."""
+        command = [str(VENV_BIN / "ray"), "job", "submit", "--submission-id", submission_id, "--runtime-env",
+                   "deploy/runtime_env.yaml", *([] if wait else ["--no-wait"]), "--", "python", f"jobs/{job}.py",
+                   "--config", str(config), "--run-dir", str(run_dir), *args]
+        done = subprocess.run(command, check=False, cwd=ROOT, env=self.env, capture_output=True, text=True,
+                              timeout=timeout)
+        assert wait or done.returncode == 0, f"{command}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        return done
 
     def wait(self, submission_id: str, timeout_s: float = 900, on_poll=lambda: None) -> str:
         """Wait for a submitted job to end; returns its log, failing the test unless it succeeded."""
@@ -112,7 +123,8 @@ class Head:
 
     def live_placement_groups(self, job_id: str) -> list[dict]:
         out = self.ray("list", "placement-groups", "--format", "json", "--filter", f"creator_job_id={job_id}")
-        return [g for g in json.loads(out[out.index("[") :]) if g["state"] != "REMOVED"]
+        groups = json.loads(out[out.index("[") :]) if "[" in out else []  # none: Ray prints a notice, no list
+        return [g for g in groups if g["state"] != "REMOVED"]
 
     def metric_names(self) -> set[str]:
         try:
@@ -122,8 +134,8 @@ class Head:
             return set()
         return {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line.startswith("ray_avocado_")}
 
-    def stop(self) -> None:
-        """End this head's processes (those naming its session folder) and their children: workers, engines."""
+    def processes(self) -> dict[int, psutil.Process]:
+        """This head's processes (those naming its session folder) and their children: workers, engines."""
         marker = f"{self.temp_dir}/session_"
         roots = []
         for process in psutil.process_iter(["cmdline"]):
@@ -135,6 +147,25 @@ class Head:
                 processes.update({p.pid: p for p in [root, *root.children(recursive=True)]})
             except psutil.NoSuchProcess:
                 continue
+        return processes
+
+    def stop_force(self) -> None:
+        """`ray stop --force` for this head alone (the command itself ends every Ray of the machine): SIGKILL of
+        each of its processes that `ray stop` matches by name or command line, with Ray's own list; a vLLM
+        engine process is on no such list."""
+        from ray.autoscaler._private.constants import RAY_PROCESSES
+
+        for process in self.processes().values():
+            try:
+                name, args = process.name(), subprocess.list2cmdline(process.cmdline())
+                if any(keyword in (name if by_name else args) for keyword, by_name in RAY_PROCESSES):
+                    process.kill()
+            except psutil.NoSuchProcess:
+                continue
+
+    def stop(self) -> None:
+        """End this head's processes (those naming its session folder) and their children: workers, engines."""
+        processes = self.processes()
         for process in processes.values():
             try:
                 process.terminate()
@@ -147,12 +178,24 @@ class Head:
 
 
 @pytest.fixture
-def ray_head():
-    head = Head()
+def ray_heads():
+    """Start heads with `ray_heads(num_cpus)` (default: as docs/usage.md starts one); all end after the test."""
+    heads: list[Head] = []
+
+    def start(num_cpus: int = DOCS_CPUS) -> Head:
+        heads.append(Head(num_cpus))
+        return heads[-1]
+
     try:
-        yield head
+        yield start
     finally:
-        head.stop()
+        for head in heads:
+            head.stop()
+
+
+@pytest.fixture
+def ray_head(ray_heads):
+    return ray_heads()
 
 
 def _wait_for(condition, what: str, timeout_s: float, on_poll=lambda: None, every_s: float = 2.0):
@@ -225,30 +268,32 @@ def test_a_submitted_job_stopped_midway_leaves_nothing_running_and_resumes_to_ea
     _wait_for(lambda: METRICS <= seen_metrics, f"the metrics {sorted(METRICS - seen_metrics)}", 30, scrape)
 
 
-def _check_finished_run(run_dir: Path, log: str, answered: int) -> None:
-    """A finished distillation: every prompt answered once, each sample trained once, the student exported, and
-    the job log (of the job that ended it, which answered `answered` prompts) with plain progress lines."""
+def _check_finished_run(run_dir: Path, log: str, answered: int | None, prompts: int = PROMPTS) -> None:
+    """A finished distillation of `prompts` prompts: every prompt answered once, each sample trained once, the
+    student exported, and the job log (of the job that ended it, which answered `answered` prompts) with plain
+    progress lines."""
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["counts_add_up"] and summary["samples_out"] == PROMPTS and summary["rejected"] == 0
+    assert summary["counts_add_up"] and summary["samples_out"] == prompts and summary["rejected"] == 0
     table = open_samples(run_dir / "samples").to_table(columns=["sample_id", "prompt_id"])
     prompt_ids = table["prompt_id"].to_pylist()
-    assert len(prompt_ids) == len(set(prompt_ids)) == PROMPTS  # every prompt answered once
+    assert len(prompt_ids) == len(set(prompt_ids)) == prompts  # every prompt answered once
     trained = (run_dir / "trained_ids.txt").read_text().split()
     assert sorted(trained) == sorted(table["sample_id"].to_pylist())  # each sample trained on once
-    assert json.loads((run_dir / "manifest.json").read_text())["trained"]["samples"] == PROMPTS
+    assert json.loads((run_dir / "manifest.json").read_text())["trained"]["samples"] == prompts
     assert (run_dir / "student" / "model.safetensors").is_file()
 
     # progress in a non-interactive log: plain lines, no carriage returns
     generate = [line for line in log.split("\n") if " generate " in line and " tok/s" in line]
     train = [line for line in log.split("\n") if re.search(r"train step \d+ \| loss [\d.]+ \| [\d.]+ samples/s", line)]
-    assert any(f"generate {answered}/{answered} (100%)" in line for line in generate), generate
+    done = f"generate {answered}/{answered} (100%)" if answered else " (100%) |"  # best-of: answers > prompts
+    assert any(done in line for line in generate), generate
     assert train and not any("\r" in line for line in generate + train)
     kinds = {r["kind"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
     assert {"route", "dispatch", "generate", "train", "train_end"} <= kinds
 
 
 @pytest.mark.slow
-def test_a_submitted_distillation_answers_every_prompt_trains_on_each_once_and_exports_metrics(
+def test_the_demo_submitted_to_a_head_started_as_the_docs_say_answers_every_prompt_trains_once_and_exports_metrics(
     tiny_models, ray_head, tmp_path
 ):
     head, run_dir, seen_metrics = ray_head, tmp_path / "run", set()
@@ -258,10 +303,55 @@ def test_a_submitted_distillation_answers_every_prompt_trains_on_each_once_and_e
     def scrape() -> None:
         seen_metrics.update(head.metric_names())
 
-    head.submit("distill", run_dir)
+    head.submit("distill", run_dir, config=DEMO_CONFIG)
     log = head.wait("distill", on_poll=scrape)
-    _check_finished_run(run_dir, log, PROMPTS)
+    _check_finished_run(run_dir, log, None, DEMO_PROMPTS)  # math prompts are answered by two teachers (best-of)
+    assert f"CPU {DOCS_CPUS:g} of CPU {DOCS_CPUS:g}" in log and "\n  fits\n" in log  # the plan, at the start
     _wait_for(lambda: METRICS <= seen_metrics, f"the metrics {sorted(METRICS - seen_metrics)}", 30, scrape)
+
+
+def _engine_pids(log: str) -> dict[int, list[int]]:
+    """The replicas' PIDs and their engines' PIDs, as the job logs them when its teachers are ready."""
+    return {int(pid): [int(p) for p in engines.split(",")]
+            for pid, engines in re.findall(r"'pid': (\d+), 'engine_pids': \[([\d, ]+)\]", log)}
+
+
+@pytest.mark.slow
+@pytest.mark.soak
+def test_ray_stop_force_during_a_job_leaves_none_of_its_engine_processes_and_status_lists_no_leftover(
+    tiny_models, ray_head, tmp_path
+):
+    head = ray_head
+    head.submit("generate", tmp_path / "run", "generate")
+    engines = _wait_for(lambda: _engine_pids(head.ray("job", "logs", "generate")), "the teachers' engines", 600)
+    engine_pids = [pid for pids in engines.values() for pid in pids]
+    assert engine_pids and all(len(pids) >= 2 for pids in engines.values())  # EngineCore and Worker, each replica
+    status = [sys.executable, "-m", "avocado_ray", "status"]
+    listed = json.loads(subprocess.run(status, check=True, capture_output=True, text=True).stdout)["unowned_engines"]
+    assert not {e["pid"] for e in listed} & set(engine_pids)  # owned by live replicas
+
+    processes = process_tree(engine_pids)
+    assert sorted(p.pid for p in processes) == sorted(engine_pids)  # alive, and nothing else under them
+    head.stop_force()
+    alive = wait_gone(processes, timeout_s=10)
+    assert not alive, f"engine processes left 10 s after `ray stop --force`: {alive}"
+    listed = json.loads(subprocess.run(status, check=True, capture_output=True, text=True).stdout)["unowned_engines"]
+    assert not {e["pid"] for e in listed} & set(engine_pids)
+
+
+@pytest.mark.slow
+def test_the_demo_submitted_to_a_head_with_too_few_cpus_fails_within_a_minute_saying_what_is_missing(
+    tiny_models, ray_heads, tmp_path
+):
+    head = ray_heads(num_cpus=2)
+    started = time.monotonic()
+    done = head.submit("distill-small", tmp_path / "run", config=DEMO_CONFIG, wait=True, timeout=60)
+    assert time.monotonic() - started < 60 and done.returncode != 0, done.stdout[-3000:]
+    assert head.job("distill-small")["status"] == "FAILED"
+    log = head.ray("job", "logs", "distill-small")
+    assert "needs 4 CPU, the cluster has 2: qwen 1, gemma 1, gptoss 1, trainer 1" in log, log[-3000:]
+    assert "Traceback" not in log and "TrainingFailedError" not in log  # one line, not Ray Train's startup error
+    assert not head.live_placement_groups(head.job("distill-small")["job_id"])  # nothing was started
 
 
 @pytest.mark.slow

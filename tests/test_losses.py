@@ -5,7 +5,11 @@ ids 1 and 2 with p = 0.5 and 0.25, so the teacher's tail is 0.25. On those bucke
 has (0.25, 0.125, 0.5 + 0.125 = 0.625).
 """
 
+import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +19,9 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from avocado_ray.training.losses import (
     LossOptions,
     Targets,
+    CausalLMLoss,
     TokenAligner,
+    chunked_mix,
     forward_kl,
     jsd,
     mix,
@@ -141,6 +147,90 @@ def test_mix_and_options_refuse_what_they_cannot_compute():
         LossOptions(jsd_beta=1.0)
     with pytest.raises(ValueError):
         LossOptions(temperature=0.0)
+
+
+# Bounded memory: the loss of hidden @ W^T taken chunk by chunk equals the loss of the full logits.
+def random_case(n=37, hidden=16, vocab=50, k=5, seed=0):
+    """Hidden states, an output weight and targets of n positions: a few rows fall back, pads and label -100."""
+    gen = torch.Generator().manual_seed(seed)
+    h, w = torch.randn(n, hidden, generator=gen), torch.randn(vocab, hidden, generator=gen) / 2
+    ids = torch.stack([torch.randperm(vocab, generator=gen)[:k] for _ in range(n)])
+    ids[::4, -2:] = -1  # pads
+    logprobs = torch.log_softmax(torch.randn(n, k, generator=gen), -1) - 0.3  # a tail of 1 - e^-0.3
+    labels = torch.randint(vocab, (n,), generator=gen)
+    labels[::7] = -100
+    distill = torch.rand(n, generator=gen) > 0.2
+    return h, w, Targets(labels, ids, logprobs, distill), torch.rand(n, generator=gen) > 0.1
+
+
+ALL_LOSSES = {"supervised": 0.5, "forward_kl": 1.0, "reverse_kl": 0.25, "jsd": 2.0}
+
+
+@pytest.mark.parametrize("chunk", [1, 8, 10, 37, 1024])  # 10 does not divide 37 positions
+@pytest.mark.parametrize("options", [T1, LossOptions(temperature=2.0, jsd_beta=0.3)])
+def test_chunked_mix_equals_mix_of_the_full_logits_in_value_terms_and_gradients(chunk, options):
+    h, w, rows, mask = random_case()
+    chunked_options = LossOptions(options.temperature, options.jsd_beta, chunk_tokens=chunk)
+    naive_h, naive_w = h.clone().requires_grad_(), w.clone().requires_grad_()
+    naive = mix(naive_h @ naive_w.T, rows, mask, ALL_LOSSES, options)
+    naive.total.backward()
+    h.requires_grad_(), w.requires_grad_()
+    chunked = chunked_mix(h, w, rows, mask, ALL_LOSSES, chunked_options)
+    (3 * chunked.total).backward()  # the upstream gradient scales both parts
+    assert chunked.total.item() == pytest.approx(naive.total.item(), rel=1e-5)
+    assert chunked.tokens.item() == naive.tokens.item()
+    for name in ALL_LOSSES:
+        assert chunked.terms[name][0].item() == pytest.approx(naive.terms[name][0].item(), rel=1e-5)
+        assert chunked.terms[name][1].item() == naive.terms[name][1].item()
+    torch.testing.assert_close(h.grad, 3 * naive_h.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w.grad, 3 * naive_w.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_mix_reproduces_the_hand_computed_example_and_needs_no_gradient():
+    # one-hot hidden states make the logits the weight's rows: the running example's KL, row by row
+    w = logits(Q, Q).T.contiguous()  # [V, 2]
+    rows = targets([[1, 2], [1, 2]], [[0.5, 0.25], [0.5, 0.25]], labels=[2, 2])
+    with torch.no_grad():
+        got = chunked_mix(torch.eye(2), w, rows, torch.tensor([True, True]), {"forward_kl": 1.0},
+                          LossOptions(chunk_tokens=1))
+    kl = 0.5 * ln(2) + 0.25 * ln(2) + 0.25 * ln(0.4)
+    assert got.total.item() == pytest.approx(2 * kl, rel=1e-5) and not got.total.requires_grad
+    empty = chunked_mix(torch.zeros(0, 2), w, rows[0:0], torch.zeros(0, dtype=torch.bool), {"forward_kl": 1.0}, T1)
+    assert empty.total.item() == 0.0 and empty.terms["forward_kl"][1].item() == 0
+
+
+def test_causal_lm_loss_equals_the_loss_of_the_models_own_logits(tiny_models):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["student"])
+    ids = torch.randint(model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    positions = torch.arange(12).repeat(2, 1)
+    at = torch.zeros(2, 12, dtype=torch.bool)
+    at[:, 4:11] = True
+    labels = ids[:, 1:][at[:, :-1]]
+    no_teacher = Targets(labels, torch.full((14, 0), -1), torch.zeros(14, 0), torch.zeros(14, dtype=torch.bool))
+    weights = {"supervised": 1.0}
+    got = CausalLMLoss(model)(ids, positions, at, no_teacher, weights, LossOptions(chunk_tokens=3))
+    expected = torch.nn.functional.cross_entropy(model(ids).logits[at], labels, reduction="sum")
+    assert got.total.item() == pytest.approx(expected.item(), rel=1e-5)
+    got.total.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_the_gpu_check_trains_a_student_with_both_losses_alike_without_ray_vllm_or_deepspeed():
+    # scripts/gpu-check --tiny: the device check on CPU; 95 answer positions in chunks of 32 (the last one short)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu-check"
+    done = subprocess.run([sys.executable, str(script), "--tiny", "--chunk-tokens", "32", "--steps", "2"],
+                          capture_output=True, text=True, timeout=300, check=True)
+    report = json.loads(done.stdout)
+    assert report["imported"] == [] and report["answer_positions"] == 95
+    for side in ("chunked", "naive"):
+        assert {"tokens_per_s", "mfu", "peak_mem_gb", "first_loss", "last_loss"} <= set(report[side])
+        assert report[side]["tokens_per_s"] > 0
+    assert report["first_loss_rel_diff"] < 1e-5
+    # four AdamW steps on the two losses' gradients end at the same loss: the gradients agree
+    assert report["chunked"]["last_loss"] == pytest.approx(report["naive"]["last_loss"], rel=1e-5)
+    assert report["chunked"]["last_loss"] < report["chunked"]["first_loss"]
 
 
 # Cross-tokenizer alignment on two hand-made byte-level BPE tokenizers. Ids: "<end>" is 0, then `tokens` in order

@@ -28,6 +28,10 @@ class WhereAmI:
                 "bundle_nodes": sorted(set(group["bundles_to_node_id"].values())), "bundles": len(group["bundles"]),
                 "vllm_bundles": os.environ.get("VLLM_RAY_BUNDLE_INDICES")}
 
+    def stop_engine(self) -> dict:
+        """No engine to end (the pool asks each replica before it goes)."""
+        return {"ended": [], "left": []}
+
 
 def scenario() -> dict:
     """Two 4-GPU nodes labelled for teachers and one 2-GPU node that is not; runs in its own process."""

@@ -1,6 +1,7 @@
 """Prompt input: every non-empty line is either a prompt or a rejection with its line and reason."""
 
 import json
+from pathlib import Path
 
 from avocado_ray.dataplane.prompts import read_prompts
 from avocado_ray.pipeline import _plan
@@ -63,3 +64,55 @@ def test_a_rows_sampling_overrides_go_with_its_request_to_the_teacher(tmp_path):
     routes = [Route(p.id, "general", ["general"], "gemma") for p in prompts]
     work, _, _ = _plan(prompts, routes)
     assert [r.get("sampling") for r in work[("gemma", False)]] == [{"max_tokens": 4, "temperature": 0}, None]
+
+
+def test_a_folder_or_glob_of_jsonl_and_parquet_files_streams_in_bounded_batches_naming_each_rows_file(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from avocado_ray.dataplane.prompts import PromptReader
+
+    folder = tmp_path / "prompts"
+    (folder / "b").mkdir(parents=True)
+    (folder / "a.jsonl").write_text("".join(json.dumps({"id": f"a{i}", "prompt": f"q {i}"}) + "\n" for i in range(5))
+                                    + "{oops\n")
+    pq.write_table(pa.table({"id": ["p0", "a1", "p2"], "prompt": ["x", "dup", ""]}), folder / "b" / "c.parquet")
+    (folder / "notes.txt").write_text("not prompts")
+    (folder / ".hidden.jsonl").write_text("{}\n")
+    reader = PromptReader(str(folder), batch_rows=3)
+    batches = list(reader.batches())
+    assert all(len(prompts) + len(rejected) <= 3 for prompts, rejected in batches)
+    prompts = [p for batch, _ in batches for p in batch]
+    rejected = [r for _, batch in batches for r in batch]
+    assert [p.id for p in prompts] == ["a0", "a1", "a2", "a3", "a4", "p0"]
+    assert prompts[0].file == str(folder / "a.jsonl") and prompts[-1].file == str(folder / "b" / "c.parquet")
+    assert [(Path(r.file).name, r.line, r.code) for r in rejected] == [
+        ("a.jsonl", 6, "bad_row"), ("c.parquet", 2, "duplicate_id"), ("c.parquet", 3, "bad_row")]
+    assert (reader.valid, reader.rejected) == (6, 3)
+    by_glob = PromptReader(str(folder / "b" / "*.parquet"))
+    assert [p.id for batch, _ in by_glob.batches() for p in batch] == ["p0", "a1"]  # a1 is new in this source
+
+
+def test_ids_answered_before_are_passed_over_and_counted(tmp_path):
+    from avocado_ray.dataplane.prompts import IdSet, PromptReader
+
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"id": f"q{i}", "prompt": "hi"}) + "\n" for i in range(10_000)))
+    answered = IdSet()
+    answered.update(f"q{i}" for i in range(0, 10_000, 2))
+    reader = PromptReader(str(path), skip=answered)
+    left = [p.id for batch, _ in reader.batches() for p in batch]
+    assert left == [f"q{i}" for i in range(1, 10_000, 2)]
+    assert (reader.valid, reader.skipped, len(answered)) == (10_000, 5_000, 5_000)
+    assert "q1" not in answered and "q9998" in answered
+
+
+def test_a_missing_or_empty_source_is_an_input_error_naming_it(tmp_path):
+    import pytest
+
+    from avocado_ray.dataplane.prompts import InputError
+
+    with pytest.raises(InputError, match="nowhere.jsonl: cannot read prompts: No such file"):
+        read_prompts(str(tmp_path / "nowhere.jsonl"))
+    with pytest.raises(InputError, match="no prompt files"):
+        read_prompts(str(tmp_path))

@@ -16,8 +16,8 @@ import torch
 from avocado_ray.config import TrainerConfig
 from avocado_ray.teachers.pool import TeacherPool
 from avocado_ray.teachers.replica import ReasoningSplitter, answer_token_start
-from avocado_ray.training.losses import LossOptions
-from avocado_ray.training.trainer import SampleEncoder, forward, micro_loss
+from avocado_ray.training.losses import CausalLMLoss, LossOptions
+from avocado_ray.training.trainer import SampleEncoder, micro_loss
 
 HARMONY_TURN = "<|channel|>analysis<|message|>{reasoning}<|end|><|start|>assistant<|channel|>final<|message|>{answer}"
 
@@ -88,9 +88,9 @@ def test_a_reasoning_teachers_top_k_is_used_on_the_answer_span(tiny_models, gpto
     encoder = SampleEncoder(student, TrainerConfig(losses=losses), {"gptoss": str(tiny_models["gptoss"])})
     micro = encoder.collate([row])
     assert micro.distill.any()
-    model = AutoModelForCausalLM.from_pretrained(tiny_models["student"])
+    model = CausalLMLoss(AutoModelForCausalLM.from_pretrained(tiny_models["student"]))
     with torch.no_grad():
-        term_sum, term_count = micro_loss(forward(model, micro), micro, losses, LossOptions()).terms["forward_kl"]
+        term_sum, term_count = micro_loss(model, micro, losses, LossOptions()).terms["forward_kl"]
     assert term_count > 0 and term_sum > 0
     # read from the completion's first token (the reasoning's channel markers), nothing aligns
     assert not encoder.collate([{**row, "answer_token_start": 0}]).distill.any()

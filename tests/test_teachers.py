@@ -1,22 +1,29 @@
-"""Teacher outputs: vLLM's logprobs turned into the top-k columns of the sample schema."""
+"""Teacher outputs: vLLM's logprobs turned into the top-k columns of the sample schema; elastic, fault-tolerant pools
+of real engines; engine processes that end with their replica."""
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import threading
 import time
 from collections import Counter
 
+import psutil
 import pytest
 import ray
 from vllm.logprobs import FlatLogprobs
 
 from avocado_ray.bench import labelled_prompts
+from avocado_ray.cli import main
 from avocado_ray.config import AutoscaleConfig
 from avocado_ray.dataplane.spill import ShardWriter, open_samples
 from avocado_ray.pipeline import Dispatcher
 from avocado_ray.teachers.control import request_scale, start_control
+from avocado_ray.teachers.pool import TeacherPool
+from avocado_ray.teachers.engines import GUARD_ENV, end_processes, process_tree, wait_gone
 from avocado_ray.teachers.replica import topk_at_position
 
 
@@ -39,9 +46,9 @@ def test_topk_is_ranked_and_free_of_the_repeated_sampled_token():
 def run_work(tmp_path, teacher_pools, local_config):
     """Runs requests through the real dispatcher, shard-writer actor and run control; returns what was written."""
 
-    def run(requests, during=None, teachers=("qwen",), **routing):
-        """Every request goes to qwen; `routing` overrides options of the routing config."""
-        pools = {name: teacher_pools[name] for name in teachers}
+    def run(requests, during=None, teachers=("qwen",), extra_pools=None, to="qwen", **routing):
+        """Every request goes to teacher `to` (qwen); `routing` overrides options of the routing config."""
+        pools = {name: teacher_pools[name] for name in teachers} | (extra_pools or {})
         writer = ray.remote(ShardWriter).options(num_cpus=0).remote(str(tmp_path / "samples"), 4096)
         control = start_control(tmp_path, list(pools))
         metrics = tmp_path / "metrics.jsonl"
@@ -51,7 +58,7 @@ def run_work(tmp_path, teacher_pools, local_config):
         watcher = threading.Thread(target=during, args=(metrics,), daemon=True) if during else None
         if watcher:
             watcher.start()
-        rejected = dispatcher.run({("qwen", False): requests})
+        rejected = dispatcher.run({(to, False): requests})
         if watcher:
             watcher.join()
         ray.get(writer.close.remote())
@@ -136,19 +143,29 @@ def test_least_loaded_dispatch_spreads_200_prompts_within_60_40(run_work, teache
 
 
 @pytest.mark.slow
-def test_a_replica_killed_mid_run_loses_and_duplicates_nothing(run_work, teacher_pools):
+def test_a_replica_sigkilled_mid_run_takes_its_engine_along_and_loses_and_duplicates_nothing(run_work, teacher_pools):
     pool = teacher_pools["qwen"]
     assert pool.size() == 2  # left by the spread test
     requests = requests_for(300, max_tokens=64)
+    killed = {}
 
     def kill(metrics):
         wait_for(lambda rs: sum(1 for r in rs if r["kind"] == "generate") >= 5, metrics)
-        ray.kill(pool.actors()[0])  # no restart: the pool must replace it and send its calls again
+        killed.update(ray.get(pool.actors()[0].info.remote()))
+        engines = process_tree(killed["engine_pids"])  # as reported: EngineCore and its Worker, under the actor
+        killed["found"] = sorted(p.pid for p in engines)
+        os.kill(killed["pid"], signal.SIGKILL)  # its calls are lost; the pool replaces it (or Ray restarts it)
+        killed["left"] = wait_gone(engines, timeout_s=10)
 
     table, _, _, dispatcher = run_work(requests, during=kill)
+    assert len(killed["engine_pids"]) >= 2 and killed["found"] == killed["engine_pids"]
+    assert killed["left"] == [], "engine processes outlived their replica by 10 s"
     assert_each_answered_once(table, requests)
-    assert pool.lost_replicas == 1 and dispatcher.retried_prompts > 0
-    pool.ready()  # the replacement comes up
+    assert dispatcher.retried_prompts > 0
+    pool.ready()  # the replacement (or the restarted actor) comes up, with an engine of its own
+    serving = ray.get([actor.info.remote() for actor in pool.actors()])
+    assert len(serving) == 2 and killed["pid"] not in {info["pid"] for info in serving}
+    assert not {pid for info in serving for pid in info["engine_pids"]} & set(killed["engine_pids"])
     pool.scale(1)
     assert pool.size() == 1
 
@@ -187,6 +204,27 @@ def test_autoscale_follows_the_queue_and_drops_replicas_still_starting_first(tea
 
 
 @pytest.mark.slow
+def test_a_teacher_whose_model_cannot_load_goes_down_and_its_prompts_go_to_the_fallback(
+        run_work, tiny_models, local_config, tmp_path):
+    """A broken model folder (its weights file is not safetensors): real vLLM fails to load it, twice in a row
+    (`max_start_failures: 2`), and the pool is down instead of being replaced forever."""
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_models["qwen"], broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    teacher = local_config.teacher("qwen").model_copy(update={"name": "broken", "max_start_failures": 2,
+                                                             "max_restarts": 0})
+    pool = TeacherPool(teacher, str(broken), use_gpu=False, max_in_flight=4)
+    requests = requests_for(6, max_tokens=4)
+    table, rejected, records, _ = run_work(requests, extra_pools={"broken": pool}, to="broken", fallback="qwen")
+    assert_each_answered_once(table, requests)
+    assert set(table["teacher"].to_pylist()) == {"qwen"} and rejected == []
+    [down] = [r for r in records if r["kind"] == "pool_down"]
+    assert down["teacher"] == "broken" and "2 replica starts failed in a row" in down["reason"]
+    assert "Error" in down["reason"].split("the last: ")[1]  # the engine's own error, not only a count
+    assert pool.lost_replicas == 2 and not pool.replicas and not pool.groups
+
+
+@pytest.mark.slow
 def test_an_over_long_prompt_is_rejected_with_its_reason(teacher_pools):
     pool = teacher_pools["qwen"]
     long = {"prompt_id": "long", "domain": "general", "labels": [], "messages": [{"role": "user", "content": "word " * 2000}]}
@@ -203,3 +241,113 @@ def test_scale_from_the_command_line_names_a_run_that_is_not_running(ray_cluster
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert f"no running avocado-ray run with run directory {tmp_path}" in done.stderr
+
+
+def test_the_input_streams_through_the_router_while_the_teachers_answer_holding_a_bounded_window(
+        tmp_path, teacher_pools, local_config):
+    """Through the real reader, router actor, dispatcher and the session's qwen and gemma replicas: a window of
+    12 prompts over 61 input rows read 4 at a time; teachers answer before the input is read to its end."""
+    from avocado_ray.dataplane.prompts import PromptReader
+    from avocado_ray.dataplane.rundir import RunDir
+    from avocado_ray.pipeline import DeadLetters, InputFeed
+    from avocado_ray.routing.router import RouterClient, start_router
+
+    rows = [row for row in labelled_prompts() if row["domain"] in ("code", "general")][:60]
+    source = tmp_path / "prompts.jsonl"
+    source.write_text("".join(json.dumps({"id": f"s{i}", "prompt": row["prompt"][:200], "sampling": {"max_tokens": 4}})
+                              + "\n" for i, row in enumerate(rows)) + "{not json\n")
+    dispatch = local_config.dispatch.model_copy(update={"batch_size": 4, "max_pending_prompts": 12})
+    table = {"code": "qwen", "chinese": "qwen", "multimodal": "qwen", "math": "gemma", "general": "gemma"}
+    routing = local_config.routing.model_copy(update={"table": table, "best_of": {}})
+    config = local_config.model_copy(update={"dispatch": dispatch, "routing": routing})
+    pools = {name: teacher_pools[name] for name in ("qwen", "gemma")}
+    writer = ray.remote(ShardWriter).options(num_cpus=0).remote(str(tmp_path / "samples"), 4096)
+    router = RouterClient(start_router(config.routing, [t.name for t in config.teachers]), compiled=False)
+
+    class Watched(InputFeed):
+        ended_at = None
+
+        def next(self):
+            work = super().next()
+            if self.exhausted:
+                self.ended_at = time.time()
+            return work
+
+    dead_letters = DeadLetters(RunDir(tmp_path))
+    feed = Watched(PromptReader(str(source), batch_rows=4), router, config, pools, {}, None, dead_letters)
+    dispatcher = Dispatcher(config, pools, None, None, writer, None, tmp_path / "metrics.jsonl")
+    dead_letters.add_dispatched(dispatcher.run({}, feed))
+    dead_letters.close()
+    ray.get(writer.close.remote())
+    ray.kill(router.router)
+    samples = open_samples(tmp_path / "samples").to_table(columns=["prompt_id", "teacher", "domain"]).to_pylist()
+    assert sorted(r["prompt_id"] for r in samples) == sorted(f"s{i}" for i in range(60))  # each prompt once
+    assert all(table[r["domain"]] == r["teacher"] for r in samples)
+    assert {r["teacher"] for r in samples} == {"qwen", "gemma"}
+    assert dispatcher.max_pending <= 12 + 4 - 1  # the window, overshot by less than one read batch
+    assert dispatcher.first_request_at < feed.ended_at  # answering began before the input was read to its end
+    dead = [json.loads(line) for line in (tmp_path / "rejected.jsonl").read_text().splitlines()]
+    assert [(d["file"], d["line"], d["code"]) for d in dead] == [(str(source), 61, "bad_row")]
+
+# --- Engine processes end with their replica (teachers/engines.py) ------------------------------------------------
+# A stand-in for vLLM's EngineCore: a process that multiprocessing spawns, as vLLM does, titled as vLLM titles it,
+# that asks for the parent-death signal as vLLM's plugin hook makes each engine process do. Real processes and real
+# signals; the vLLM engines themselves are in the tests below and in tests/test_jobs.py.
+
+ENGINE_PARENT = '''
+import multiprocessing, sys, time
+import setproctitle
+from avocado_ray.teachers.engines import die_with_parent
+
+def engine(delay_s):
+    setproctitle.setproctitle("VLLM::EngineCore")
+    time.sleep(delay_s)  # the parent may die before the request: the guard must notice
+    die_with_parent()
+    time.sleep(120)
+
+if __name__ == "__main__":
+    child = multiprocessing.get_context("spawn").Process(target=engine, args=(float(sys.argv[1]),))
+    child.start()
+    print(child.pid, flush=True)
+    time.sleep(120)
+'''
+
+
+def engine_under_a_parent(tmp_path, guarded: bool, delay_s: float = 0.0) -> tuple[subprocess.Popen, int]:
+    """A parent process and its spawned engine stand-in; returns (parent, the engine's PID) once it runs."""
+    script = tmp_path / "engine_parent.py"
+    script.write_text(ENGINE_PARENT)
+    env = {k: v for k, v in os.environ.items() if k != GUARD_ENV} | ({GUARD_ENV: "1"} if guarded else {})
+    parent = subprocess.Popen([sys.executable, str(script), str(delay_s)], env=env, stdout=subprocess.PIPE, text=True)
+    engine_pid = int(parent.stdout.readline())
+    deadline = time.monotonic() + 30
+    while "VLLM::EngineCore" not in " ".join(psutil.Process(engine_pid).cmdline()):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    return parent, engine_pid
+
+
+@pytest.mark.parametrize("delay_s", [0.0, 2.0], ids=["parent-dies-after-the-request", "parent-dies-before-it"])
+def test_a_guarded_engine_process_dies_with_its_sigkilled_parent(tmp_path, delay_s):
+    parent, engine_pid = engine_under_a_parent(tmp_path, guarded=True, delay_s=delay_s)
+    if delay_s == 0.0:
+        time.sleep(1.0)  # the engine has asked for the signal
+    parent.kill()
+    parent.wait()
+    try:
+        assert wait_gone(process_tree([engine_pid]), timeout_s=10) == []
+    finally:
+        end_processes(process_tree([engine_pid]), timeout_s=5)
+
+
+def test_status_lists_an_unguarded_engine_process_that_outlived_its_parent(tmp_path, capsys):
+    """(That it leaves out the engines of live replicas is checked on a real job in tests/test_jobs.py.)"""
+    parent, engine_pid = engine_under_a_parent(tmp_path, guarded=False)  # as vLLM alone leaves it
+    try:
+        parent.kill()
+        parent.wait()
+        assert main(["status"]) == 0
+        left = {e["pid"]: e for e in json.loads(capsys.readouterr().out)["unowned_engines"]}
+        assert left[engine_pid]["title"] == "VLLM::EngineCore" and left[engine_pid]["owner_pid"] != parent.pid
+    finally:
+        end_processes(process_tree([engine_pid]), timeout_s=5)

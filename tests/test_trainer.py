@@ -24,14 +24,13 @@ from avocado_ray.config import TrainerConfig
 from avocado_ray.dataplane.schema import samples_to_batch
 from avocado_ray.dataplane.stream import SampleStream
 from avocado_ray.training.feed import next_item, start_feeder
-from avocado_ray.training.losses import LossOptions
+from avocado_ray.training.losses import CausalLMLoss, LossOptions
 from avocado_ray.training.trainer import (
     IGNORE,
     SampleEncoder,
     bucket,
     comm_backend,
     deepspeed_config,
-    forward,
     make_trainer,
     micro_loss,
     pack,
@@ -199,11 +198,11 @@ def test_a_packed_sample_has_the_loss_it_has_alone(tiny_models, tokenizers, atte
     assert packed.tokens == sum(a.tokens for a in alone)
     assert set(packed.sample_ids) == {row["sample_id"] for row in rows}
     # the packed forward sees each sample alone: the same loss as eight separate forwards
-    model = AutoModelForCausalLM.from_pretrained(tiny_models["student"], attn_implementation=attention)
+    model = CausalLMLoss(AutoModelForCausalLM.from_pretrained(tiny_models["student"], attn_implementation=attention))
     options = LossOptions()
     with torch.no_grad():
-        together = micro_loss(forward(model, packed), packed, LOSSES, options)
-        separate = [micro_loss(forward(model, a), a, LOSSES, options) for a in alone]
+        together = micro_loss(model, packed, LOSSES, options)
+        separate = [micro_loss(model, a, LOSSES, options) for a in alone]
     assert together.total.item() == pytest.approx(sum(m.total.item() for m in separate), rel=1e-5)
     for name in LOSSES:
         assert together.terms[name][1].item() == sum(m.terms[name][1].item() for m in separate)
@@ -303,16 +302,18 @@ def test_a_rerun_resumes_from_the_checkpoint_and_continues_the_loss_curve_and_th
 
 def test_a_restarted_trainer_reads_back_only_the_spilled_samples_its_checkpoint_did_not_count(tmp_path, monkeypatch):
     from avocado_ray.dataplane import spill
-    from avocado_ray.training.trainer import TAKEN_SEQ, _taken_but_not_trained
+    from avocado_ray.dataplane.rundir import SAMPLES, TAKEN_SEQ, RunDir
+    from avocado_ray.training.trainer import _taken_but_not_trained
 
     monkeypatch.setattr(spill, "ROW_GROUP_ROWS", 4)  # row groups of one 4-sample batch: the unit skipped whole
-    writer = spill.ShardWriter(str(tmp_path / "samples"), rows_per_shard=8)
+    run_dir = RunDir(tmp_path)
+    writer = spill.ShardWriter(run_dir.child(SAMPLES), rows_per_shard=8)
     for seq in range(1, 6):
         writer.write(samples_to_batch([sample(4 * (seq - 1) + i) for i in range(4)]), seq)
     writer.close()
-    (tmp_path / TAKEN_SEQ).write_text("5")
+    run_dir.write_text(TAKEN_SEQ, "5")
     trained = {f"s{i}" for i in range(10)}  # the checkpoint: two batches and half of the third
-    rows = _taken_but_not_trained(None, tmp_path / "samples", tmp_path, ["sample_id", "answer"], trained)
+    rows = _taken_but_not_trained(None, run_dir.child(SAMPLES), run_dir, ["sample_id", "answer"], trained)
     assert [r["sample_id"] for r in rows] == [f"s{i}" for i in range(10, 20)]
 
 

@@ -1,8 +1,5 @@
 """Vision: chat messages with image parts go only to a vision teacher; any other teacher rejects them, unsent."""
 
-import base64
-import io
-
 import pytest
 import ray
 
@@ -12,24 +9,20 @@ from avocado_ray.models.tiny_vision import IMAGE_TOKENS
 from avocado_ray.teachers.pool import TeacherPool
 
 
-def image_part(color: tuple[int, int, int] = (200, 10, 10)) -> dict:
-    """An OpenAI-style image part holding a small PNG as a base64 data URL."""
-    from PIL import Image
+@pytest.fixture
+def image_request(image_part):
+    """Makes a multimodal request: an image of one colour and a question about it."""
 
-    buffer = io.BytesIO()
-    Image.new("RGB", (40, 30), color).save(buffer, format="PNG")
-    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-    return {"type": "image_url", "image_url": {"url": url}}
+    def make(prompt_id: str, color: tuple[int, int, int] = (200, 10, 10)) -> dict:
+        content = [image_part(color), {"type": "text", "text": "What colour is this?"}]
+        return {"prompt_id": prompt_id, "domain": "multimodal", "labels": ["multimodal"],
+                "messages": [{"role": "user", "content": content}]}
 
-
-def image_request(prompt_id: str, color: tuple[int, int, int] = (200, 10, 10)) -> dict:
-    content = [image_part(color), {"type": "text", "text": "What colour is this?"}]
-    return {"prompt_id": prompt_id, "domain": "multimodal", "labels": ["multimodal"],
-            "messages": [{"role": "user", "content": content}]}
+    return make
 
 
 @pytest.mark.slow
-def test_a_teacher_without_vision_rejects_an_image_prompt_with_its_reason(teacher_pools):
+def test_a_teacher_without_vision_rejects_an_image_prompt_with_its_reason(teacher_pools, image_request):
     pool = teacher_pools["gemma"]
     text = {"prompt_id": "text", "domain": "general", "labels": ["general"],
             "messages": [{"role": "user", "content": "Name a colour."}], "sampling": {"max_tokens": 4}}
@@ -56,7 +49,8 @@ def vision_pool(tiny_models, ray_cluster):
 
 
 @pytest.mark.slow
-def test_a_vision_teacher_answers_image_prompts_with_the_images_as_model_input(vision_pool, tiny_models):
+def test_a_vision_teacher_answers_image_prompts_with_the_images_as_model_input(vision_pool, tiny_models,
+                                                                             image_request):
     from transformers import AutoTokenizer
 
     black, white = image_request("black", (0, 0, 0)), image_request("white", (255, 255, 255))

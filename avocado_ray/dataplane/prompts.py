@@ -1,4 +1,7 @@
-"""Reading prompt files: every non-empty input line becomes exactly one prompt or one rejection.
+"""Reading prompts as a stream: every non-empty input line becomes exactly one prompt or one rejection.
+
+A source is a JSONL or Parquet file, a folder of them, or a glob, on any filesystem pyarrow knows (a local
+path, `file://`, `s3://`, `gs://`); it is read in bounded batches (`PromptReader`), never whole.
 
 Input rows are JSON objects with an optional `id`, and either `prompt` (a string) or `messages`
 (OpenAI-style chat), plus an optional `teacher` that overrides routing. A row without an id gets a
@@ -9,14 +12,23 @@ file that cannot be read at all is an `InputError` naming it.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
+import io
 import json
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+
 BUILTIN_PREFIX = "builtin:"
 MAX_PROMPT_BYTES = 1 << 20  # default limit of one input row, as UTF-8 JSON: far beyond any teacher's context
+INPUT_SUFFIXES = (".jsonl", ".json", ".parquet")  # the files a folder of prompts contributes
+READ_BUFFER_BYTES = 1 << 20
 
 
 @dataclass
@@ -27,6 +39,7 @@ class Prompt:
     messages: list[dict]
     line: int
     teacher: str | None = None
+    file: str | None = None  # the input file of the row (the source itself when it is one file)
     tests: str | None = None  # Python asserts for the code_tests scorer
     sampling: dict | None = None  # overrides of the teacher's sampling defaults for this row (ROW_SAMPLING_KEYS)
 
@@ -51,6 +64,7 @@ class Rejected:
     # no_vision, bad_image, refused; teacher_error (its calls raised every try); all_rejected (every best-of
     # teacher rejected it)
     code: str = "bad_row"
+    file: str | None = None
 
 
 class InputError(Exception):
@@ -196,46 +210,178 @@ def parse_row(row, line: int, max_bytes: int = MAX_PROMPT_BYTES) -> Prompt | Rej
     return Prompt(id=row_id, messages=messages, line=line, teacher=teacher, tests=tests, sampling=sampling)
 
 
-def _parsed_rows(source: str, max_bytes: int):
-    """(line, prompt or rejection) for every non-empty JSONL line or every Parquet row (row numbers from 1)."""
-    if source.endswith(".parquet"):
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+def _builtin_path(source: str) -> str:
+    return str(resources.files("avocado_ray.resources").joinpath(f"{source[len(BUILTIN_PREFIX):]}_prompts.jsonl"))
 
-        try:
-            rows = pq.read_table(source).to_pylist()
-        except (OSError, pa.ArrowException) as error:
-            raise InputError(f"{source}: cannot read as Parquet: {error}") from None
-        for line, row in enumerate(rows, start=1):
-            yield line, parse_row({k: v for k, v in row.items() if v is not None}, line, max_bytes)
-        return
+
+def _filesystem(source: str, storage=None) -> tuple[pafs.FileSystem, str]:
+    """The filesystem and path of a local path or a URI (`file://`, `s3://bucket/key`, `gs://`, ...: whatever
+    pyarrow.fs knows; S3 with `storage`'s endpoint and region, else the AWS_* variables)."""
+    from avocado_ray.dataplane.rundir import filesystem
+
     if source.startswith(BUILTIN_PREFIX):
-        path = resources.files("avocado_ray.resources").joinpath(f"{source[len(BUILTIN_PREFIX):]}_prompts.jsonl")
-    else:
-        path = Path(source)
+        return pafs.LocalFileSystem(), _builtin_path(source)
+    if "://" not in source:
+        return pafs.LocalFileSystem(), str(Path(source).absolute())
     try:
-        lines = path.open("rb")
-    except OSError as error:
-        raise InputError(f"{source}: cannot read prompts: {error.strerror or error}") from None
-    with lines:
-        for line, raw in enumerate(lines, start=1):
+        return filesystem(source, storage)
+    except (pa.ArrowException, OSError, ValueError) as error:
+        raise InputError(f"{source}: cannot open this location: {error}") from None
+
+
+def input_files(source: str, storage=None) -> tuple[pafs.FileSystem, list[str]]:
+    """The files a source names, in a stable order: one file, every JSONL/Parquet file under a folder, or the
+    files a glob (`*`, `?`, `[...]` in the last parts of the path) matches."""
+    fs, path = _filesystem(source, storage)
+    pattern = None
+    parts = path.split("/")
+    glob_at = next((i for i, part in enumerate(parts) if any(c in part for c in "*?[")), None)
+    if glob_at is not None:
+        pattern, path = path, "/".join(parts[:glob_at]) or "/"
+    try:
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.File and pattern is None:
+            return fs, [path]
+        if info.type != pafs.FileType.Directory:
+            raise InputError(f"{source}: cannot read prompts: No such file or directory")
+        found = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    except (pa.ArrowException, OSError) as error:
+        if isinstance(error, InputError):
+            raise
+        raise InputError(f"{source}: cannot read prompts: {error}") from None
+    files = sorted(f.path for f in found if f.type == pafs.FileType.File and not f.base_name.startswith((".", "_"))
+                   and (fnmatch.fnmatchcase(f.path, pattern) if pattern else f.base_name.endswith(INPUT_SUFFIXES)))
+    if not files:
+        raise InputError(f"{source}: no prompt files ({', '.join(INPUT_SUFFIXES)}) there")
+    return fs, files
+
+
+def _parquet_rows(fs: pafs.FileSystem, path: str, name: str, max_bytes: int, batch_rows: int):
+    """(row number from 1, prompt or rejection) of one Parquet file, scanned in batches by pyarrow.dataset."""
+    try:
+        batches = ds.dataset(path, filesystem=fs, format="parquet").to_batches(batch_size=batch_rows)
+        line = 0
+        for batch in batches:
+            for row in batch.to_pylist():
+                line += 1
+                yield line, parse_row({k: v for k, v in row.items() if v is not None}, line, max_bytes)
+    except (OSError, pa.ArrowException) as error:
+        raise InputError(f"{name}: cannot read as Parquet: {error}") from None
+
+
+def _jsonl_rows(fs: pafs.FileSystem, path: str, name: str, max_bytes: int):
+    """(line, prompt or rejection) of every non-empty line of one JSONL file, read as a buffered stream.
+
+    pyarrow's JSON reader is not used: it fails a whole block on one bad line and infers one schema for all
+    rows (a `content` that is a string in one row and a list of parts in the next), and every row must be
+    turned into a prompt or a dead letter of its own."""
+    try:
+        stream = io.BufferedReader(fs.open_input_stream(path), buffer_size=READ_BUFFER_BYTES)
+    except (OSError, pa.ArrowException) as error:
+        raise InputError(f"{name}: cannot read prompts: {getattr(error, 'strerror', None) or error}") from None
+    with stream:
+        for line, raw in enumerate(stream, start=1):
             if raw.strip():
                 yield line, parse_line(raw.rstrip(b"\r\n"), line, max_bytes)
 
 
-def read_prompts(source: str, max_prompts: int | None = None, max_bytes: int = MAX_PROMPT_BYTES) -> PromptSet:
-    """Read a JSONL or Parquet prompt file (or `builtin:NAME`); duplicate ids after the first are rejected, and
-    so are rows over `max_bytes`."""
+def _parsed_rows(source: str, max_bytes: int, batch_rows: int, storage=None):
+    """(file, line, prompt or rejection) for every non-empty JSONL line or every Parquet row of a source's files
+    (lines and row numbers from 1 in each file)."""
+    fs, files = input_files(source, storage)
+    for path in files:
+        name = source if len(files) == 1 else path
+        rows = (_parquet_rows(fs, path, name, max_bytes, batch_rows) if path.endswith(".parquet")
+                else _jsonl_rows(fs, path, name, max_bytes))
+        for line, parsed in rows:
+            parsed.file = name
+            yield line, parsed
+
+
+class IdSet:
+    """Prompt ids seen so far, as 64-bit hashes in sorted numpy arrays: 8 bytes an id, so 50 million ids take
+    400 MB where a Python set of strings would take several GB. Two ids whose hashes collide (about 1 in 10^5
+    at 50 million ids) count as one."""
+
+    def __init__(self):
+        self.runs: list[np.ndarray] = []  # sorted, each at least twice as long as the next (merged like a LSM tree)
+        self.pending: set[int] = set()
+
+    @staticmethod
+    def key(prompt_id: str) -> int:
+        return int.from_bytes(hashlib.blake2b(prompt_id.encode(), digest_size=8).digest(), "little")
+
+    def __len__(self) -> int:
+        return sum(map(len, self.runs)) + len(self.pending)
+
+    def __contains__(self, prompt_id: str) -> bool:
+        key = self.key(prompt_id)
+        return key in self.pending or any(_in_sorted(run, key) for run in self.runs)
+
+    def add(self, prompt_id: str) -> None:
+        self.pending.add(self.key(prompt_id))
+        if len(self.pending) >= 4096:
+            self._settle()
+
+    def update(self, prompt_ids) -> None:
+        for prompt_id in prompt_ids:
+            self.add(prompt_id)
+
+    def _settle(self) -> None:
+        run = np.sort(np.fromiter(self.pending, dtype=np.uint64, count=len(self.pending)))
+        self.pending = set()
+        while self.runs and len(self.runs[-1]) <= 2 * len(run):
+            run = np.union1d(self.runs.pop(), run)
+        self.runs.append(run)
+
+
+def _in_sorted(run: np.ndarray, key: int) -> bool:
+    at = int(np.searchsorted(run, np.uint64(key)))
+    return at < len(run) and int(run[at]) == key
+
+
+class PromptReader:
+    """Streams a prompt source in batches of at most `batch_rows` rows, so that memory does not grow with the
+    input: every row becomes one prompt or one rejection (duplicate ids after the first are rejected, and so are
+    rows over `max_bytes`); ids in `skip` (answered by an earlier attempt of the run) are passed over."""
+
+    def __init__(self, source: str, max_prompts: int | None = None, max_bytes: int = MAX_PROMPT_BYTES,
+                 batch_rows: int = 1000, skip: IdSet | None = None, storage=None):
+        self.source, self.max_prompts, self.max_bytes, self.batch_rows = source, max_prompts, max_bytes, batch_rows
+        self.skip, self.storage = skip, storage
+        self.valid = self.rejected = self.skipped = 0  # rows so far: prompts, rejections, answered before
+
+    def batches(self):
+        """Yield (prompts, rejections) per batch of rows, in input order."""
+        seen = IdSet()
+        prompts, rejected = [], []
+        for line, parsed in _parsed_rows(self.source, self.max_bytes, self.batch_rows, self.storage):
+            if self.max_prompts is not None and self.valid >= self.max_prompts:
+                break
+            if isinstance(parsed, Prompt) and parsed.id in seen:
+                parsed = Rejected(line, parsed.id, f"duplicate id {parsed.id!r}", "duplicate_id", parsed.file)
+            if isinstance(parsed, Prompt):
+                seen.add(parsed.id)
+                self.valid += 1
+                if self.skip is not None and parsed.id in self.skip:
+                    self.skipped += 1
+                else:
+                    prompts.append(parsed)
+            else:
+                self.rejected += 1
+                rejected.append(parsed)
+            if len(prompts) + len(rejected) >= self.batch_rows:
+                yield prompts, rejected
+                prompts, rejected = [], []
+        if prompts or rejected:
+            yield prompts, rejected
+
+
+def read_prompts(source: str, max_prompts: int | None = None, max_bytes: int = MAX_PROMPT_BYTES,
+                 storage=None) -> PromptSet:
+    """All of a (small) source at once: for tests; a run (and the dry run) streams with `PromptReader`."""
     result = PromptSet(source=source)
-    seen: set[str] = set()
-    for line, parsed in _parsed_rows(source, max_bytes):
-        if max_prompts is not None and len(result.prompts) >= max_prompts:
-            break
-        if isinstance(parsed, Prompt) and parsed.id in seen:
-            parsed = Rejected(line, parsed.id, f"duplicate id {parsed.id!r}", "duplicate_id")
-        if isinstance(parsed, Prompt):
-            seen.add(parsed.id)
-            result.prompts.append(parsed)
-        else:
-            result.rejected.append(parsed)
+    for prompts, rejected in PromptReader(source, max_prompts, max_bytes, storage=storage).batches():
+        result.prompts += prompts
+        result.rejected += rejected
     return result

@@ -122,8 +122,8 @@ def train_teacher(folder: Path, mix: dict[str, int], steps: int, seed: int) -> d
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from avocado_ray.config import TrainerConfig
-    from avocado_ray.training.losses import LossOptions
-    from avocado_ray.training.trainer import SampleEncoder, forward, micro_loss
+    from avocado_ray.training.losses import CausalLMLoss, LossOptions
+    from avocado_ray.training.trainer import SampleEncoder, micro_loss
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -136,7 +136,7 @@ def train_teacher(folder: Path, mix: dict[str, int], steps: int, seed: int) -> d
     losses, started, cpu_started = [], time.monotonic(), time.process_time()
     for _ in range(steps):
         micro = encoder.collate(examples(mix, BATCH_SIZE, rng))
-        mixed = micro_loss(forward(model, micro), micro, {"supervised": 1.0}, LossOptions())
+        mixed = micro_loss(CausalLMLoss(model), micro, {"supervised": 1.0}, LossOptions())
         loss = mixed.total / max(micro.tokens, 1)
         optimizer.zero_grad()
         loss.backward()

@@ -3,17 +3,20 @@
 A prompt gets every label whose rule fires (Chinese + code is common); the routing table's priority
 decides which label routes it, and `general` is given when no other label fires.
 
-Why rules and not a library: Chinese is identified by its script (Han ideographs without Japanese kana),
-which is exact for this purpose (100% precision and recall on the held-out set) and costs a microsecond;
-language-identification libraries (langid, lingua, fastText's lid model) answer a harder question (which of
-100+ languages) 100x slower, and fastText's model would be a download. Code and math are recognised by their
-symbols and vocabulary. Users with a trained classifier plug it in through the `DomainClassifier` protocol.
+Chinese is identified by its script: Han ideographs of every CJK block, traditional or simplified, against the
+prompt's Latin words, Hangul and kana (CHINESE_SHARE); Japanese by its kana letters, not by the ・ or ー that
+Chinese text uses too. Why rules are the default rather than a language-identification library: on the held-out
+set they are as accurate as Lingua and more accurate than CLD2, and faster than both (`avocado-ray bench router`
+measures all three on the same prompts; the figures are in docs/usage.md, "Routing"). The libraries are there as
+the `cld2` and `lingua` classifiers (avocado_ray/routing/langid.py); a trained classifier plugs in through the
+`DomainClassifier` protocol. Code and math are recognised by their symbols and vocabulary, and a command line
+of ASCII in a CJK prompt is code (a manual page around a shell command gets both labels).
 
-Why it is fast (about 12 microseconds for a prompt of ~240 characters on one core): the rules but the Han ones
-look at one ASCII encoding of the prompt, and each step is one C-level pass (bytes.translate to split words,
-to map digits and letters or to count characters; set intersections; regexes whose branches all start with
-a literal, so that the engine skips to the candidates). Vocabulary is checked on the prompt's set of words,
-phrases only when one of their words is in it, and the cheap rules run first.
+Why it is fast (tens of microseconds at most for a prompt of a few hundred characters on one core): the rules but
+the script ones look at one ASCII encoding of the prompt, and each step is one C-level pass (bytes.translate to
+split words, to map digits and letters or to count characters; set intersections; regexes whose branches all
+start with a literal, so that the engine skips to the candidates). Vocabulary is checked on the prompt's set of
+words, phrases only when one of their words is in it, and the cheap rules run first.
 """
 
 from __future__ import annotations
@@ -21,15 +24,30 @@ from __future__ import annotations
 import re
 from typing import Protocol
 
-CHINESE_SHARE = 0.3  # Han characters among non-space characters for a prompt to be "mainly Chinese"
-# Counted on the UTF-8 bytes: lead bytes E4-E9 start exactly the characters U+4000-U+9FFF (the CJK unified
-# ideographs and most of extension A; its rest and the compatibility ideographs are rare and not counted), and
-# E3 81-83 start exactly the Japanese kana U+3040-U+30FF.
+# Chinese by script. A prompt is Chinese when Han ideographs are at least CHINESE_SHARE of its words: Han
+# characters, Latin-script words, Hangul syllables and kana letters, each counted as one. Digits, punctuation
+# (CJK, full-width or ASCII), box drawing, spaces of any kind and other layout characters count for nothing, so
+# a manual's tables and section numbers do not dilute its Chinese, and a Latin word weighs about what a Han
+# character does (a Chinese word is one or two), so a few Han names in an English paragraph do not make it
+# Chinese while a few Han characters around a product name do. Traditional and simplified are both Han.
+CHINESE_SHARE = 0.5
+CHINESE_MIN_HAN = 2
+# Han ideographs in every CJK block. Counted on the UTF-8 bytes, lead bytes E4-E9 start exactly U+4000-U+9FFF
+# (the unified ideographs and most of extension A); the rest of extension A (U+3400-U+3FFF), the compatibility
+# ideographs (U+F900-U+FAFF) and extensions B-H (U+20000-U+323AF) are rare, and counted by a character class
+# once a search finds one (a search builds nothing; counting every Han character that way would cost more).
 HAN_LEAD_BYTES = bytes(range(0xE4, 0xEA))
-KANA = re.compile(rb"\xe3[\x81-\x83]")
+RARE_HAN = re.compile("[\u3400-\u3fff\uf900-\ufaff\U00020000-\U000323af]")
+# Lead bytes EA-ED start U+A000-U+DFFF: the Hangul syllables (U+AC00-U+D7A3) and a few rare scripts.
+HANGUL_LEAD_BYTES = bytes(range(0xEA, 0xEE))
+# Japanese: kana LETTERS (hiragana U+3041-U+3096, katakana U+30A1-U+30FA). The katakana middle dot ・ (U+30FB)
+# and the prolonged sound mark ー (U+30FC) are punctuation that Chinese text uses too (《念奴娇・赤壁怀古》).
+KANA_LETTER = re.compile(rb"\xe3(?:\x81[\x81-\xbf]|\x82[\x80-\x96\xa1-\xbf]|\x83[\x80-\xba])")
+# Two kana letters make a prompt Japanese (one may be a quoted の in a Chinese shop name).
 
 # Characters that are frequent in source code and rare in prose (math's + - * / = ( ) are left out): code when
-# they are 3% of the prompt and at least 4 (a short quote with "#1" or "$25" is prose).
+# they are 3% of the prompt's UTF-8 bytes (a Han character weighs 3) and at least 4 (a short quote with "#1" or
+# "$25" is prose).
 CODE_SYMBOLS = b"{}[];<>_|&#$\\"
 CODE_SYMBOL_DENSITY = 0.03
 CODE_SYMBOL_MIN = 4
@@ -60,10 +78,21 @@ CODE_FUNCTION = re.compile(
 # ASCII text with lower-case letters mapped to a and upper-case to A. Prose has a few (McDonald, e.g.).
 CODE_IDENTIFIERS = 4
 CODE_HAN = re.compile("代码|函数|编程|脚本|算法|源程序")  # code, function, programming, script, algorithm
+# A shell command on a line of its own, as manuals show them: after a $ or # prompt, or a lower-case command
+# name followed by an option (`tar -xvf a.tar`, `ls --all`); searched for only when the prompt has " -", "$ "
+# or "# ".
+CODE_COMMAND_LINE = re.compile(rb"\n[ \t]*(?:[$#] [a-z]|[a-z][\w.+-]* +-{1,2}[a-zA-Z])")
+# In a prompt written in a CJK script, a line of ASCII words only that starts with a lower-case name is a
+# command or code (`tcpdump host sundown`, `route add -net 127.0.0.0`): prose lines hold CJK characters.
+# (Both are searched in "\n" + the prompt: a pattern that starts with a literal lets the engine skip to it.)
+CJK_ASCII_LINE = re.compile(r"(?m)\n[ \t]*(?:[$#] )?[a-z][\w.+-]*(?: +[\x21-\x7e]+)+[ \t]*$")
 # Line shapes of code (a line that ends in one of these, or starts with one of those).
 CODE_LINE_ENDS = ("{", "}", ")", "(", "=", "[", "]", " then", " do", "end")
 CODE_LINE_STARTS = ("#", "//", "!", "}", "<", "@", "end", "if ", "let ", "open ", "import ", "return")
 CODE_LINE_SHARE = 0.5
+PROSE_BULLETS = ("- ", "* ", "• ")  # a list item that ends in ")" is prose: "- Update Czech translation (Adam)"
+# Links: their words ("index.html", "bug-python") are not the prompt's vocabulary.
+URL = re.compile(rb"[a-z][a-z0-9+.-]*://\S*")
 
 # Words that make a prompt mathematical on their own, and words that do so only next to numbers.
 MATH_WORDS = frozenset(b"derivative integral equation theorem polynomial prob composite".split())
@@ -113,6 +142,8 @@ _WORD_BYTES = bytes(c if chr(c).isalnum() or chr(c) in "+#" else 32 for c in ran
 _SHAPE_BYTES = bytes(
     48 if chr(c).isdigit() else 97 if chr(c).isalpha() else 32 if chr(c).isspace() else c for c in range(128)
 ) + b"." * 128
+_LETTER_BYTES = bytes(c if chr(c).isalpha() else 32 for c in range(128)) + b" " * 128
+_LETTERS = bytes(c for c in range(128) if chr(c).isalpha())
 _DIGITS = b"0123456789"
 _CASE_BYTES = bytes(
     97 if chr(c).islower() else 65 if chr(c).isupper() else 46 if c == 46 else 32 for c in range(128)
@@ -130,13 +161,19 @@ def _count(data: bytes, characters: bytes) -> int:
     return len(data) - len(data.translate(None, characters))
 
 
-def _chinese_share(text: str) -> float:
-    """Share of Han characters among non-space characters; 0 for Japanese (kana) text."""
-    utf8 = text.encode()
-    if KANA.search(utf8):
-        return 0.0
-    visible = len(text) - text.count(" ") - text.count("\n")
-    return _count(utf8, HAN_LEAD_BYTES) / max(visible, 1)
+def _chinese_share(text: str, ascii_text: bytes, utf8: bytes) -> float:
+    """Share of Han characters among the words of the prompt (see CHINESE_SHARE); 0 for Japanese (kana) text."""
+    kana = 0
+    if b"\xe3\x81" in utf8 or b"\xe3\x82" in utf8 or b"\xe3\x83" in utf8:  # the kana block at all
+        found = KANA_LETTER.search(utf8)
+        if found and KANA_LETTER.search(utf8, found.end()):  # two: no need to count them all
+            return 0.0
+        kana = 1 if found else 0
+    han = _count(utf8, HAN_LEAD_BYTES)
+    others = len(ascii_text.translate(_LETTER_BYTES).split()) + _count(utf8, HANGUL_LEAD_BYTES) + kana
+    if han < CHINESE_MIN_HAN or han < CHINESE_SHARE * (han + others):  # the rare blocks may still tip it
+        han += len(RARE_HAN.findall(text)) if RARE_HAN.search(text) else 0
+    return han / (han + others) if han >= CHINESE_MIN_HAN else 0.0
 
 
 def _code_line_share(text: str) -> float:
@@ -144,14 +181,15 @@ def _code_line_share(text: str) -> float:
     lines = [line for line in map(str.strip, text.split("\n")) if line]
     if len(lines) < 3:
         return 0.0
-    return sum(1 for line in lines if line.endswith(CODE_LINE_ENDS) or line.startswith(CODE_LINE_STARTS)) / len(lines)
+    return sum(1 for line in lines if (line.endswith(CODE_LINE_ENDS) and not line.startswith(PROSE_BULLETS))
+               or line.startswith(CODE_LINE_STARTS)) / len(lines)
 
 
-def _code_rule(text: str, ascii_text: bytes, data: bytes, words: set[bytes]) -> str | None:
+def _code_rule(text: str, ascii_text: bytes, data: bytes, words: set[bytes], utf8_length: int) -> str | None:
     """The name of the first code rule that fires (to tell why a prompt was labelled code), or None."""
     if not words.isdisjoint(CODE_WORDS):
         return "word"
-    if _count(data, CODE_SYMBOLS) >= max(CODE_SYMBOL_DENSITY * len(text), CODE_SYMBOL_MIN):
+    if _count(data, CODE_SYMBOLS) >= max(CODE_SYMBOL_DENSITY * utf8_length, CODE_SYMBOL_MIN):
         return "symbols"
     if not words.isdisjoint(CODE_PHRASE_WORDS) and any(phrase in data for phrase in CODE_PHRASES):
         return "phrase"
@@ -164,6 +202,12 @@ def _code_rule(text: str, ascii_text: bytes, data: bytes, words: set[bytes]) -> 
         return "identifiers"
     if CODE_SYMBOL_MARKERS.search(data):
         return "marker"
+    if (b" -" in ascii_text or b"$ " in ascii_text or b"# " in ascii_text) \
+            and CODE_COMMAND_LINE.search(b"\n" + ascii_text):
+        return "command"
+    if utf8_length > len(text) and "\n" in text and utf8_length - len(ascii_text) > _count(ascii_text, _LETTERS) \
+            and CJK_ASCII_LINE.search("\n" + text):  # more CJK (2 extra bytes each) than ASCII letters
+        return "command"
     if "\n" in text and _code_line_share(text) >= CODE_LINE_SHARE:
         return "lines"
     return None
@@ -198,7 +242,7 @@ def _math_rule(text: str, data: bytes, words: set[bytes]) -> str | None:
         return "numbers+word"
     if not words.isdisjoint(MATH_OPERATOR_WORDS) and MATH_WORDED_ARITHMETIC.search(data):
         return "arithmetic"
-    shape = text.replace("×", "*").replace("÷", "/").encode("ascii", "ignore") if han else data
+    shape = text.replace("×", "*").replace("÷", "/").encode("ascii", "replace") if han else data
     if MATH_ARITHMETIC.search(shape.translate(_SHAPE_BYTES)):
         return "arithmetic"
     return None
@@ -207,15 +251,24 @@ def _math_rule(text: str, data: bytes, words: set[bytes]) -> str | None:
 ENTRY_POINT_GROUP = "avocado_ray.classifiers"
 
 
+def _installed() -> dict:
+    """The entry points of the `avocado_ray.classifiers` group, by name."""
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def installed_classifiers() -> list[str]:
+    """The names a config can select (avocado-ray registers `rules`, `cld2` and `lingua`)."""
+    return sorted(_installed())
+
+
 def load_classifier(name: str) -> DomainClassifier:
     """The classifier an installed package registers under `name` in the `avocado_ray.classifiers` entry points.
 
-    Only installed entry points can be named (avocado-ray registers `rules`): a config string is never
-    imported as a module path.
+    Only installed entry points can be named: a config string is never imported as a module path.
     """
-    from importlib.metadata import entry_points
-
-    found = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    found = _installed()
     if name not in found:
         raise ValueError(f"no classifier {name!r} among the installed {ENTRY_POINT_GROUP} entry points {sorted(found)}")
     return found[name].load()()
@@ -224,14 +277,22 @@ def load_classifier(name: str) -> DomainClassifier:
 class RuleClassifier:
     """Rules over scripts, symbols and vocabulary: tens of thousands of prompts per second on one core."""
 
+    def is_chinese(self, text: str, ascii_text: bytes, utf8: bytes) -> bool:
+        """Whether a prompt with non-ASCII characters is mainly Chinese (subclasses ask a language identifier)."""
+        return _chinese_share(text, ascii_text, utf8) >= CHINESE_SHARE
+
     def labels(self, text: str, has_image: bool = False) -> list[str]:
-        ascii_text = text.encode("ascii", "ignore")  # the rules but the Han ones look at ASCII only
+        # The rules but the script ones look at ASCII only; other characters become "?", a separator, so that
+        # the words on either side of a Han character stay apart.
+        ascii_text = text.encode("ascii", "replace")
         data = ascii_text.lower()
-        words = VOCABULARY.intersection(data.translate(_WORD_BYTES).split())
+        unlinked = URL.sub(b" ", data) if b"://" in data else data
+        words = VOCABULARY.intersection(unlinked.translate(_WORD_BYTES).split())
         found = ["multimodal"] if has_image else []
-        if _code_rule(text, ascii_text, data, words):
+        utf8 = None if text.isascii() else text.encode()
+        if _code_rule(text, ascii_text, data, words, len(text) if utf8 is None else len(utf8)):
             found.append("code")
-        if not text.isascii() and _chinese_share(text) >= CHINESE_SHARE:
+        if utf8 is not None and self.is_chinese(text, ascii_text, utf8):
             found.append("chinese")
         if _math_rule(text, data, words):
             found.append("math")

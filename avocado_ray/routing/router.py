@@ -38,7 +38,7 @@ class Route:
 
     def rejection(self, prompt: Prompt) -> Rejected:
         """The dead letter of a prompt this route refused."""
-        return Rejected(prompt.line, prompt.id, self.reason, "unknown_teacher")
+        return Rejected(prompt.line, prompt.id, self.reason, "unknown_teacher", prompt.file)
 
 
 def _unit_interval(prompt_id: str) -> float:
@@ -57,7 +57,7 @@ def pick_weighted(weights: dict[str, float], prompt_id: str) -> str:
 
 class Router:
     """Routing table plus classifier: the teacher (or the best-of teachers) of each prompt. Run as a Ray actor
-    for the driver; pools that turn out to be down are the pipeline's to handle (`pipeline.fall_back`)."""
+    for the driver; pools that turn out to be down are the pipeline's to handle (`pipeline.reroute_down`)."""
 
     def __init__(self, routing: RoutingConfig, teachers: list[str], classifier: DomainClassifier | None = None):
         self.routing = routing
@@ -102,11 +102,15 @@ class RouterClient:
     so `close()` the client once its decisions are made. The graph does not outlive the actor's process: when the
     router dies and Ray restarts it, the waiting results compile a new graph on the new process and ask again
     (routing is a pure function of the prompt). Only the process that made the client may use it, from one thread.
+
+    With `compiled=False` the client makes plain actor calls, with the same checks and retries: for a run that
+    routes its input chunk by chunk while it lasts, where a polling core would cost more than the calls.
     """
 
     def __init__(self, router: ray.actor.ActorHandle, max_in_flight: int = 4, restart_timeout_s: float = 60.0,
-                 call_timeout_s: float = 300.0):
+                 call_timeout_s: float = 300.0, compiled: bool = True):
         self.router = router
+        self.compiled = compiled
         self.max_in_flight = max_in_flight  # batches sent, not yet fetched; one more raises RayCgraphCapacityExceeded
         self.restart_timeout_s = restart_timeout_s
         self.call_timeout_s = call_timeout_s
@@ -125,6 +129,8 @@ class RouterClient:
         self._drop(self.generation)
 
     def _execute(self, prompts: list[Prompt]) -> tuple[object, int]:
+        if not self.compiled:
+            return self.router.route.remote(prompts), self.generation
         if self._graph is None:
             with InputNode() as batch:
                 self._graph = self.router.route.bind(batch).experimental_compile(
@@ -176,7 +182,7 @@ class PendingRoutes:
             except RayChannelTimeoutError:
                 raise
             except ActorDiedError:
-                if compiling:  # a restarting actor queues the compile's calls: died here means dead for good
+                if compiling and self.client.compiled:  # a restarting actor queues the compile's calls: dead for good
                     raise
                 problem = "the router died"
             except ROUTER_FAULTS as fault:

@@ -11,11 +11,13 @@ from pathlib import Path
 
 import ray
 
+from avocado_ray.dataplane.rundir import canonical
+
 NAMESPACE = "avocado-ray"
 
 
 def control_name(run_dir: str | Path) -> str:
-    return f"run:{Path(run_dir).resolve()}"
+    return f"run:{canonical(run_dir)}"
 
 
 class RunControl:
@@ -41,7 +43,7 @@ class RunControl:
         return pending
 
 
-def start_control(run_dir: Path, teachers: list[str]):
+def start_control(run_dir: str, teachers: list[str]):
     """The run's control actor (replacing one left by a driver that died without cleaning up)."""
     name = control_name(run_dir)
     try:
@@ -56,5 +58,5 @@ def request_scale(run_dir: str | Path, teacher: str, replicas: int) -> str:
     try:
         control = ray.get_actor(control_name(run_dir), namespace=NAMESPACE)
     except ValueError:
-        raise LookupError(f"no running avocado-ray run with run directory {Path(run_dir).resolve()}") from None
+        raise LookupError(f"no running avocado-ray run with run directory {canonical(run_dir)}") from None
     return ray.get(control.request_scale.remote(teacher, replicas))

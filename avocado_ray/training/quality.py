@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 from collections import defaultdict
@@ -70,11 +69,11 @@ def measure(student_dir: str, samples: list[dict], teacher_tokenizers: dict[str,
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from avocado_ray.config import TrainerConfig
-    from avocado_ray.training.losses import LossOptions
-    from avocado_ray.training.trainer import IGNORE, SampleEncoder, forward, micro_loss
+    from avocado_ray.training.losses import CausalLMLoss, LossOptions
+    from avocado_ray.training.trainer import IGNORE, SampleEncoder, micro_loss
 
     tokenizer = AutoTokenizer.from_pretrained(student_dir)
-    model = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32).eval()
+    model = CausalLMLoss(AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)).eval()
     weights = {"supervised": 1.0, "forward_kl": 0.0}  # forward_kl weighted 0: measured, not mixed in
     encoder = SampleEncoder(tokenizer, TrainerConfig(max_seq_len=max_seq_len, losses=weights), teacher_tokenizers)
     sums: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0, 0.0, 0])  # nats, bytes, kl, kl positions
@@ -83,7 +82,7 @@ def measure(student_dir: str, samples: list[dict], teacher_tokenizers: dict[str,
             micro = encoder.collate([row])
             if row["finish_reason"] != "stop":  # cut by max_tokens: the teacher never said the answer ends
                 micro.labels[0, micro.real - 1] = IGNORE
-            terms = micro_loss(forward(model, micro), micro, weights, LossOptions()).terms
+            terms = micro_loss(model, micro, weights, LossOptions()).terms
             entry = sums[(row["true_domain"], row["teacher"])]
             entry[0] += terms["supervised"][0].item()
             entry[1] += len(row["answer"].encode())
@@ -149,9 +148,10 @@ def run_quality(
 
     At the demo's 0.8, a tiny teacher's samples are about as uncertain as the teacher itself (its training loss
     stays high), and no student gets below that; at 0.3 its answers carry its style with less noise."""
-    from avocado_ray.cluster import cpus_needed, start_local
+    from avocado_ray.cluster import start_local
     from avocado_ray.models.tiny import resolve_model
     from avocado_ray.pipeline import run_distill, run_train
+    from avocado_ray.plan import local_cpus
 
     started = time.time()
     out = Path(out).resolve()
@@ -168,7 +168,7 @@ def run_quality(
         + [{"id": r["id"], "prompt": r["prompt"]} for r in train_rows],  # routed by the table
     )
     config = quality_config(out / "generate", prompts, overrides)
-    start_local(max(cpus_needed(config), os.cpu_count() or 1))
+    start_local(local_cpus(config))
     generated = run_distill(config, train=False)
     answers = open_samples(out / "generate" / "samples").to_table().to_pylist()
     domain_of = {row["id"]: row["domain"] for row in heldout}

@@ -17,14 +17,15 @@ when the teacher uses the student's tokenizer, `TokenAligner`'s byte spans other
 loss on the teacher's answer text (student tokenizer, answer tokens only) everywhere else. The answer text is
 `SampleEncoder.target`: the final answer, or with `trainer.learn_reasoning` a reasoning teacher's reasoning in
 <think> tags before it (docs/training.md). The loss of a step
-is the mean over the answer tokens of the whole global batch; each term is logged as `loss_NAME`. At the end
+is the mean over the answer tokens of the whole global batch; each term is logged as `loss_NAME`. No logits are
+built for a whole micro-batch: DeepSpeed wraps the student in `CausalLMLoss`, whose forward takes the output layer
+over the answer positions in chunks of `trainer.loss_chunk_tokens` (losses.py, Bounded memory). At the end
 the student is consolidated from its ZeRO shards and saved in Hugging Face format.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -32,14 +33,13 @@ from pathlib import Path
 from typing import Any
 
 from avocado_ray.config import TrainerConfig
-from avocado_ray.dataplane.spill import open_samples, write_manifest
+from avocado_ray.dataplane.rundir import METRICS, RAY_TRAIN, STUDENT, TAKEN_SEQ, TRAINED_IDS, Log, RunDir
+from avocado_ray.dataplane.spill import complete_shards, samples_not_in, write_manifest
 from avocado_ray.dataplane.stream import SampleStream
 from avocado_ray.models.chat import chat_prompt_ids
 
 IGNORE = -100
 THINK_FORMAT = "<think>\n{reasoning}\n</think>\n\n{answer}"  # the student's target with trainer.learn_reasoning
-TRAINED_IDS = "trained_ids.txt"  # the sample ids the student has been trained on, one per line, in order
-TAKEN_SEQ = "trainer_taken_seq"  # the highest writer seq rank 0 took from the stream in this run (for restarts)
 DEEPSPEED_TAG = "state"
 
 
@@ -179,12 +179,6 @@ class MicroBatch:
         return replace(self, **{name: getattr(self, name).to(device) for name in tensors})
 
 
-def forward(model, micro: MicroBatch):
-    """The logits of a packed micro-batch: position ids keep samples apart (HF builds a block-causal mask from
-    them when no attention mask and no cache are given)."""
-    return model(input_ids=micro.input_ids, position_ids=micro.position_ids, use_cache=False).logits
-
-
 class SampleEncoder:
     """Turns teacher samples into student micro-batches: token ids, labels and the teacher's aligned top-k.
 
@@ -312,11 +306,14 @@ class SampleEncoder:
         )
 
 
-def micro_loss(logits, micro: MicroBatch, weights: dict[str, float], options):
-    """`mix` over the answer positions of a micro-batch: the logits at t predict the token (and targets) at t + 1."""
+def micro_loss(model, micro: MicroBatch, weights: dict[str, float], options):
+    """`mix` over the answer positions of a micro-batch: the hidden state at t predicts the token (and targets) at
+    t + 1. `model` is a `CausalLMLoss` (or a DeepSpeed engine over one): the logits are built chunk by chunk
+    (`chunked_mix`). Position ids keep packed samples apart (HF builds a block-causal mask from them when no
+    attention mask and no cache are given)."""
     import torch
 
-    from avocado_ray.training.losses import Targets, mix
+    from avocado_ray.training.losses import Targets
 
     keep = micro.labels[:, 1:] != IGNORE
     targets = Targets(
@@ -325,7 +322,8 @@ def micro_loss(logits, micro: MicroBatch, weights: dict[str, float], options):
         topk_logprobs=micro.topk_logprobs[:, 1:][keep],
         distill=micro.distill[:, 1:][keep],
     )
-    return mix(logits[:, :-1][keep], targets, torch.ones_like(targets.distill), weights, options)
+    rows = torch.nn.functional.pad(keep, (0, 1), value=False)  # the last position predicts nothing
+    return model(micro.input_ids, micro.position_ids, rows, targets, weights, options)
 
 
 class StudentTrainer:
@@ -343,14 +341,16 @@ class StudentTrainer:
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.integrations import HfDeepSpeedConfig
 
-        from avocado_ray.training.losses import LossOptions
+        from avocado_ray.training.losses import CausalLMLoss, LossOptions
 
         self.torch = torch
         self.trainer = trainer
         self.ds_config = deepspeed_config(trainer, world_size)
         self.accumulation = int(self.ds_config["gradient_accumulation_steps"])  # raw DeepSpeed keys may set it
         self.weights = dict(trainer.losses)
-        self.options = LossOptions(temperature=trainer.temperature, jsd_beta=trainer.jsd_beta)
+        self.options = LossOptions(
+            temperature=trainer.temperature, jsd_beta=trainer.jsd_beta, chunk_tokens=trainer.loss_chunk_tokens
+        )
         # Ray Train made the torch process group; DeepSpeed's comm layer adopts it.
         deepspeed.init_distributed(dist_backend=comm_backend(trainer))
         # Keeping this object alive makes from_pretrained build the model under zero.Init (sharded from the start).
@@ -364,7 +364,13 @@ class StudentTrainer:
         if trainer.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()  # from_pretrained returns eval mode, in which HF skips gradient checkpointing
-        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=self.ds_config)
+        self.student = model
+        with_loss = CausalLMLoss(model)
+        if trainer.zero_stage == 3:  # CausalLMLoss reads the output weight outside the output layer's forward
+            deepspeed.zero.register_external_parameter(with_loss, model.get_output_embeddings().weight)
+        self.engine, *_ = deepspeed.initialize(
+            model=with_loss, model_parameters=with_loss.parameters(), config=self.ds_config
+        )
 
     def step(self, micros: list[MicroBatch]) -> dict:
         """One optimizer step over this rank's micro-batches of a global batch (`SampleEncoder.micro_batches`).
@@ -387,8 +393,7 @@ class StudentTrainer:
         sums = torch.zeros(2 + 2 * len(names), dtype=torch.float64)  # total, distilled, (term sum, term count)...
         for index, micro in enumerate(micros):
             self.engine.set_gradient_accumulation_boundary(index == len(micros) - 1)
-            logits = forward(self.engine, micro)
-            mixed = micro_loss(logits, micro, self.weights, self.options)
+            mixed = micro_loss(self.engine, micro, self.weights, self.options)
             # DeepSpeed averages gradients over ranks: scale by world size for a global token mean. Each
             # micro-batch's loss is already its share of that mean, so no division by accumulation steps.
             self.engine.backward(mixed.total * dist.get_world_size() / tokens, scale_wrt_gas=False)
@@ -409,23 +414,19 @@ class StudentTrainer:
         result["padding_waste"] = round(1 - real / slots, 4) if slots else 0.0
         return result
 
-    def save_hf(self, out: Path, is_writer: bool) -> None:
-        """Consolidate the ZeRO shards and write a Hugging Face model folder (rank 0 writes)."""
+    def save_hf(self, run: RunDir, is_writer: bool) -> None:
+        """Consolidate the ZeRO shards and write the run's Hugging Face model folder `student` (rank 0 writes it
+        to a local folder, uploaded to an object-storage run directory)."""
         import deepspeed
 
-        module = self.engine.module
+        module = self.student
         with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
             if is_writer:
                 state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
         if is_writer:
-            out.mkdir(parents=True, exist_ok=True)
-            module.save_pretrained(out, state_dict=state)
-            self.tokenizer.save_pretrained(out)
-
-
-def _log(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+            with run.staged(STUDENT) as out:
+                module.save_pretrained(out, state_dict=state)
+                self.tokenizer.save_pretrained(out)
 
 
 def _seal_spill(writer, seq: int, poll_s: float = 0.05) -> list[str]:
@@ -441,60 +442,46 @@ def _seal_spill(writer, seq: int, poll_s: float = 0.05) -> list[str]:
     return shards
 
 
-def _taken_but_not_trained(writer, samples_dir: Path, run_dir: Path, columns: list[str],
+def _taken_but_not_trained(writer, samples_dir: RunDir, run_dir: RunDir, columns: list[str],
                            trained: set[str]) -> list[dict]:
     """After a worker restart within a run: the samples a lost attempt took from the stream without a checkpoint
     counting them. The stream hands each batch out once, but the spill keeps every batch, so they are read back
-    from there (with any spilled sample not yet trained; the caller skips those when the stream brings them).
-
-    Row group by row group, the sample ids first: a row group the checkpoint's lineage covers is not read further,
-    so a restart reads the top-k and text columns only of the batches taken since the last checkpoint.
-    """
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
+    from there (with any spilled sample not yet trained; the caller skips those when the stream brings them):
+    row group by row group, the sample ids first, so only the batches taken since the last checkpoint are read
+    whole (`samples_not_in`)."""
     if writer is not None:
-        _seal_spill(writer, int((run_dir / TAKEN_SEQ).read_text()))
-    trained_ids = pa.array(sorted(trained), pa.string())
-    rows = []
-    for shard in open_samples(samples_dir).get_fragments():
-        for group in shard.split_by_row_group():
-            if pc.all(pc.is_in(group.to_table(columns=["sample_id"])["sample_id"], trained_ids)).as_py():
-                continue
-            rows += group.to_table(columns=columns, filter=~pc.field("sample_id").isin(trained_ids)).to_pylist()
-    return rows
-
-
-def _record_taken(run_dir: Path, seq: int) -> None:
-    temp = run_dir / f".{TAKEN_SEQ}.tmp"
-    temp.write_text(str(seq))
-    os.replace(temp, run_dir / TAKEN_SEQ)
+        _seal_spill(writer, int(run_dir.read_text(TAKEN_SEQ)))
+    return samples_not_in(complete_shards(samples_dir), trained, columns)
 
 
 class _Lineage:
-    """What the student has been trained on, in order: restored from the checkpoint, extended per step."""
+    """What the student has been trained on, in order: restored from the checkpoint, extended per step, and
+    written whole to the run's `trained_ids.txt` with each checkpoint (object storage has no append)."""
 
-    def __init__(self, run_dir: Path, checkpoint_dir: Path | None):
-        self.path = run_dir / TRAINED_IDS
+    def __init__(self, run_dir: RunDir, checkpoint_dir: Path | None):
+        self.run = run_dir
         self.step, self.ids = 0, []
         if checkpoint_dir is not None:
             self.step = json.loads((checkpoint_dir / "state.json").read_text())["step"]
             self.ids = (checkpoint_dir / TRAINED_IDS).read_text().split()
         self.already_trained = set(self.ids)  # samples a rerun replays but must not train on again
-        self.path.write_text("".join(i + "\n" for i in self.ids))
+        self.run.write_text(TRAINED_IDS, self.text())
+
+    def text(self) -> str:
+        return "".join(i + "\n" for i in self.ids)
 
     def add(self, ids: list[str]) -> None:
         self.step += 1  # kept in step with the loop's counter: both start from the checkpoint's step
         self.ids.extend(ids)
-        with open(self.path, "a") as f:
-            f.writelines(i + "\n" for i in ids)
 
     def save(self, folder: Path) -> None:
         (folder / "state.json").write_text(json.dumps({"step": self.step, "samples": len(self.ids)}))
-        (folder / TRAINED_IDS).write_text("".join(i + "\n" for i in self.ids))
+        (folder / TRAINED_IDS).write_text(self.text())
+        self.run.write_text(TRAINED_IDS, self.text())
 
 
-def _checkpoint(student: StudentTrainer, step: int, lineage: _Lineage | None, run_dir: Path, writer, seq: int) -> None:
+def _checkpoint(student: StudentTrainer, step: int, lineage: _Lineage | None, run_dir: RunDir, writer,
+                seq: int) -> None:
     """Every rank saves its ZeRO shard; Ray Train merges the ranks' folders into one checkpoint in storage.
 
     Rank 0 (the one with the lineage) adds the trained sample ids, waits for the writer to make the samples up to
@@ -512,7 +499,7 @@ def _checkpoint(student: StudentTrainer, step: int, lineage: _Lineage | None, ru
             shards = _seal_spill(writer, seq) if writer is not None else []
         train.report({"step": step}, checkpoint=train.Checkpoint.from_directory(folder), checkpoint_dir_name=name)
     if lineage is not None:
-        trained = {"step": step, "samples": len(lineage.ids), "checkpoint": str(run_dir / "ray_train" / "student" / name)}
+        trained = {"step": step, "samples": len(lineage.ids), "checkpoint": run_dir.uri(RAY_TRAIN, STUDENT, name)}
         write_manifest(run_dir, complete_shards=shards, trained=trained)
 
 
@@ -530,7 +517,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     trainer = TrainerConfig.model_validate(loop_config["trainer"])
     writer = loop_config["writer"]  # None when every sample is already on disk (train-only mode)
-    run_dir = Path(loop_config["run_dir"])
+    run_dir: RunDir = loop_config["run_dir"]
     context = train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     tokenizers = loop_config.get("teacher_tokenizers") or {}
@@ -542,17 +529,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
     handle = [start_feeder(trainer, loop_config["student_path"], tokenizers, world, student.accumulation,
                            loop_config["seed"]) if rank == 0 else None]
     dist.broadcast_object_list(handle, src=0)  # an actor handle, at once: every rank then polls outside collectives
-    feeder, lineage, monitor = handle[0], None, None
+    feeder, lineage, metrics, monitor = handle[0], None, None, None
     if rank == 0:
         if restored is not None:
             with restored.as_directory() as folder:
                 lineage = _Lineage(run_dir, Path(folder))
         else:
             lineage = _Lineage(run_dir, None)
-        feeder.run.remote(loop_config["stream"], writer, loop_config["samples_dir"], str(run_dir),
+        feeder.run.remote(loop_config["stream"], writer, loop_config["samples_dir"], run_dir,
                           lineage.already_trained, lineage.step)
+        metrics = Log(run_dir, METRICS)
         monitor = TrainMonitor()  # progress line in the job log, Ray metrics
-    metrics = run_dir / "metrics.jsonl"
     checkpointed = None
     while True:
         item = next_item(feeder, rank)
@@ -565,17 +552,20 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 lineage.add(item["ids"])
                 record = {"kind": "train", "step": step, "samples": item["samples"], "wait_s": round(item["wait_s"], 4)}
                 record.update(result, step_s=round(time.monotonic() - started, 4), time=time.time())
-                _log(metrics, record)
+                metrics.append(record)
                 monitor.step(record)
         if step > checkpointed and (end or step - checkpointed >= trainer.checkpoint_every):
             _checkpoint(student, step, lineage, run_dir, writer, item["seq"])
+            if metrics is not None:
+                metrics.flush()
             checkpointed = step
         if end:
             break
-    student.save_hf(run_dir / "student", is_writer=rank == 0)
+    student.save_hf(run_dir, is_writer=rank == 0)
     if rank == 0:
-        _log(metrics, {"kind": "train_end", "steps": step, "samples_not_trained": item["skipped"],
-                       "samples_truncated_dropped": item["truncated_dropped"], "time": time.time()})
+        metrics.append({"kind": "train_end", "steps": step, "samples_not_trained": item["skipped"],
+                        "samples_truncated_dropped": item["truncated_dropped"], "time": time.time()})
+        metrics.flush()
         monitor.finish()
 
 
@@ -583,10 +573,10 @@ def make_trainer(
     trainer: TrainerConfig,
     student_path: str,
     stream: SampleStream,
-    run_dir: Path,
+    run_dir: str | Path | RunDir,
     writer=None,
     teacher_tokenizers: dict[str, str] | None = None,
-    samples_dir: Path | None = None,
+    samples_dir: str | Path | RunDir | None = None,
     seed: int = 0,
 ):
     """A Ray Train TorchTrainer over `train_loop_per_worker`; call `.fit()` to run it.
@@ -594,7 +584,8 @@ def make_trainer(
     `writer` is the run's `ShardWriter` actor, asked to make samples durable before a checkpoint counts them.
     `teacher_tokenizers` maps teacher names to their tokenizer folders (or hub ids), for the distillation
     losses; samples of teachers not in it are trained with the supervised loss only.
-    Storage and name are fixed per run directory, so Ray Train restores the last checkpoint on a rerun.
+    Storage and name are fixed per run directory (`ray_train/student`, through pyarrow.fs on object storage), so
+    Ray Train restores the last checkpoint on a rerun.
     `samples_dir` holds every sample the stream carries (the run's spill, or a train-only run's data): after a
     worker dies, the restarted group reads back from it what the lost attempt had taken. Without it a dead
     worker fails the run (no restart), since those samples could not be recovered. `seed` seeds the shuffle buffer.
@@ -602,6 +593,8 @@ def make_trainer(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    run_dir = RunDir.of(run_dir)
+    samples_dir = None if samples_dir is None else RunDir.of(samples_dir, run_dir.storage)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -609,9 +602,9 @@ def make_trainer(
             "student_path": student_path,
             "stream": stream,
             "writer": writer,
-            "run_dir": str(run_dir.resolve()),
+            "run_dir": run_dir,
             "teacher_tokenizers": dict(teacher_tokenizers or {}),
-            "samples_dir": str(samples_dir.resolve()) if samples_dir is not None else None,
+            "samples_dir": samples_dir,
             "seed": seed,
         },
         torch_config=TorchConfig(backend=comm_backend(trainer), timeout_s=trainer.collective_timeout_s),
@@ -621,8 +614,9 @@ def make_trainer(
             resources_per_worker={"CPU": trainer.cpus_per_worker},
         ),
         run_config=RunConfig(
-            storage_path=str((run_dir / "ray_train").resolve()),
-            name="student",
+            storage_path=run_dir.path(RAY_TRAIN),
+            storage_filesystem=None if run_dir.local else run_dir.fs,
+            name=STUDENT,
             checkpoint_config=CheckpointConfig(num_to_keep=trainer.keep_checkpoints),
             failure_config=FailureConfig(max_failures=trainer.max_failures if samples_dir is not None else 0),
         ),
