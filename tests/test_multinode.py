@@ -28,6 +28,10 @@ class WhereAmI:
                 "bundle_nodes": sorted(set(group["bundles_to_node_id"].values())), "bundles": len(group["bundles"]),
                 "vllm_bundles": os.environ.get("VLLM_RAY_BUNDLE_INDICES")}
 
+    def info(self) -> dict:
+        """What the pool's `ready` returns: here, where the replica landed."""
+        return self.warm_up()
+
     def stop_engine(self) -> dict:
         """No engine to end (the pool asks each replica before it goes)."""
         return {"ended": [], "left": []}
