@@ -128,9 +128,7 @@ def run_distill(config: DistillConfig, train: bool = True, trainer_factory=None)
 
     samples_dir = run_dir.child(SAMPLES)
     previous_shards = complete_shards(samples_dir)  # from sidecars: only changed or uncommitted shards are read
-    answered = IdSet()
-    for shard in previous_shards:  # their prompt_id columns, one shard at a time
-        answered.update(prompt_ids_in([shard]))
+    answered = _answered(previous_shards)
     if answered:
         log.info("resuming: %d prompts already answered on disk", len(answered))
 
@@ -381,6 +379,14 @@ def _plan(prompts: list, routes: list) -> tuple[dict[tuple[str, bool], list[dict
     return work, best_of_prompts, rejected
 
 
+def _answered(shards: list[Shard]) -> IdSet:
+    """The prompts with a sample in `shards`, read from their prompt_id columns one shard at a time."""
+    answered = IdSet()
+    for shard in shards:
+        answered.update(prompt_ids_in([shard]))
+    return answered
+
+
 def _damaged_answers(samples_dir: RunDir, reader: PromptReader,
                      dead_letters: DeadLetters) -> tuple[list[Shard], list]:
     """The complete shards, and the prompts whose answers were lost with a shard found damaged (set aside as
@@ -393,10 +399,7 @@ def _damaged_answers(samples_dir: RunDir, reader: PromptReader,
     whole = complete_shards(samples_dir)
     if set_aside() == before:
         return whole, []
-    answered = IdSet()
-    for shard in whole:
-        answered.update(prompt_ids_in([shard]))
-    again = PromptReader(reader.source, reader.max_prompts, reader.max_bytes, reader.batch_rows, skip=answered,
+    again = PromptReader(reader.source, reader.max_prompts, reader.max_bytes, reader.batch_rows, skip=_answered(whole),
                          storage=reader.storage)
     return whole, [p for prompts, _ in again.batches() for p in prompts if p.id not in dead_letters.ids]
 
