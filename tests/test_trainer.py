@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from transformers import AutoTokenizer
 
 from avocado_ray.config import TrainerConfig
+from avocado_ray.dataplane.rundir import RunDir
 from avocado_ray.dataplane.schema import samples_to_batch
 from avocado_ray.dataplane.stream import SampleStream
 from avocado_ray.training.feed import next_item, start_feeder
@@ -351,7 +352,7 @@ def test_per_rank_feeds_give_every_sample_to_exactly_one_rank_once_and_drop_trun
                            max_tokens_per_micro_batch=256)
     teachers = {name: str(tiny_models[name]) for name in ("qwen", "gemma")}
     feeder = start_feeder(config, str(tiny_models["student"]), teachers, 3, 1, seed=7)
-    feeder.run.remote(stream, None, None, str(tmp_path), trained, 0)
+    feeder.run.remote(stream, None, None, RunDir(tmp_path), trained, 0)
     with ThreadPoolExecutor(3) as ranks:  # each rank drains its own feed, as the trainer's ranks do
         feeds = list(ranks.map(lambda rank: _drain(feeder, rank), range(3)))
     stream.shutdown()
