@@ -34,8 +34,12 @@ def labelled_prompts(split: str = "dev") -> list[dict]:
     def read(name: str) -> list[dict]:
         return [json.loads(line) for line in (LABELLED_DIR / name).read_text().splitlines() if line.strip()]
 
-    heldout = [row for name in ("router_heldout.jsonl", "router_heldout_cjk.jsonl") for row in read(name)
-               if row["split"] == split]
+    heldout = [
+        row
+        for name in ("router_heldout.jsonl", "router_heldout_cjk.jsonl")
+        for row in read(name)
+        if row["split"] == split
+    ]
     return (read("router_eval.jsonl") if split == "dev" else []) + heldout
 
 
@@ -60,8 +64,10 @@ def classifier_quality(rows: list[dict], routing: RoutingConfig, classifier: Dom
             "recall": round(true_positive / max(actual_n, 1), 4),
         }
     ja_ko = [found for row, found in zip(rows, labels) if row.get("lang") in ("ja", "ko")]
-    quality["ja_ko_as_chinese"] = {"n": len(ja_ko),
-                                   "share": round(sum("chinese" in found for found in ja_ko) / max(len(ja_ko), 1), 4)}
+    quality["ja_ko_as_chinese"] = {
+        "n": len(ja_ko),
+        "share": round(sum("chinese" in found for found in ja_ko) / max(len(ja_ko), 1), 4),
+    }
     quality["accepted_second_domain"] = sum(1 for row, p in zip(rows, routed) if p in row.get("accept", ()))
     return quality
 
@@ -90,9 +96,12 @@ def compare_classifiers(routing: RoutingConfig, seconds: float = 3.0) -> dict:
     for name in installed_classifiers():
         classifier = load_classifier(name)
         rates = _classification_rates(classifier, texts, seconds)
-        compared[name] = {"prompts_per_s": round(max(rates)), "prompts_per_s_median": round(float(np.median(rates))),
-                          "quality_dev": classifier_quality(dev, routing, classifier),
-                          "quality_heldout": classifier_quality(test, routing, classifier)}
+        compared[name] = {
+            "prompts_per_s": round(max(rates)),
+            "prompts_per_s_median": round(float(np.median(rates))),
+            "quality_dev": classifier_quality(dev, routing, classifier),
+            "quality_heldout": classifier_quality(test, routing, classifier),
+        }
     return compared
 
 
@@ -117,8 +126,10 @@ def _latencies(submit, result, prompts: list, calls: int, in_flight: int) -> dic
         call, started = pending.popleft()
         result(call)
         latencies.append((time.perf_counter() - started) * 1000)
-    return {"p50_ms": round(float(np.percentile(latencies, 50)), 3),
-            "p99_ms": round(float(np.percentile(latencies, 99)), 3)}
+    return {
+        "p50_ms": round(float(np.percentile(latencies, 50)), 3),
+        "p99_ms": round(float(np.percentile(latencies, 99)), 3),
+    }
 
 
 def _plain_latencies(actor, prompts: list, calls: int, in_flight: int) -> dict:
@@ -144,15 +155,16 @@ def _cpu_share(pid: int, seconds: float = 1.0) -> float:
     return round(((after.user - before.user) + (after.system - before.system)) / seconds, 2)
 
 
-def bench_router(seconds: float = 3.0, calls: int = 2000, in_flight: tuple[int, ...] = (1, 2, 4, 16),
-                 load: int = 4) -> dict:
+def bench_router(
+    seconds: float = 3.0, calls: int = 2000, in_flight: tuple[int, ...] = (1, 2, 4, 16), load: int = 4
+) -> dict:
     """Classification rate on one core, routing-decision latency through the router actor under load, and
     per-domain precision and recall on the dev prompts and on the held-out test prompts.
 
     Rate: `RuleClassifier.labels` over the dev prompts in rounds of one pass, for `seconds`, in CPU time of this
     process. `prompts_per_s` is the best round, as timeit reports the best (other work on a shared machine only
-    slows rounds down), and `prompts_per_s_median` the median round. `classifiers`: the same figures and the quality of every installed
-    classifier (the rules, CLD2, Lingua) on the same prompts, side by side.
+    slows rounds down), and `prompts_per_s_median` the median round. `classifiers`: the same figures and the quality
+    of every installed classifier (the rules, CLD2, Lingua) on the same prompts, side by side.
     Latency: one-prompt routing calls to a Router actor started as the pipeline starts it (a sync actor), `calls`
     calls with `in_flight` of them kept in flight, through a RouterClient as the pipeline routes (its compiled
     graph); `p99_ms` is at `load` in flight. Side by side: the same loop with plain actor calls to the same
@@ -200,8 +212,12 @@ def bench_router(seconds: float = 3.0, calls: int = 2000, in_flight: tuple[int, 
         "prompts_per_s": round(max(rates)),
         "prompts_per_s_median": round(float(np.median(rates))),
         "p99_ms": by_in_flight[load]["p99_ms"],
-        "load": {"calls": calls, "in_flight": load, "prompts_per_call": 1,
-                 "path": "RouterClient (Ray Compiled Graph) to the Router actor, the path pipeline.py routes by"},
+        "load": {
+            "calls": calls,
+            "in_flight": load,
+            "prompts_per_call": 1,
+            "path": "RouterClient (Ray Compiled Graph) to the Router actor, the path pipeline.py routes by",
+        },
         "latency_by_in_flight": by_in_flight,
         "plain_call_latency_by_in_flight": plain,
         "noop_actor_latency": noop_latency,
@@ -226,17 +242,35 @@ def _synthetic_samples(count: int, tokens: int, k: int, vocab: int, seed: int = 
         logprobs = (top1 - np.cumsum(rng.exponential(0.4, size=(tokens, k)), axis=1) + 0.4).clip(max=0)
         samples.append(
             dict(
-                sample_id=f"p{i}:t", prompt_id=f"p{i}", domain="general", labels=["general"], teacher="t",
-                replica=0, messages=json.dumps([{"role": "user", "content": f"prompt {i}"}]), answer="x " * tokens,
-                token_ids=ids[:, 0].tolist(), token_logprobs=logprobs[:, 0].tolist(), topk_ids=ids.tolist(),
-                topk_logprobs=logprobs.tolist(), finish_reason="length", prompt_tokens=16, latency_s=0.1,
+                sample_id=f"p{i}:t",
+                prompt_id=f"p{i}",
+                domain="general",
+                labels=["general"],
+                teacher="t",
+                replica=0,
+                messages=json.dumps([{"role": "user", "content": f"prompt {i}"}]),
+                answer="x " * tokens,
+                token_ids=ids[:, 0].tolist(),
+                token_logprobs=logprobs[:, 0].tolist(),
+                topk_ids=ids.tolist(),
+                topk_logprobs=logprobs.tolist(),
+                finish_reason="length",
+                prompt_tokens=16,
+                latency_s=0.1,
             )
         )
     return samples
 
 
-def bench_dataplane(samples: int = 2048, tokens: int = 64, k: int = 20, batch_rows: int = 64,
-                    buffer_batches: int = 4, vocab: int = 151_936, real_prompts: int = 96) -> dict:
+def bench_dataplane(
+    samples: int = 2048,
+    tokens: int = 64,
+    k: int = 20,
+    batch_rows: int = 64,
+    buffer_batches: int = 4,
+    vocab: int = 151_936,
+    real_prompts: int = 96,
+) -> dict:
     """Parquet write rate and top-k bytes on disk; stream rate to a counting trainer; buffer bound under a
     slow consumer. All in one run, on the same synthetic samples (token ids drawn Zipf-like:
     `token_ids_source`); then the top-k bytes again on real answers of the tiny teachers (`real_teacher_answers`)."""
@@ -315,8 +349,15 @@ def _real_answers_topk(prompts: int, tokens: int, k: int) -> dict:
         pools.append(TeacherPool(teacher, resolve_model(teacher.model), use_gpu=False, max_in_flight=4))
     for pool in pools:
         pool.ready()
-        requests = [{"prompt_id": f"{pool.teacher.name}{i}", "domain": "general", "labels": ["general"],
-                     "messages": [{"role": "user", "content": text}]} for i, text in enumerate(texts)]
+        requests = [
+            {
+                "prompt_id": f"{pool.teacher.name}{i}",
+                "domain": "general",
+                "labels": ["general"],
+                "messages": [{"role": "user", "content": text}],
+            }
+            for i, text in enumerate(texts)
+        ]
         refs = [pool.submit(requests[i : i + 32]) for i in range(0, len(requests), 32)]
         for ref in refs:
             pool.complete(ref)
@@ -461,8 +502,10 @@ def _bench_teachers(prompts: int = 200, max_tokens: int = 16, batch: int = 25, i
     finally:
         client.close()
     route_s = time.perf_counter() - started
-    requests = [{"prompt_id": r.prompt_id, "domain": r.domain, "labels": r.labels, "messages": p.messages}
-                for p, r in zip(rows, routes)]
+    requests = [
+        {"prompt_id": r.prompt_id, "domain": r.domain, "labels": r.labels, "messages": p.messages}
+        for p, r in zip(rows, routes)
+    ]
 
     def through_pool(selected: list[dict]) -> int:
         pending = [selected[i : i + batch] for i in range(0, len(selected), batch)]
@@ -553,17 +596,33 @@ def _bench_load(prompts: int = 100_000, replicas: int = 2, run_dir: str = "runs/
     with open(folder / "prompts.jsonl", "w") as f:
         for i in range(prompts):
             f.write(json.dumps({"id": f"load-{i}", "prompt": texts[i % len(texts)]}, ensure_ascii=False) + "\n")
-    config = DistillConfig.model_validate({
-        "run_dir": str(folder / "run"),
-        "teachers": [{"name": "qwen", "model": "tiny:qwen", "family": "qwen2", "replicas": replicas,
-                      "sampling": {"max_tokens": 2, "logprobs": 5},
-                      "engine": {"max_model_len": 512, "kv_cache_gib": 1, "enforce_eager": True}}],
-        "routing": {"table": {d: "qwen" for d in ("code", "chinese", "math", "general", "multimodal")},
-                    "fallback": "qwen"},
-        "student": {"model": "tiny:student"},
-        "data": {"input": str(folder / "prompts.jsonl")},
-        "dispatch": {"batch_size": 64, "max_in_flight_per_replica": 4, "buffer_batches": 16, "rows_per_shard": 8192},
-    })
+    config = DistillConfig.model_validate(
+        {
+            "run_dir": str(folder / "run"),
+            "teachers": [
+                {
+                    "name": "qwen",
+                    "model": "tiny:qwen",
+                    "family": "qwen2",
+                    "replicas": replicas,
+                    "sampling": {"max_tokens": 2, "logprobs": 5},
+                    "engine": {"max_model_len": 512, "kv_cache_gib": 1, "enforce_eager": True},
+                }
+            ],
+            "routing": {
+                "table": {d: "qwen" for d in ("code", "chinese", "math", "general", "multimodal")},
+                "fallback": "qwen",
+            },
+            "student": {"model": "tiny:student"},
+            "data": {"input": str(folder / "prompts.jsonl")},
+            "dispatch": {
+                "batch_size": 64,
+                "max_in_flight_per_replica": 4,
+                "buffer_batches": 16,
+                "rows_per_shard": 8192,
+            },
+        }
+    )
     trainers: list[_CountingTrainer] = []
 
     def counting_trainer(stream):
@@ -575,8 +634,15 @@ def _bench_load(prompts: int = 100_000, replicas: int = 2, run_dir: str = "runs/
 
     def routers() -> dict[str, int]:
         """Live Router actors of the cluster: actor id -> process id."""
-        return {a["ActorID"]: a["Pid"] for a in state.actor_table(None).values()
-                if a["ActorClassName"] == "Router" and a["State"] == "ALIVE"} if ray.is_initialized() else {}
+        return (
+            {
+                a["ActorID"]: a["Pid"]
+                for a in state.actor_table(None).values()
+                if a["ActorClassName"] == "Router" and a["State"] == "ALIVE"
+            }
+            if ray.is_initialized()
+            else {}
+        )
 
     others = set(routers())  # a cluster shared with other work (the tests) may have routers of its own
 
@@ -590,10 +656,15 @@ def _bench_load(prompts: int = 100_000, replicas: int = 2, run_dir: str = "runs/
                 router = psutil.Process(pids[0]) if pids else None
             if not trainers or router is None:
                 continue
-            samples.append({"counted": ray.get(trainers[0].counter.count.remote()), "s": time.monotonic() - started,
-                            "driver_mb": driver.memory_info().rss / 2**20,
-                            "router_mb": router.memory_info().rss / 2**20,
-                            "read_mb": driver.io_counters().read_chars / 2**20})
+            samples.append(
+                {
+                    "counted": ray.get(trainers[0].counter.count.remote()),
+                    "s": time.monotonic() - started,
+                    "driver_mb": driver.memory_info().rss / 2**20,
+                    "router_mb": router.memory_info().rss / 2**20,
+                    "read_mb": driver.io_counters().read_chars / 2**20,
+                }
+            )
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
@@ -627,9 +698,11 @@ def _bench_load(prompts: int = 100_000, replicas: int = 2, run_dir: str = "runs/
         "router_rss_mb": {"at_10k": round(early["router_mb"], 1), "at_end": round(last["router_mb"], 1)},
         "driver_growth_mb": round(last["driver_mb"] - early["driver_mb"], 1),
         "router_growth_mb": round(last["router_mb"] - early["router_mb"], 1),
-        "end_of_run": {"s": round(returned["s"] - final["s"], 2),
-                       "driver_read_mb": round(returned["read_mb"] - final["read_mb"], 1),
-                       "spill_mb": round(spill / 2**20, 1)},
+        "end_of_run": {
+            "s": round(returned["s"] - final["s"], 2),
+            "driver_read_mb": round(returned["read_mb"] - final["read_mb"], 1),
+            "spill_mb": round(spill / 2**20, 1),
+        },
     }
 
 
@@ -662,15 +735,27 @@ def scale_driver(prompts_file: str, run_dir: str, answer_prompts: int) -> dict:
     process_start = psutil.Process().create_time()
     folder = Path(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    config = DistillConfig.model_validate({
-        "run_dir": run_dir,
-        "teachers": [{"name": "qwen", "model": "tiny:qwen", "family": "qwen2", "sampling": {"max_tokens": 2, "logprobs": 5},
-                      "engine": {"max_model_len": 512, "kv_cache_gib": 1, "enforce_eager": True}}],
-        "routing": {"table": {d: "qwen" for d in ("code", "chinese", "math", "general", "multimodal")}, "fallback": "qwen"},
-        "student": {"model": "tiny:student"},
-        "data": {"input": prompts_file},
-        "dispatch": {"batch_size": 32, "max_in_flight_per_replica": 4},
-    })
+    config = DistillConfig.model_validate(
+        {
+            "run_dir": run_dir,
+            "teachers": [
+                {
+                    "name": "qwen",
+                    "model": "tiny:qwen",
+                    "family": "qwen2",
+                    "sampling": {"max_tokens": 2, "logprobs": 5},
+                    "engine": {"max_model_len": 512, "kv_cache_gib": 1, "enforce_eager": True},
+                }
+            ],
+            "routing": {
+                "table": {d: "qwen" for d in ("code", "chinese", "math", "general", "multimodal")},
+                "fallback": "qwen",
+            },
+            "student": {"model": "tiny:student"},
+            "data": {"input": prompts_file},
+            "dispatch": {"batch_size": 32, "max_in_flight_per_replica": 4},
+        }
+    )
 
     class AnswerFirst(InputFeed):
         """Sends the first `answer_prompts` prompts' work on; routes the rest and counts it."""
@@ -714,8 +799,9 @@ def scale_driver(prompts_file: str, run_dir: str, answer_prompts: int) -> dict:
     }
 
 
-def _bench_scale(prompts: int = 1_000_000, small_ratio: int = 10, answer_prompts: int = 256,
-                 run_dir: str = "runs/scale") -> dict:
+def _bench_scale(
+    prompts: int = 1_000_000, small_ratio: int = 10, answer_prompts: int = 256, run_dir: str = "runs/scale"
+) -> dict:
     """Driver memory against input size: the same run on `prompts // small_ratio` and on `prompts` real-text
     prompts, each driver a fresh process (`scale_driver`), so the peak resident memory of each is its own."""
     import shutil
@@ -730,10 +816,16 @@ def _bench_scale(prompts: int = 1_000_000, small_ratio: int = 10, answer_prompts
         count = prompts // small_ratio if size == "small" else prompts
         source = folder / f"prompts-{size}.jsonl"
         _scale_prompts(source, count)
-        code = ("import json, sys; from avocado_ray.bench import scale_driver; "
-                "print(json.dumps(scale_driver(sys.argv[1], sys.argv[2], int(sys.argv[3]))))")
-        done = subprocess.run([sys.executable, "-c", code, str(source), str(folder / size), str(answer_prompts)],
-                              stdout=subprocess.PIPE, check=True, text=True)
+        code = (
+            "import json, sys; from avocado_ray.bench import scale_driver; "
+            "print(json.dumps(scale_driver(sys.argv[1], sys.argv[2], int(sys.argv[3]))))"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", code, str(source), str(folder / size), str(answer_prompts)],
+            stdout=subprocess.PIPE,
+            check=True,
+            text=True,
+        )
         results[size] = json.loads(done.stdout.strip().splitlines()[-1])
         source.unlink()
     small, large = results["small"], results["large"]
@@ -767,8 +859,16 @@ def _bench_student(folder: Path, hidden: int, layers: int) -> Path:
     source = resolve_model("tiny:student")
     config = AutoConfig.from_pretrained(source)
     heads = hidden // HEAD_DIM
-    config.update(dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                       num_key_value_heads=heads, head_dim=HEAD_DIM, intermediate_size=4 * hidden))
+    config.update(
+        dict(
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=heads,
+            head_dim=HEAD_DIM,
+            intermediate_size=4 * hidden,
+        )
+    )
     if hasattr(config, "layer_types"):
         config.layer_types = ["full_attention"] * layers
     torch.manual_seed(0)
@@ -777,8 +877,16 @@ def _bench_student(folder: Path, hidden: int, layers: int) -> Path:
     return folder
 
 
-def _bench_trainer(steps: int = 4, batch_size: int = 8, hidden: int = 512, layers: int = 4, max_seq_len: int = 512,
-                   rounds: int = 2, warmup: int = 1, max_tokens: int = 1024) -> dict:
+def _bench_trainer(
+    steps: int = 4,
+    batch_size: int = 8,
+    hidden: int = 512,
+    layers: int = 4,
+    max_seq_len: int = 512,
+    rounds: int = 2,
+    warmup: int = 1,
+    max_tokens: int = 1024,
+) -> dict:
     """Training tokens/s of our DeepSpeed ZeRO-3 step (`StudentTrainer.step`, 1 rank, in this process on a 1-rank
     gloo group) against a plain PyTorch AdamW loop on the same student, batches and loss, in this run.
 
@@ -801,24 +909,35 @@ def _bench_trainer(steps: int = 4, batch_size: int = 8, hidden: int = 512, layer
 
     from avocado_ray.config import TrainerConfig
     from avocado_ray.training.losses import CausalLMLoss
-    from avocado_ray.training.trainer import StudentTrainer, SampleEncoder, micro_loss, padding_waste
+    from avocado_ray.training.trainer import SampleEncoder, StudentTrainer, micro_loss, padding_waste
 
     texts = [row["prompt"] for row in labelled_prompts()]
     count = (warmup + steps) * batch_size
     rows = [  # real prompts of every domain; answers are other prompts' text cut to lengths from short to long
-        {"sample_id": f"b{i}", "messages": json.dumps([{"role": "user", "content": texts[i % len(texts)][:120]}]),
-         "answer": texts[(7 * i + 3) % len(texts)][: 20 + (97 * i) % 1200], "teacher": "t"}
+        {
+            "sample_id": f"b{i}",
+            "messages": json.dumps([{"role": "user", "content": texts[i % len(texts)][:120]}]),
+            "answer": texts[(7 * i + 3) % len(texts)][: 20 + (97 * i) % 1200],
+            "teacher": "t",
+        }
         for i in range(count)
     ]
     batches = [rows[i : i + batch_size] for i in range(0, count, batch_size)]
-    settings = TrainerConfig(num_workers=1, zero_stage=3, batch_size=batch_size, lr=1e-4, max_seq_len=max_seq_len,
-                             max_tokens_per_micro_batch=max_tokens)
+    settings = TrainerConfig(
+        num_workers=1,
+        zero_stage=3,
+        batch_size=batch_size,
+        lr=1e-4,
+        max_seq_len=max_seq_len,
+        max_tokens_per_micro_batch=max_tokens,
+    )
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
-                      LOCAL_WORLD_SIZE="1")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1"
+    )
     dist.init_process_group("gloo", rank=0, world_size=1)
     with tempfile.TemporaryDirectory(prefix="avocado-bench-") as folder:
         student_path = str(_bench_student(Path(folder), hidden, layers))
@@ -858,7 +977,7 @@ def _bench_trainer(steps: int = 4, batch_size: int = 8, hidden: int = 512, layer
     for round_ in range(rounds):
         for index, batch in enumerate(batches[warmup:]):
             # step by step, in alternating order: load from other processes falls on both paths alike
-            for name in (("zero3", "torch") if (round_ + index) % 2 == 0 else ("torch", "zero3")):
+            for name in ("zero3", "torch") if (round_ + index) % 2 == 0 else ("torch", "zero3"):
                 started = time.perf_counter()
                 done, loss = paths[name](batch)
                 seconds[name] += time.perf_counter() - started
@@ -962,8 +1081,14 @@ def _loss_side(side: str, tokens: int, vocab: int, hidden: int, k: int, chunk_to
     print(json.dumps({"rss_mb": round(peak_mb), "s": round(seconds, 2)}))
 
 
-def _bench_loss(tokens: int = 8192, vocab: int = 151_936, hidden: int = 1024, k: int = 20,
-                chunk_tokens: int = 1024, check_tokens: int = 2048) -> dict:
+def _bench_loss(
+    tokens: int = 8192,
+    vocab: int = 151_936,
+    hidden: int = 1024,
+    k: int = 20,
+    chunk_tokens: int = 1024,
+    check_tokens: int = 2048,
+) -> dict:
     """Memory of the distillation loss + backward over `tokens` answer positions with full logits (`mix` of
     hidden @ W^T, "naive") against the chunked loss (`chunked_mix`), on the same inputs.
 
@@ -1067,18 +1192,29 @@ def bench_accounting(prompts: int = 1_000_000) -> dict:
     def measured(work) -> dict:
         read, started = process.io_counters().read_chars, time.perf_counter()
         work()
-        return {"s": round(time.perf_counter() - started, 3),
-                "read_mb": round((process.io_counters().read_chars - read) / 2**20, 2)}
+        return {
+            "s": round(time.perf_counter() - started, 3),
+            "read_mb": round((process.io_counters().read_chars - read) / 2**20, 2),
+        }
 
     texts = [row["prompt"][:200] for row in labelled_prompts()]
     rows = _synthetic_samples(1000, tokens=2, k=5, vocab=151_936)
     with tempfile.TemporaryDirectory() as folder:
         writer = ShardWriter(folder, rows_per_shard=8192)
         for start in range(0, prompts, 1000):
-            writer.write(samples_to_batch([
-                dict(row, sample_id=f"{start + i}:qwen", prompt_id=str(start + i),
-                     messages=json.dumps([{"role": "user", "content": texts[(start + i) % len(texts)]}]))
-                for i, row in enumerate(rows[: min(1000, prompts - start)])]))
+            writer.write(
+                samples_to_batch(
+                    [
+                        dict(
+                            row,
+                            sample_id=f"{start + i}:qwen",
+                            prompt_id=str(start + i),
+                            messages=json.dumps([{"role": "user", "content": texts[(start + i) % len(texts)]}]),
+                        )
+                        for i, row in enumerate(rows[: min(1000, prompts - start)])
+                    ]
+                )
+            )
         writer.close()
         spill_mb = sum(p.stat().st_size for p in Path(folder).glob("shard-*.parquet")) / 2**20
         end = measured(lambda: sample_counts(complete_shards(folder)))
@@ -1089,9 +1225,15 @@ def bench_accounting(prompts: int = 1_000_000) -> dict:
             open_samples(folder).to_table(columns=["domain", "teacher", "token_ids"])
 
         reading = measured(read_spill)
-    return {"benchmark": "accounting", "prompts": prompts, "spill_mb": round(spill_mb, 1),
-            "end_of_run": end, "resume_answered_ids": resume, "reading_the_spill": reading,
-            "end_speedup": round(reading["s"] / max(end["s"], 1e-6), 1)}
+    return {
+        "benchmark": "accounting",
+        "prompts": prompts,
+        "spill_mb": round(spill_mb, 1),
+        "end_of_run": end,
+        "resume_answered_ids": resume,
+        "reading_the_spill": reading,
+        "end_speedup": round(reading["s"] / max(end["s"], 1e-6), 1),
+    }
 
 
 bench_trainer = _stdout_on_stderr(_bench_trainer)
@@ -1101,7 +1243,13 @@ bench_teachers = _stdout_on_stderr(_bench_teachers)  # so does the bare vLLM eng
 bench_scale = _stdout_on_stderr(_bench_scale)
 
 BENCHMARKS = {
-    "router": bench_router, "dataplane": bench_dataplane, "teachers": bench_teachers, "trainer": bench_trainer,
-    "quality": bench_quality, "load": bench_load, "accounting": bench_accounting, "scale": bench_scale,
+    "router": bench_router,
+    "dataplane": bench_dataplane,
+    "teachers": bench_teachers,
+    "trainer": bench_trainer,
+    "quality": bench_quality,
+    "load": bench_load,
+    "accounting": bench_accounting,
+    "scale": bench_scale,
     "loss": _bench_loss,
 }

@@ -28,7 +28,7 @@ def _positive_int(text: str) -> int:
 def config_path(name: str) -> Path:
     """A config file path; `builtin:local` is the embedded default (local Ray, tiny models)."""
     if name.startswith("builtin:"):
-        return Path(str(resources.files("avocado_ray.resources").joinpath(f"{name[len('builtin:'):]}.yaml")))
+        return Path(str(resources.files("avocado_ray.resources").joinpath(f"{name[len('builtin:') :]}.yaml")))
     return Path(name)
 
 
@@ -80,7 +80,9 @@ def cmd_route(args) -> int:
         for prompts, refused in reader.batches():  # streamed; the rejections as a run's rejected.jsonl has them
             routed = list(zip(prompts, router.route(prompts)))
             refused += [route.rejection(prompt) for prompt, route in routed if route.teacher is None]
-            dead.writelines(json.dumps(vars(r), ensure_ascii=False) + "\n" for r in sorted(refused, key=lambda r: r.line))
+            dead.writelines(
+                json.dumps(vars(r), ensure_ascii=False) + "\n" for r in sorted(refused, key=lambda r: r.line)
+            )
             rejected += len(refused)
             for prompt, route in routed:
                 if route.teacher is None:
@@ -209,7 +211,9 @@ def _add_config_args(parser: argparse.ArgumentParser, positional: bool = False) 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="avocado-ray", description="Distil one student LLM from several teachers on Ray.")
+    parser = argparse.ArgumentParser(
+        prog="avocado-ray", description="Distil one student LLM from several teachers on Ray."
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -247,8 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
         "scale: the driver's peak memory and first request at 100,000 and 1,000,000 input prompts (runs/scale); "
         "loss: memory of the chunked loss + backward against full logits at a 151,936 vocabulary, and their agreement",
     )
-    bench.add_argument("--prompts", type=_positive_int, metavar="N",
-                       help="how many prompts (teachers: 200, load: 100000, accounting: 1000000, scale: 1000000)")
+    bench.add_argument(
+        "--prompts",
+        type=_positive_int,
+        metavar="N",
+        help="how many prompts (teachers: 200, load: 100000, accounting: 1000000, scale: 1000000)",
+    )
     bench.set_defaults(func=cmd_bench)
 
     scale = commands.add_parser("scale", help="resize a teacher pool of a running run (drains when shrinking)")
@@ -258,10 +266,17 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else the local cluster)")
     scale.set_defaults(func=cmd_scale)
 
-    status = commands.add_parser("status", help="progress of a running or finished run (reads files only), and the "
-                                 "vLLM engine processes on this node that no live replica owns, as JSON")
-    status.add_argument("run", metavar="RUN", nargs="?", help="run directory (the config's run_dir); without it, "
-                        "only the engine processes")
+    status = commands.add_parser(
+        "status",
+        help="progress of a running or finished run (reads files only), and the "
+        "vLLM engine processes on this node that no live replica owns, as JSON",
+    )
+    status.add_argument(
+        "run",
+        metavar="RUN",
+        nargs="?",
+        help="run directory (the config's run_dir); without it, only the engine processes",
+    )
     status.set_defaults(func=cmd_status)
 
     report = commands.add_parser("report", help="write RUN/report.html: plots and the summary table, readable offline")
@@ -269,25 +284,41 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(func=cmd_report)
 
     plan = commands.add_parser(
-        "plan", help="the run's resource plan (what each part reserves, where it goes); exit 2 if it does not fit")
+        "plan", help="the run's resource plan (what each part reserves, where it goes); exit 2 if it does not fit"
+    )
     _add_config_args(plan)
-    plan.add_argument("--job", choices=["distill", "generate", "train"], default="distill",
-                      help="the run to plan: teachers and trainer (distill), teachers only, trainer only")
-    plan.add_argument("--address", help="join this Ray cluster (HOST:PORT of its GCS, as RAY_ADDRESS) and plan on "
-                      "what it has free now (default: "
-                      "ray.address, else RAY_ADDRESS; without any, the local Ray a run would start here)")
-    plan.add_argument("--nodes", action="append", default=[], metavar="SHAPE",
-                      help="plan on a described cluster instead, connecting to nothing: COUNTx{RESOURCE:N,...,"
-                      "LABEL=VALUE}, repeatable, e.g. --nodes 1x{CPU:16} --nodes 4x{GPU:8,CPU:192}")
+    plan.add_argument(
+        "--job",
+        choices=["distill", "generate", "train"],
+        default="distill",
+        help="the run to plan: teachers and trainer (distill), teachers only, trainer only",
+    )
+    plan.add_argument(
+        "--address",
+        help="join this Ray cluster (HOST:PORT of its GCS, as RAY_ADDRESS) and plan on "
+        "what it has free now (default: "
+        "ray.address, else RAY_ADDRESS; without any, the local Ray a run would start here)",
+    )
+    plan.add_argument(
+        "--nodes",
+        action="append",
+        default=[],
+        metavar="SHAPE",
+        help="plan on a described cluster instead, connecting to nothing: COUNTx{RESOURCE:N,...,"
+        "LABEL=VALUE}, repeatable, e.g. --nodes 1x{CPU:16} --nodes 4x{GPU:8,CPU:192}",
+    )
     plan.set_defaults(func=cmd_plan)
 
     config = commands.add_parser("config", help="check a config or print its JSON Schema")
     config_commands = config.add_subparsers(dest="config_command", required=True)
     check = config_commands.add_parser("check", help="validate a config; exit 2 listing every problem")
     _add_config_args(check, positional=True)
-    check.add_argument("--no-paths", action="store_true",
-                       help="check the schema only, not the paths on this machine (input file, model folders, run "
-                       "directory): a cluster's config checked off the cluster")
+    check.add_argument(
+        "--no-paths",
+        action="store_true",
+        help="check the schema only, not the paths on this machine (input file, model folders, run "
+        "directory): a cluster's config checked off the cluster",
+    )
     check.set_defaults(func=cmd_config_check)
     schema = config_commands.add_parser("schema", help="print the config's JSON Schema")
     schema.set_defaults(func=cmd_config_schema)
@@ -295,7 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = commands.add_parser("make-tiny-models", help="build tiny teachers and student (no download)")
     tiny.add_argument("--out", required=True, help="folder to build into")
     tiny.add_argument(
-        "--train-steps", type=_positive_int, default=0, metavar="N",
+        "--train-steps",
+        type=_positive_int,
+        default=0,
+        metavar="N",
         help="also build NAME-trained teachers: N AdamW steps on text of their domain (150, the default of "
         "tiny:NAME-trained, take about a minute per teacher on 2 cores)",
     )

@@ -40,5 +40,11 @@ def start_local(num_cpus: int, log_to_driver: bool = True) -> None:
     """A Ray of this process's own on loopback, unless one is initialised already: `address="local"` never
     joins a cluster that `ray start` runs on this machine (which would refuse `num_cpus`)."""
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 log_to_driver=log_to_driver, _system_config=SYSTEM_CONFIG)
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            log_to_driver=log_to_driver,
+            _system_config=SYSTEM_CONFIG,
+        )

@@ -35,7 +35,9 @@ class SamplingConfig(Strict):
     top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus sampling mass.")
     max_tokens: int = Field(64, gt=0, description="Most tokens generated per answer.")
     repetition_penalty: float = Field(
-        1.0, gt=0.0, description="Makes tokens already in the prompt or answer less likely (vLLM's and "
+        1.0,
+        gt=0.0,
+        description="Makes tokens already in the prompt or answer less likely (vLLM's and "
         "transformers' repetition_penalty: a positive logit is divided by it, a negative one multiplied); 1 is off. "
         "Above 1 it keeps a small teacher from looping. Tokens are drawn with the penalty; their stored logprobs are "
         "the model's own, before it (vLLM's default logprobs_mode, raw_logprobs).",
@@ -50,13 +52,33 @@ class SamplingConfig(Strict):
 # vLLM engine arguments a config may pass through: tuning knobs that are plain data. Arguments that name code
 # to import or run (trust_remote_code, worker_cls, scheduler_cls, logits_processors, compilation_config, ...),
 # take secrets (hf_token) or are set from the config's own fields stay out.
-ENGINE_EXTRA_ARGS = frozenset({
-    "block_size", "enable_prefix_caching", "enable_chunked_prefill", "max_num_batched_tokens", "kv_cache_dtype",
-    "quantization", "cpu_offload_gb", "kv_cache_memory_bytes", "num_gpu_blocks_override", "pipeline_parallel_size",
-    "enable_expert_parallel", "disable_custom_all_reduce", "disable_sliding_window", "disable_cascade_attn",
-    "long_prefill_token_threshold", "limit_mm_per_prompt", "language_model_only", "revision", "tokenizer_revision",
-    "download_dir", "max_parallel_loading_workers", "async_scheduling", "stream_interval",
-})
+ENGINE_EXTRA_ARGS = frozenset(
+    {
+        "block_size",
+        "enable_prefix_caching",
+        "enable_chunked_prefill",
+        "max_num_batched_tokens",
+        "kv_cache_dtype",
+        "quantization",
+        "cpu_offload_gb",
+        "kv_cache_memory_bytes",
+        "num_gpu_blocks_override",
+        "pipeline_parallel_size",
+        "enable_expert_parallel",
+        "disable_custom_all_reduce",
+        "disable_sliding_window",
+        "disable_cascade_attn",
+        "long_prefill_token_threshold",
+        "limit_mm_per_prompt",
+        "language_model_only",
+        "revision",
+        "tokenizer_revision",
+        "download_dir",
+        "max_parallel_loading_workers",
+        "async_scheduling",
+        "stream_interval",
+    }
+)
 
 
 class EngineConfig(Strict):
@@ -82,6 +104,7 @@ class EngineConfig(Strict):
             raise ValueError(f"engine arguments {refused} are not allowed; allowed: {sorted(ENGINE_EXTRA_ARGS)}")
         return extra_args
 
+
 class AutoscaleConfig(Strict):
     """Replica bounds for a pool that follows its queue: it grows while more batches wait than its replicas
     take in flight, and shrinks (draining) when nothing waits."""
@@ -102,7 +125,7 @@ class VLLMTeacher(Strict):
     kind: Literal["vllm"] = Field("vllm", description="Serving backend; vLLM is the one there is.")
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$", description="Pool name used by the routing table.")
     model: str = Field(
-        description="Model folder; tiny:NAME for a locally built tiny model; hf:ORG/NAME for a hub id that vLLM fetches."
+        description="Model folder; tiny:NAME for a locally built tiny model; hf:ORG/NAME for a hub id vLLM fetches."
     )
     family: Literal["qwen2", "qwen3", "gemma3", "gpt_oss"] = Field(description="Model family (chat format).")
     tensor_parallel_size: int = Field(1, gt=0, description="GPUs per replica (placement group bundles).")
@@ -410,8 +433,10 @@ class RayConfig(Strict):
         None, description="Cluster address; default: RAY_ADDRESS, else a running local cluster, else start one."
     )
     num_cpus: int | None = Field(
-        None, gt=0, description="Logical CPUs of a Ray started here (default: what the run's resource plan needs, at "
-        "least the machine's cores)."
+        None,
+        gt=0,
+        description="Logical CPUs of a Ray started here (default: what the run's resource plan needs, at "
+        "least the machine's cores).",
     )
     wait_for_resources_s: float = Field(
         0,
@@ -427,12 +452,16 @@ class StorageConfig(Strict):
     environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or the pod's role), never from the config."""
 
     s3_endpoint: str | None = Field(
-        None, description="S3 endpoint URL for s3:// locations, e.g. http://minio:9000 (default: AWS, or "
-        "AWS_ENDPOINT_URL).")
+        None,
+        description="S3 endpoint URL for s3:// locations, e.g. http://minio:9000 (default: AWS, or AWS_ENDPOINT_URL).",
+    )
     s3_region: str | None = Field(None, description="S3 region (default: AWS_REGION or the SDK's).")
     log_flush_s: float = Field(
-        10.0, gt=0, description="On object storage, which has no append: seconds between uploads of a process's "
-        "metrics part (a killed process loses at most this much of its log, never samples or checkpoints).")
+        10.0,
+        gt=0,
+        description="On object storage, which has no append: seconds between uploads of a process's "
+        "metrics part (a killed process loses at most this much of its log, never samples or checkpoints).",
+    )
 
 
 class DistillConfig(Strict):
@@ -440,7 +469,8 @@ class DistillConfig(Strict):
 
     run_dir: str = Field(
         description="Folder for Parquet outputs, the student, metrics and the summary: a local path, file://..., or "
-        "an object-storage URI such as s3://bucket/run (needed on a multi-node cluster without a shared disk).")
+        "an object-storage URI such as s3://bucket/run (needed on a multi-node cluster without a shared disk)."
+    )
     seed: int = Field(0, description="Seed of sampling (per replica: seed + index) and of training.")
     teachers: list[VLLMTeacher] = Field(min_length=1, description="Teacher pools; `kind` selects the serving backend.")
     routing: RoutingConfig
@@ -551,14 +581,22 @@ def storage_warnings(config: DistillConfig) -> list[str]:
     """What works on one machine only: a local run directory for a run on a cluster (`ray.address` or RAY_ADDRESS
     set, or GPU training, as on a multi-node cluster), where each node would write to its own disk."""
     remote = "://" in config.run_dir and not config.run_dir.startswith("file://")
-    on = (f"ray.address {config.ray.address}" if config.ray.address
-          else f"RAY_ADDRESS {os.environ['RAY_ADDRESS']}" if os.environ.get("RAY_ADDRESS")
-          else "trainer.use_gpu" if config.trainer.use_gpu else None)
+    on = (
+        f"ray.address {config.ray.address}"
+        if config.ray.address
+        else f"RAY_ADDRESS {os.environ['RAY_ADDRESS']}"
+        if os.environ.get("RAY_ADDRESS")
+        else "trainer.use_gpu"
+        if config.trainer.use_gpu
+        else None
+    )
     if remote or on is None:
         return []
-    return [f"run_dir: {config.run_dir!r} is a local folder, but the run is for a cluster ({on}): without a disk "
-            "that every node mounts there, each node writes its own part; use object storage (run_dir: "
-            "s3://BUCKET/run, docs/cluster.md)"]
+    return [
+        f"run_dir: {config.run_dir!r} is a local folder, but the run is for a cluster ({on}): without a disk "
+        "that every node mounts there, each node writes its own part; use object storage (run_dir: "
+        "s3://BUCKET/run, docs/cluster.md)"
+    ]
 
 
 def load_config(path: str | Path, overrides: list[str] = (), check_paths: bool = True) -> DistillConfig:

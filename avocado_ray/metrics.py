@@ -40,7 +40,8 @@ class TrainMetrics:
 
     def __init__(self):
         self.step_seconds = Histogram(
-            "avocado_trainer_step_seconds", "Seconds of one optimizer step (forward, backward, update).",
+            "avocado_trainer_step_seconds",
+            "Seconds of one optimizer step (forward, backward, update).",
             boundaries=STEP_SECONDS,
         )
         self.loss = Gauge("avocado_trainer_loss", "Loss of the last optimizer step (mean over its answer tokens).")

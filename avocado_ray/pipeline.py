@@ -23,13 +23,18 @@ from ray.exceptions import RayTaskError
 from avocado_ray import cluster, plan
 from avocado_ray.config import DistillConfig
 from avocado_ray.dataplane.prompts import IdSet, InputError, PromptReader, Rejected
+from avocado_ray.dataplane.rundir import METRICS, REJECTED, SAMPLES, STUDENT, SUMMARY, TAKEN_SEQ, Log, RunDir
 from avocado_ray.dataplane.schema import samples_to_batch
-from avocado_ray.errors import RunError
-from avocado_ray.dataplane.rundir import (METRICS, REJECTED, SAMPLES, STUDENT, SUMMARY, TAKEN_SEQ, Log,
-                                          RunDir)
-from avocado_ray.dataplane.spill import (Shard, ShardWriter, complete_shards, prompt_ids_in, sample_counts,
-                                         write_manifest)
+from avocado_ray.dataplane.spill import (
+    Shard,
+    ShardWriter,
+    complete_shards,
+    prompt_ids_in,
+    sample_counts,
+    write_manifest,
+)
 from avocado_ray.dataplane.stream import SampleStream
+from avocado_ray.errors import RunError
 from avocado_ray.models.tiny import resolve_model, tokenizer_model
 from avocado_ray.progress import GenerationMonitor
 from avocado_ray.report import read_metrics, train_steps
@@ -104,8 +109,10 @@ def _stop(pools: dict, control, writer) -> None:
     try:
         ray.get(closing, timeout=max(deadline - time.monotonic(), 0))
     except (ray.exceptions.GetTimeoutError, RayTaskError) as error:  # too slow, or its disk is full
-        log.warning("the shard writer could not complete its open shard (%s): its prompts will be asked again",
-                    _last_line(error))
+        log.warning(
+            "the shard writer could not complete its open shard (%s): its prompts will be asked again",
+            _last_line(error),
+        )
 
 
 def run_distill(config: DistillConfig, train: bool = True, trainer_factory=None) -> dict:
@@ -137,17 +144,23 @@ def run_distill(config: DistillConfig, train: bool = True, trainer_factory=None)
     judges = _judges(config, config.routing.best_of)
     selector = None
     if config.routing.best_of:
-        selector = ray.remote(Selector).options(num_cpus=0, max_concurrency=64).remote(
-            config.routing.best_of, {name: pools[name].actors() for name in judges}
+        selector = (
+            ray.remote(Selector)
+            .options(num_cpus=0, max_concurrency=64)
+            .remote(config.routing.best_of, {name: pools[name].actors() for name in judges})
         )
     writer = ray.remote(ShardWriter).options(num_cpus=0).remote(samples_dir, config.dispatch.rows_per_shard)
     control = start_control(str(run_dir), list(pools))
-    stream, training = (_start_training(config, run_dir, samples_dir, writer, trainer_factory) if train
-                        else (None, None))
+    stream, training = _start_training(config, run_dir, samples_dir, writer, trainer_factory) if train else (None, None)
     dead_letters = DeadLetters(run_dir)
-    reader = PromptReader(config.data.input, config.data.max_prompts, config.data.max_prompt_bytes,
-                          batch_rows=min(READ_BATCH_ROWS, config.dispatch.max_pending_prompts), skip=answered,
-                          storage=config.storage)
+    reader = PromptReader(
+        config.data.input,
+        config.data.max_prompts,
+        config.data.max_prompt_bytes,
+        batch_rows=min(READ_BATCH_ROWS, config.dispatch.max_pending_prompts),
+        skip=answered,
+        storage=config.storage,
+    )
     router = RouterClient(start_router(config.routing, [t.name for t in config.teachers]), compiled=False)
     try:
         if stream is not None:
@@ -155,8 +168,13 @@ def run_distill(config: DistillConfig, train: bool = True, trainer_factory=None)
         feed = InputFeed(reader, router, config, pools, down, selector, dead_letters)
         dispatch = Dispatcher(config, pools, selector, stream, writer, control, metrics, training)
         dead_letters.add_dispatched(dispatch.run({}, feed))
-        log.info("read %d prompts (%d rejected, %d answered before) from %s", reader.valid, reader.rejected,
-                 reader.skipped, config.data.input)
+        log.info(
+            "read %d prompts (%d rejected, %d answered before) from %s",
+            reader.valid,
+            reader.rejected,
+            reader.skipped,
+            config.data.input,
+        )
         if training is not None:
             stream.close()
             training.join()
@@ -211,8 +229,9 @@ def run_distill(config: DistillConfig, train: bool = True, trainer_factory=None)
 def _without_topk(config: DistillConfig) -> DistillConfig:
     """The config with every teacher's top-k logprobs (`sampling.logprobs`) at 0. Only for a run that trains: the
     samples of `generate` may feed any loss later, so they keep the configured k."""
-    teachers = [t.model_copy(update={"sampling": t.sampling.model_copy(update={"logprobs": 0})})
-                for t in config.teachers]
+    teachers = [
+        t.model_copy(update={"sampling": t.sampling.model_copy(update={"logprobs": 0})}) for t in config.teachers
+    ]
     return config.model_copy(update={"teachers": teachers})
 
 
@@ -239,8 +258,12 @@ class DeadLetters:
 
     def add_dispatched(self, items: list[dict]) -> None:
         """Rejections from teachers and the selector, with the input file and line their requests carried."""
-        self.add([Rejected(item.get("line", 0), item["prompt_id"], item["reason"], item["code"], item.get("file"))
-                  for item in items])
+        self.add(
+            [
+                Rejected(item.get("line", 0), item["prompt_id"], item["reason"], item["code"], item.get("file"))
+                for item in items
+            ]
+        )
 
     def close(self) -> None:
         self.spool.seek(0)
@@ -260,12 +283,23 @@ class InputFeed:
     returns its teacher requests (`_plan`); rows the reader or router rejects go to the dead letters, work of
     pools that are down to the fallback (`reroute_down`), best-of prompts are announced to the selector."""
 
-    def __init__(self, prompts, router: RouterClient, config: DistillConfig, pools: dict[str, TeacherPool],
-                 down: dict[str, str], selector, dead_letters: DeadLetters):
+    def __init__(
+        self,
+        prompts,
+        router: RouterClient,
+        config: DistillConfig,
+        pools: dict[str, TeacherPool],
+        down: dict[str, str],
+        selector,
+        dead_letters: DeadLetters,
+    ):
         """`prompts`: a `PromptReader`, or a list of prompts (the repair pass's). `pools` gains the pool of a
         teacher that only a row names, on the first such row."""
-        self.batches = prompts.batches() if isinstance(prompts, PromptReader) else (
-            (prompts[i : i + READ_BATCH_ROWS], []) for i in range(0, len(prompts), READ_BATCH_ROWS))
+        self.batches = (
+            prompts.batches()
+            if isinstance(prompts, PromptReader)
+            else ((prompts[i : i + READ_BATCH_ROWS], []) for i in range(0, len(prompts), READ_BATCH_ROWS))
+        )
         self.router, self.config, self.pools, self.down, self.selector = router, config, pools, down, selector
         self.dead_letters = dead_letters
         self.window = config.dispatch.max_pending_prompts
@@ -310,8 +344,9 @@ def routed_teachers(config: DistillConfig) -> set[str]:
     return names
 
 
-def start_pools(config: DistillConfig, names: set[str], trainer: bool = False
-                ) -> tuple[dict[str, TeacherPool], dict[str, str]]:
+def start_pools(
+    config: DistillConfig, names: set[str], trainer: bool = False
+) -> tuple[dict[str, TeacherPool], dict[str, str]]:
     """A pool per teacher named; a teacher the cluster cannot place is down (name -> why) instead of failing the
     run, so that its prompts go to `routing.fallback`. Every pool's placement groups (and, with `trainer`, room for
     the trainer's workers) are placed before any engine starts, so no engine holds what another part needs."""
@@ -319,16 +354,24 @@ def start_pools(config: DistillConfig, names: set[str], trainer: bool = False
     pools, down = {}, {}
     for name in sorted(names):
         teacher = config.teacher(name)
-        pool = TeacherPool(teacher, resolve_model(teacher.model), use_gpu, config.dispatch.max_in_flight_per_replica,
-                           config.seed, start=False)
+        pool = TeacherPool(
+            teacher,
+            resolve_model(teacher.model),
+            use_gpu,
+            config.dispatch.max_in_flight_per_replica,
+            config.seed,
+            start=False,
+        )
         try:
             pool.reserve()
             pools[name] = pool
         except PlacementError as error:
             down[name] = str(error)
-    plan.reserve_together({name: pool.groups for name, pool in pools.items()},
-                          plan.trainer_bundles(config) if trainer else [],
-                          max(config.ray.wait_for_resources_s, plan.PLACE_S))
+    plan.reserve_together(
+        {name: pool.groups for name, pool in pools.items()},
+        plan.trainer_bundles(config) if trainer else [],
+        max(config.ray.wait_for_resources_s, plan.PLACE_S),
+    )
     for pool in pools.values():
         pool.start()
     return pools, down
@@ -366,8 +409,14 @@ def _plan(prompts: list, routes: list) -> tuple[dict[tuple[str, bool], list[dict
         if route.teacher is None:
             rejected.append(route.rejection(prompt))
             continue
-        request = {"prompt_id": prompt.id, "domain": route.domain, "labels": route.labels, "messages": prompt.messages,
-                   "file": prompt.file, "line": prompt.line}  # the dead letter's origin, if a teacher rejects it
+        request = {
+            "prompt_id": prompt.id,
+            "domain": route.domain,
+            "labels": route.labels,
+            "messages": prompt.messages,
+            "file": prompt.file,
+            "line": prompt.line,
+        }  # the dead letter's origin, if a teacher rejects it
         if prompt.sampling:
             request["sampling"] = prompt.sampling
         if route.candidates:
@@ -387,11 +436,11 @@ def _answered(shards: list[Shard]) -> IdSet:
     return answered
 
 
-def _damaged_answers(samples_dir: RunDir, reader: PromptReader,
-                     dead_letters: DeadLetters) -> tuple[list[Shard], list]:
+def _damaged_answers(samples_dir: RunDir, reader: PromptReader, dead_letters: DeadLetters) -> tuple[list[Shard], list]:
     """The complete shards, and the prompts whose answers were lost with a shard found damaged (set aside as
     `*.corrupt`), found by a second pass over the input: only shards whose bytes changed since they were committed
     are read whole, and the input is read again only when one was damaged."""
+
     def set_aside() -> int:
         return sum(i.base_name.endswith(".corrupt") for i in samples_dir.list())
 
@@ -399,13 +448,20 @@ def _damaged_answers(samples_dir: RunDir, reader: PromptReader,
     whole = complete_shards(samples_dir)
     if set_aside() == before:
         return whole, []
-    again = PromptReader(reader.source, reader.max_prompts, reader.max_bytes, reader.batch_rows, skip=_answered(whole),
-                         storage=reader.storage)
+    again = PromptReader(
+        reader.source,
+        reader.max_prompts,
+        reader.max_bytes,
+        reader.batch_rows,
+        skip=_answered(whole),
+        storage=reader.storage,
+    )
     return whole, [p for prompts, _ in again.batches() for p in prompts if p.id not in dead_letters.ids]
 
 
-def _start_training(config: DistillConfig, run_dir: RunDir, samples_dir: RunDir, writer=None,
-                    trainer_factory=None) -> tuple[SampleStream, _Training]:
+def _start_training(
+    config: DistillConfig, run_dir: RunDir, samples_dir: RunDir, writer=None, trainer_factory=None
+) -> tuple[SampleStream, _Training]:
     """The bounded stream and a trainer consuming it; the trainer resumes from the run's last checkpoint.
     `samples_dir` has every sample the stream will carry (spilled by `writer` while the run goes on, if given)."""
     stream = SampleStream(config.dispatch.buffer_batches)
@@ -413,8 +469,16 @@ def _start_training(config: DistillConfig, run_dir: RunDir, samples_dir: RunDir,
         return stream, _Training(trainer_factory(stream))
     run_dir.delete(TAKEN_SEQ)  # seq numbers start again with this run's shard writer
     tokenizers = {t.name: resolve_model(tokenizer_model(t.model)) for t in config.teachers}  # for the losses
-    trainer = make_trainer(config.trainer, resolve_model(config.student.model), stream, run_dir, writer, tokenizers,
-                           samples_dir, config.seed)
+    trainer = make_trainer(
+        config.trainer,
+        resolve_model(config.student.model),
+        stream,
+        run_dir,
+        writer,
+        tokenizers,
+        samples_dir,
+        config.seed,
+    )
     return stream, _Training(trainer)
 
 
@@ -472,8 +536,17 @@ class Dispatcher:
 
     POLL_S = 0.5
 
-    def __init__(self, config: DistillConfig, pools: dict, selector, stream, writer, control, metrics: Log | Path,
-                 training: _Training | None = None):
+    def __init__(
+        self,
+        config: DistillConfig,
+        pools: dict,
+        selector,
+        stream,
+        writer,
+        control,
+        metrics: Log | Path,
+        training: _Training | None = None,
+    ):
         self.config, self.pools, self.selector = config, pools, selector
         self.stream, self.writer, self.control = stream, writer, control
         self.metrics = metrics if isinstance(metrics, Log) else Log(RunDir(metrics.parent), metrics.name)
@@ -529,8 +602,9 @@ class Dispatcher:
                 ref = self.pools[fallback].submit(batch)
                 in_flight[ref], in_flight_prompts[ref] = (fallback, False), len(batch)
                 self.rerouted_prompts += len(batch)
-                self._log({"kind": "reroute", "teacher": name, "to": fallback, "prompts": len(batch),
-                           "reason": "saturated"})
+                self._log(
+                    {"kind": "reroute", "teacher": name, "to": fallback, "prompts": len(batch), "reason": "saturated"}
+                )
 
     def _answering(self, name: str) -> str:
         """The pool that answers `name`'s prompts: the fallback once `name` is down."""
@@ -547,8 +621,10 @@ class Dispatcher:
             self.gone.add(name)
             _log_pool_down(self.metrics, name, pool.down)
             if name == fallback or name in self.judges or queues.get((name, True)):
-                raise RunError(f"{pool.down}; it is the fallback, a judge or a best-of teacher, so no teacher is left "
-                               "to answer its prompts")
+                raise RunError(
+                    f"{pool.down}; it is the fallback, a judge or a best-of teacher, so no teacher is left "
+                    "to answer its prompts"
+                )
             moved = queues.pop((name, False), [])
             queues.setdefault((fallback, False), []).extend(moved)
             if feed is not None:

@@ -80,8 +80,9 @@ class Part:
 
 
 def _amount(resources: dict[str, float]) -> str:
-    return " ".join(f"{r} {resources[r]:g}" for r in (*COLUMNS, *sorted(set(resources) - set(COLUMNS)))
-                    if resources.get(r))
+    return " ".join(
+        f"{r} {resources[r]:g}" for r in (*COLUMNS, *sorted(set(resources) - set(COLUMNS))) if resources.get(r)
+    )
 
 
 def _sum(bundles: list[dict[str, float]]) -> dict[str, float]:
@@ -113,8 +114,14 @@ def parts(config: DistillConfig, use_gpu: bool, teachers: bool = True, train: bo
         result.append(Part(teacher.name, what, bundles, groups, labels=dict(teacher.node_labels)))
     if train:
         workers = config.trainer.num_workers
-        result.append(Part("trainer", f"{workers} Ray Train worker{'s' if workers > 1 else ''} of "
-                           f"{_amount(trainer_bundles(config)[0])}", trainer_bundles(config), one_node=False))
+        result.append(
+            Part(
+                "trainer",
+                f"{workers} Ray Train worker{'s' if workers > 1 else ''} of {_amount(trainer_bundles(config)[0])}",
+                trainer_bundles(config),
+                one_node=False,
+            )
+        )
     actors = dict(FREE_ACTORS) if teachers else {}
     if teachers and config.routing.best_of:
         actors["selector"] = "best-of selector actor"
@@ -142,12 +149,18 @@ class Plan:
         return [b for part in self.parts for item in part.items() for b in item]
 
     def table(self) -> str:
-        columns = [c for c in COLUMNS if c == "CPU" or any(n.total.get(c) for n in self.nodes)
-                   or any(p.needs().get(c) for p in self.parts)]
+        columns = [
+            c
+            for c in COLUMNS
+            if c == "CPU" or any(n.total.get(c) for n in self.nodes) or any(p.needs().get(c) for p in self.parts)
+        ]
         width = max(len(p.what) for p in self.parts)
         lines = [f"resource plan on {self.cluster}:"]
-        lines += [f"  {n.name}: free {_amount(n.free) or 'nothing'} of {_amount(n.total) or 'nothing'}"
-                  + (f", labels {n.labels}" if n.labels else "") for n in self.nodes]
+        lines += [
+            f"  {n.name}: free {_amount(n.free) or 'nothing'} of {_amount(n.total) or 'nothing'}"
+            + (f", labels {n.labels}" if n.labels else "")
+            for n in self.nodes
+        ]
         lines.append(f"  {'part':<10} {'reserves':<{width}} " + " ".join(f"{c:>5}" for c in columns) + "  placed on")
         for part in self.parts:
             where = ", ".join(f"{n} x{k}" if k > 1 else n for n, k in Counter(part.placed_on).items())
@@ -156,8 +169,11 @@ class Plan:
             elif part.needs() and len(part.placed_on) < len(part.items()):
                 where += f"{', ' if where else ''}{len(part.items()) - len(part.placed_on)} NOT PLACED"
             needs = part.needs()
-            lines.append(f"  {part.name:<10} {part.what:<{width}} "
-                         + " ".join(f"{needs.get(c, 0):>5g}" for c in columns) + f"  {where or '-'}")
+            lines.append(
+                f"  {part.name:<10} {part.what:<{width}} "
+                + " ".join(f"{needs.get(c, 0):>5g}" for c in columns)
+                + f"  {where or '-'}"
+            )
         total = _sum([p.needs() for p in self.parts])
         free = _sum([n.free for n in self.nodes])
         lines.append(f"  {'total':<10} {'':<{width}} " + " ".join(f"{total.get(c, 0):>5g}" for c in columns))
@@ -168,8 +184,13 @@ class Plan:
         return "\n".join(lines)
 
     def to_json(self) -> dict:
-        return {"fits": self.fits, "cluster": self.cluster, "missing": self.missing,
-                "down": {p.name: p.down for p in self.parts if p.down}, "table": self.table().splitlines()}
+        return {
+            "fits": self.fits,
+            "cluster": self.cluster,
+            "missing": self.missing,
+            "down": {p.name: p.down for p in self.parts if p.down},
+            "table": self.table().splitlines(),
+        }
 
 
 def _matches(node: Node, labels: dict[str, str]) -> bool:
@@ -186,8 +207,9 @@ def _take(free: dict[str, float], bundles: list[dict[str, float]]) -> bool:
     return True
 
 
-def make_plan(config: DistillConfig, nodes: list[Node], cluster: str, teachers: bool = True,
-              train: bool = True) -> Plan:
+def make_plan(
+    config: DistillConfig, nodes: list[Node], cluster: str, teachers: bool = True, train: bool = True
+) -> Plan:
     """Place the run's parts on `nodes` (teachers run on GPUs when any node has one, as the pools decide)."""
     use_gpu = any(n.total.get("GPU", 0) > 0 for n in nodes)
     run = parts(config, use_gpu, teachers, train)
@@ -228,13 +250,15 @@ def make_plan(config: DistillConfig, nodes: list[Node], cluster: str, teachers: 
                 unit = f"group{'s' if left > 1 else ''} of {_amount(_sum(part.items()[0]))} {where}"
                 if not part.one_node:
                     unit = f"worker{'s' if left > 1 else ''} of {_amount(_sum(part.items()[0]))}"
-                frees = "; ".join(f"{n.name} {_amount(free[n.name]) or 'nothing'}" for n in nodes
-                                  if _matches(n, part.labels))
+                frees = "; ".join(
+                    f"{n.name} {_amount(free[n.name]) or 'nothing'}" for n in nodes if _matches(n, part.labels)
+                )
                 missing.append(f"{part.name} needs {left} more {unit}; left free after the rest: {frees or 'no node'}")
     return Plan(cluster, nodes, run, missing)
 
 
 # -- the cluster --------------------------------------------------------------------------------------------------
+
 
 def live_nodes() -> list[Node]:
     """The alive nodes of the cluster this process is connected to, with what is free on each now."""
@@ -295,6 +319,7 @@ def local_node(config: DistillConfig) -> Node:
 
 # -- at the start of a run -------------------------------------------------------------------------------------
 
+
 def check(config: DistillConfig, run_dir: RunDir | Path, teachers: bool = True, train: bool = True) -> Plan:
     """The run's plan on the cluster it is connected to: logged as one table and kept in `run_dir/plan.json`.
     One that does not fit raises a RunError naming what is missing, at once or, with `ray.wait_for_resources_s`,
@@ -302,8 +327,9 @@ def check(config: DistillConfig, run_dir: RunDir | Path, teachers: bool = True, 
     import ray
 
     def current() -> Plan:
-        return make_plan(config, live_nodes(), f"the cluster at {ray.get_runtime_context().gcs_address}", teachers,
-                         train)
+        return make_plan(
+            config, live_nodes(), f"the cluster at {ray.get_runtime_context().gcs_address}", teachers, train
+        )
 
     plan = current()
     log.info("%s", plan.table())
@@ -315,8 +341,11 @@ def check(config: DistillConfig, run_dir: RunDir | Path, teachers: bool = True, 
         deadline = time.monotonic() + wait_s
         try:
             while not plan.fits and (left := deadline - time.monotonic()) > 0:
-                log.warning("waiting for the cluster to hold the run (%.0f s left of ray.wait_for_resources_s): %s",
-                            left, "; ".join(plan.missing))
+                log.warning(
+                    "waiting for the cluster to hold the run (%.0f s left of ray.wait_for_resources_s): %s",
+                    left,
+                    "; ".join(plan.missing),
+                )
                 time.sleep(min(WAIT_LOG_S, left))
                 plan = current()
         finally:
@@ -325,8 +354,9 @@ def check(config: DistillConfig, run_dir: RunDir | Path, teachers: bool = True, 
     RunDir.of(run_dir).write_text(PLAN_FILE, json.dumps(plan.to_json(), indent=2) + "\n")
     if not plan.fits:
         waited = f" after waiting {wait_s:g} s (ray.wait_for_resources_s)" if wait_s > 0 else ""
-        raise RunError(f"the cluster cannot hold this run{waited}; nothing was started:\n  "
-                       + "\n  ".join(plan.missing))
+        raise RunError(
+            f"the cluster cannot hold this run{waited}; nothing was started:\n  " + "\n  ".join(plan.missing)
+        )
     return plan
 
 
@@ -351,7 +381,9 @@ def reserve_together(groups: dict[str, list], hold: list[dict[str, float]], time
         for group in of_pool:
             remove_placement_group(group)
     late = Counter(name for ref, name in waiting.items() if ref not in ready)
-    raise RunError(f"Ray did not place all of the run's placement groups in {timeout_s:g} s (other work holds what "
-                   "the plan counted on, or no autoscaler added it): not placed: "
-                   + ", ".join(f"{name} {k} group{'s' if k > 1 else ''}" for name, k in late.items())
-                   + "; no engine was started")
+    raise RunError(
+        f"Ray did not place all of the run's placement groups in {timeout_s:g} s (other work holds what "
+        "the plan counted on, or no autoscaler added it): not placed: "
+        + ", ".join(f"{name} {k} group{'s' if k > 1 else ''}" for name, k in late.items())
+        + "; no engine was started"
+    )

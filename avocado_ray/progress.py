@@ -28,8 +28,9 @@ class Progress:
     """One task's progress line; `update` shows it when due, `finish` at the end (ending a terminal's bar)
     unless the last line shown already had the final count."""
 
-    def __init__(self, label: str, total: int | None = None, stream: TextIO | None = None,
-                 every_s: float = LOG_EVERY_S):
+    def __init__(
+        self, label: str, total: int | None = None, stream: TextIO | None = None, every_s: float = LOG_EVERY_S
+    ):
         self.label, self.total = label, total
         self.stream = stream if stream is not None else sys.stderr
         self.interactive = self.stream.isatty()
@@ -95,8 +96,9 @@ class GenerationMonitor:
     metrics.jsonl (`route` with what was routed so far, whenever it grew; `dispatch` with queue depths, calls in
     flight and tokens/s per teacher, as often as the progress line)."""
 
-    def __init__(self, work: dict[tuple[str, bool], list[dict]], log: Callable[[dict], None],
-                 stream: TextIO | None = None):
+    def __init__(
+        self, work: dict[tuple[str, bool], list[dict]], log: Callable[[dict], None], stream: TextIO | None = None
+    ):
         self.log = log
         self.metrics = GenerationMetrics()
         self.routed: Counter[tuple[str, str]] = Counter()  # (domain, teacher) -> requests
@@ -141,8 +143,12 @@ class GenerationMonitor:
         self.rates.setdefault(teacher, Throughput()).add(tokens, batch_s)
         self.replica_rates.setdefault((teacher, report["replica"]), Throughput()).add(tokens, batch_s)
 
-    def tick(self, queues: dict[tuple[str, bool], list[list[dict]]], in_flight: Iterable[tuple[str, bool]],
-             final: bool = False) -> None:
+    def tick(
+        self,
+        queues: dict[tuple[str, bool], list[list[dict]]],
+        in_flight: Iterable[tuple[str, bool]],
+        final: bool = False,
+    ) -> None:
         """Between dispatch rounds, at most every TICK_EVERY_S: set the gauges, and show (and log) the progress
         when it is due."""
         now = time.monotonic()
@@ -164,8 +170,15 @@ class GenerationMonitor:
         if self.progress.update(sum(self.done.values()), details, final=final):
             if not self.route_logged:
                 self._log_route()
-            self.log({"kind": "dispatch", "answered": dict(self.done), "queued": queued, "in_flight": dict(calls),
-                      "tokens_per_s": rates})
+            self.log(
+                {
+                    "kind": "dispatch",
+                    "answered": dict(self.done),
+                    "queued": queued,
+                    "in_flight": dict(calls),
+                    "tokens_per_s": rates,
+                }
+            )
 
 
 class TrainMonitor:

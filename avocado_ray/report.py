@@ -19,8 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow.fs as pafs
 
-from avocado_ray.dataplane.rundir import (METRICS, PARTS, REPORT, REPORT_PLOTS, SAMPLES, SUMMARY, TRAINED_IDS,
-                                          RunDir)
+from avocado_ray.dataplane.rundir import METRICS, PARTS, REPORT, REPORT_PLOTS, SAMPLES, SUMMARY, TRAINED_IDS, RunDir
 from avocado_ray.dataplane.spill import committed, complete_shards, sample_counts, sidecar_name
 from avocado_ray.plan import PLAN_FILE
 
@@ -239,8 +238,11 @@ def write_report(run_dir: str | Path) -> Path | str:
     run_dir = _run_dir(run_dir)
     summary = json.loads(run_dir.read_text(SUMMARY)) if run_dir.exists(SUMMARY) else {}
     # `train` runs read their samples from another run's folder (`data_dir` in their summary).
-    counts = (summary if "per_domain_teacher" in summary
-              else sample_counts(complete_shards(summary.get("data_dir") or run_dir.child(SAMPLES))))
+    counts = (
+        summary
+        if "per_domain_teacher" in summary
+        else sample_counts(complete_shards(summary.get("data_dir") or run_dir.child(SAMPLES)))
+    )
     records = read_metrics(run_dir)
     train, generate = train_steps(records), _of_kind(records, "generate")
     figures = {

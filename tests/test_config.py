@@ -87,7 +87,8 @@ def test_config_check_warns_when_a_cluster_run_is_given_a_local_run_directory(tm
     assert "warning" not in capsys.readouterr().err
     assert main(["config", "check", str(gpu_cluster), "--set", f"run_dir={tmp_path}"]) == 0
     assert f"run_dir: '{tmp_path}' is a local folder, but the run is for a cluster (trainer.use_gpu)" in (
-        capsys.readouterr().err)
+        capsys.readouterr().err
+    )
     assert main(["config", "check", str(LOCAL), "--set", "ray.address=10.0.0.1:6379"]) == 0
     assert "is a local folder, but the run is for a cluster (ray.address 10.0.0.1:6379)" in capsys.readouterr().err
     assert main(["config", "check", str(LOCAL)]) == 0 and "warning" not in capsys.readouterr().err
@@ -97,7 +98,9 @@ def test_distill_with_a_missing_model_fails_before_ray_starts(tmp_path):
     path = local_with(tmp_path, "model: tiny:gemma-trained", "model: /nowhere/gemma")
     result = subprocess.run(
         [sys.executable, "-m", "avocado_ray", "distill", "--config", str(path)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2
     assert "teachers.1.model: model path '/nowhere/gemma' does not exist" in result.stderr
@@ -113,5 +116,7 @@ def test_the_configuration_reference_matches_the_schema():
 
 
 def test_the_gpu_cluster_example_is_a_valid_config():
-    config = load_config(pathlib.Path(__file__).resolve().parents[1] / "configs" / "gpu-cluster.yaml", check_paths=False)
+    config = load_config(
+        pathlib.Path(__file__).resolve().parents[1] / "configs" / "gpu-cluster.yaml", check_paths=False
+    )
     assert {t.name: t.tensor_parallel_size for t in config.teachers} == {"qwen": 4, "gemma": 2, "gptoss": 2}

@@ -13,14 +13,28 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from avocado_ray.dataplane.schema import SAMPLE_SCHEMA, SCHEMA_VERSION, VERSION_KEY, SchemaVersionError, samples_to_batch
+from avocado_ray.dataplane.schema import (
+    SAMPLE_SCHEMA,
+    SCHEMA_VERSION,
+    VERSION_KEY,
+    SchemaVersionError,
+    samples_to_batch,
+)
 from avocado_ray.dataplane.spill import ShardWriter, complete_shards, open_samples, prompt_ids_in
 
 
 def sample(i):
-    return dict(sample_id=f"p{i}:t", prompt_id=f"p{i}", domain="general", teacher="t",
-                messages=json.dumps([{"role": "user", "content": str(i)}]), answer=f"a{i}",
-                token_ids=[1, 2], topk_ids=[[1, 3], [2, 4]], topk_logprobs=[[-0.1, -2.0], [-0.2, -3.0]])
+    return dict(
+        sample_id=f"p{i}:t",
+        prompt_id=f"p{i}",
+        domain="general",
+        teacher="t",
+        messages=json.dumps([{"role": "user", "content": str(i)}]),
+        answer=f"a{i}",
+        token_ids=[1, 2],
+        topk_ids=[[1, 3], [2, 4]],
+        topk_logprobs=[[-0.1, -2.0], [-0.2, -3.0]],
+    )
 
 
 def test_shards_are_written_atomically_and_a_torn_one_is_set_aside(tmp_path):
@@ -51,7 +65,9 @@ def test_a_shard_of_another_schema_version_fails_naming_both_versions(tmp_path):
     table = pa.Table.from_batches([samples_to_batch([sample(0)])])
     old = table.replace_schema_metadata({VERSION_KEY: b"0"})
     pq.write_table(old, tmp_path / "shard-000000.parquet")
-    with pytest.raises(SchemaVersionError, match=f"schema version 0, but this avocado-ray reads version {SCHEMA_VERSION}"):
+    with pytest.raises(
+        SchemaVersionError, match=f"schema version 0, but this avocado-ray reads version {SCHEMA_VERSION}"
+    ):
         open_samples(tmp_path)
 
 

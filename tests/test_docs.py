@@ -36,8 +36,11 @@ def schema_problems(text: str, schema=SAMPLE_SCHEMA) -> list[str]:
     """Where the doc's column table and the schema disagree: missing or extra columns, wrong types."""
     documented = column_table(text)
     problems = [f"{f.name}: not in the table" for f in schema if f.name not in documented]
-    problems += [f"{f.name}: table says {documented[f.name]!r}, schema has {str(f.type)!r}"
-                 for f in schema if f.name in documented and documented[f.name] != str(f.type)]
+    problems += [
+        f"{f.name}: table says {documented[f.name]!r}, schema has {str(f.type)!r}"
+        for f in schema
+        if f.name in documented and documented[f.name] != str(f.type)
+    ]
     problems += [f"{name}: in the table, not in the schema" for name in documented if name not in schema.names]
     return problems
 

@@ -50,8 +50,9 @@ def assert_run_invariants(summary: dict) -> None:
 
 def test_a_router_killed_with_calls_in_flight_restarts_and_answers_them_all(ray_cluster, local_config):
     texts = [row["prompt"] for row in labelled_prompts()]
-    prompts = [Prompt(id=str(i), messages=[{"role": "user", "content": texts[i % len(texts)]}], line=i)
-               for i in range(20_000)]
+    prompts = [
+        Prompt(id=str(i), messages=[{"role": "user", "content": texts[i % len(texts)]}], line=i) for i in range(20_000)
+    ]
     teachers = [t.name for t in local_config.teachers]
     router = start_router(local_config.routing, teachers)
     client = RouterClient(router, max_in_flight=4)
@@ -102,13 +103,27 @@ class RaisingReplica(TeacherReplica):
 
 @pytest.mark.slow
 def test_a_teacher_call_that_raises_is_retried_prompt_by_prompt_and_the_bad_prompt_dead_lettered(
-        tiny_models, ray_cluster, local_config, tmp_path):
-    pool = TeacherPool(local_config.teacher("qwen"), str(tiny_models["qwen"]), use_gpu=False, max_in_flight=4,
-                       replica_class=RaisingReplica)
+    tiny_models, ray_cluster, local_config, tmp_path
+):
+    pool = TeacherPool(
+        local_config.teacher("qwen"),
+        str(tiny_models["qwen"]),
+        use_gpu=False,
+        max_in_flight=4,
+        replica_class=RaisingReplica,
+    )
     pool.ready()
     texts = [row["prompt"][:200] for row in labelled_prompts() if row["domain"] == "code"][:11] + ["RAISE please"]
-    requests = [{"prompt_id": f"p{i}", "domain": "code", "labels": ["code"], "sampling": {"max_tokens": 8},
-                 "messages": [{"role": "user", "content": text}]} for i, text in enumerate(texts)]
+    requests = [
+        {
+            "prompt_id": f"p{i}",
+            "domain": "code",
+            "labels": ["code"],
+            "sampling": {"max_tokens": 8},
+            "messages": [{"role": "user", "content": text}],
+        }
+        for i, text in enumerate(texts)
+    ]
     writer = ray.remote(ShardWriter).options(num_cpus=0).remote(str(tmp_path / "samples"), 4096)
     config = local_config.model_copy(update={"dispatch": local_config.dispatch.model_copy(update={"batch_size": 4})})
     dispatcher = Dispatcher(config, {"qwen": pool}, None, None, writer, None, tmp_path / "metrics.jsonl")
@@ -124,16 +139,24 @@ def test_a_teacher_call_that_raises_is_retried_prompt_by_prompt_and_the_bad_prom
     assert dispatcher.retried_prompts == 4 + (MAX_ATTEMPTS - 2)  # its batch once, then the bad prompt alone
 
 
-
 @pytest.mark.slow
 def test_a_full_disk_under_the_spill_stops_the_dispatch_at_once_naming_the_file(
-        teacher_pools, local_config, tmp_path, tmpfs):
+    teacher_pools, local_config, tmp_path, tmpfs
+):
     samples = tmp_path / "samples"
     samples.mkdir()
     tmpfs(samples, "64k")  # a few shards of 4 answers fit
     texts = [row["prompt"][:200] for row in labelled_prompts() if row["domain"] == "code"][:160]
-    requests = [{"prompt_id": f"p{i}", "domain": "code", "labels": ["code"], "sampling": {"max_tokens": 8},
-                 "messages": [{"role": "user", "content": text}]} for i, text in enumerate(texts)]
+    requests = [
+        {
+            "prompt_id": f"p{i}",
+            "domain": "code",
+            "labels": ["code"],
+            "sampling": {"max_tokens": 8},
+            "messages": [{"role": "user", "content": text}],
+        }
+        for i, text in enumerate(texts)
+    ]
     writer = ray.remote(ShardWriter).options(num_cpus=0).remote(str(samples), 4)
     config = local_config.model_copy(update={"dispatch": local_config.dispatch.model_copy(update={"batch_size": 4})})
     pool = teacher_pools["qwen"]
@@ -147,6 +170,7 @@ def test_a_full_disk_under_the_spill_stops_the_dispatch_at_once_naming_the_file(
     assert answered < 0.75 * len(requests) / 4  # it stopped while many calls were still to come
     assert complete_shards(samples, verify=True)  # the shards written before the disk filled stay whole
     ray.kill(writer)
+
 
 # --- The whole-run suite: one fault per run, at a point drawn from the printed seed -------------------------------
 # Each run is the smallest real distillation (tests/data/job.yaml: tiny qwen teacher, 32 prompts in 8 calls, one
@@ -172,8 +196,16 @@ class FaultRun:
         self.own_job = ray.get_runtime_context().get_job_id()
 
     def start(self) -> None:
-        command = [sys.executable, "-m", "avocado_ray", "distill", "--config", str(JOB_CONFIG),
-                   "--run-dir", str(self.run_dir)]
+        command = [
+            sys.executable,
+            "-m",
+            "avocado_ray",
+            "distill",
+            "--config",
+            str(JOB_CONFIG),
+            "--run-dir",
+            str(self.run_dir),
+        ]
         env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}  # the tests' Ray cluster
         self.log = open(self.log_dir / f"driver-{len(self.tries)}.log", "w+")
         self.driver = subprocess.Popen(command, env=env, stdout=self.log, stderr=subprocess.STDOUT)
@@ -201,8 +233,11 @@ class FaultRun:
 
     def actor_pids(self, class_name: str) -> list[int]:
         """Live actors of this run's job (not the test session's own teacher pools)."""
-        return [a["Pid"] for a in state.actor_table(None).values()
-                if a["ActorClassName"] == class_name and a["State"] == "ALIVE" and a["JobID"] != self.own_job]
+        return [
+            a["Pid"]
+            for a in state.actor_table(None).values()
+            if a["ActorClassName"] == class_name and a["State"] == "ALIVE" and a["JobID"] != self.own_job
+        ]
 
 
 def kill_a_teacher_replica(run: FaultRun) -> str:
@@ -281,8 +316,18 @@ def damage_a_shard(run: FaultRun) -> str:
     return f"16 bytes at offset {offset} of {shard.name} flipped after {calls} answered calls"
 
 
-FAULTS = {f.__name__: f for f in (kill_a_teacher_replica, kill_a_teacher_engine, kill_the_router,
-                                   kill_a_trainer_worker, kill_the_driver, fill_the_disk, damage_a_shard)}
+FAULTS = {
+    f.__name__: f
+    for f in (
+        kill_a_teacher_replica,
+        kill_a_teacher_engine,
+        kill_the_router,
+        kill_a_trainer_worker,
+        kill_the_driver,
+        fill_the_disk,
+        damage_a_shard,
+    )
+}
 ENDS_THE_DRIVER = {"kill_the_driver", "fill_the_disk"}  # the operator resubmits the job
 
 
@@ -300,7 +345,8 @@ def run_dir(request, tmp_path, tmpfs):
 @pytest.mark.soak
 @pytest.mark.parametrize("fault", FAULTS)
 def test_a_run_hit_by_a_fault_at_a_random_point_finishes_or_resumes_with_its_invariants(
-        fault, fault_seed, tiny_models, ray_cluster, run_dir, tmp_path):
+    fault, fault_seed, tiny_models, ray_cluster, run_dir, tmp_path
+):
     rng = random.Random(f"{fault_seed}:{fault}")
     run = FaultRun(run_dir, tmp_path, rng)
     run.start()
@@ -319,10 +365,17 @@ def test_a_run_hit_by_a_fault_at_a_random_point_finishes_or_resumes_with_its_inv
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["prompts_in"] == PROMPTS and summary["samples_out"] == PROMPTS, where
     assert_run_invariants(summary)
-    outcome = {"fault": fault, "seed": fault_seed, "injected": injected, "driver_runs": len(run.tries),
-               "first_exit": first.returncode, "replicas_lost": summary["replicas_lost"],
-               "prompts_sent_again": summary["prompts_sent_again"], "train_steps": summary["train_steps"],
-               "train_restarts": _records(run_dir, "train_restart")}
+    outcome = {
+        "fault": fault,
+        "seed": fault_seed,
+        "injected": injected,
+        "driver_runs": len(run.tries),
+        "first_exit": first.returncode,
+        "replicas_lost": summary["replicas_lost"],
+        "prompts_sent_again": summary["prompts_sent_again"],
+        "train_steps": summary["train_steps"],
+        "train_restarts": _records(run_dir, "train_restart"),
+    }
     print(json.dumps(outcome))
     if os.environ.get("AVOCADO_FAULT_REPORT"):
         with open(os.environ["AVOCADO_FAULT_REPORT"], "a") as report:

@@ -40,8 +40,12 @@ DEMO_CONFIG, DEMO_PROMPTS = ROOT / "configs" / "local.yaml", 48  # what docs/usa
 # The logical CPUs of docs/usage.md's one-machine head: the demo's resource plan (3 teachers and a trainer worker)
 DOCS_CPUS = int(re.search(r"ray start --head .*--num-cpus (\d+)", (ROOT / "docs" / "usage.md").read_text()).group(1))
 METRICS = {  # as Prometheus shows them (Ray's `ray_` prefix)
-    "ray_avocado_prompts_routed_total", "ray_avocado_queue_depth", "ray_avocado_requests_in_flight",
-    "ray_avocado_teacher_tokens_per_second", "ray_avocado_trainer_step_seconds_bucket", "ray_avocado_trainer_loss",
+    "ray_avocado_prompts_routed_total",
+    "ray_avocado_queue_depth",
+    "ray_avocado_requests_in_flight",
+    "ray_avocado_teacher_tokens_per_second",
+    "ray_avocado_trainer_step_seconds_bucket",
+    "ray_avocado_trainer_loss",
     "ray_avocado_trainer_samples_per_second",
 }
 RAY_TRAIN_SINGLETONS = {"_AutoscalingCoordinatorActor"}  # Ray Train's detached per-cluster actor, not the job's
@@ -69,39 +73,89 @@ class Head:
         # The job's `python` is the venv's. RAY_API_SERVER_ADDRESS points the `ray job`/`ray list` commands at this
         # head, and Ray's own state API calls inside the cluster (Ray Train's placement group cleaner) too, which
         # would otherwise guess among the machine's Rays.
-        self.env = {**env, "RAY_AUTH_MODE": "token", "PATH": f"{VENV_BIN}:{env['PATH']}",
-                    "RAY_API_SERVER_ADDRESS": self.url}
-        self.ray("start", "--head", "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
-                 "--temp-dir", str(self.temp_dir), "--port", str(gcs), "--dashboard-port", str(dashboard),
-                 "--ray-client-server-port", str(client), "--dashboard-agent-listen-port", str(agent),
-                 "--metrics-export-port", str(metrics), "--num-cpus", str(num_cpus),
-                 "--object-store-memory", str(500 * 2**20), "--disable-usage-stats")
+        self.env = {
+            **env,
+            "RAY_AUTH_MODE": "token",
+            "PATH": f"{VENV_BIN}:{env['PATH']}",
+            "RAY_API_SERVER_ADDRESS": self.url,
+        }
+        self.ray(
+            "start",
+            "--head",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--dashboard-host",
+            "127.0.0.1",
+            "--temp-dir",
+            str(self.temp_dir),
+            "--port",
+            str(gcs),
+            "--dashboard-port",
+            str(dashboard),
+            "--ray-client-server-port",
+            str(client),
+            "--dashboard-agent-listen-port",
+            str(agent),
+            "--metrics-export-port",
+            str(metrics),
+            "--num-cpus",
+            str(num_cpus),
+            "--object-store-memory",
+            str(500 * 2**20),
+            "--disable-usage-stats",
+        )
         self.token = (Path.home() / ".ray" / "auth_token").read_text().strip()
 
     def ray(self, *args: str, timeout: float = 300) -> str:
         """Run the `ray` CLI against this head; returns its output, fails the test on a non-zero exit."""
         command = [str(VENV_BIN / "ray"), *args]
-        done = subprocess.run(command, check=False, cwd=ROOT, env=self.env, capture_output=True, text=True,
-                              timeout=timeout)
+        done = subprocess.run(
+            command, check=False, cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=timeout
+        )
         assert done.returncode == 0, f"{command}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
         return done.stdout + done.stderr
 
-    def submit(self, submission_id: str, run_dir: Path, job: str = "distill", *args: str, config: Path = CONFIG,
-               wait: bool = False, timeout: float = 300) -> subprocess.CompletedProcess:
+    def submit(
+        self,
+        submission_id: str,
+        run_dir: Path,
+        job: str = "distill",
+        *args: str,
+        config: Path = CONFIG,
+        wait: bool = False,
+        timeout: float = 300,
+    ) -> subprocess.CompletedProcess:
         """The command of docs/usage.md: the repository as working dir through deploy/runtime_env.yaml. With `wait`,
         `ray job submit` follows the job to its end (its exit status says whether it failed), else it returns."""
-        command = [str(VENV_BIN / "ray"), "job", "submit", "--submission-id", submission_id, "--runtime-env",
-                   "deploy/runtime_env.yaml", *([] if wait else ["--no-wait"]), "--", "python", f"jobs/{job}.py",
-                   "--config", str(config), "--run-dir", str(run_dir), *args]
-        done = subprocess.run(command, check=False, cwd=ROOT, env=self.env, capture_output=True, text=True,
-                              timeout=timeout)
+        command = [
+            str(VENV_BIN / "ray"),
+            "job",
+            "submit",
+            "--submission-id",
+            submission_id,
+            "--runtime-env",
+            "deploy/runtime_env.yaml",
+            *([] if wait else ["--no-wait"]),
+            "--",
+            "python",
+            f"jobs/{job}.py",
+            "--config",
+            str(config),
+            "--run-dir",
+            str(run_dir),
+            *args,
+        ]
+        done = subprocess.run(
+            command, check=False, cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=timeout
+        )
         assert wait or done.returncode == 0, f"{command}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
         return done
 
     def wait(self, submission_id: str, timeout_s: float = 900, on_poll=lambda: None) -> str:
         """Wait for a submitted job to end; returns its log, failing the test unless it succeeded."""
-        _wait_for(lambda: self.job(submission_id)["status"] not in ("PENDING", "RUNNING"), submission_id, timeout_s,
-                  on_poll)
+        _wait_for(
+            lambda: self.job(submission_id)["status"] not in ("PENDING", "RUNNING"), submission_id, timeout_s, on_poll
+        )
         log = self.ray("job", "logs", submission_id)
         assert self.job(submission_id)["status"] == "SUCCEEDED", log[-5000:]
         return log
@@ -117,8 +171,18 @@ class Head:
 
     def actors(self, job_id: str) -> list[dict]:
         """The job's actors that are alive, from the state API (`ray list actors`)."""
-        out = self.ray("list", "actors", "--format", "json", "--limit", "1000", "--filter", f"job_id={job_id}",
-                       "--filter", "state=ALIVE")
+        out = self.ray(
+            "list",
+            "actors",
+            "--format",
+            "json",
+            "--limit",
+            "1000",
+            "--filter",
+            f"job_id={job_id}",
+            "--filter",
+            "state=ALIVE",
+        )
         return json.loads(out[out.index("[") :])
 
     def live_placement_groups(self, job_id: str) -> list[dict]:
@@ -231,14 +295,23 @@ def test_a_submitted_job_stopped_midway_leaves_nothing_running_and_resumes_to_ea
 
     head.submit("distill-1", run_dir)
     metrics_jsonl = run_dir / "metrics.jsonl"
-    _wait_for(lambda: metrics_jsonl.is_file() and '"generate"' in metrics_jsonl.read_text(), "a first answer", 900,
-              lambda: running_or_fail("distill-1"))
+    _wait_for(
+        lambda: metrics_jsonl.is_file() and '"generate"' in metrics_jsonl.read_text(),
+        "a first answer",
+        900,
+        lambda: running_or_fail("distill-1"),
+    )
     job_id = head.job("distill-1")["job_id"]
     replicas = [a for a in head.actors(job_id) if a["class_name"] == "TeacherReplica"]
     engine_processes = [p for a in replicas for p in _descendants(a["pid"])]  # the actor and its vLLM engine
     assert replicas and len(engine_processes) > len(replicas)
-    _wait_for(lambda: manifest.is_file() and json.loads(manifest.read_text()).get("trained", {}).get("step", 0) >= 1,
-              "a first checkpoint", 600, lambda: running_or_fail("distill-1"), every_s=0.5)
+    _wait_for(
+        lambda: manifest.is_file() and json.loads(manifest.read_text()).get("trained", {}).get("step", 0) >= 1,
+        "a first checkpoint",
+        600,
+        lambda: running_or_fail("distill-1"),
+        every_s=0.5,
+    )
 
     head.ray("job", "stop", "distill-1")
     assert head.job("distill-1")["status"] == "STOPPED"
@@ -312,8 +385,10 @@ def test_the_demo_submitted_to_a_head_started_as_the_docs_say_answers_every_prom
 
 def _engine_pids(log: str) -> dict[int, list[int]]:
     """The replicas' PIDs and their engines' PIDs, as the job logs them when its teachers are ready."""
-    return {int(pid): [int(p) for p in engines.split(",")]
-            for pid, engines in re.findall(r"'pid': (\d+), 'engine_pids': \[([\d, ]+)\]", log)}
+    return {
+        int(pid): [int(p) for p in engines.split(",")]
+        for pid, engines in re.findall(r"'pid': (\d+), 'engine_pids': \[([\d, ]+)\]", log)
+    }
 
 
 @pytest.mark.slow
@@ -378,7 +453,8 @@ def test_submitted_generate_then_train_jobs_answer_every_prompt_and_train_a_stud
 
 @pytest.mark.parametrize("job", ["distill", "generate", "train"])
 def test_each_job_runs_directly_and_explains_its_options(job):
-    done = subprocess.run([sys.executable, f"jobs/{job}.py", "--help"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120, check=False)
+    done = subprocess.run(
+        [sys.executable, f"jobs/{job}.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
+    )
     assert done.returncode == 0, done.stderr
     assert f"usage: avocado-ray {job}" in done.stdout and "--config" in done.stdout and "--set" in done.stdout

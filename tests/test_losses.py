@@ -17,9 +17,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from avocado_ray.training.losses import (
+    CausalLMLoss,
     LossOptions,
     Targets,
-    CausalLMLoss,
     TokenAligner,
     chunked_mix,
     forward_kl,
@@ -191,8 +191,9 @@ def test_chunked_mix_reproduces_the_hand_computed_example_and_needs_no_gradient(
     w = logits(Q, Q).T.contiguous()  # [V, 2]
     rows = targets([[1, 2], [1, 2]], [[0.5, 0.25], [0.5, 0.25]], labels=[2, 2])
     with torch.no_grad():
-        got = chunked_mix(torch.eye(2), w, rows, torch.tensor([True, True]), {"forward_kl": 1.0},
-                          LossOptions(chunk_tokens=1))
+        got = chunked_mix(
+            torch.eye(2), w, rows, torch.tensor([True, True]), {"forward_kl": 1.0}, LossOptions(chunk_tokens=1)
+        )
     kl = 0.5 * ln(2) + 0.25 * ln(2) + 0.25 * ln(0.4)
     assert got.total.item() == pytest.approx(2 * kl, rel=1e-5) and not got.total.requires_grad
     empty = chunked_mix(torch.zeros(0, 2), w, rows[0:0], torch.zeros(0, dtype=torch.bool), {"forward_kl": 1.0}, T1)
@@ -220,8 +221,13 @@ def test_causal_lm_loss_equals_the_loss_of_the_models_own_logits(tiny_models):
 def test_the_gpu_check_trains_a_student_with_both_losses_alike_without_ray_vllm_or_deepspeed():
     # scripts/gpu-check --tiny: the device check on CPU; 95 answer positions in chunks of 32 (the last one short)
     script = Path(__file__).resolve().parents[1] / "scripts" / "gpu-check"
-    done = subprocess.run([sys.executable, str(script), "--tiny", "--chunk-tokens", "32", "--steps", "2"],
-                          capture_output=True, text=True, timeout=300, check=True)
+    done = subprocess.run(
+        [sys.executable, str(script), "--tiny", "--chunk-tokens", "32", "--steps", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
     report = json.loads(done.stdout)
     assert report["imported"] == [] and report["answer_positions"] == 95
     for side in ("chunked", "naive"):

@@ -1,6 +1,7 @@
 """Multi-node placement without GPUs: a simulated cluster of several Ray nodes on this machine, each declaring
-GPUs as a resource (`ray.cluster_utils.Cluster`; its nodes use the machine's own address, not loopback). vLLM cannot run on those fake GPUs, so a test double stands in
-for the replica actor: it only reports where it runs. The pool's placement code runs for real."""
+GPUs as a resource (`ray.cluster_utils.Cluster`; its nodes use the machine's own address, not loopback). vLLM
+cannot run on those fake GPUs, so a test double stands in for the replica actor: it only reports where it runs.
+The pool's placement code runs for real."""
 
 import json
 import subprocess
@@ -24,9 +25,14 @@ class WhereAmI:
         from ray.util.placement_group import get_current_placement_group, placement_group_table
 
         group = placement_group_table(get_current_placement_group())
-        return {"replica": self.index, "node": ray.get_runtime_context().get_node_id(), "group": group["placement_group_id"],
-                "bundle_nodes": sorted(set(group["bundles_to_node_id"].values())), "bundles": len(group["bundles"]),
-                "vllm_bundles": os.environ.get("VLLM_RAY_BUNDLE_INDICES")}
+        return {
+            "replica": self.index,
+            "node": ray.get_runtime_context().get_node_id(),
+            "group": group["placement_group_id"],
+            "bundle_nodes": sorted(set(group["bundles_to_node_id"].values())),
+            "bundles": len(group["bundles"]),
+            "vllm_bundles": os.environ.get("VLLM_RAY_BUNDLE_INDICES"),
+        }
 
     def info(self) -> dict:
         """What the pool's `ready` returns: here, where the replica landed."""
@@ -46,14 +52,15 @@ def scenario() -> dict:
     from avocado_ray.teachers.pool import PlacementError, TeacherPool
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
-    gpu_nodes = [cluster.add_node(num_cpus=8, num_gpus=4, labels={"pool": "teachers"})
-                 for _ in range(2)]
+    gpu_nodes = [cluster.add_node(num_cpus=8, num_gpus=4, labels={"pool": "teachers"}) for _ in range(2)]
     cluster.add_node(num_cpus=8, num_gpus=2)
     ray.init(address=cluster.address)
     labelled = {n.node_id for n in gpu_nodes}
 
     def teacher(**options):
-        return VLLMTeacher(name="qwen", model="/nonexistent", family="qwen2", node_labels={"pool": "teachers"}, **options)
+        return VLLMTeacher(
+            name="qwen", model="/nonexistent", family="qwen2", node_labels={"pool": "teachers"}, **options
+        )
 
     pool = TeacherPool(teacher(tensor_parallel_size=2, replicas=4), "/nonexistent", True, 4, replica_class=WhereAmI)
     placed = pool.ready()
@@ -65,8 +72,13 @@ def scenario() -> dict:
     }
     pool.shutdown()
 
-    packed = TeacherPool(teacher(tensor_parallel_size=2, replicas=4, replicas_per_node=2), "/nonexistent", True, 4,
-                         replica_class=WhereAmI)
+    packed = TeacherPool(
+        teacher(tensor_parallel_size=2, replicas=4, replicas_per_node=2),
+        "/nonexistent",
+        True,
+        4,
+        replica_class=WhereAmI,
+    )
     placed = packed.ready()
     groups = {p["group"] for p in placed}
     result["packed"] = {
@@ -123,6 +135,8 @@ def test_replicas_per_node_packs_replicas_into_one_group_per_node_each_with_its_
     assert packed["group_on_one_node"] and packed["groups_on_distinct_nodes"]
     assert packed["slices"] == [["0,1", "2,3"], ["0,1", "2,3"]]  # each replica's vLLM workers: its own 2 bundles
     assert placement["packed_scale_past_cluster"].startswith(
-        "teacher 'qwen' asks for 1 groups of 2 replicas, 4 GPU each group, all on one node")
+        "teacher 'qwen' asks for 1 groups of 2 replicas, 4 GPU each group, all on one node"
+    )
     assert placement["packed_scale_past_cluster"].endswith(
-        "which hold 2 (2 of them this pool has already): missing 1 x 4 GPU on one node")
+        "which hold 2 (2 of them this pool has already): missing 1 x 4 GPU on one node"
+    )

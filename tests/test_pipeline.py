@@ -45,7 +45,6 @@ def test_chinese_code_and_english_prompts_reach_the_teacher_the_table_names(demo
     assert sum(n for counts in pairs.values() for n in counts.values()) == demo_run["samples_out"]
 
 
-
 def test_math_prompts_are_answered_by_two_teachers_and_keep_both_candidates(demo_run):
     table = open_samples(demo_run["run_dir"] + "/samples").to_table()
     math = table.filter(pc.equal(table["domain"], "math")).to_pylist()
@@ -79,8 +78,11 @@ def test_the_saved_student_loads_in_transformers_and_generates(demo_run):
 
 def test_the_saved_student_serves_in_vllm(demo_run, ray_cluster):
     student = VLLMTeacher(
-        name="student", model=demo_run["student_dir"], family="qwen2",
-        sampling={"max_tokens": 8, "logprobs": 2}, engine={"max_model_len": 256, "enforce_eager": True},
+        name="student",
+        model=demo_run["student_dir"],
+        family="qwen2",
+        sampling={"max_tokens": 8, "logprobs": 2},
+        engine={"max_model_len": 256, "enforce_eager": True},
     )
     pool = TeacherPool(student, student.model, use_gpu=False, max_in_flight=1)
     try:

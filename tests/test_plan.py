@@ -35,6 +35,7 @@ def _part(result: plan.Plan, name: str) -> plan.Part:
 
 # -- the arithmetic ------------------------------------------------------------------------------------------------
 
+
 def test_the_demo_on_two_cpus_does_not_fit_and_names_each_part_that_needs_a_cpu():
     result = _plan(["{CPU:2}"])
     assert not result.fits
@@ -46,14 +47,30 @@ def test_the_demo_fits_four_logical_cpus_and_the_actors_without_cpus_reserve_not
     result = _plan(["{CPU:4}"])
     assert result.fits and result.missing == []
     assert {p.name: p.needs() for p in result.parts} == {
-        "qwen": {"CPU": 1}, "gemma": {"CPU": 1}, "gptoss": {"CPU": 1}, "trainer": {"CPU": 1}, "router": {},
-        "writer": {}, "control": {}, "selector": {}, "stream": {}, "train-ctl": {}}
+        "qwen": {"CPU": 1},
+        "gemma": {"CPU": 1},
+        "gptoss": {"CPU": 1},
+        "trainer": {"CPU": 1},
+        "router": {},
+        "writer": {},
+        "control": {},
+        "selector": {},
+        "stream": {},
+        "train-ctl": {},
+    }
     assert all(_part(result, name).placed_on == ["node1"] for name in ("qwen", "gemma", "gptoss", "trainer"))
 
 
 def test_a_generate_run_plans_no_trainer_and_a_train_run_no_teachers():
     assert [p.name for p in _plan(["{CPU:3}"], train=False).parts] == [
-        "qwen", "gemma", "gptoss", "router", "writer", "control", "selector"]
+        "qwen",
+        "gemma",
+        "gptoss",
+        "router",
+        "writer",
+        "control",
+        "selector",
+    ]
     assert _plan(["{CPU:3}"], train=False).fits
     assert [p.name for p in _plan(["{CPU:1}"], teachers=False).parts] == ["trainer", "stream", "train-ctl"]
 
@@ -72,8 +89,9 @@ def test_the_gpu_config_on_the_documented_cluster_fills_one_node_per_pool_group_
 
 
 def test_a_plan_with_enough_in_all_but_not_on_one_node_says_which_group_has_no_node():
-    result = _plan(["2x{GPU:6,CPU:50}"], "teachers.0.tensor_parallel_size=2", name="configs/gpu-cluster.yaml",
-                   train=False)
+    result = _plan(
+        ["2x{GPU:6,CPU:50}"], "teachers.0.tensor_parallel_size=2", name="configs/gpu-cluster.yaml", train=False
+    )
     # three groups of 4 GPUs, 12 GPUs in all on two nodes of 6: each node takes one group
     assert not result.fits and all(p.down is None for p in result.parts)
     [line] = result.missing
@@ -99,8 +117,12 @@ def test_a_labelled_pool_goes_only_to_nodes_with_its_labels():
     nodes = ["1x{GPU:8,CPU:96,gpu=h100}", "3x{GPU:8,CPU:96}"]
     result = _plan(nodes, "teachers.2.node_labels={gpu: h100}", name="configs/gpu-cluster.yaml")
     assert result.fits and _part(result, "gptoss").placed_on == ["node1"]
-    crowded = _plan(nodes, "teachers.0.node_labels={gpu: h100}", "teachers.2.node_labels={gpu: h100}",
-                    name="configs/gpu-cluster.yaml")
+    crowded = _plan(
+        nodes,
+        "teachers.0.node_labels={gpu: h100}",
+        "teachers.2.node_labels={gpu: h100}",
+        name="configs/gpu-cluster.yaml",
+    )
     [line] = crowded.missing  # qwen's 8 GPUs fill the one h100 node
     assert line.startswith("gptoss needs 1 more group of GPU 4 CPU 4 on one node labelled {'gpu': 'h100'}")
 
@@ -113,8 +135,10 @@ def test_a_trainer_on_gpus_on_a_cluster_without_gpus_says_it_needs_gpus():
 def test_node_shapes_read_counts_resources_and_labels_and_refuse_what_they_cannot_read():
     nodes = plan.described_nodes(["2x{GPU: 8, CPU:96,pool=teachers}", "{CPU:4}"])
     assert [(n.name, n.free, n.labels) for n in nodes] == [
-        ("node1", {"GPU": 8, "CPU": 96}, {"pool": "teachers"}), ("node2", {"GPU": 8, "CPU": 96}, {"pool": "teachers"}),
-        ("node3", {"CPU": 4}, {})]
+        ("node1", {"GPU": 8, "CPU": 96}, {"pool": "teachers"}),
+        ("node2", {"GPU": 8, "CPU": 96}, {"pool": "teachers"}),
+        ("node3", {"CPU": 4}, {}),
+    ]
     for bad in ("4x[GPU:8]", "{GPU}", "{CPU:many}"):
         with pytest.raises(ValueError):
             plan.described_nodes([bad])
@@ -136,11 +160,13 @@ def test_the_plan_command_prints_the_table_and_exits_2_when_it_does_not_fit(caps
 
 # -- on a real Ray -----------------------------------------------------------------------------------------------
 
+
 def test_a_run_the_cluster_cannot_hold_waits_as_configured_then_fails_naming_what_is_missing(
     ray_cluster, tmp_path, caplog
 ):
-    config = _config("configs/local.yaml", "trainer.num_workers=40", "trainer.batch_size=40",
-                     "ray.wait_for_resources_s=0.5")
+    config = _config(
+        "configs/local.yaml", "trainer.num_workers=40", "trainer.batch_size=40", "ray.wait_for_resources_s=0.5"
+    )
     missing = r"needs 43 CPU, the cluster has \d+: qwen 1, gemma 1, gptoss 1, trainer 40"
     with pytest.raises(RunError, match=r"after waiting 0.5 s .*\n  " + missing):
         plan.check(config, tmp_path)
@@ -168,9 +194,26 @@ def test_placement_groups_ray_cannot_place_together_are_all_removed_before_any_e
 
 def test_the_plan_command_joins_a_cluster_by_address_and_plans_on_what_it_has_free(ray_cluster):
     address = ray.get_runtime_context().gcs_address
-    done = subprocess.run([sys.executable, "-m", "avocado_ray", "plan", "--config", "configs/local.yaml", "--address",
-                           address, "--set", "trainer.num_workers=8", "--set", "trainer.batch_size=8"],
-                          capture_output=True, text=True, timeout=120, check=False)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "avocado_ray",
+            "plan",
+            "--config",
+            "configs/local.yaml",
+            "--address",
+            address,
+            "--set",
+            "trainer.num_workers=8",
+            "--set",
+            "trainer.batch_size=8",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     cpus = ray.cluster_resources()["CPU"]
     assert done.returncode == 2, done.stderr[-3000:]
     assert f"resource plan on the cluster at {address}:" in done.stdout

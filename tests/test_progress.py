@@ -47,8 +47,11 @@ def test_the_generation_monitor_counts_routes_answers_and_teachers_in_metrics_js
     answer = {"samples": 3, "rejected": [{"prompt_id": "p3"}], "tokens": 96, "batch_s": 2.0, "replica": 0}
     monitor.answered("qwen", answer)
     monitor.tick({}, [], final=True)
-    assert records[0] == {"kind": "route", "per_domain": {"code": 6, "math": 1},
-                          "per_teacher": {"gemma": 1, "gptoss": 1, "qwen": 6}}
+    assert records[0] == {
+        "kind": "route",
+        "per_domain": {"code": 6, "math": 1},
+        "per_teacher": {"gemma": 1, "gptoss": 1, "qwen": 6},
+    }
     first, last = records[1], records[2]
     assert first["kind"] == "dispatch" and first["queued"]["qwen"] == 2 and first["in_flight"] == {"qwen": 1}
     assert last["answered"] == {"qwen": 4} and 0 < last["tokens_per_s"]["qwen"] <= 48  # 96 tokens over >= 2 s

@@ -23,7 +23,11 @@ def test_rows_become_prompts_or_rejections_with_reasons(tmp_path):
     result = read_prompts(str(path))
     assert [p.id for p in result.prompts][0] == "a"
     assert [(r.line, r.code) for r in result.rejected] == [
-        (2, "bad_row"), (3, "bad_row"), (4, "bad_row"), (6, "duplicate_id"), (8, "bad_row"),
+        (2, "bad_row"),
+        (3, "bad_row"),
+        (4, "bad_row"),
+        (6, "duplicate_id"),
+        (8, "bad_row"),
     ]
     assert "invalid JSON" in result.rejected[0].reason
     assert "neither 'prompt' nor 'messages'" in result.rejected[1].reason
@@ -58,7 +62,10 @@ def test_parquet_rows_are_read_like_jsonl_rows(tmp_path):
 
 def test_a_rows_sampling_overrides_go_with_its_request_to_the_teacher(tmp_path):
     path = tmp_path / "p.jsonl"
-    rows = [{"id": "short", "prompt": "hi", "sampling": {"max_tokens": 4, "temperature": 0}}, {"id": "plain", "prompt": "hi"}]
+    rows = [
+        {"id": "short", "prompt": "hi", "sampling": {"max_tokens": 4, "temperature": 0}},
+        {"id": "plain", "prompt": "hi"},
+    ]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     prompts = read_prompts(str(path)).prompts
     routes = [Route(p.id, "general", ["general"], "gemma") for p in prompts]
@@ -74,8 +81,9 @@ def test_a_folder_or_glob_of_jsonl_and_parquet_files_streams_in_bounded_batches_
 
     folder = tmp_path / "prompts"
     (folder / "b").mkdir(parents=True)
-    (folder / "a.jsonl").write_text("".join(json.dumps({"id": f"a{i}", "prompt": f"q {i}"}) + "\n" for i in range(5))
-                                    + "{oops\n")
+    (folder / "a.jsonl").write_text(
+        "".join(json.dumps({"id": f"a{i}", "prompt": f"q {i}"}) + "\n" for i in range(5)) + "{oops\n"
+    )
     pq.write_table(pa.table({"id": ["p0", "a1", "p2"], "prompt": ["x", "dup", ""]}), folder / "b" / "c.parquet")
     (folder / "notes.txt").write_text("not prompts")
     (folder / ".hidden.jsonl").write_text("{}\n")
@@ -87,7 +95,10 @@ def test_a_folder_or_glob_of_jsonl_and_parquet_files_streams_in_bounded_batches_
     assert [p.id for p in prompts] == ["a0", "a1", "a2", "a3", "a4", "p0"]
     assert prompts[0].file == str(folder / "a.jsonl") and prompts[-1].file == str(folder / "b" / "c.parquet")
     assert [(Path(r.file).name, r.line, r.code) for r in rejected] == [
-        ("a.jsonl", 6, "bad_row"), ("c.parquet", 2, "duplicate_id"), ("c.parquet", 3, "bad_row")]
+        ("a.jsonl", 6, "bad_row"),
+        ("c.parquet", 2, "duplicate_id"),
+        ("c.parquet", 3, "bad_row"),
+    ]
     assert (reader.valid, reader.rejected) == (6, 3)
     by_glob = PromptReader(str(folder / "b" / "*.parquet"))
     assert [p.id for batch, _ in by_glob.batches() for p in batch] == ["p0", "a1"]  # a1 is new in this source

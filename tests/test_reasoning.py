@@ -78,9 +78,18 @@ def test_a_reasoning_teachers_top_k_is_used_on_the_answer_span(tiny_models, gpto
     ids = gptoss_tokenizer.encode(HARMONY_TURN.format(reasoning="six times seven", answer=answer) + "<|return|>")
     start = answer_token_start(gptoss_tokenizer, ids, answer)
     assert gptoss_tokenizer.decode(ids[start:], skip_special_tokens=False) == answer + "<|return|>"
-    row = {"sample_id": "s", "teacher": "gptoss", "messages": json.dumps(MESSAGES), "answer": answer,
-           "reasoning": "six times seven", "token_ids": ids, "topk_ids": [[t, 5, 17] for t in ids],
-           "topk_logprobs": [[-0.3, -2.0, -3.0]] * len(ids), "answer_token_start": start, "finish_reason": "stop"}
+    row = {
+        "sample_id": "s",
+        "teacher": "gptoss",
+        "messages": json.dumps(MESSAGES),
+        "answer": answer,
+        "reasoning": "six times seven",
+        "token_ids": ids,
+        "topk_ids": [[t, 5, 17] for t in ids],
+        "topk_logprobs": [[-0.3, -2.0, -3.0]] * len(ids),
+        "answer_token_start": start,
+        "finish_reason": "stop",
+    }
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     student = AutoTokenizer.from_pretrained(tiny_models["student"])
@@ -101,8 +110,10 @@ def test_a_gptoss_replica_stores_reasoning_and_answer_apart(tiny_models, ray_clu
     teacher = local_config.teacher("gptoss").model_copy(update={"reasoning_parser": "openai_gptoss"})
     pool = TeacherPool(teacher, str(tiny_models["gptoss"]), use_gpu=False, max_in_flight=1)
     words = "[a-z]{1,6}( [a-z]{1,6}){2,4}"
-    steer = {"regex": re.escape(HARMONY_TURN).replace(re.escape("{reasoning}"), words).replace(re.escape("{answer}"), words),
-             "max_tokens": 80}
+    steer = {
+        "regex": re.escape(HARMONY_TURN).replace(re.escape("{reasoning}"), words).replace(re.escape("{answer}"), words),
+        "max_tokens": 80,
+    }
     request = {"prompt_id": "p", "domain": "math", "labels": ["math"], "messages": MESSAGES, "sampling": steer}
     try:
         pool.ready()
@@ -114,7 +125,9 @@ def test_a_gptoss_replica_stores_reasoning_and_answer_apart(tiny_models, ray_clu
     assert report["rejected"] == []
     assert re.fullmatch(words, row["reasoning"]) and re.fullmatch(words, row["answer"]), row
     completion = gptoss_tokenizer.decode(row["token_ids"], skip_special_tokens=False)
-    assert completion.removesuffix("<|return|>") == HARMONY_TURN.format(reasoning=row["reasoning"], answer=row["answer"])
+    assert completion.removesuffix("<|return|>") == HARMONY_TURN.format(
+        reasoning=row["reasoning"], answer=row["answer"]
+    )
     assert len(row["topk_ids"]) == len(row["token_ids"])  # the top-k cover reasoning and answer tokens
-    answer_span = gptoss_tokenizer.decode(row["token_ids"][row["answer_token_start"]:], skip_special_tokens=False)
+    answer_span = gptoss_tokenizer.decode(row["token_ids"][row["answer_token_start"] :], skip_special_tokens=False)
     assert answer_span.removesuffix("<|return|>") == row["answer"]

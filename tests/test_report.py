@@ -67,8 +67,12 @@ def synthetic_run(tmp_path):
         "counts_add_up": True,
         "per_domain": {"code": 40, "chinese": 20, "math": 16, "general": 20},
         "per_teacher": {"qwen": 60, "gemma": 20, "gptoss": 16},
-        "per_domain_teacher": {"code": {"qwen": 40}, "chinese": {"qwen": 20}, "math": {"gptoss": 16},
-                               "general": {"gemma": 20}},
+        "per_domain_teacher": {
+            "code": {"qwen": 40},
+            "chinese": {"qwen": 20},
+            "math": {"gptoss": 16},
+            "general": {"gemma": 20},
+        },
         "train_steps": 12,
         "last_loss": 4.4,
     }

@@ -49,8 +49,10 @@ def test_a_japanese_sentence_with_hiragana_and_korean_text_are_not_chinese():
 
 
 def test_a_chinese_manual_page_around_a_shell_command_carries_both_labels():
-    page = ("范例\n       tar -xvf foo.tar\n              从 foo.tar 中解出所有文件，并显示处理过的文件名。\n\n"
-            "       tcpdump host sundown\n              显示所有进出 sundown 的报文。")
+    page = (
+        "范例\n       tar -xvf foo.tar\n              从 foo.tar 中解出所有文件，并显示处理过的文件名。\n\n"
+        "       tcpdump host sundown\n              显示所有进出 sundown 的报文。"
+    )
     assert set(classify(page)) == {"code", "chinese"}
 
 
@@ -97,8 +99,9 @@ def weighted_router():
 
 def test_weights_split_a_domain_within_tolerance_and_stably():
     route = weighted_router()
-    prompts = [Prompt(id=f"p{i}", messages=[{"role": "user", "content": "Tell me about autumn."}], line=i)
-               for i in range(1000)]
+    prompts = [
+        Prompt(id=f"p{i}", messages=[{"role": "user", "content": "Tell me about autumn."}], line=i) for i in range(1000)
+    ]
     teachers = [r.teacher for r in route.route(prompts)]
     assert 450 <= teachers.count("gemma") <= 550 and teachers.count("gemma") + teachers.count("gptoss") == 1000
     assert teachers == [r.teacher for r in route.route(prompts)]  # a rerun routes each prompt the same way
@@ -115,8 +118,13 @@ def test_a_teacher_the_cluster_cannot_place_is_down_and_its_prompts_go_to_the_fa
     def request(i):
         return {"prompt_id": f"p{i}", "domain": "math", "labels": ["math"], "messages": []}
 
-    work = {("qwen", False): [request(1), request(2)], ("gemma", False): [request(3)],
-            ("gptoss", True): [request(4), request(5)], ("qwen", True): [request(5)], ("gemma", True): [request(4)]}
+    work = {
+        ("qwen", False): [request(1), request(2)],
+        ("gemma", False): [request(3)],
+        ("gptoss", True): [request(4), request(5)],
+        ("qwen", True): [request(5)],
+        ("gemma", True): [request(4)],
+    }
     best_of = [{**request(4), "teachers": ["gptoss", "gemma"]}, {**request(5), "teachers": ["gptoss", "qwen"]}]
     down = {"qwen": "no h100", "gptoss": "no room"}
     check_down(config, down)  # the fallback, gemma, is up: the run goes on
@@ -133,14 +141,22 @@ def test_the_dry_run_writes_one_line_per_row_in_order_and_the_rejections(tmp_pat
 
     from avocado_ray.cli import main
 
-    rows = [{"id": "a", "prompt": "请介绍一下长城的历史。"}, {"id": "b"}, {"id": "c", "prompt": "2 + 2 = ?"},
-            {"id": "d", "prompt": "hi", "teacher": "llama"}, {"id": "e", "prompt": "def f(): pass"}]
+    rows = [
+        {"id": "a", "prompt": "请介绍一下长城的历史。"},
+        {"id": "b"},
+        {"id": "c", "prompt": "2 + 2 = ?"},
+        {"id": "d", "prompt": "hi", "teacher": "llama"},
+        {"id": "e", "prompt": "def f(): pass"},
+    ]
     source = tmp_path / "in.jsonl"
     source.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n")
     assert main(["route", "--input", str(source), "--output", str(tmp_path / "out.jsonl")]) == 0
     routed = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [(r["id"], r["domain"], r["teacher"]) for r in routed] == [
-        ("a", "chinese", "qwen"), ("c", "math", "gptoss"), ("e", "code", "qwen")]
+        ("a", "chinese", "qwen"),
+        ("c", "math", "gptoss"),
+        ("e", "code", "qwen"),
+    ]
     rejected = [json.loads(line) for line in (tmp_path / "out.rejected.jsonl").read_text().splitlines()]
     assert [(r["line"], r["id"]) for r in rejected] == [(2, "b"), (4, "d")]
     counts = json.loads(capsys.readouterr().out)

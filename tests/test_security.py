@@ -35,24 +35,36 @@ def test_no_module_of_the_package_evaluates_or_imports_strings():
                 name = bare or getattr(node.func, "attr", None)
                 owner = getattr(getattr(node.func, "value", None), "id", None)
                 shell = any(k.arg == "shell" and getattr(k.value, "value", False) for k in node.keywords)
-                if (bare in builtins or name in importers or shell
-                        or (name in ("load", "loads") and owner in unpicklers)):
+                if (
+                    bare in builtins
+                    or name in importers
+                    or shell
+                    or (name in ("load", "loads") and owner in unpicklers)
+                ):
                     found.add((str(path.relative_to(PACKAGE)), name))
-    assert found == {("config.py", "entry_points"), ("routing/classifier.py", "entry_points"),
-                     ("teachers/engines.py", "entry_points")}
+    assert found == {
+        ("config.py", "entry_points"),
+        ("routing/classifier.py", "entry_points"),
+        ("teachers/engines.py", "entry_points"),
+    }
 
 
-@pytest.mark.parametrize("override, refused", [
-    ("teachers.0.engine.extra_args.trust_remote_code=true", "trust_remote_code"),
-    ("teachers.0.engine.extra_args.worker_extension_cls=os.system", "worker_extension_cls"),
-    ("teachers.0.engine.extra_args.logits_processors=[os.system]", "logits_processors"),
-    ("teachers.0.engine.extra_args.compilation_config={backend: os.system}", "compilation_config"),
-    ("teachers.0.engine.extra_args.hf_token=hf_secret", "hf_token"),
-    ("teachers.0.engine.extra_args.seed=1", "seed"),  # set from the config's own seed: no second way
-    ("trainer.deepspeed={torch_autocast: {enabled: true, lower_precision_safe_modules: [os.system]}}",
-     "lower_precision_safe_modules"),
-    ("routing.classifier=os:system", "no classifier 'os:system'"),
-])
+@pytest.mark.parametrize(
+    "override, refused",
+    [
+        ("teachers.0.engine.extra_args.trust_remote_code=true", "trust_remote_code"),
+        ("teachers.0.engine.extra_args.worker_extension_cls=os.system", "worker_extension_cls"),
+        ("teachers.0.engine.extra_args.logits_processors=[os.system]", "logits_processors"),
+        ("teachers.0.engine.extra_args.compilation_config={backend: os.system}", "compilation_config"),
+        ("teachers.0.engine.extra_args.hf_token=hf_secret", "hf_token"),
+        ("teachers.0.engine.extra_args.seed=1", "seed"),  # set from the config's own seed: no second way
+        (
+            "trainer.deepspeed={torch_autocast: {enabled: true, lower_precision_safe_modules: [os.system]}}",
+            "lower_precision_safe_modules",
+        ),
+        ("routing.classifier=os:system", "no classifier 'os:system'"),
+    ],
+)
 def test_config_strings_that_would_name_code_or_secrets_are_refused(override, refused):
     with pytest.raises(ConfigError, match=refused):
         load_config(LOCAL, [override])
@@ -76,8 +88,13 @@ def test_a_prompt_id_that_looks_like_a_path_is_only_data(tmp_path):
     source.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     out = tmp_path / "out" / "routed.jsonl"
     out.parent.mkdir()
-    done = subprocess.run([sys.executable, "-m", "avocado_ray", "route", "--input", str(source), "--output", str(out)],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path / "out")
+    done = subprocess.run(
+        [sys.executable, "-m", "avocado_ray", "route", "--input", str(source), "--output", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path / "out",
+    )
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in out.parent.iterdir()) == ["routed.jsonl", "routed.rejected.jsonl"]
     assert json.loads(out.read_text())["id"] == "../../../tmp/escape"
@@ -90,9 +107,13 @@ def test_a_hub_token_in_the_environment_reaches_no_log_output_or_report(tmp_path
     source.write_text('{"prompt": "hello"}\n{"bad json\n')
     env = {**os.environ, "HF_TOKEN": token, "HUGGING_FACE_HUB_TOKEN": token}
     outputs = []
-    for argv in (["-v", "config", "check", "builtin:local"], ["-v", "config", "check", str(source)],
-                 ["-v", "route", "--input", str(source), "--output", str(tmp_path / "routed.jsonl")],
-                 ["-v", "status", str(tmp_path)], ["-v", "report", str(tmp_path)]):
+    for argv in (
+        ["-v", "config", "check", "builtin:local"],
+        ["-v", "config", "check", str(source)],
+        ["-v", "route", "--input", str(source), "--output", str(tmp_path / "routed.jsonl")],
+        ["-v", "status", str(tmp_path)],
+        ["-v", "report", str(tmp_path)],
+    ):
         done = subprocess.run([sys.executable, "-m", "avocado_ray", *argv], env=env, capture_output=True, timeout=120)
         outputs += [done.stdout, done.stderr]
     assert b"routed" in b"".join(outputs)  # the commands did run
@@ -141,7 +162,7 @@ import ctypes
 libc = ctypes.CDLL(None, use_errno=True)
 libc.unshare(0x10000000 | 0x00020000)  # a nested user and mount namespace
 libc.mount(None, b"/", None, 0x20 | 0x1000, None)  # MS_REMOUNT | MS_BIND, without MS_RDONLY
-open({str(tmp_path / 'escape.txt')!r}, "w").write("x")
+open({str(tmp_path / "escape.txt")!r}, "w").write("x")
 """
     result = run_python_tests(code, "")
     assert not result.passed and "Read-only file system" in result.reason
@@ -155,11 +176,15 @@ def test_sandboxed_code_sees_no_secret_of_its_caller(monkeypatch):
     assert not result.passed and "PermissionError" in result.reason, result.reason
 
 
-@pytest.mark.parametrize("code", [
-    "import sys\nwhile True:\n    sys.stdout.write('y' * 4096)",
-    "open('big.bin', 'wb').write(b'x' * 10_000_000)",
-    "for i in range(100):\n    open(f'f{i}', 'wb').write(b'x' * 60_000)",
-], ids=["stdout", "one file", "many files"])
+@pytest.mark.parametrize(
+    "code",
+    [
+        "import sys\nwhile True:\n    sys.stdout.write('y' * 4096)",
+        "open('big.bin', 'wb').write(b'x' * 10_000_000)",
+        "for i in range(100):\n    open(f'f{i}', 'wb').write(b'x' * 60_000)",
+    ],
+    ids=["stdout", "one file", "many files"],
+)
 def test_the_sandbox_bounds_its_output(code):
     started = time.monotonic()
     result = run_python_tests(code, "", timeout_s=10.0)

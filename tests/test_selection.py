@@ -62,8 +62,11 @@ def answers(teacher_pools):
 def select(best_of, batches, judges=None, tests=None):
     selector = ray.remote(Selector).options(num_cpus=0).remote({"code": best_of}, judges or {})
     teachers = list(batches)
-    ray.get(selector.expect.remote(
-        [{"prompt_id": "p1", "domain": "code", "teachers": teachers, "tests": tests, "messages": MESSAGES}]))
+    ray.get(
+        selector.expect.remote(
+            [{"prompt_id": "p1", "domain": "code", "teachers": teachers, "tests": tests, "messages": MESSAGES}]
+        )
+    )
     emitted = [selector.add.options(num_returns=2).remote(batches[t], [], t) for t in teachers]
     winners = [ray.get(batch_ref).to_pylist() for batch_ref, _ in emitted]
     ray.kill(selector)
@@ -88,6 +91,7 @@ class GoneReplica:
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import this test module
 
+
 @pytest.mark.slow
 def test_a_judge_replica_that_died_passes_its_call_to_the_live_one(teacher_pools, answers):
     best_of = BestOfConfig(teachers=["qwen", "gemma"], scorer="judge", judge="qwen")
@@ -102,8 +106,12 @@ def test_a_judge_replica_that_died_passes_its_call_to_the_live_one(teacher_pools
 @pytest.mark.slow
 def test_code_tests_pick_the_candidate_whose_code_passes(answers):
     # The tiny random teachers cannot write code; a test double stands in for a teacher that can.
-    correct = dict(ray.get(answers["qwen"]).to_pylist()[0], teacher="oracle", sample_id="p1:oracle",
-                   answer="```python\ndef add(a, b):\n    return a + b\n```")
+    correct = dict(
+        ray.get(answers["qwen"]).to_pylist()[0],
+        teacher="oracle",
+        sample_id="p1:oracle",
+        answer="```python\ndef add(a, b):\n    return a + b\n```",
+    )
     batches = dict(answers, oracle=ray.put(samples_to_batch([correct])))
     best_of = BestOfConfig(teachers=["qwen", "gemma", "oracle"], scorer="code_tests")
     [winner] = select(best_of, batches, tests="assert add(2, 3) == 5")

@@ -15,16 +15,23 @@ import pytest
 import ray
 
 from avocado_ray.config import StorageConfig
-from avocado_ray.dataplane.rundir import MANIFEST, METRICS, SUMMARY, TRAINED_IDS, Log, RunDir, canonical
 from avocado_ray.dataplane import rundir, spill
+from avocado_ray.dataplane.rundir import MANIFEST, METRICS, SUMMARY, TRAINED_IDS, Log, RunDir, canonical
 from avocado_ray.dataplane.schema import samples_to_batch
 from avocado_ray.dataplane.spill import ShardWriter, complete_shards, open_samples, prompt_ids_in, sample_counts
 from avocado_ray.report import read_metrics, run_status, write_report
 
 
 def sample(i, domain="general", teacher="t"):
-    return dict(sample_id=f"p{i}:{teacher}", prompt_id=f"p{i}", domain=domain, teacher=teacher,
-                messages=json.dumps([{"role": "user", "content": str(i)}]), answer=f"a{i}", token_ids=[1, 2, 3])
+    return dict(
+        sample_id=f"p{i}:{teacher}",
+        prompt_id=f"p{i}",
+        domain=domain,
+        teacher=teacher,
+        messages=json.dumps([{"role": "user", "content": str(i)}]),
+        answer=f"a{i}",
+        token_ids=[1, 2, 3],
+    )
 
 
 @pytest.fixture
@@ -107,14 +114,15 @@ def test_a_log_part_that_grew_large_is_final_and_the_next_lines_start_a_new_part
 
 @pytest.mark.slow
 def test_a_run_on_s3_killed_with_sigkill_resumes_on_the_same_bucket_one_sample_per_prompt_each_trained_once(
-        tiny_models, ray_cluster, s3_server, tmp_path, one_teacher_config):
+    tiny_models, ray_cluster, s3_server, tmp_path, one_teacher_config
+):
     storage = StorageConfig(s3_endpoint=s3_server, log_flush_s=1)
     run = RunDir("s3://avocado/killed-run", storage)
     inputs = RunDir("s3://avocado/inputs", storage)
-    inputs.write_bytes("prompts.jsonl", (Path(__file__).parents[1] / "avocado_ray/resources/demo_prompts.jsonl")
-                       .read_bytes())
-    config = one_teacher_config(run.location, storage=storage.model_dump(),
-                                data={"input": inputs.uri("prompts.jsonl")})
+    inputs.write_bytes(
+        "prompts.jsonl", (Path(__file__).parents[1] / "avocado_ray/resources/demo_prompts.jsonl").read_bytes()
+    )
+    config = one_teacher_config(run.location, storage=storage.model_dump(), data={"input": inputs.uri("prompts.jsonl")})
     command = [sys.executable, "-m", "avocado_ray", "distill", "--config", str(config)]
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}  # the tests' Ray cluster
     trained_step = lambda: json.loads(run.read_text(MANIFEST)).get("trained", {}).get("step", 0)  # noqa: E731
@@ -130,8 +138,9 @@ def test_a_run_on_s3_killed_with_sigkill_resumes_on_the_same_bucket_one_sample_p
     assert killed_at["samples"] < 48
     samples = run.child("samples")
     shards = complete_shards(samples)
-    torn_prompts = set(pq.read_table(shards[0].path, columns=["prompt_id"], filesystem=samples.fs)["prompt_id"]
-                       .to_pylist())
+    torn_prompts = set(
+        pq.read_table(shards[0].path, columns=["prompt_id"], filesystem=samples.fs)["prompt_id"].to_pylist()
+    )
     samples.write_bytes(shards[0].name, samples.read_bytes(shards[0].name)[:200])  # one shard replaced, torn
 
     resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
@@ -162,7 +171,11 @@ def test_status_and_report_read_a_run_on_s3_from_its_uri_alone(bucket_run, monke
     metrics.flush()
     status = run_status(bucket_run.location)
     assert (status["state"], status["samples_on_disk"], status["shards"], status["steps_trained"]) == (
-        "running", 2, 1, 1)
+        "running",
+        2,
+        1,
+        1,
+    )
     writer.close()
     assert run_status(bucket_run.location)["samples_on_disk"] == 3
     assert write_report(bucket_run.location) == bucket_run.uri("report.html")
@@ -194,8 +207,15 @@ def multinode_scenario(endpoint: str, student: str) -> dict:
     samples = run.child("samples")
     writer = ray.remote(ShardWriter).options(num_cpus=0, resources={"writer": 1}).remote(samples, 8)
     stream = SampleStream(4)
-    trainer = make_trainer(TrainerConfig(num_workers=1, batch_size=4, checkpoint_every=2, losses={"supervised": 1.0}),
-                           student, stream, run, writer, None, samples)
+    trainer = make_trainer(
+        TrainerConfig(num_workers=1, batch_size=4, checkpoint_every=2, losses={"supervised": 1.0}),
+        student,
+        stream,
+        run,
+        writer,
+        None,
+        samples,
+    )
     fit = threading.Thread(target=trainer.fit)
     fit.start()
     for seq in range(1, 7):  # as the dispatcher does: each batch to the writer and to the trainer's stream
@@ -225,14 +245,22 @@ def multinode_scenario(endpoint: str, student: str) -> dict:
 
 @pytest.mark.slow
 def test_the_writer_the_trainer_and_the_driver_on_different_nodes_share_only_the_s3_run_directory(
-        tiny_models, s3_server, tmp_path):
-    code = ("import json, sys, tests.test_storage as t; "
-            "print('RESULT', json.dumps(t.multinode_scenario(sys.argv[1], sys.argv[2])))")
-    done = subprocess.run([sys.executable, "-c", code, s3_server, str(tiny_models["student"])], capture_output=True,
-                          text=True, timeout=600, cwd=Path(__file__).parents[1])
+    tiny_models, s3_server, tmp_path
+):
+    code = (
+        "import json, sys, tests.test_storage as t; "
+        "print('RESULT', json.dumps(t.multinode_scenario(sys.argv[1], sys.argv[2])))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, s3_server, str(tiny_models["student"])],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=Path(__file__).parents[1],
+    )
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert lines, done.stdout[-2000:] + done.stderr[-4000:]
-    result = json.loads(lines[0][len("RESULT "):])
+    result = json.loads(lines[0][len("RESULT ") :])
     assert result["driver_node"] and result["writer_node"] and result["trainer_nodes"]
     assert result["samples"] == 24 and result["trained"] == sorted(f"p{i}:t" for i in range(24))
     assert result["manifest"]["step"] == 6 and result["manifest"]["samples"] == 24

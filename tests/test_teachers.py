@@ -22,15 +22,18 @@ from avocado_ray.config import AutoscaleConfig
 from avocado_ray.dataplane.spill import ShardWriter, open_samples
 from avocado_ray.pipeline import Dispatcher
 from avocado_ray.teachers.control import request_scale, start_control
-from avocado_ray.teachers.pool import TeacherPool
 from avocado_ray.teachers.engines import GUARD_ENV, end_processes, process_tree, wait_gone
+from avocado_ray.teachers.pool import TeacherPool
 from avocado_ray.teachers.replica import topk_at_position
 
 
 def test_topk_is_ranked_and_free_of_the_repeated_sampled_token():
     flat = FlatLogprobs(
-        start_indices=[0, 3], end_indices=[3, 6], token_ids=[7, 7, 9, 5, 1, 2],
-        logprobs=[-1.0, -1.0, -2.0, -3.0, -0.5, -0.7], ranks=[1, 1, 2, 3, 1, 2],
+        start_indices=[0, 3],
+        end_indices=[3, 6],
+        token_ids=[7, 7, 9, 5, 1, 2],
+        logprobs=[-1.0, -1.0, -2.0, -3.0, -0.5, -0.7],
+        ranks=[1, 1, 2, 3, 1, 2],
     )
     # sampled token 7 is also the top-1: it appears once in the top-k
     assert topk_at_position(flat, 0, sampled=7, k=2) == (-1.0, [7, 9], [-1.0, -2.0])
@@ -52,8 +55,12 @@ def run_work(tmp_path, teacher_pools, local_config):
         writer = ray.remote(ShardWriter).options(num_cpus=0).remote(str(tmp_path / "samples"), 4096)
         control = start_control(tmp_path, list(pools))
         metrics = tmp_path / "metrics.jsonl"
-        config = local_config.model_copy(update={"dispatch": local_config.dispatch.model_copy(update={"batch_size": 4}),
-                                                 "routing": local_config.routing.model_copy(update=routing)})
+        config = local_config.model_copy(
+            update={
+                "dispatch": local_config.dispatch.model_copy(update={"batch_size": 4}),
+                "routing": local_config.routing.model_copy(update=routing),
+            }
+        )
         dispatcher = Dispatcher(config, pools, None, None, writer, control, metrics)
         watcher = threading.Thread(target=during, args=(metrics,), daemon=True) if during else None
         if watcher:
@@ -71,8 +78,16 @@ def run_work(tmp_path, teacher_pools, local_config):
 
 def requests_for(count, max_tokens=32):
     texts = [row["prompt"][:200] for row in labelled_prompts() if row["domain"] != "chinese"][:count]  # all fit
-    return [{"prompt_id": f"p{i}", "domain": "general", "labels": ["general"], "sampling": {"max_tokens": max_tokens},
-             "messages": [{"role": "user", "content": text}]} for i, text in enumerate(texts)]
+    return [
+        {
+            "prompt_id": f"p{i}",
+            "domain": "general",
+            "labels": ["general"],
+            "sampling": {"max_tokens": max_tokens},
+            "messages": [{"role": "user", "content": text}],
+        }
+        for i, text in enumerate(texts)
+    ]
 
 
 def served_by(records):
@@ -101,12 +116,16 @@ def test_a_rows_repetition_penalty_reaches_the_engine_and_breaks_greedy_loops(ru
     requests = requests_for(8, max_tokens=24)
     for request in requests:
         request["sampling"].update(temperature=0.0, repetition_penalty=1.0)
-    penalised = [{**r, "prompt_id": r["prompt_id"] + "-penalised",
-                  "sampling": {**r["sampling"], "repetition_penalty": 3.0}} for r in requests]
+    penalised = [
+        {**r, "prompt_id": r["prompt_id"] + "-penalised", "sampling": {**r["sampling"], "repetition_penalty": 3.0}}
+        for r in requests
+    ]
     table, rejected, _, _ = run_work(requests + penalised)
     assert rejected == []
-    distinct = {sample_id: len(set(ids)) / max(len(ids), 1)
-                for sample_id, ids in zip(table["prompt_id"].to_pylist(), table["token_ids"].to_pylist())}
+    distinct = {
+        sample_id: len(set(ids)) / max(len(ids), 1)
+        for sample_id, ids in zip(table["prompt_id"].to_pylist(), table["token_ids"].to_pylist())
+    }
     plain_share = sum(distinct[r["prompt_id"]] for r in requests) / len(requests)
     penalised_share = sum(distinct[r["prompt_id"]] for r in penalised) / len(penalised)
     assert penalised_share > plain_share + 0.2, (plain_share, penalised_share)
@@ -205,14 +224,16 @@ def test_autoscale_follows_the_queue_and_drops_replicas_still_starting_first(tea
 
 @pytest.mark.slow
 def test_a_teacher_whose_model_cannot_load_goes_down_and_its_prompts_go_to_the_fallback(
-        run_work, tiny_models, local_config, tmp_path):
+    run_work, tiny_models, local_config, tmp_path
+):
     """A broken model folder (its weights file is not safetensors): real vLLM fails to load it, twice in a row
     (`max_start_failures: 2`), and the pool is down instead of being replaced forever."""
     broken = tmp_path / "broken-model"
     shutil.copytree(tiny_models["qwen"], broken)
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
-    teacher = local_config.teacher("qwen").model_copy(update={"name": "broken", "max_start_failures": 2,
-                                                             "max_restarts": 0})
+    teacher = local_config.teacher("qwen").model_copy(
+        update={"name": "broken", "max_start_failures": 2, "max_restarts": 0}
+    )
     pool = TeacherPool(teacher, str(broken), use_gpu=False, max_in_flight=4)
     requests = requests_for(6, max_tokens=4)
     table, rejected, records, _ = run_work(requests, extra_pools={"broken": pool}, to="broken", fallback="qwen")
@@ -227,7 +248,12 @@ def test_a_teacher_whose_model_cannot_load_goes_down_and_its_prompts_go_to_the_f
 @pytest.mark.slow
 def test_an_over_long_prompt_is_rejected_with_its_reason(teacher_pools):
     pool = teacher_pools["qwen"]
-    long = {"prompt_id": "long", "domain": "general", "labels": [], "messages": [{"role": "user", "content": "word " * 2000}]}
+    long = {
+        "prompt_id": "long",
+        "domain": "general",
+        "labels": [],
+        "messages": [{"role": "user", "content": "word " * 2000}],
+    }
     ref = pool.submit([long])
     report, _ = pool.complete(ref)
     assert report["samples"] == 0
@@ -237,14 +263,26 @@ def test_an_over_long_prompt_is_rejected_with_its_reason(teacher_pools):
 
 def test_scale_from_the_command_line_names_a_run_that_is_not_running(ray_cluster, tmp_path):
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    command = [sys.executable, "-m", "avocado_ray", "scale", "--run", str(tmp_path), "--teacher", "qwen", "--replicas", "2"]
+    command = [
+        sys.executable,
+        "-m",
+        "avocado_ray",
+        "scale",
+        "--run",
+        str(tmp_path),
+        "--teacher",
+        "qwen",
+        "--replicas",
+        "2",
+    ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert f"no running avocado-ray run with run directory {tmp_path}" in done.stderr
 
 
 def test_the_input_streams_through_the_router_while_the_teachers_answer_holding_a_bounded_window(
-        tmp_path, teacher_pools, local_config):
+    tmp_path, teacher_pools, local_config
+):
     """Through the real reader, router actor, dispatcher and the session's qwen and gemma replicas: a window of
     12 prompts over 61 input rows read 4 at a time; teachers answer before the input is read to its end."""
     from avocado_ray.dataplane.prompts import PromptReader
@@ -254,8 +292,13 @@ def test_the_input_streams_through_the_router_while_the_teachers_answer_holding_
 
     rows = [row for row in labelled_prompts() if row["domain"] in ("code", "general")][:60]
     source = tmp_path / "prompts.jsonl"
-    source.write_text("".join(json.dumps({"id": f"s{i}", "prompt": row["prompt"][:200], "sampling": {"max_tokens": 4}})
-                              + "\n" for i, row in enumerate(rows)) + "{not json\n")
+    source.write_text(
+        "".join(
+            json.dumps({"id": f"s{i}", "prompt": row["prompt"][:200], "sampling": {"max_tokens": 4}}) + "\n"
+            for i, row in enumerate(rows)
+        )
+        + "{not json\n"
+    )
     dispatch = local_config.dispatch.model_copy(update={"batch_size": 4, "max_pending_prompts": 12})
     table = {"code": "qwen", "chinese": "qwen", "multimodal": "qwen", "math": "gemma", "general": "gemma"}
     routing = local_config.routing.model_copy(update={"table": table, "best_of": {}})
@@ -289,12 +332,13 @@ def test_the_input_streams_through_the_router_while_the_teachers_answer_holding_
     dead = [json.loads(line) for line in (tmp_path / "rejected.jsonl").read_text().splitlines()]
     assert [(d["file"], d["line"], d["code"]) for d in dead] == [(str(source), 61, "bad_row")]
 
+
 # --- Engine processes end with their replica (teachers/engines.py) ------------------------------------------------
 # A stand-in for vLLM's EngineCore: a process that multiprocessing spawns, as vLLM does, titled as vLLM titles it,
 # that asks for the parent-death signal as vLLM's plugin hook makes each engine process do. Real processes and real
 # signals; the vLLM engines themselves are in the tests below and in tests/test_jobs.py.
 
-ENGINE_PARENT = '''
+ENGINE_PARENT = """
 import multiprocessing, sys, time
 import setproctitle
 from avocado_ray.teachers.engines import die_with_parent
@@ -310,7 +354,7 @@ if __name__ == "__main__":
     child.start()
     print(child.pid, flush=True)
     time.sleep(120)
-'''
+"""
 
 
 def engine_under_a_parent(tmp_path, guarded: bool, delay_s: float = 0.0) -> tuple[subprocess.Popen, int]:

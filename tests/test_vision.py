@@ -15,8 +15,12 @@ def image_request(image_part):
 
     def make(prompt_id: str, color: tuple[int, int, int] = (200, 10, 10)) -> dict:
         content = [image_part(color), {"type": "text", "text": "What colour is this?"}]
-        return {"prompt_id": prompt_id, "domain": "multimodal", "labels": ["multimodal"],
-                "messages": [{"role": "user", "content": content}]}
+        return {
+            "prompt_id": prompt_id,
+            "domain": "multimodal",
+            "labels": ["multimodal"],
+            "messages": [{"role": "user", "content": content}],
+        }
 
     return make
 
@@ -24,21 +28,32 @@ def image_request(image_part):
 @pytest.mark.slow
 def test_a_teacher_without_vision_rejects_an_image_prompt_with_its_reason(teacher_pools, image_request):
     pool = teacher_pools["gemma"]
-    text = {"prompt_id": "text", "domain": "general", "labels": ["general"],
-            "messages": [{"role": "user", "content": "Name a colour."}], "sampling": {"max_tokens": 4}}
+    text = {
+        "prompt_id": "text",
+        "domain": "general",
+        "labels": ["general"],
+        "messages": [{"role": "user", "content": "Name a colour."}],
+        "sampling": {"max_tokens": 4},
+    }
     report, _ = pool.complete(pool.submit([image_request("image"), text]))
     assert report["samples"] == 1  # the text prompt of the same batch is answered
-    assert report["rejected"] == [{
-        "prompt_id": "image", "code": "no_vision",
-        "reason": "teacher gemma has no vision (vision: false); the prompt holds 1 image(s)",
-    }]
+    assert report["rejected"] == [
+        {
+            "prompt_id": "image",
+            "code": "no_vision",
+            "reason": "teacher gemma has no vision (vision: false); the prompt holds 1 image(s)",
+        }
+    ]
 
 
 @pytest.fixture(scope="module")
 def vision_pool(tiny_models, ray_cluster):
     """A real replica of the tiny vision teacher (Idefics3 in vLLM's CPU engine)."""
     teacher = VLLMTeacher(
-        name="vision", model="tiny:vision", family="qwen2", vision=True,
+        name="vision",
+        model="tiny:vision",
+        family="qwen2",
+        vision=True,
         sampling=SamplingConfig(temperature=0.0, max_tokens=4, logprobs=5),
         engine=EngineConfig(max_model_len=512, enforce_eager=True, extra_args={"limit_mm_per_prompt": {"image": 2}}),
     )
@@ -49,8 +64,7 @@ def vision_pool(tiny_models, ray_cluster):
 
 
 @pytest.mark.slow
-def test_a_vision_teacher_answers_image_prompts_with_the_images_as_model_input(vision_pool, tiny_models,
-                                                                             image_request):
+def test_a_vision_teacher_answers_image_prompts_with_the_images_as_model_input(vision_pool, tiny_models, image_request):
     from transformers import AutoTokenizer
 
     black, white = image_request("black", (0, 0, 0)), image_request("white", (255, 255, 255))

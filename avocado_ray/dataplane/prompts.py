@@ -211,7 +211,7 @@ def parse_row(row, line: int, max_bytes: int = MAX_PROMPT_BYTES) -> Prompt | Rej
 
 
 def _builtin_path(source: str) -> str:
-    return str(resources.files("avocado_ray.resources").joinpath(f"{source[len(BUILTIN_PREFIX):]}_prompts.jsonl"))
+    return str(resources.files("avocado_ray.resources").joinpath(f"{source[len(BUILTIN_PREFIX) :]}_prompts.jsonl"))
 
 
 def _filesystem(source: str, storage=None) -> tuple[pafs.FileSystem, str]:
@@ -249,8 +249,13 @@ def input_files(source: str, storage=None) -> tuple[pafs.FileSystem, list[str]]:
         if isinstance(error, InputError):
             raise
         raise InputError(f"{source}: cannot read prompts: {error}") from None
-    files = sorted(f.path for f in found if f.type == pafs.FileType.File and not f.base_name.startswith((".", "_"))
-                   and (fnmatch.fnmatchcase(f.path, pattern) if pattern else f.base_name.endswith(INPUT_SUFFIXES)))
+    files = sorted(
+        f.path
+        for f in found
+        if f.type == pafs.FileType.File
+        and not f.base_name.startswith((".", "_"))
+        and (fnmatch.fnmatchcase(f.path, pattern) if pattern else f.base_name.endswith(INPUT_SUFFIXES))
+    )
     if not files:
         raise InputError(f"{source}: no prompt files ({', '.join(INPUT_SUFFIXES)}) there")
     return fs, files
@@ -291,8 +296,11 @@ def _parsed_rows(source: str, max_bytes: int, batch_rows: int, storage=None):
     fs, files = input_files(source, storage)
     for path in files:
         name = source if len(files) == 1 else path
-        rows = (_parquet_rows(fs, path, name, max_bytes, batch_rows) if path.endswith(".parquet")
-                else _jsonl_rows(fs, path, name, max_bytes))
+        rows = (
+            _parquet_rows(fs, path, name, max_bytes, batch_rows)
+            if path.endswith(".parquet")
+            else _jsonl_rows(fs, path, name, max_bytes)
+        )
         for line, parsed in rows:
             parsed.file = name
             yield line, parsed
@@ -345,8 +353,15 @@ class PromptReader:
     input: every row becomes one prompt or one rejection (duplicate ids after the first are rejected, and so are
     rows over `max_bytes`); ids in `skip` (answered by an earlier attempt of the run) are passed over."""
 
-    def __init__(self, source: str, max_prompts: int | None = None, max_bytes: int = MAX_PROMPT_BYTES,
-                 batch_rows: int = 1000, skip: IdSet | None = None, storage=None):
+    def __init__(
+        self,
+        source: str,
+        max_prompts: int | None = None,
+        max_bytes: int = MAX_PROMPT_BYTES,
+        batch_rows: int = 1000,
+        skip: IdSet | None = None,
+        storage=None,
+    ):
         self.source, self.max_prompts, self.max_bytes, self.batch_rows = source, max_prompts, max_bytes, batch_rows
         self.skip, self.storage = skip, storage
         self.valid = self.rejected = self.skipped = 0  # rows so far: prompts, rejections, answered before
@@ -377,8 +392,9 @@ class PromptReader:
             yield prompts, rejected
 
 
-def read_prompts(source: str, max_prompts: int | None = None, max_bytes: int = MAX_PROMPT_BYTES,
-                 storage=None) -> PromptSet:
+def read_prompts(
+    source: str, max_prompts: int | None = None, max_bytes: int = MAX_PROMPT_BYTES, storage=None
+) -> PromptSet:
     """All of a (small) source at once: for tests; a run (and the dry run) streams with `PromptReader`."""
     result = PromptSet(source=source)
     for prompts, rejected in PromptReader(source, max_prompts, max_bytes, storage=storage).batches():

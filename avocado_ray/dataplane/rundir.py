@@ -49,7 +49,7 @@ def canonical(location: str | Path) -> str:
     A URI is never turned into a local path (no folder named `s3:`)."""
     location = str(location)
     if location.startswith("file://"):
-        return str(Path(location[len("file://"):]).resolve())
+        return str(Path(location[len("file://") :]).resolve())
     return location.rstrip("/") if is_uri(location) else str(Path(location).resolve())
 
 
@@ -65,7 +65,7 @@ def filesystem(location: str, storage: StorageConfig | None = None) -> tuple[paf
         if storage.s3_endpoint:
             scheme, _, host = storage.s3_endpoint.rpartition("://")
             options.update(endpoint_override=host, scheme=scheme or "https")
-        return pafs.S3FileSystem(**options), location[len("s3://"):]
+        return pafs.S3FileSystem(**options), location[len("s3://") :]
     return pafs.FileSystem.from_uri(location)
 
 
@@ -194,8 +194,9 @@ class RunDir:
         folder = Path(tempfile.mkdtemp(prefix="avocado-stage-"))
         try:
             yield folder
-            pafs.copy_files(str(folder), self.path(name), source_filesystem=pafs.LocalFileSystem(),
-                            destination_filesystem=self.fs)
+            pafs.copy_files(
+                str(folder), self.path(name), source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs
+            )
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 

@@ -37,8 +37,10 @@ ROW_GROUP_ROWS = 1024  # batches are gathered into row groups this large: better
 # Numbers compress best split by byte: logprobs keep their exponent bytes together, and token ids (BPE gives
 # frequent tokens low ids) leave their high bytes nearly all zero. Text and label columns keep dictionaries.
 _SPLIT_COLUMNS = (
-    "token_ids.list.element", "token_logprobs.list.element",
-    "topk_ids.list.element.list.element", "topk_logprobs.list.element.list.element",
+    "token_ids.list.element",
+    "token_logprobs.list.element",
+    "topk_ids.list.element.list.element",
+    "topk_logprobs.list.element.list.element",
 )
 PARQUET_OPTIONS = dict(
     compression="zstd",
@@ -77,8 +79,11 @@ def _add(facts: dict, more: dict) -> dict:
     for domain, teachers in more["per_domain_teacher"].items():
         for teacher, count in teachers.items():
             both.setdefault(domain, {})[teacher] = both.get(domain, {}).get(teacher, 0) + count
-    return {"rows": facts["rows"] + more["rows"], "tokens": facts["tokens"] + more["tokens"],
-            "per_domain_teacher": both}
+    return {
+        "rows": facts["rows"] + more["rows"],
+        "tokens": facts["tokens"] + more["tokens"],
+        "per_domain_teacher": both,
+    }
 
 
 NO_FACTS = {"rows": 0, "tokens": 0, "per_domain_teacher": {}}
@@ -258,8 +263,9 @@ def complete_shards(folder: str | Path | RunDir, verify: bool = False) -> list[S
 def open_samples(folder: str | Path | RunDir) -> ds.Dataset:
     """The complete shards of a run as one Arrow dataset (temporary and uncommitted files are not shards)."""
     folder = RunDir.of(folder)
-    return ds.dataset([s.path for s in complete_shards(folder)], format="parquet", schema=SAMPLE_SCHEMA,
-                      filesystem=folder.fs)
+    return ds.dataset(
+        [s.path for s in complete_shards(folder)], format="parquet", schema=SAMPLE_SCHEMA, filesystem=folder.fs
+    )
 
 
 def prompt_ids_in(shards: list[Shard]) -> set[str]:
@@ -299,5 +305,10 @@ def sample_counts(shards: list[Shard]) -> dict:
     for teachers in both.values():
         for teacher, count in teachers.items():
             per_teacher[teacher] = per_teacher.get(teacher, 0) + count
-    return {"samples": total["rows"], "per_domain": {d: sum(t.values()) for d, t in both.items()},
-            "per_teacher": dict(sorted(per_teacher.items())), "per_domain_teacher": both, "tokens": total["tokens"]}
+    return {
+        "samples": total["rows"],
+        "per_domain": {d: sum(t.values()) for d, t in both.items()},
+        "per_teacher": dict(sorted(per_teacher.items())),
+        "per_domain_teacher": both,
+        "tokens": total["tokens"],
+    }

@@ -27,8 +27,9 @@ def openai_messages(messages: list[dict]) -> list[dict]:
             return {"type": "image_url", "image_url": url if isinstance(url, dict) else {"url": str(url)}}
         return item
 
-    return [{**m, "content": [part(p) for p in m["content"]]} if isinstance(m.get("content"), list) else m
-            for m in messages]
+    return [
+        {**m, "content": [part(p) for p in m["content"]]} if isinstance(m.get("content"), list) else m for m in messages
+    ]
 
 
 def content_format(chat_template: str) -> str:
@@ -45,8 +46,11 @@ def _content(content, openai: bool, image_placeholder: str | None):
 
     parts = [{"type": TEXT_PART, "text": content}] if isinstance(content, str) else list(content or [])
     if openai:
-        return [{"type": TEXT_PART, "text": p["text"]} if p.get("type") == TEXT_PART else {"type": "image"}
-                for p in parts if p.get("type") in (TEXT_PART, *IMAGE_PARTS)]
+        return [
+            {"type": TEXT_PART, "text": p["text"]} if p.get("type") == TEXT_PART else {"type": "image"}
+            for p in parts
+            if p.get("type") in (TEXT_PART, *IMAGE_PARTS)
+        ]
     texts = [p["text"] for p in parts if p.get("type") == TEXT_PART]
     images = sum(p.get("type") in IMAGE_PARTS for p in parts)
     if not images or image_placeholder is None:
@@ -54,15 +58,17 @@ def _content(content, openai: bool, image_placeholder: str | None):
     return _get_full_multimodal_text_prompt({"image": [image_placeholder] * images}, texts, interleave_strings=False)
 
 
-def render(tokenizer, messages: list[dict], chat_template: str | None = None,
-           image_placeholder: str | None = None) -> str:
+def render(
+    tokenizer, messages: list[dict], chat_template: str | None = None, image_placeholder: str | None = None
+) -> str:
     """The prompt text of `messages` in `chat_template` (the tokenizer's own by default), ending with the assistant
     turn's opening."""
     template = chat_template or tokenizer.get_chat_template()
     openai = content_format(template) == "openai"
     conversation = [{**m, "content": _content(m.get("content"), openai, image_placeholder)} for m in messages]
-    return tokenizer.apply_chat_template(conversation, chat_template=template, tokenize=False,
-                                         add_generation_prompt=True)
+    return tokenizer.apply_chat_template(
+        conversation, chat_template=template, tokenize=False, add_generation_prompt=True
+    )
 
 
 def chat_prompt_ids(tokenizer, messages: list[dict], image_placeholder: str | None = None) -> list[int]:

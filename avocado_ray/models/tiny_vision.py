@@ -45,9 +45,17 @@ def build_tiny_vision(tokenizer, out: Path, seed: int) -> Path:
     tokenizer.chat_template = CHAT_TEMPLATE
     ids = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
     text = dict(
-        model_type="llama", vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=4 * HIDDEN,
-        num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=HEADS, head_dim=HEAD_DIM,
-        max_position_embeddings=MAX_POSITIONS, tie_word_embeddings=True, **ids,
+        model_type="llama",
+        vocab_size=len(tokenizer),
+        hidden_size=HIDDEN,
+        intermediate_size=4 * HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=HEADS,
+        head_dim=HEAD_DIM,
+        max_position_embeddings=MAX_POSITIONS,
+        tie_word_embeddings=True,
+        **ids,
     )
     config = Idefics3Config(
         text_config=text,

@@ -65,8 +65,17 @@ CODE_WORDS = frozenset(
     b"deadlock def elif lambda func fn var printf println byval".split()
 )
 # Phrases, searched for only when their last word is among the prompt's words.
-CODE_PHRASES = (b"shell script", b"unit test", b"stack trace", b"binary search", b"linked list", b"source code",
-                b"list comprehension", b"for loop", b"while loop")
+CODE_PHRASES = (
+    b"shell script",
+    b"unit test",
+    b"stack trace",
+    b"binary search",
+    b"linked list",
+    b"source code",
+    b"list comprehension",
+    b"for loop",
+    b"while loop",
+)
 CODE_PHRASE_WORDS = frozenset(phrase.split()[-1] for phrase in CODE_PHRASES)
 # "function" alone is prose as often as code ("a biological function"); it takes the words of a request or a
 # definition around it.
@@ -96,8 +105,15 @@ URL = re.compile(rb"[a-z][a-z0-9+.-]*://\S*")
 
 # Words that make a prompt mathematical on their own, and words that do so only next to numbers.
 MATH_WORDS = frozenset(b"derivative integral equation theorem polynomial prob composite".split())
-MATH_PHRASES = (b"without replacement", b"ascending order", b"descending order", b"decreasing order",
-                b"increasing order", b"(base ", b" base ")
+MATH_PHRASES = (
+    b"without replacement",
+    b"ascending order",
+    b"descending order",
+    b"decreasing order",
+    b"increasing order",
+    b"(base ",
+    b" base ",
+)
 MATH_PHRASE_WORDS = frozenset(b"replacement order base".split())
 MATH_HAN = re.compile("方程|证明|求解|概率")
 MATH_WORDS_WITH_NUMBERS = frozenset(
@@ -105,8 +121,15 @@ MATH_WORDS_WITH_NUMBERS = frozenset(
     b"product round convert sequence percent average biggest smallest greater smaller sort determine total multiply "
     b"subtract add equal proof prove probability closest nearest bigger denominator numerator".split()
 )
-MATH_PHRASES_WITH_NUMBERS = (b"what is", b"how many", b"how much", b"put together", b"work out", b"what comes next",
-                             b"as big as")
+MATH_PHRASES_WITH_NUMBERS = (
+    b"what is",
+    b"how many",
+    b"how much",
+    b"put together",
+    b"work out",
+    b"what comes next",
+    b"as big as",
+)
 MATH_PHRASE_WITH_NUMBERS_WORDS = frozenset(b"what how put work big".split())
 MATH_HAN_WITH_NUMBERS = re.compile("计算|等于|多少")
 # Fractions in words ("three fifths of a centimetre") are numbers too.
@@ -128,26 +151,39 @@ MATH_WORDED_ARITHMETIC = re.compile(rb"\d (?:times|plus|minus) -?\d")
 # regex engine skips to the candidates.
 _OPERAND = rb"-?(?:[0(]|a(?!a))"  # a number, a bracket, or a one-letter variable (not a word)
 MATH_ARITHMETIC = re.compile(
-    rb"0 *[+*^=<>] *" + _OPERAND  # 3 + x, 2^4, 1 = 1, 2 < 3
-    + rb"|0(?: +-|- ) *" + _OPERAND  # 3 - 4; not the ranges 1939-1945 or 6-12
+    rb"0 *[+*^=<>] *"
+    + _OPERAND  # 3 + x, 2^4, 1 = 1, 2 < 3
+    + rb"|0(?: +-|- ) *"
+    + _OPERAND  # 3 - 4; not the ranges 1939-1945 or 6-12
     + rb"|0(?: +/|/ ) *-?[0(]|0 */ *-?(?:\(|a(?!a))"  # 6 / 3, 6/x; not a fraction on its own (1/2 oz)
     + rb"|\*\* *0|\^ *0"  # powers
 )
 
 # The words any rule looks at: a prompt's words are intersected with it once, and the rules test that small set.
-VOCABULARY = (CODE_WORDS | CODE_PHRASE_WORDS | {b"function"} | MATH_WORDS | MATH_PHRASE_WORDS | MATH_WORDS_WITH_NUMBERS
-              | MATH_PHRASE_WITH_NUMBERS_WORDS | MATH_OPERATOR_WORDS | MATH_FRACTION_WORDS)
+VOCABULARY = (
+    CODE_WORDS
+    | CODE_PHRASE_WORDS
+    | {b"function"}
+    | MATH_WORDS
+    | MATH_PHRASE_WORDS
+    | MATH_WORDS_WITH_NUMBERS
+    | MATH_PHRASE_WITH_NUMBERS_WORDS
+    | MATH_OPERATOR_WORDS
+    | MATH_FRACTION_WORDS
+)
 # bytes.translate keeps letters, digits, + and #, and turns everything else into a space: a fast word split.
 _WORD_BYTES = bytes(c if chr(c).isalnum() or chr(c) in "+#" else 32 for c in range(128)) + b" " * 128
-_SHAPE_BYTES = bytes(
-    48 if chr(c).isdigit() else 97 if chr(c).isalpha() else 32 if chr(c).isspace() else c for c in range(128)
-) + b"." * 128
+_SHAPE_BYTES = (
+    bytes(48 if chr(c).isdigit() else 97 if chr(c).isalpha() else 32 if chr(c).isspace() else c for c in range(128))
+    + b"." * 128
+)
 _LETTER_BYTES = bytes(c if chr(c).isalpha() else 32 for c in range(128)) + b" " * 128
 _LETTERS = bytes(c for c in range(128) if chr(c).isalpha())
 _DIGITS = b"0123456789"
-_CASE_BYTES = bytes(
-    97 if chr(c).islower() else 65 if chr(c).isupper() else 46 if c == 46 else 32 for c in range(128)
-) + b" " * 128
+_CASE_BYTES = (
+    bytes(97 if chr(c).islower() else 65 if chr(c).isupper() else 46 if c == 46 else 32 for c in range(128))
+    + b" " * 128
+)
 
 
 class DomainClassifier(Protocol):
@@ -181,8 +217,11 @@ def _code_line_share(text: str) -> float:
     lines = [line for line in map(str.strip, text.split("\n")) if line]
     if len(lines) < 3:
         return 0.0
-    return sum(1 for line in lines if (line.endswith(CODE_LINE_ENDS) and not line.startswith(PROSE_BULLETS))
-               or line.startswith(CODE_LINE_STARTS)) / len(lines)
+    return sum(
+        1
+        for line in lines
+        if (line.endswith(CODE_LINE_ENDS) and not line.startswith(PROSE_BULLETS)) or line.startswith(CODE_LINE_STARTS)
+    ) / len(lines)
 
 
 def _code_rule(text: str, ascii_text: bytes, data: bytes, words: set[bytes], utf8_length: int) -> str | None:
@@ -202,11 +241,16 @@ def _code_rule(text: str, ascii_text: bytes, data: bytes, words: set[bytes], utf
         return "identifiers"
     if CODE_SYMBOL_MARKERS.search(data):
         return "marker"
-    if (b" -" in ascii_text or b"$ " in ascii_text or b"# " in ascii_text) \
-            and CODE_COMMAND_LINE.search(b"\n" + ascii_text):
+    if (b" -" in ascii_text or b"$ " in ascii_text or b"# " in ascii_text) and CODE_COMMAND_LINE.search(
+        b"\n" + ascii_text
+    ):
         return "command"
-    if utf8_length > len(text) and "\n" in text and utf8_length - len(ascii_text) > _count(ascii_text, _LETTERS) \
-            and CJK_ASCII_LINE.search("\n" + text):  # more CJK (2 extra bytes each) than ASCII letters
+    if (
+        utf8_length > len(text)
+        and "\n" in text
+        and utf8_length - len(ascii_text) > _count(ascii_text, _LETTERS)
+        and CJK_ASCII_LINE.search("\n" + text)
+    ):  # more CJK (2 extra bytes each) than ASCII letters
         return "command"
     if "\n" in text and _code_line_share(text) >= CODE_LINE_SHARE:
         return "lines"
@@ -217,8 +261,10 @@ def _asks_with_numbers(text: str, data: bytes, words: set[bytes], han: bool) -> 
     """Whether the prompt has a word or phrase that makes numbers next to it mathematical ("sum", "how many")."""
     return bool(
         not words.isdisjoint(MATH_WORDS_WITH_NUMBERS)
-        or (not words.isdisjoint(MATH_PHRASE_WITH_NUMBERS_WORDS)
-            and any(phrase in data for phrase in MATH_PHRASES_WITH_NUMBERS))
+        or (
+            not words.isdisjoint(MATH_PHRASE_WITH_NUMBERS_WORDS)
+            and any(phrase in data for phrase in MATH_PHRASES_WITH_NUMBERS)
+        )
         or (han and MATH_HAN_WITH_NUMBERS.search(text))
     )
 
@@ -232,8 +278,11 @@ def _math_rule(text: str, data: bytes, words: set[bytes]) -> str | None:
         return "phrase"
     if han and MATH_HAN.search(text):
         return "han"
-    if (not words.isdisjoint(MATH_FRACTION_WORDS) and MATH_WORDED_FRACTION.search(data)
-            and _asks_with_numbers(text, data, words, han)):
+    if (
+        not words.isdisjoint(MATH_FRACTION_WORDS)
+        and MATH_WORDED_FRACTION.search(data)
+        and _asks_with_numbers(text, data, words, han)
+    ):
         return "worded fraction"
     digits = _count(data, _DIGITS)
     if not digits:

@@ -88,8 +88,10 @@ def start_router(routing: RoutingConfig, teachers: list[str]) -> ray.actor.Actor
     restarted router again itself, because Ray's rerun of a compiled graph's loop on a new process is not a
     supported recovery. The router keeps no state between calls, so nothing is lost with its process."""
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-    return ray.remote(Router).options(num_cpus=0, max_restarts=3, max_task_retries=0, scheduling_strategy=here).remote(
-        routing, teachers
+    return (
+        ray.remote(Router)
+        .options(num_cpus=0, max_restarts=3, max_task_retries=0, scheduling_strategy=here)
+        .remote(routing, teachers)
     )
 
 
@@ -107,8 +109,14 @@ class RouterClient:
     routes its input chunk by chunk while it lasts, where a polling core would cost more than the calls.
     """
 
-    def __init__(self, router: ray.actor.ActorHandle, max_in_flight: int = 4, restart_timeout_s: float = 60.0,
-                 call_timeout_s: float = 300.0, compiled: bool = True):
+    def __init__(
+        self,
+        router: ray.actor.ActorHandle,
+        max_in_flight: int = 4,
+        restart_timeout_s: float = 60.0,
+        call_timeout_s: float = 300.0,
+        compiled: bool = True,
+    ):
         self.router = router
         self.compiled = compiled
         self.max_in_flight = max_in_flight  # batches sent, not yet fetched; one more raises RayCgraphCapacityExceeded

@@ -42,8 +42,12 @@ UNAVAILABLE = 120  # the launcher's exit status when it could not isolate itself
 
 
 class _MountAttr(ctypes.Structure):
-    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
-                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+    _fields_ = [
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    ]
 
 
 @dataclass
@@ -55,7 +59,11 @@ class SandboxResult:
 def _map_ids(uid: int, gid: int) -> bool:
     """Map the caller's user and group (one each, as an unprivileged process may) to SANDBOX_ID inside."""
     try:
-        for name, text in (("uid_map", f"{SANDBOX_ID} {uid} 1"), ("setgroups", "deny"), ("gid_map", f"{SANDBOX_ID} {gid} 1")):
+        for name, text in (
+            ("uid_map", f"{SANDBOX_ID} {uid} 1"),
+            ("setgroups", "deny"),
+            ("gid_map", f"{SANDBOX_ID} {gid} 1"),
+        ):
             with open(f"/proc/self/{name}", "w") as f:
                 f.write(text)
     except OSError:
@@ -74,7 +82,8 @@ def _isolate(scratch: str, scratch_bytes: int, cpu_s: int, memory_mb: int, outpu
         and _map_ids(uid, gid)
         and libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None) == 0  # nothing propagates back out
         and libc.syscall(SYS_MOUNT_SETATTR, AT_FDCWD, b"/", AT_RECURSIVE, ctypes.byref(attr), ctypes.sizeof(attr)) == 0
-        and libc.mount(b"tmpfs", scratch.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, f"size={scratch_bytes}".encode()) == 0
+        and libc.mount(b"tmpfs", scratch.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, f"size={scratch_bytes}".encode())
+        == 0
     )
     if isolated:
         os.chdir(scratch)  # the tmpfs now covers the folder the launcher started in

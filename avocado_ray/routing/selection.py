@@ -69,8 +69,9 @@ class Selector:
             self.expected[item["prompt_id"]] = item
             self.arrived[item["prompt_id"]] = {}
 
-    async def add(self, batch: pa.RecordBatch, rejected: list[dict], teacher: str,
-                  judges: dict[str, list] | None = None) -> tuple[pa.RecordBatch, list[dict]]:
+    async def add(
+        self, batch: pa.RecordBatch, rejected: list[dict], teacher: str, judges: dict[str, list] | None = None
+    ) -> tuple[pa.RecordBatch, list[dict]]:
         """Add one teacher's answers; returns (winners of completed prompts, prompts every teacher rejected)."""
         if judges is not None:
             self.judges = judges
@@ -88,7 +89,11 @@ class Selector:
             rows = [arrived[t] for t in expected["teachers"] if arrived[t] is not None]
             if not rows:
                 all_rejected.append(
-                    {"prompt_id": prompt_id, "reason": "every best-of teacher rejected the prompt", "code": "all_rejected"}
+                    {
+                        "prompt_id": prompt_id,
+                        "reason": "every best-of teacher rejected the prompt",
+                        "code": "all_rejected",
+                    }
                 )
                 continue
             winners.append(await self._choose(expected, rows))
@@ -120,6 +125,7 @@ class Selector:
         winner = dict(rows[best])
         winner["scorer"] = config.scorer
         winner["candidates"] = [
-            {"teacher": r["teacher"], "answer": r["answer"], "score": s, "reason": why} for r, (s, why) in zip(rows, scored)
+            {"teacher": r["teacher"], "answer": r["answer"], "score": s, "reason": why}
+            for r, (s, why) in zip(rows, scored)
         ]
         return winner

@@ -52,8 +52,10 @@ def guard_missing() -> str | None:
     from importlib.metadata import entry_points
 
     if not any(e.name == PLUGIN for e in entry_points(group="vllm.general_plugins")):
-        return (f"the vllm.general_plugins entry point {PLUGIN} is not installed "
-                "(install the avocado-ray package on every node: pip install -e . in a checkout)")
+        return (
+            f"the vllm.general_plugins entry point {PLUGIN} is not installed "
+            "(install the avocado-ray package on every node: pip install -e . in a checkout)"
+        )
     allowed = os.environ.get("VLLM_PLUGINS")
     if allowed is not None and PLUGIN not in allowed.split(","):
         return f"VLLM_PLUGINS={allowed!r} leaves out {PLUGIN}"
@@ -124,9 +126,16 @@ def unowned_engines() -> list[dict]:
             owner_title = _title(owner) if owner is not None else ""
             if owner_title.startswith("ray::"):
                 continue
-            left.append({"pid": process.pid, "title": _title(process), "ppid": process.ppid(),
-                         "owner_pid": owner.pid if owner is not None else None, "owner": owner_title[:200],
-                         "rss_mib": round(process.memory_info().rss / 2**20)})
+            left.append(
+                {
+                    "pid": process.pid,
+                    "title": _title(process),
+                    "ppid": process.ppid(),
+                    "owner_pid": owner.pid if owner is not None else None,
+                    "owner": owner_title[:200],
+                    "rss_mib": round(process.memory_info().rss / 2**20),
+                }
+            )
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
     return sorted(left, key=lambda e: e["pid"])

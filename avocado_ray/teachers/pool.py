@@ -56,8 +56,9 @@ def group_bundles(teacher: VLLMTeacher, use_gpu: bool) -> list[dict[str, float]]
     return [dict(bundle) for _ in range(teacher.tensor_parallel_size * teacher.replicas_per_node)]
 
 
-def check_fits(teacher: VLLMTeacher, groups: int, use_gpu: bool, held: int = 0,
-               nodes: list[dict] | None = None) -> None:
+def check_fits(
+    teacher: VLLMTeacher, groups: int, use_gpu: bool, held: int = 0, nodes: list[dict] | None = None
+) -> None:
     """Fail early, before any placement group waits forever, when no layout of the cluster's alive nodes holds
     `groups` more placement groups of the pool (each `replicas_per_node` x `tensor_parallel_size` bundles, on one
     node, with the node labels asked for) beside the `held` ones it has. (Other pools' groups are not counted: the
@@ -72,8 +73,11 @@ def check_fits(teacher: VLLMTeacher, groups: int, use_gpu: bool, held: int = 0,
     if fits - held >= groups:
         return
     where = f"nodes labelled {teacher.node_labels}" if teacher.node_labels else "nodes"
-    what = (f"{groups} replicas of {size:g} {unit} each" if teacher.replicas_per_node == 1 else
-            f"{groups} groups of {teacher.replicas_per_node} replicas, {size:g} {unit} each group")
+    what = (
+        f"{groups} replicas of {size:g} {unit} each"
+        if teacher.replicas_per_node == 1
+        else f"{groups} groups of {teacher.replicas_per_node} replicas, {size:g} {unit} each group"
+    )
     raise PlacementError(
         f"teacher {teacher.name!r} asks for {what}, all on one node; "
         f"the cluster's {len(matching)} {where} (of {len(nodes)} alive) have {unit} {per_node}, which hold "
@@ -109,8 +113,16 @@ class TeacherPool:
     `probes()`, hands each finished call to `complete` (which gives back the report, or the requests to send
     again) and, when a probe finishes, calls `check_probes`."""
 
-    def __init__(self, teacher: VLLMTeacher, model_path: str, use_gpu: bool, max_in_flight: int, seed: int = 0,
-                 replica_class: type = TeacherReplica, start: bool = True):
+    def __init__(
+        self,
+        teacher: VLLMTeacher,
+        model_path: str,
+        use_gpu: bool,
+        max_in_flight: int,
+        seed: int = 0,
+        replica_class: type = TeacherReplica,
+        start: bool = True,
+    ):
         self.teacher, self.model_path, self.use_gpu, self.seed = teacher, model_path, use_gpu, seed
         self.max_in_flight = max_in_flight
         self.remote_class = ray.remote(replica_class)  # a test double stands in where no GPU is
@@ -190,7 +202,8 @@ class TeacherPool:
             max_restarts=self.teacher.max_restarts,  # a crashed engine process restarts in its placement group
             runtime_env={"env_vars": env},
             scheduling_strategy=PlacementGroupSchedulingStrategy(
-                group, placement_group_bundle_index=slot * tp, placement_group_capture_child_tasks=True),
+                group, placement_group_bundle_index=slot * tp, placement_group_capture_child_tasks=True
+            ),
         ).remote(self.teacher, self.model_path, index, self.seed)
         self.replicas[index] = _Replica(actor, group, slot, index, probe=actor.warm_up.remote())
 
@@ -222,7 +235,9 @@ class TeacherPool:
                 if replica.draining:
                     self._release(replica)
                 elif self.down is None:
-                    log.warning("teacher %s replica %d is dead; starting a replacement", self.teacher.name, replica.index)
+                    log.warning(
+                        "teacher %s replica %d is dead; starting a replacement", self.teacher.name, replica.index
+                    )
                     self._end(replica)
                     self._start(replica.group, replica.slot)
         if self.down:
@@ -232,11 +247,18 @@ class TeacherPool:
         self.start_failures += 1
         cause = str(error).strip().splitlines()
         cause = next((line for line in reversed(cause) if "Error" in line), cause[-1] if cause else "")[:500]
-        log.warning("teacher %s replica %d failed to start (%d in a row): %s", self.teacher.name, replica.index,
-                    self.start_failures, cause)
+        log.warning(
+            "teacher %s replica %d failed to start (%d in a row): %s",
+            self.teacher.name,
+            replica.index,
+            self.start_failures,
+            cause,
+        )
         if self.start_failures >= self.teacher.max_start_failures:
-            self.down = (f"teacher {self.teacher.name}: {self.start_failures} replica starts failed in a row "
-                         f"(max_start_failures); the last: {cause}")
+            self.down = (
+                f"teacher {self.teacher.name}: {self.start_failures} replica starts failed in a row "
+                f"(max_start_failures); the last: {cause}"
+            )
 
     # -- dispatch --------------------------------------------------------------------------------------------
 
@@ -278,8 +300,13 @@ class TeacherPool:
                 self._retire_drained()
             return self._failed(call, error)
         except RayActorError as error:
-            log.warning("teacher %s replica %d lost a call of %d prompts (%s); sending them again",
-                        self.teacher.name, call.replica, len(call.requests), type(error).__name__)
+            log.warning(
+                "teacher %s replica %d lost a call of %d prompts (%s); sending them again",
+                self.teacher.name,
+                call.replica,
+                len(call.requests),
+                type(error).__name__,
+            )
             if replica is not None:
                 replica.in_flight -= 1
                 if replica.probe is None:
@@ -292,14 +319,31 @@ class TeacherPool:
 
     def _failed(self, call: _Call, error: RayTaskError) -> tuple[dict | None, list[list[dict]]]:
         cause = str(error.cause if error.cause is not None else error).strip().splitlines()[-1][:300]
-        log.warning("teacher %s replica %d raised on a call of %d prompts: %s", self.teacher.name, call.replica,
-                    len(call.requests), cause)
+        log.warning(
+            "teacher %s replica %d raised on a call of %d prompts: %s",
+            self.teacher.name,
+            call.replica,
+            len(call.requests),
+            cause,
+        )
         tried = [{**r, "attempts": r.get("attempts", 0) + 1} for r in call.requests]
-        rejected = [{"prompt_id": r["prompt_id"], "code": "teacher_error",
-                     "reason": f"teacher {self.teacher.name} raised {MAX_ATTEMPTS} times: {cause}"}
-                    for r in tried if r["attempts"] >= MAX_ATTEMPTS]
-        report = {"rejected": rejected, "samples": 0, "tokens": 0, "batch_s": 0.0, "replica": call.replica,
-                  "failed": True}
+        rejected = [
+            {
+                "prompt_id": r["prompt_id"],
+                "code": "teacher_error",
+                "reason": f"teacher {self.teacher.name} raised {MAX_ATTEMPTS} times: {cause}",
+            }
+            for r in tried
+            if r["attempts"] >= MAX_ATTEMPTS
+        ]
+        report = {
+            "rejected": rejected,
+            "samples": 0,
+            "tokens": 0,
+            "batch_s": 0.0,
+            "replica": call.replica,
+            "failed": True,
+        }
         return (report if rejected else None), [[r] for r in tried if r["attempts"] < MAX_ATTEMPTS]
 
     # -- elasticity ------------------------------------------------------------------------------------------
@@ -341,8 +385,11 @@ def shutdown_pools(pools: Iterable[TeacherPool], timeout_s: float = ENGINE_STOP_
     that does not answer in time (dead, restarting, hung) takes its engine with it when its actor goes: engine
     processes die with their parent (teachers.engines). The log names what ended."""
     pools = list(pools)
-    stops = {replica.actor.stop_engine.remote(): (pool, replica.index) for pool in pools
-             for replica in pool.replicas.values()}
+    stops = {
+        replica.actor.stop_engine.remote(): (pool, replica.index)
+        for pool in pools
+        for replica in pool.replicas.values()
+    }
     done, _ = ray.wait(list(stops), num_returns=len(stops), timeout=timeout_s) if stops else ([], [])
     ended: dict[str, list[int]] = {pool.teacher.name: [] for pool in pools}
     confirmed: set[tuple[str, int]] = set()
@@ -362,7 +409,13 @@ def shutdown_pools(pools: Iterable[TeacherPool], timeout_s: float = ENGINE_STOP_
         if not replicas:
             continue
         unconfirmed = [r.index for r in replicas if (pool.teacher.name, r.index) not in confirmed]
-        log.info("teacher %s: engine processes of %d replicas ended (pids %s)%s", pool.teacher.name,
-                 len(replicas) - len(unconfirmed), sorted(ended[pool.teacher.name]),
-                 f"; replicas {unconfirmed} did not confirm in {timeout_s:g} s and ended with their actors, their "
-                 "engines with them" if unconfirmed else "")
+        log.info(
+            "teacher %s: engine processes of %d replicas ended (pids %s)%s",
+            pool.teacher.name,
+            len(replicas) - len(unconfirmed),
+            sorted(ended[pool.teacher.name]),
+            f"; replicas {unconfirmed} did not confirm in {timeout_s:g} s and ended with their actors, their "
+            "engines with them"
+            if unconfirmed
+            else "",
+        )

@@ -101,7 +101,9 @@ class ReasoningSplitter:
                 ) from error
             tokenizer = self  # the parser decodes harmony ids (when it recovers from malformed output) through us
         self.tokenizer = tokenizer
-        self.parser_class = ParserManager.get_parser(reasoning_parser_name=name, is_harmony=self.harmony, tokenizer=tokenizer)
+        self.parser_class = ParserManager.get_parser(
+            reasoning_parser_name=name, is_harmony=self.harmony, tokenizer=tokenizer
+        )
 
     def decode(self, token_ids: list[int]) -> str:
         """Harmony ids to text: HarmonyParser decodes what it recovers from malformed output with its tokenizer."""
@@ -141,6 +143,7 @@ def answer_token_start(tokenizer, token_ids: list[int], answer: str) -> int:
 
     A binary search over prefixes, as decoded text grows with the prefix: O(log n) decodes per completion.
     """
+
     def decode(n: int) -> str:
         return tokenizer.decode(token_ids[:n], skip_special_tokens=False)
 
@@ -169,20 +172,31 @@ class TeacherReplica:
         self.index = index
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         # before the engine starts, so an unknown parser name fails fast
-        self.splitter = ReasoningSplitter(teacher.reasoning_parser, self.tokenizer) if teacher.reasoning_parser else None
+        self.splitter = (
+            ReasoningSplitter(teacher.reasoning_parser, self.tokenizer) if teacher.reasoning_parser else None
+        )
         args = AsyncEngineArgs(**engine_args(teacher, model_path, seed + index))
         os.environ[GUARD_ENV] = "1"  # the engine's processes die with this one (teachers.engines)
         if missing := guard_missing():
-            log.warning("teacher %s replica %d: its engine processes will outlive it if it is killed: %s",
-                        teacher.name, index, missing)
+            log.warning(
+                "teacher %s replica %d: its engine processes will outlive it if it is killed: %s",
+                teacher.name,
+                index,
+                missing,
+            )
         self.stopping = False
         self.engine = AsyncLLM.from_engine_args(args)
 
     def info(self) -> dict:
         """Facts about the engine (answers while the actor lives), with the PIDs of the actor and of its engine's
         processes on its node."""
-        return {"teacher": self.teacher.name, "replica": self.index, "max_model_len": self.teacher.engine.max_model_len,
-                "pid": os.getpid(), "engine_pids": self.engine_pids()}
+        return {
+            "teacher": self.teacher.name,
+            "replica": self.index,
+            "max_model_len": self.teacher.engine.max_model_len,
+            "pid": os.getpid(),
+            "engine_pids": self.engine_pids(),
+        }
 
     def engine_pids(self) -> list[int]:
         """PIDs of the engine's processes alive now: vLLM's EngineCore processes and their Workers."""
@@ -212,8 +226,10 @@ class TeacherReplica:
         the slow first batches (kernels set up per batch shape and sampling path: several seconds on CPU) are
         not routed ones and least-loaded dispatch sees the replica's real speed from the start."""
         params, _ = self._sampling_params({"max_tokens": 16})
-        prompts = [await self._render([{"role": "user", "content": "hello " * (1 + 7 * i)}])
-                   for i in range(self.WARM_UP_PROMPTS)]
+        prompts = [
+            await self._render([{"role": "user", "content": "hello " * (1 + 7 * i)}])
+            for i in range(self.WARM_UP_PROMPTS)
+        ]
         for batch in (prompts[:1], prompts):  # one alone, then all at once
             await asyncio.gather(*(self._final_output(ids, params) for ids in batch))
         return self.info()
@@ -282,8 +298,10 @@ class TeacherReplica:
         except ValueError as error:  # vLLM refused this input (e.g. too long once its images are expanded)
             return {"rejected": f"vLLM refused the prompt: {error}"[:500], "code": "refused"}
         completion = output.outputs[0]
-        reasoning, answer = (None, completion.text) if self.splitter is None else self.splitter.split(
-            completion.text, request["messages"]
+        reasoning, answer = (
+            (None, completion.text)
+            if self.splitter is None
+            else self.splitter.split(completion.text, request["messages"])
         )
         token_ids = list(completion.token_ids)
         token_logprobs, topk_ids, topk_logprobs = [], [], []
@@ -321,7 +339,9 @@ class TeacherReplica:
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
 
         async def score(answer: str) -> float:
-            answer_ids = self.tokenizer.encode(answer, add_special_tokens=False)[: self.teacher.engine.max_model_len // 2]
+            answer_ids = self.tokenizer.encode(answer, add_special_tokens=False)[
+                : self.teacher.engine.max_model_len // 2
+            ]
             ids = (prompt_ids + answer_ids)[-(self.teacher.engine.max_model_len - 1) :]
             if not answer_ids:
                 return float("-inf")

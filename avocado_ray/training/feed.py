@@ -34,8 +34,15 @@ class Feeder:
     """Rank -> queue of step items: {"step", "start", "micros", "samples", "wait_s", "seq", rank 0: "ids"}; then an
     end item {"end": True, "step", "start", "seq", "skipped", "truncated_dropped"}, or {"error": message}."""
 
-    def __init__(self, trainer: dict, student_path: str, teacher_tokenizers: dict[str, str], world_size: int,
-                 accumulation: int, seed: int = 0):
+    def __init__(
+        self,
+        trainer: dict,
+        student_path: str,
+        teacher_tokenizers: dict[str, str],
+        world_size: int,
+        accumulation: int,
+        seed: int = 0,
+    ):
         from transformers import AutoTokenizer
 
         self.trainer = TrainerConfig.model_validate(trainer)
@@ -51,8 +58,15 @@ class Feeder:
         except queue.Empty:
             return None
 
-    def run(self, stream: SampleStream, writer, samples_dir: RunDir | None, run_dir: RunDir, trained: set[str],
-            start_step: int) -> None:
+    def run(
+        self,
+        stream: SampleStream,
+        writer,
+        samples_dir: RunDir | None,
+        run_dir: RunDir,
+        trained: set[str],
+        start_step: int,
+    ) -> None:
         """Feed the ranks until the stream ends; a failure reaches every rank as an error item."""
         try:
             self._feed(stream, writer, samples_dir, run_dir, trained, start_step)
@@ -64,8 +78,9 @@ class Feeder:
         for q in self.queues:
             q.put(item)
 
-    def _samples(self, stream: SampleStream, writer, samples_dir: RunDir | None, run_dir: RunDir,
-                 trained: set[str]) -> Iterator[tuple[dict, float, int]]:
+    def _samples(
+        self, stream: SampleStream, writer, samples_dir: RunDir | None, run_dir: RunDir, trained: set[str]
+    ) -> Iterator[tuple[dict, float, int]]:
         """(row, seconds waited on the stream since the last row, highest writer seq taken) of every sample not
         trained on, the lost attempt's first after a worker restart."""
         columns = self.encoder.columns
@@ -126,11 +141,20 @@ class Feeder:
                 batch, waited = [], 0.0
         if batch:
             step, skipped = self._emit(batch, step, start_step, waited, last_seq, skipped)
-        self._to_all({"end": True, "step": step, "start": start_step, "seq": last_seq, "skipped": skipped,
-                      "truncated_dropped": dropped})
+        self._to_all(
+            {
+                "end": True,
+                "step": step,
+                "start": start_step,
+                "seq": last_seq,
+                "skipped": skipped,
+                "truncated_dropped": dropped,
+            }
+        )
 
-    def _emit(self, batch: list[Encoded], step: int, start: int, waited: float, seq: int,
-              skipped: int) -> tuple[int, int]:
+    def _emit(
+        self, batch: list[Encoded], step: int, start: int, waited: float, seq: int, skipped: int
+    ) -> tuple[int, int]:
         """Put one global batch's micro-batches in every rank's queue (blocks while they are full: backpressure);
         past `max_steps` the batch is counted as not trained, so producers never block on a full stream."""
         if self.trainer.max_steps is not None and step >= self.trainer.max_steps:
@@ -138,23 +162,30 @@ class Feeder:
         step += 1
         plan = self.encoder.micro_batches(batch, self.world_size, self.accumulation)
         for rank, micros in enumerate(plan):
-            item = {"step": step, "start": start, "micros": micros, "samples": len(batch), "wait_s": waited,
-                    "seq": seq}
+            item = {"step": step, "start": start, "micros": micros, "samples": len(batch), "wait_s": waited, "seq": seq}
             if rank == 0:
                 item["ids"] = [sample.sample_id for sample in batch]
             self.queues[rank].put(item)
         return step, skipped
 
 
-def start_feeder(trainer: TrainerConfig, student_path: str, teacher_tokenizers: dict[str, str], world_size: int,
-                 accumulation: int, seed: int):
+def start_feeder(
+    trainer: TrainerConfig,
+    student_path: str,
+    teacher_tokenizers: dict[str, str],
+    world_size: int,
+    accumulation: int,
+    seed: int,
+):
     """The feeder actor on this node (rank 0's), owned by this process: it ends when this worker does."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    return ray.remote(Feeder).options(num_cpus=0, max_concurrency=world_size + 2, scheduling_strategy=here).remote(
-        trainer.model_dump(), student_path, teacher_tokenizers, world_size, accumulation, seed
+    return (
+        ray.remote(Feeder)
+        .options(num_cpus=0, max_concurrency=world_size + 2, scheduling_strategy=here)
+        .remote(trainer.model_dump(), student_path, teacher_tokenizers, world_size, accumulation, seed)
     )
 
 

@@ -63,8 +63,8 @@ student's probability of its token with those bytes, although either model could
 other tokens; the tail bucket absorbs the unmapped rest. Tokenizers that alter text (normalisation such as
 NFC, a prefix space) align only up to the first altered byte. Where tokenizations rarely share boundaries
 (a large vocabulary's whole words against a small one's pieces) most positions fall back to the supervised
-loss; `Alignment.aligned_fraction` measures how many do not. When the teacher's vocabulary and end token are the student's and
-its tokens are the student's tokenisation of the answer, alignment is the identity.
+loss; `Alignment.aligned_fraction` measures how many do not. When the teacher's vocabulary and end token are the
+student's and its tokens are the student's tokenisation of the answer, alignment is the identity.
 """
 
 from __future__ import annotations
@@ -280,7 +280,10 @@ def mix(
 
 
 def _chunk_losses(
-    hidden: torch.Tensor, weight: torch.Tensor, loss_of: Callable[[torch.Tensor, slice], torch.Tensor], chunk: int,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    loss_of: Callable[[torch.Tensor, slice], torch.Tensor],
+    chunk: int,
     need: tuple[bool, bool],
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Sum over chunks of rows of loss_of(hidden[rows] @ weight^T in float32, rows), and where `need` says so its
@@ -295,8 +298,12 @@ def _chunk_losses(
 
 
 def _chunk_loss(
-    hidden: torch.Tensor, weight: torch.Tensor, loss_of: Callable[[torch.Tensor, slice], torch.Tensor], rows: slice,
-    grad_hidden: torch.Tensor | None, grad_weight: torch.Tensor | None,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    loss_of: Callable[[torch.Tensor, slice], torch.Tensor],
+    rows: slice,
+    grad_hidden: torch.Tensor | None,
+    grad_weight: torch.Tensor | None,
 ) -> torch.Tensor:
     """One chunk of `_chunk_losses`; its logits, their gradient and its graph go when this returns."""
     need = grad_hidden is not None or grad_weight is not None
@@ -352,9 +359,7 @@ def chunked_mix(
         total = _ChunkedLoss.apply(hidden, weight, loss_of, options.chunk_tokens)
     else:
         total = _chunk_losses(hidden, weight, loss_of, options.chunk_tokens, (False, False))[0]
-    terms = {
-        name: (sum(p.terms[name][0] for p in parts), sum(p.terms[name][1] for p in parts)) for name in weights
-    }
+    terms = {name: (sum(p.terms[name][0] for p in parts), sum(p.terms[name][1] for p in parts)) for name in weights}
     return MixedLoss(total, sum(p.tokens for p in parts), terms)
 
 
@@ -371,7 +376,9 @@ class CausalLMLoss(torch.nn.Module):
         super().__init__()
         config = lm.config.get_text_config()
         if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
-            raise ValueError(f"{type(lm).__name__} transforms its logits: the chunked loss supports a plain output layer")
+            raise ValueError(
+                f"{type(lm).__name__} transforms its logits: the chunked loss supports a plain output layer"
+            )
         self.lm = lm
 
     def forward(

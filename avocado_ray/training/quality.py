@@ -56,8 +56,13 @@ def quality_config(run_dir: Path, prompts: Path, overrides: list[str]) -> Distil
     """The embedded local config (its teachers, student and trainer) on `prompts`, with one teacher per domain
     (no best-of), room for the prompts in every context, and the caller's `overrides` last."""
     base = load_config(config_path("builtin:local"), check_paths=False)
-    fixed = [f"run_dir={run_dir}", f"data.input={prompts}", "routing.best_of={}", "trainer.max_seq_len=512",
-             "trainer.batch_size=4"]  # twice the demo's steps on the same samples: a tiny student from scratch
+    fixed = [
+        f"run_dir={run_dir}",
+        f"data.input={prompts}",
+        "routing.best_of={}",
+        "trainer.max_seq_len=512",
+        "trainer.batch_size=4",
+    ]  # twice the demo's steps on the same samples: a tiny student from scratch
     fixed += [f"teachers.{i}.engine.max_model_len=1024" for i in range(len(base.teachers))]
     return load_config(config_path("builtin:local"), fixed + overrides)
 
@@ -106,9 +111,12 @@ def verdict(before: dict, after: dict, routed: dict[str, str]) -> dict:
         for (cell_domain, name), was in before.items():
             if cell_domain == domain:
                 now = after[domain, name]
-                row[name] = {f"{measure}_{when}": round(figures[measure], 4)
-                             for measure in ("bpb", "kl") if measure in was
-                             for when, figures in (("before", was), ("after", now))}
+                row[name] = {
+                    f"{measure}_{when}": round(figures[measure], 4)
+                    for measure in ("bpb", "kl")
+                    if measure in was
+                    for when, figures in (("before", was), ("after", now))
+                }
         mine = row.get(teacher)
         others = [cell["bpb_after"] for name, cell in row.items() if name != teacher]
         table[domain] = {
@@ -172,12 +180,16 @@ def run_quality(
     generated = run_distill(config, train=False)
     answers = open_samples(out / "generate" / "samples").to_table().to_pylist()
     domain_of = {row["id"]: row["domain"] for row in heldout}
-    samples = [{**row, "true_domain": domain_of[row["prompt_id"].rsplit("@", 1)[0]]}
-               for row in answers if "@" in row["prompt_id"]]
+    samples = [
+        {**row, "true_domain": domain_of[row["prompt_id"].rsplit("@", 1)[0]]}
+        for row in answers
+        if "@" in row["prompt_id"]
+    ]
     # The stream hands the trainer each teacher's answers in runs as they finish (the slowest teacher's last);
     # a tiny student trained in that order forgets the earlier teachers, so it trains on them shuffled.
-    train_samples = _shuffled_shard([row for row in answers if "@" not in row["prompt_id"]], out / "train-samples",
-                                    config.seed)
+    train_samples = _shuffled_shard(
+        [row for row in answers if "@" not in row["prompt_id"]], out / "train-samples", config.seed
+    )
 
     distill_config = config.model_copy(update={"run_dir": str(out / "distill")})
     weights = {domain: distill_config.routing.teachers_of(domain) for domain in DOMAINS}

@@ -79,7 +79,9 @@ def deepspeed_config(trainer: TrainerConfig, world_size: int) -> dict:
 def _merge(base: dict, extra: dict) -> dict:
     merged = dict(base)
     for key, value in extra.items():
-        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        merged[key] = (
+            _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        )
     return merged
 
 
@@ -124,9 +126,7 @@ def pack(lengths: list[int], width: int | None = None) -> list[list[int]]:
     return rows
 
 
-def plan_step(
-    lengths: list[int], world_size: int, accumulation: int, max_tokens: int | None
-) -> list[list[list[int]]]:
+def plan_step(lengths: list[int], world_size: int, accumulation: int, max_tokens: int | None) -> list[list[list[int]]]:
     """Indices of a global batch's samples (of these token lengths) as rank -> micro-batch -> samples.
 
     By samples (`max_tokens` None): `accumulation` micro-batches per rank, length-bucketed (`bucket`). By tokens:
@@ -286,8 +286,12 @@ class SampleEncoder:
         for row, members in enumerate(packed):
             at = 0
             for index in members:
-                ids, labs, start, alignment = (encoded[index].input_ids, encoded[index].labels, encoded[index].start,
-                                               encoded[index].alignment)
+                ids, labs, start, alignment = (
+                    encoded[index].input_ids,
+                    encoded[index].labels,
+                    encoded[index].start,
+                    encoded[index].alignment,
+                )
                 end = at + len(ids)
                 input_ids[row, at:end] = torch.tensor(ids)
                 positions[row, at:end] = torch.arange(len(ids))
@@ -300,8 +304,15 @@ class SampleEncoder:
                 at = end
             positions[row, at:] = torch.arange(width - at)  # the padding: a segment of its own
         return MicroBatch(
-            input_ids, positions, labels, topk_ids, topk_logprobs, distill, tokens=int((labels != IGNORE).sum()),
-            real=0 if dummy else sum(lengths), slots=n * width,
+            input_ids,
+            positions,
+            labels,
+            topk_ids,
+            topk_logprobs,
+            distill,
+            tokens=int((labels != IGNORE).sum()),
+            real=0 if dummy else sum(lengths),
+            slots=n * width,
             sample_ids=() if dummy else tuple(e.sample_id for e in encoded),
         )
 
@@ -442,8 +453,9 @@ def _seal_spill(writer, seq: int, poll_s: float = 0.05) -> list[str]:
     return shards
 
 
-def _taken_but_not_trained(writer, samples_dir: RunDir, run_dir: RunDir, columns: list[str],
-                           trained: set[str]) -> list[dict]:
+def _taken_but_not_trained(
+    writer, samples_dir: RunDir, run_dir: RunDir, columns: list[str], trained: set[str]
+) -> list[dict]:
     """After a worker restart within a run: the samples a lost attempt took from the stream without a checkpoint
     counting them. The stream hands each batch out once, but the spill keeps every batch, so they are read back
     from there (with any spilled sample not yet trained; the caller skips those when the stream brings them):
@@ -480,8 +492,9 @@ class _Lineage:
         self.run.write_text(TRAINED_IDS, self.text())
 
 
-def _checkpoint(student: StudentTrainer, step: int, lineage: _Lineage | None, run_dir: RunDir, writer,
-                seq: int) -> None:
+def _checkpoint(
+    student: StudentTrainer, step: int, lineage: _Lineage | None, run_dir: RunDir, writer, seq: int
+) -> None:
     """Every rank saves its ZeRO shard; Ray Train merges the ranks' folders into one checkpoint in storage.
 
     Rank 0 (the one with the lineage) adds the trained sample ids, waits for the writer to make the samples up to
@@ -526,8 +539,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if restored is not None:
         with restored.as_directory() as folder:
             student.engine.load_checkpoint(folder, tag=DEEPSPEED_TAG)
-    handle = [start_feeder(trainer, loop_config["student_path"], tokenizers, world, student.accumulation,
-                           loop_config["seed"]) if rank == 0 else None]
+    handle = [
+        start_feeder(trainer, loop_config["student_path"], tokenizers, world, student.accumulation, loop_config["seed"])
+        if rank == 0
+        else None
+    ]
     dist.broadcast_object_list(handle, src=0)  # an actor handle, at once: every rank then polls outside collectives
     feeder, lineage, metrics, monitor = handle[0], None, None, None
     if rank == 0:
@@ -536,8 +552,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 lineage = _Lineage(run_dir, Path(folder))
         else:
             lineage = _Lineage(run_dir, None)
-        feeder.run.remote(loop_config["stream"], writer, loop_config["samples_dir"], run_dir,
-                          lineage.already_trained, lineage.step)
+        feeder.run.remote(
+            loop_config["stream"], writer, loop_config["samples_dir"], run_dir, lineage.already_trained, lineage.step
+        )
         metrics = Log(run_dir, METRICS)
         monitor = TrainMonitor()  # progress line in the job log, Ray metrics
     checkpointed = None
@@ -563,8 +580,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
             break
     student.save_hf(run_dir, is_writer=rank == 0)
     if rank == 0:
-        metrics.append({"kind": "train_end", "steps": step, "samples_not_trained": item["skipped"],
-                        "samples_truncated_dropped": item["truncated_dropped"], "time": time.time()})
+        metrics.append(
+            {
+                "kind": "train_end",
+                "steps": step,
+                "samples_not_trained": item["skipped"],
+                "samples_truncated_dropped": item["truncated_dropped"],
+                "time": time.time(),
+            }
+        )
         metrics.flush()
         monitor.finish()
 
