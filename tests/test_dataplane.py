@@ -1,17 +1,10 @@
 """The data plane: versioned Arrow schema, atomic Parquet shards, torn-shard detection, and resume."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
 
 from avocado_ray.dataplane.schema import (
     SAMPLE_SCHEMA,
@@ -88,40 +81,8 @@ def test_the_demo_shards_load_in_datasets_and_duckdb(demo_run):
     assert count == demo_run["samples_out"]
 
 
-@pytest.mark.slow
-def test_a_run_killed_with_sigkill_resumes_with_one_sample_per_prompt_each_trained_once(
-    tiny_models, ray_cluster, tmp_path, one_teacher_config
-):
-    run_dir = tmp_path / "run"
-    command = [sys.executable, "-m", "avocado_ray", "distill", "--config", str(one_teacher_config(run_dir))]
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}  # the tests' Ray cluster
-    manifest = run_dir / "manifest.json"
-    with open(tmp_path / "killed.log", "w") as log:
-        driver = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 600
-        while not (manifest.is_file() and json.loads(manifest.read_text())["trained"]["step"] >= 2):
-            assert driver.poll() is None and time.monotonic() < deadline, (tmp_path / "killed.log").read_text()
-            time.sleep(0.1)
-        driver.send_signal(signal.SIGKILL)  # the driver dies mid-run: no cleanup of any kind
-        driver.wait()
-    killed_at = json.loads(manifest.read_text())["trained"]
-    assert killed_at["samples"] < 48
-    shards = complete_shards(run_dir / "samples")
-    torn = Path(shards[0].path)  # and one of its shards is torn, as by a full disk
-    torn_prompts = set(pq.read_table(torn, columns=["prompt_id"])["prompt_id"].to_pylist())
-    torn.write_bytes(torn.read_bytes()[:200])
-
-    resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["counts_add_up"] and summary["samples_out"] == 48 and summary["rejected"] == 0
-    table = open_samples(run_dir / "samples").to_table(columns=["sample_id", "prompt_id"])
-    prompt_ids = table["prompt_id"].to_pylist()
-    assert len(prompt_ids) == len(set(prompt_ids)) == 48  # one sample per prompt
-    assert torn_prompts <= set(prompt_ids)  # the torn shard's prompts were answered again
-    trained = (run_dir / "trained_ids.txt").read_text().split()
-    assert sorted(trained) == sorted(table["sample_id"].to_pylist())  # each sample trained on once
-    assert json.loads(manifest.read_text())["trained"]["samples"] == 48
+# A driver SIGKILLed mid-run and resumed: tests/test_storage.py runs it on an s3:// run directory, which goes
+# through the same resume code as a local folder.
 
 
 @pytest.mark.slow
