@@ -194,6 +194,7 @@ class FaultRun:
         self.tries: list[subprocess.CompletedProcess] = []
         self.driver: subprocess.Popen | None = None
         self.own_job = ray.get_runtime_context().get_job_id()
+        self.earlier_actors = set(state.actor_table(None))  # earlier tests' actors, on the same Ray cluster
 
     def start(self) -> None:
         command = [
@@ -205,6 +206,10 @@ class FaultRun:
             str(JOB_CONFIG),
             "--run-dir",
             str(self.run_dir),
+            # the input is read, routed and sent 4 prompts at a time while the run lasts, so a fault at any
+            # point meets routing still to do
+            "--set",
+            "dispatch.max_pending_prompts=4",
         ]
         env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}  # the tests' Ray cluster
         self.log = open(self.log_dir / f"driver-{len(self.tries)}.log", "w+")
@@ -230,6 +235,14 @@ class FaultRun:
     def after(self, kind: str, count: int) -> bool:
         """Wait for the run's `count`-th record of `kind` (generate: a teacher call answered; train: a step)."""
         return self.wait_until(lambda: _records(self.run_dir, kind) >= count)
+
+    def restarts(self, class_name: str) -> int:
+        """How often Ray restarted this run's actors of `class_name` (the actor table keeps dead actors too)."""
+        return sum(
+            a["NumRestarts"]
+            for actor_id, a in state.actor_table(None).items()
+            if a["ActorClassName"] == class_name and actor_id not in self.earlier_actors
+        )
 
     def actor_pids(self, class_name: str) -> list[int]:
         """Live actors of this run's job (not the test session's own teacher pools)."""
@@ -260,12 +273,13 @@ def kill_a_teacher_engine(run: FaultRun) -> str:
 
 
 def kill_the_router(run: FaultRun) -> str:
-    delay = run.rng.uniform(0, 0.5)
-    if not run.wait_until(lambda: run.actor_pids("Router")):
+    """Killed while it routes: at most 4 prompts are pending (`FaultRun.start`), so after fewer than CALLS - 2
+    answered calls of 4 prompts, prompts are still to be routed, by the router Ray restarts."""
+    calls = run.rng.randrange(CALLS - 2)
+    if not run.after("generate", calls) or not run.wait_until(lambda: run.actor_pids("Router")):
         return "run ended first"
-    time.sleep(delay)
     os.kill(run.actor_pids("Router")[0], signal.SIGKILL)
-    return f"router actor SIGKILLed {delay:.2f} s after it started"
+    return f"router actor SIGKILLed after {calls} answered calls"
 
 
 def kill_a_trainer_worker(run: FaultRun) -> str:
@@ -331,6 +345,27 @@ FAULTS = {
 ENDS_THE_DRIVER = {"kill_the_driver", "fill_the_disk"}  # the operator resubmits the job
 
 
+def assert_the_fault_had_its_effect(fault: str, run: FaultRun, first: subprocess.CompletedProcess, where: str) -> None:
+    """What each fault must have done to the run (the invariants alone would also hold had it hit nothing)."""
+    if fault in ("kill_a_teacher_replica", "kill_a_teacher_engine"):  # the replica (its engine with it) restarted
+        assert run.restarts("TeacherReplica") >= 1, where
+    elif fault == "kill_the_router":
+        assert run.restarts("Router") >= 1, where
+    elif fault == "kill_a_trainer_worker":  # the worker group restarted and went on from the spill
+        assert _records(run.run_dir, "train_restart") >= 1, where
+    elif fault == "kill_the_driver":  # the driver died, and the resubmitted one resumed the run
+        assert first.returncode == -signal.SIGKILL and len(run.tries) == 2, where
+    elif fault == "fill_the_disk":  # the driver said so in one line naming the file, not a traceback
+        said = [line for line in first.stdout.splitlines() if line.startswith("avocado-ray distill: ")]
+        assert first.returncode == 2 and said and "No space left on device" in said[-1], (
+            f"{where}\n{first.stdout[-4000:]}"
+        )
+    elif fault == "damage_a_shard":  # set aside; every prompt still has a sample, so its prompts were asked again
+        assert list((run.run_dir / "samples").glob("shard-*.parquet.corrupt")), where
+    else:
+        raise AssertionError(f"no effect defined for {fault}")
+
+
 @pytest.fixture
 def run_dir(request, tmp_path, tmpfs):
     """The run's directory; for the full-disk fault a 512 MiB tmpfs of its own."""
@@ -348,33 +383,40 @@ def test_a_run_hit_by_a_fault_at_a_random_point_finishes_or_resumes_with_its_inv
     fault, fault_seed, tiny_models, ray_cluster, run_dir, tmp_path
 ):
     rng = random.Random(f"{fault_seed}:{fault}")
-    run = FaultRun(run_dir, tmp_path, rng)
-    run.start()
-    injected = FAULTS[fault](run)
-    first = run.finish()
-    where = f"fault {fault} (AVOCADO_FAULT_SEED={fault_seed}): {injected}"
+    for attempt in range(3):  # a point the run ended before is drawn again, on a fresh run
+        run = FaultRun(run_dir / f"attempt-{attempt}", tmp_path, rng)
+        run.run_dir.mkdir()
+        run.start()
+        injected = FAULTS[fault](run)
+        first = run.finish()
+        if injected != "run ended first":
+            break
+    where = f"fault {fault} (AVOCADO_FAULT_SEED={fault_seed}, attempt {attempt}): {injected}"
+    assert injected != "run ended first", f"{where}: three runs ended before the fault could hit them"
     if first.returncode != 0:
         assert fault in ENDS_THE_DRIVER, f"{where}\n{first.stdout[-4000:]}"
-        if fault == "fill_the_disk":  # the driver says so in one line naming the file, not a traceback; then
-            said = [line for line in first.stdout.splitlines() if line.startswith("avocado-ray distill: ")]
-            assert first.returncode == 2 and said and "No space left on device" in said[-1], first.stdout[-4000:]
-            (run_dir / "filler").unlink()  # space is freed, and the job resubmitted
+        if fault == "fill_the_disk":
+            (run.run_dir / "filler").unlink()  # space is freed, and the job resubmitted
         run.start()
         resumed = run.finish()
         assert resumed.returncode == 0, f"{where}\n{resumed.stdout[-4000:]}"
-    summary = json.loads((run_dir / "summary.json").read_text())
+    assert_the_fault_had_its_effect(fault, run, first, where)
+    summary = json.loads((run.run_dir / "summary.json").read_text())
     assert summary["prompts_in"] == PROMPTS and summary["samples_out"] == PROMPTS, where
     assert_run_invariants(summary)
     outcome = {
         "fault": fault,
         "seed": fault_seed,
         "injected": injected,
+        "attempts": attempt + 1,
         "driver_runs": len(run.tries),
         "first_exit": first.returncode,
         "replicas_lost": summary["replicas_lost"],
+        "replica_restarts": run.restarts("TeacherReplica"),
+        "router_restarts": run.restarts("Router"),
         "prompts_sent_again": summary["prompts_sent_again"],
         "train_steps": summary["train_steps"],
-        "train_restarts": _records(run_dir, "train_restart"),
+        "train_restarts": _records(run.run_dir, "train_restart"),
     }
     print(json.dumps(outcome))
     if os.environ.get("AVOCADO_FAULT_REPORT"):
