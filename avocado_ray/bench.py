@@ -175,8 +175,7 @@ def bench_router(
 
     import ray
 
-    from avocado_ray.cli import config_path
-    from avocado_ray.config import load_config
+    from avocado_ray.config import config_path, load_config
     from avocado_ray.dataplane.prompts import Prompt
     from avocado_ray.routing.classifier import RuleClassifier
     from avocado_ray.routing.router import RouterClient, start_router
@@ -335,8 +334,7 @@ def _real_answers_topk(prompts: int, tokens: int, k: int) -> dict:
     new tokens and top-`k` logprobs), spilled as the synthetic ones are."""
     import ray
 
-    from avocado_ray.cli import config_path
-    from avocado_ray.config import load_config
+    from avocado_ray.config import config_path, load_config
     from avocado_ray.models.tiny import resolve_model
     from avocado_ray.teachers.pool import TeacherPool
 
@@ -458,8 +456,7 @@ def _bench_teachers(prompts: int = 200, max_tokens: int = 16, batch: int = 25, i
     import ray
     from vllm import LLM
 
-    from avocado_ray.cli import config_path
-    from avocado_ray.config import load_config
+    from avocado_ray.config import config_path, load_config
     from avocado_ray.dataplane.prompts import Prompt
     from avocado_ray.models.chat import chat_prompt_ids
     from avocado_ray.models.tiny import resolve_model

@@ -7,10 +7,16 @@ import json
 import logging
 import os
 import sys
-from importlib import resources
 from pathlib import Path
 
-from avocado_ray.config import ConfigError, DistillConfig, json_schema, load_config, storage_warnings
+from avocado_ray.config import (
+    ConfigError,
+    DistillConfig,
+    config_path,
+    json_schema,
+    load_config,
+    storage_warnings,
+)
 from avocado_ray.dataplane.prompts import InputError
 from avocado_ray.dataplane.schema import SchemaVersionError
 from avocado_ray.errors import RunError
@@ -23,13 +29,6 @@ def _positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text} is not a positive whole number")
     return value
-
-
-def config_path(name: str) -> Path:
-    """A config file path; `builtin:local` is the embedded default (local Ray, tiny models)."""
-    if name.startswith("builtin:"):
-        return Path(str(resources.files("avocado_ray.resources").joinpath(f"{name[len('builtin:') :]}.yaml")))
-    return Path(name)
 
 
 def _load(args, check_paths: bool = True) -> DistillConfig:

@@ -2,8 +2,7 @@
 
 import pytest
 
-from avocado_ray.cli import config_path
-from avocado_ray.config import load_config
+from avocado_ray.config import config_path, load_config
 from avocado_ray.dataplane.prompts import Prompt
 from avocado_ray.errors import RunError
 from avocado_ray.routing.classifier import RuleClassifier

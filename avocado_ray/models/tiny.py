@@ -19,10 +19,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from avocado_ray.config import HUB_SCHEME, TINY_SCHEME
 from avocado_ray.models.teach import TEACHER_MIX, TRAIN_STEPS, train_teacher, training_record
 
-TINY_SCHEME = "tiny:"
-HUB_SCHEME = "hf:"  # a hub model id, fetched where it runs (token from HF_TOKEN in the environment only)
 TINY_VERSION = "v4"  # bump when shapes, tokenizers, templates or teacher training change, so caches rebuild
 TRAINED = "-trained"  # suffix of a teacher's name for its trained variant
 # Set (to anything but empty) to serve every `tiny:NAME-trained` untrained, as `tiny:NAME`: the test suite does,

@@ -79,6 +79,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from avocado_ray.config.training import LOSS_NAMES
+
 TAIL_EPS = 1e-6
 IGNORE_INDEX = -100  # a label the supervised loss ignores
 
@@ -180,7 +182,10 @@ LOSSES: dict[str, LossFn] = {}
 
 
 def register(name: str) -> Callable[[LossFn], LossFn]:
-    """Add a per-position loss to `LOSSES` under `name`, so that configs can weight it."""
+    """Add a per-position loss to `LOSSES` under `name`, so that configs can weight it (the name is declared in
+    config/training.py, LOSS_NAMES, so that a config is checked without importing torch)."""
+    if name not in LOSS_NAMES:
+        raise ValueError(f"loss {name!r} is not declared in avocado_ray.config (LOSS_NAMES {LOSS_NAMES})")
 
     def add(fn: LossFn) -> LossFn:
         LOSSES[name] = fn

@@ -26,8 +26,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from avocado_ray.bench import labelled_prompts
-from avocado_ray.cli import config_path
-from avocado_ray.config import DistillConfig, load_config
+from avocado_ray.config import DistillConfig, config_path, load_config
 from avocado_ray.dataplane.spill import open_samples
 
 DOMAINS = ("code", "chinese", "math", "general")
