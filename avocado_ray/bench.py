@@ -10,37 +10,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from avocado_ray.cluster import start_local
+from avocado_ray.resources.labelled import labelled_prompts
 
 if TYPE_CHECKING:
     from avocado_ray.config import RoutingConfig
     from avocado_ray.routing.classifier import DomainClassifier
-
-
-LABELLED_DIR = Path(__file__).resolve().parents[1] / "tests" / "data"
-
-
-def labelled_prompts(split: str = "dev") -> list[dict]:
-    """Real prompts of every domain with their true domain (tests/data, built by scripts/build_router_eval.py).
-
-    'dev': router_eval.jsonl, which the rules were written against, and the dev halves of router_heldout.jsonl
-    (code, math, general) and router_heldout_cjk.jsonl (Chinese poetry, manuals and phrases; Japanese, Korean and
-    English with Han names), used to tune them since. 'test': the other halves (other files, modules, seeds and
-    request wordings than router_eval.jsonl, other source files than the dev halves), never used to tune the
-    rules, only to report them.
-    """
-    if split not in ("dev", "test"):
-        raise ValueError(f"split must be 'dev' or 'test', not {split!r}")
-
-    def read(name: str) -> list[dict]:
-        return [json.loads(line) for line in (LABELLED_DIR / name).read_text().splitlines() if line.strip()]
-
-    heldout = [
-        row
-        for name in ("router_heldout.jsonl", "router_heldout_cjk.jsonl")
-        for row in read(name)
-        if row["split"] == split
-    ]
-    return (read("router_eval.jsonl") if split == "dev" else []) + heldout
 
 
 def classifier_quality(rows: list[dict], routing: RoutingConfig, classifier: DomainClassifier | None = None) -> dict:
@@ -851,7 +825,8 @@ def _bench_student(folder: Path, hidden: int, layers: int) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from avocado_ray.models.tiny import HEAD_DIM, resolve_model
+    from avocado_ray.models.shape import HEAD_DIM
+    from avocado_ray.models.tiny import resolve_model
 
     source = resolve_model("tiny:student")
     config = AutoConfig.from_pretrained(source)
