@@ -167,7 +167,7 @@ def test_the_classifier_is_accurate_on_held_out_real_text_of_each_domain():
     other files, modules, seeds and corpora than those the rules were tuned on (see scripts/build_router_eval.py), never
     used to tune them. Chinese meets the 98% target; code precision and general recall were measured at 95.8% and
     96.8% (docs/usage.md, "Routing"), below it, and are held at 95% so that they cannot fall unseen."""
-    from avocado_ray.bench import classifier_quality
+    from avocado_ray.benchmarks.router import classifier_quality
     from avocado_ray.resources.labelled import labelled_prompts
 
     quality = classifier_quality(labelled_prompts("test"), load_config(config_path("builtin:local")).routing)
@@ -222,7 +222,7 @@ def test_the_language_identifier_classifiers_tell_chinese_from_japanese_and_keep
 
 
 def test_the_classifier_comparison_measures_every_installed_classifier_on_the_same_prompts():
-    from avocado_ray.bench import compare_classifiers
+    from avocado_ray.benchmarks.router import compare_classifiers
 
     compared = compare_classifiers(load_config(config_path("builtin:local")).routing, seconds=0.01)
     assert {"rules", "cld2", "lingua"} <= set(compared)
