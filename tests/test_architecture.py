@@ -150,3 +150,14 @@ def test_no_module_of_the_package_is_over_400_lines():
         str(p.relative_to(ROOT)): n for p in modules().values() if (n := len(p.read_text().splitlines())) > MAX_LINES
     }
     assert not long, f"modules over {MAX_LINES} lines: {long}"
+
+
+def test_the_kinds_and_names_a_config_accepts_are_those_registered():
+    import typing
+
+    from avocado_ray.config import SCORER_NAMES, VLLMTeacher
+    from avocado_ray.routing.selection import SCORERS
+    from avocado_ray.teachers.backend import BACKENDS
+
+    assert typing.get_args(VLLMTeacher.model_fields["kind"].annotation) == tuple(BACKENDS)
+    assert sorted(SCORERS) == sorted(SCORER_NAMES)

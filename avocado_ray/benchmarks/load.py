@@ -67,7 +67,6 @@ def _bench_load(prompts: int = 100_000, replicas: int = 2, run_dir: str = "runs/
                 {
                     "name": "qwen",
                     "model": "tiny:qwen",
-                    "family": "qwen2",
                     "replicas": replicas,
                     "sampling": {"max_tokens": 2, "logprobs": 5},
                     "engine": {"max_model_len": 512, "kv_cache_gib": 1, "enforce_eager": True},

@@ -47,7 +47,6 @@ def scale_driver(prompts_file: str, run_dir: str, answer_prompts: int) -> dict:
                 {
                     "name": "qwen",
                     "model": "tiny:qwen",
-                    "family": "qwen2",
                     "sampling": {"max_tokens": 2, "logprobs": 5},
                     "engine": {"max_model_len": 512, "kv_cache_gib": 1, "enforce_eager": True},
                 }

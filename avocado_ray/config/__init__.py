@@ -27,7 +27,7 @@ from avocado_ray.config.load import (
     load_config,
     storage_warnings,
 )
-from avocado_ray.config.routing import BestOfConfig, RoutingConfig
+from avocado_ray.config.routing import SCORER_NAMES, BestOfConfig, RoutingConfig
 from avocado_ray.config.run import DataConfig, DispatchConfig, DistillConfig, RayConfig, StorageConfig
 from avocado_ray.config.teachers import (
     ENGINE_EXTRA_ARGS,
@@ -36,7 +36,7 @@ from avocado_ray.config.teachers import (
     SamplingConfig,
     VLLMTeacher,
 )
-from avocado_ray.config.training import StudentConfig, TrainerConfig
+from avocado_ray.config.training import LOSS_NAMES, StudentConfig, TrainerConfig
 
 __all__ = [
     "BUILTIN",
@@ -44,7 +44,9 @@ __all__ = [
     "DOMAINS",
     "ENGINE_EXTRA_ARGS",
     "HUB_SCHEME",
+    "LOSS_NAMES",
     "MAX_PROMPT_BYTES",
+    "SCORER_NAMES",
     "TINY_SCHEME",
     "AutoscaleConfig",
     "BestOfConfig",

@@ -3,24 +3,33 @@
 from __future__ import annotations
 
 from importlib.metadata import entry_points
-from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from avocado_ray.config.base import CLASSIFIER_ENTRY_POINTS, Domain, Strict
+
+# The scorers a best-of domain can name; routing/selection.py registers one under each (and refuses other names).
+SCORER_NAMES = ("judge", "agreement", "code_tests")
 
 
 class BestOfConfig(Strict):
     """Ask several teachers and keep one answer, chosen by a scorer that is comparable across tokenizers."""
 
     teachers: list[str] = Field(min_length=2, description="Teachers that all answer the domain's prompts.")
-    scorer: Literal["judge", "agreement", "code_tests"] = Field(
+    scorer: str = Field(
         description="judge: mean token logprob of each answer under the judge teacher; agreement: majority on the "
         "final answer (the last number for math); code_tests: the row's `tests` run against each answer's code "
         "in a sandbox (no network, a read-only file system, time, memory and output limits; docs/security.md)."
     )
     judge: str | None = Field(None, description="Teacher that scores answers, for scorer: judge.")
     sandbox_timeout_s: float = Field(5.0, gt=0, description="Wall and CPU time limit of one code_tests run.")
+
+    @field_validator("scorer")
+    @classmethod
+    def _known_scorer(cls, name: str) -> str:
+        if name not in SCORER_NAMES:
+            raise ValueError(f"unknown scorer {name!r}; known: {list(SCORER_NAMES)}")
+        return name
 
     @model_validator(mode="after")
     def _judge_named(self) -> BestOfConfig:

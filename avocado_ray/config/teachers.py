@@ -103,12 +103,14 @@ class AutoscaleConfig(Strict):
 class VLLMTeacher(Strict):
     """A teacher model served by a pool of vLLM engines, each in a Ray actor."""
 
-    kind: Literal["vllm"] = Field("vllm", description="Serving backend; vLLM is the one there is.")
+    kind: Literal["vllm"] = Field(
+        "vllm",
+        description="Serving backend, a key of BACKENDS in avocado_ray/teachers/backend.py; vLLM is the one there is.",
+    )
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$", description="Pool name used by the routing table.")
     model: str = Field(
         description="Model folder; tiny:NAME for a locally built tiny model; hf:ORG/NAME for a hub id vLLM fetches."
     )
-    family: Literal["qwen2", "qwen3", "gemma3", "gpt_oss"] = Field(description="Model family (chat format).")
     tensor_parallel_size: int = Field(1, gt=0, description="GPUs per replica (placement group bundles).")
     replicas: int = Field(1, gt=0, description="Number of engine replicas in the pool.")
     replicas_per_node: int = Field(
