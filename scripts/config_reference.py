@@ -19,13 +19,14 @@ overridden on the command line with `--set key.path=value`.
 
 def section_of(annotation) -> tuple[type[BaseModel] | None, str]:
     """The nested config model of a field, and the key suffix of one of its entries: '[]' for a list of them,
-    '.DOMAIN' for a mapping, '' for one model (or an optional one)."""
+    '.DOMAIN' for a mapping by domain ('.NAME' by name), '' for one model (or an optional one)."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation, ""
     for arg in typing.get_args(annotation):
         if isinstance(arg, type) and issubclass(arg, BaseModel):
             origin = typing.get_origin(annotation)
-            return arg, "[]" if origin is list else ".DOMAIN" if origin is dict else ""
+            key = ".NAME" if typing.get_args(annotation)[0] is str else ".DOMAIN"
+            return arg, "[]" if origin is list else key if origin is dict else ""
     return None, ""
 
 

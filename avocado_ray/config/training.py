@@ -8,8 +8,51 @@ from pydantic import Field, field_validator, model_validator
 
 from avocado_ray.config.base import Strict
 
-# The losses a config can weight; training/losses.py registers a function under each (and refuses other names).
-LOSS_NAMES = ("supervised", "forward_kl", "reverse_kl", "jsd")
+
+class LossSetting(Strict):
+    """One loss of `trainer.losses`: its weight and its own parameters (a bare number in a config is the weight)."""
+
+    weight: float = Field(1.0, ge=0, description="Weight of the loss; 0 logs its term without training on it.")
+
+
+class SupervisedLoss(LossSetting):
+    """Cross-entropy on the answer's next token."""
+
+
+class DivergenceLoss(LossSetting):
+    temperature: float = Field(1.0, gt=0, description="Temperature of the divergence (scaled by T^2).")
+
+
+class ForwardKLLoss(DivergenceLoss):
+    """KL(teacher || student): mode covering."""
+
+
+class ReverseKLLoss(DivergenceLoss):
+    """KL(student || teacher): mode seeking."""
+
+
+class JSDLoss(DivergenceLoss):
+    """Generalised Jensen-Shannon divergence."""
+
+    beta: float = Field(0.5, gt=0, lt=1, description="The teacher's weight in the mixture.")
+
+
+# The losses a config can weight, with each one's parameters; training/losses.py registers a function under each
+# name (and refuses other names), so that a config is checked without importing torch.
+LOSS_PARAMS: dict[str, type[LossSetting]] = {
+    "supervised": SupervisedLoss,
+    "forward_kl": ForwardKLLoss,
+    "reverse_kl": ReverseKLLoss,
+    "jsd": JSDLoss,
+}
+LOSS_NAMES = tuple(LOSS_PARAMS)
+
+
+def _loss_parameters() -> str:
+    return "; ".join(
+        f"{name}: " + ", ".join(f"{key} (default {field.default})" for key, field in model.model_fields.items())
+        for name, model in LOSS_PARAMS.items()
+    )
 
 
 class StudentConfig(Strict):
@@ -45,15 +88,15 @@ class TrainerConfig(Strict):
         description="Restarts of the worker group after a worker dies (Ray Train FailureConfig): it restores the last "
         "checkpoint and first trains the samples the lost attempt had taken from the stream, read back from the spill.",
     )
-    losses: dict[str, float] = Field(
-        default_factory=lambda: {"supervised": 1.0},
-        description="Loss weights by name: supervised, forward_kl, reverse_kl, jsd (avocado_ray/training/losses.py). "
+    losses: dict[str, LossSetting] = Field(
+        default_factory=lambda: {"supervised": SupervisedLoss(weight=1.0)},
+        description="Losses by name, each a weight (`{supervised: 1.0}`) or its settings (`{forward_kl: {weight: 1, "
+        "temperature: 2}, jsd: {weight: 1, beta: 0.5}}`); the parameters of each: " + _loss_parameters() + ". "
         "A divergence applies where the sample has the teacher's top-k and its tokens align with the student's "
         "(identity for the student's own tokenizer, byte spans otherwise); elsewhere its weight goes to the "
-        "supervised loss. Each term is logged as loss_NAME; a weight of 0 logs a term without training on it.",
+        "supervised loss. Each term is logged as loss_NAME; a weight of 0 logs a term without training on it. "
+        "A loss is added in avocado_ray/training/losses.py, its parameters in LOSS_PARAMS here.",
     )
-    temperature: float = Field(1.0, gt=0, description="Temperature of the distillation divergences (scaled by T^2).")
-    jsd_beta: float = Field(0.5, gt=0, lt=1, description="The teacher's weight in the mixture of the `jsd` loss.")
     gradient_accumulation_steps: int = Field(
         1, gt=0, description="Micro-batches per optimizer step on each worker (DeepSpeed gradient_accumulation_steps)."
     )
@@ -125,15 +168,29 @@ class TrainerConfig(Strict):
             raise ValueError("torch_autocast.lower_precision_safe_modules names modules to import: not allowed")
         return deepspeed
 
-    @field_validator("losses")
+    @field_validator("losses", mode="before")
     @classmethod
-    def _known_losses(cls, losses: dict[str, float]) -> dict[str, float]:
-        unknown = sorted(set(losses) - set(LOSS_NAMES))
+    def _known_losses(cls, losses: Any) -> Any:
+        if not isinstance(losses, dict):
+            return losses
+        unknown = sorted(set(losses) - set(LOSS_PARAMS))
         if unknown:
-            raise ValueError(f"unknown losses {unknown}; known: {sorted(LOSS_NAMES)}")
-        if not losses or any(w < 0 for w in losses.values()) or not any(w > 0 for w in losses.values()):
+            raise ValueError(f"unknown losses {unknown}; known: {sorted(LOSS_PARAMS)}")
+        settings = {
+            name: value
+            if isinstance(value, LossSetting)
+            else LOSS_PARAMS[name].model_validate({"weight": value} if isinstance(value, (int, float)) else value)
+            for name, value in losses.items()
+        }
+        weights = [s.weight for s in settings.values()]
+        if not weights or not any(w > 0 for w in weights):
             raise ValueError("loss weights must be >= 0 with at least one > 0")
-        return losses
+        return settings
+
+    @property
+    def loss_weights(self) -> dict[str, float]:
+        """The weight of each loss, by name."""
+        return {name: setting.weight for name, setting in self.losses.items()}
 
     @model_validator(mode="after")
     def _batch_splits_and_offload_fits_stage(self) -> TrainerConfig:
