@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from avocado_ray.config.base import Strict
 
@@ -176,12 +176,19 @@ class TrainerConfig(Strict):
         unknown = sorted(set(losses) - set(LOSS_PARAMS))
         if unknown:
             raise ValueError(f"unknown losses {unknown}; known: {sorted(LOSS_PARAMS)}")
-        settings = {
-            name: value
-            if isinstance(value, LossSetting)
-            else LOSS_PARAMS[name].model_validate({"weight": value} if isinstance(value, (int, float)) else value)
-            for name, value in losses.items()
-        }
+        settings = {}
+        for name, value in losses.items():
+            try:
+                settings[name] = (
+                    value
+                    if isinstance(value, LossSetting)
+                    else LOSS_PARAMS[name].model_validate(
+                        {"weight": value} if isinstance(value, (int, float)) else value
+                    )
+                )
+            except ValidationError as error:  # named by the loss, as the outer error's key path stops at `losses`
+                problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+                raise ValueError(f"{name}: {problems}") from None
         weights = [s.weight for s in settings.values()]
         if not weights or not any(w > 0 for w in weights):
             raise ValueError("loss weights must be >= 0 with at least one > 0")
