@@ -155,9 +155,11 @@ def test_no_module_of_the_package_is_over_400_lines():
 def test_the_kinds_and_names_a_config_accepts_are_those_registered():
     import typing
 
-    from avocado_ray.config import SCORER_NAMES, VLLMTeacher
+    from avocado_ray.config import LOSS_NAMES, SCORER_NAMES, VLLMTeacher
     from avocado_ray.routing.selection import SCORERS
     from avocado_ray.teachers.backend import BACKENDS
+    from avocado_ray.training.losses import LOSSES
 
     assert typing.get_args(VLLMTeacher.model_fields["kind"].annotation) == tuple(BACKENDS)
     assert sorted(SCORERS) == sorted(SCORER_NAMES)
+    assert sorted(LOSSES) == sorted(LOSS_NAMES)
