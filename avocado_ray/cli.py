@@ -7,10 +7,17 @@ import json
 import logging
 import os
 import sys
-from importlib import resources
 from pathlib import Path
 
-from avocado_ray.config import ConfigError, DistillConfig, json_schema, load_config, storage_warnings
+from avocado_ray.benchmarks import benchmarks
+from avocado_ray.config import (
+    ConfigError,
+    DistillConfig,
+    config_path,
+    json_schema,
+    load_config,
+    storage_warnings,
+)
 from avocado_ray.dataplane.prompts import InputError
 from avocado_ray.dataplane.schema import SchemaVersionError
 from avocado_ray.errors import RunError
@@ -23,13 +30,6 @@ def _positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text} is not a positive whole number")
     return value
-
-
-def config_path(name: str) -> Path:
-    """A config file path; `builtin:local` is the embedded default (local Ray, tiny models)."""
-    if name.startswith("builtin:"):
-        return Path(str(resources.files("avocado_ray.resources").joinpath(f"{name[len('builtin:') :]}.yaml")))
-    return Path(name)
 
 
 def _load(args, check_paths: bool = True) -> DistillConfig:
@@ -102,9 +102,7 @@ def cmd_route(args) -> int:
 def cmd_bench(args) -> int:
     import inspect
 
-    from avocado_ray.bench import BENCHMARKS
-
-    bench = BENCHMARKS[args.which]
+    bench = benchmarks()[args.which].run
     options = {"prompts": args.prompts} if args.prompts is not None else {}
     if options and "prompts" not in inspect.signature(bench).parameters:
         raise InputError(f"bench {args.which} takes no --prompts")
@@ -240,17 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     route.set_defaults(func=cmd_route)
 
     bench = commands.add_parser("bench", help="run a benchmark; prints one JSON object")
-    bench.add_argument(
-        "which",
-        choices=["router", "dataplane", "teachers", "trainer", "quality", "load", "accounting", "scale", "loss"],
-        help="router: rate, latency, accuracy; dataplane: bytes, rates, buffer; teachers: pool vs bare vLLM; "
-        "trainer: DeepSpeed ZeRO-3 step vs plain PyTorch AdamW tokens/s, padding waste; quality: the student's "
-        "bits per byte on each teacher's held-out answers before and after a distillation (runs/quality); "
-        "load: 100,000 prompts through the whole pipeline with a counting trainer, throughput and memory (runs/load); "
-        "accounting: the end of a run and a resume's answered ids from shard sidecars vs reading the spill; "
-        "scale: the driver's peak memory and first request at 100,000 and 1,000,000 input prompts (runs/scale); "
-        "loss: memory of the chunked loss + backward against full logits at a 151,936 vocabulary, and their agreement",
-    )
+    known = benchmarks()
+    bench.add_argument("which", choices=list(known), help="; ".join(f"{name}: {b.help}" for name, b in known.items()))
     bench.add_argument(
         "--prompts",
         type=_positive_int,

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Build tests/data/router_eval.jsonl, tests/data/router_heldout.jsonl and
-tests/data/router_heldout_cjk.jsonl: labelled sets of REAL text for the
+"""Build avocado_ray/resources/router_eval.jsonl, avocado_ray/resources/router_heldout.jsonl and
+avocado_ray/resources/router_heldout_cjk.jsonl: labelled sets of REAL text for the
 domain router (domains: code, chinese, math, general).
 
 router_eval.jsonl is the set the classifier's rules were first written
@@ -122,7 +122,7 @@ How to rerun (Debian 12, Python 3.11)
     #    the Lib/ of CPython 3.11.7, here taken from a 3.11.7 interpreter):
     python3 /work/main/scripts/build_router_eval.py build /tmp/corpora \
         --stdlib "$(python3.11 -c 'import sysconfig;print(sysconfig.get_paths()["stdlib"])')" \
-        --out /work/main/tests/data/router_eval.jsonl
+        --out /work/main/avocado_ray/resources/router_eval.jsonl
     # 3) the held-out set: its math questions, then the build (--include must
     #    be the Include/ of CPython 3.11.7):
     PYTHONHASHSEED=0 mdvenv/bin/python /work/main/scripts/build_router_eval.py \
@@ -159,7 +159,7 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
-DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
+DATA = Path(__file__).resolve().parent.parent / "avocado_ray" / "resources"
 SEED = 20240611
 MAX_CHARS = 1500
 PER_DOMAIN = 300
@@ -1278,12 +1278,14 @@ def main() -> None:
     b.add_argument("corpora", type=Path, help="folder with the extracted packages")
     b.add_argument("--stdlib", type=Path, required=True, help="CPython 3.11.7 Lib/ directory")
     b.add_argument(
-        "--out", type=Path, help="default tests/data/router_eval.jsonl, or router_heldout.jsonl with --heldout"
+        "--out",
+        type=Path,
+        help="default avocado_ray/resources/router_eval.jsonl, or router_heldout.jsonl with --heldout",
     )
     b.add_argument(
         "--heldout",
         action="store_true",
-        help="build router_heldout.jsonl, disjoint from --dev (default tests/data/router_eval.jsonl)",
+        help="build router_heldout.jsonl, disjoint from --dev (default avocado_ray/resources/router_eval.jsonl)",
     )
     b.add_argument("--dev", type=Path, default=DATA / "router_eval.jsonl")
     b.add_argument("--include", type=Path, help="with --heldout: CPython 3.11.7 Include/ directory")

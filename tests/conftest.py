@@ -18,9 +18,8 @@ import pytest
 import ray
 import yaml
 
-from avocado_ray.cli import config_path
 from avocado_ray.cluster import start_local
-from avocado_ray.config import load_config
+from avocado_ray.config import config_path, load_config
 from avocado_ray.models.tiny import UNTRAINED_ENV, build_all, cache_root
 
 # The demo config names trained teachers (tiny:NAME-trained, about a minute of training each on a fresh machine);

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from avocado_ray.cli import config_path, main
-from avocado_ray.config import ConfigError, _apply_override, load_config
+from avocado_ray.cli import main
+from avocado_ray.config import ConfigError, _apply_override, config_path, load_config
 from avocado_ray.dataplane.prompts import MAX_PROMPT_BYTES, read_prompts
 
 LOCAL = config_path("builtin:local")

@@ -7,8 +7,8 @@ import textwrap
 
 import pytest
 
-from avocado_ray.cli import config_path, main
-from avocado_ray.config import ConfigError, load_config
+from avocado_ray.cli import main
+from avocado_ray.config import ConfigError, config_path, load_config
 
 LOCAL = config_path("builtin:local")
 

@@ -98,7 +98,8 @@ def test_train_only_mode_trains_once_on_every_sample_on_disk(demo_run, local_con
 
 
 def test_a_slow_trainer_holds_the_object_store_at_the_stream_bound(ray_cluster):
-    from avocado_ray.bench import _synthetic_samples, stream_through
+    from avocado_ray.benchmarks.common import _synthetic_samples
+    from avocado_ray.benchmarks.dataplane import stream_through
 
     rows = _synthetic_samples(640, tokens=64, k=20, vocab=151_936)
     batches = [samples_to_batch(rows[i : i + 64]) for i in range(0, 640, 64)]  # ten batches of ~0.57 MB

@@ -25,11 +25,11 @@ from ray import cloudpickle
 from ray._private.state import state
 from ray.exceptions import ActorDiedError
 
-from avocado_ray.bench import labelled_prompts
 from avocado_ray.dataplane.prompts import Prompt
 from avocado_ray.dataplane.spill import ShardWriter, complete_shards, open_samples
 from avocado_ray.pipeline import Dispatcher
 from avocado_ray.report import read_metrics
+from avocado_ray.resources.labelled import labelled_prompts
 from avocado_ray.routing.router import Router, RouterClient, start_router
 from avocado_ray.teachers.pool import MAX_ATTEMPTS, TeacherPool
 from avocado_ray.teachers.replica import TeacherReplica

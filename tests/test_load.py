@@ -2,7 +2,7 @@
 
 import pytest
 
-from avocado_ray.bench import _bench_load
+from avocado_ray.benchmarks.load import _bench_load
 
 
 @pytest.mark.slow

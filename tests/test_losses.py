@@ -339,3 +339,27 @@ def test_alignment_on_the_tiny_teachers(tiny_models):
     assert 0.5 < aligned.aligned_fraction < 1.0
     assert [aligned.topk_ids[r, 0].item() for r in rows] == [aligned.student_ids[r] for r in rows]
     assert rows[-1] == len(aligned.student_ids) - 1  # the end-of-answer row aligns with the teacher's end token
+
+
+def test_each_loss_takes_its_own_parameters_from_the_config_and_a_bare_number_is_a_weight():
+    from avocado_ray.config import TrainerConfig
+
+    h, w, rows, mask = random_case()
+    losses = TrainerConfig(
+        losses={
+            "supervised": 0.5,
+            "forward_kl": {"weight": 1.0, "temperature": 2.0},
+            "jsd": {"weight": 2.0, "beta": 0.3},
+        }
+    ).losses
+    got = mix(h @ w.T, rows, mask, losses, T1).terms
+    kl = mix(h @ w.T, rows, mask, {"forward_kl": 1.0}, LossOptions(temperature=2.0)).terms["forward_kl"]
+    jsd_alone = mix(h @ w.T, rows, mask, {"jsd": 2.0}, LossOptions(jsd_beta=0.3)).terms["jsd"]
+    assert torch.allclose(got["forward_kl"][0], kl[0]) and torch.allclose(got["jsd"][0], jsd_alone[0])
+    total = mix(h @ w.T, rows, mask, losses, T1).total
+    by_hand = (
+        0.5 * mix(h @ w.T, rows, mask, {"supervised": 1.0}, T1).total
+        + mix(h @ w.T, rows, mask, {"forward_kl": 1.0}, LossOptions(temperature=2.0)).total
+        + 2.0 * mix(h @ w.T, rows, mask, {"jsd": 1.0}, LossOptions(jsd_beta=0.3)).total
+    )
+    assert torch.allclose(total, by_hand, rtol=1e-5)

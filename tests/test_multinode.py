@@ -58,9 +58,7 @@ def scenario() -> dict:
     labelled = {n.node_id for n in gpu_nodes}
 
     def teacher(**options):
-        return VLLMTeacher(
-            name="qwen", model="/nonexistent", family="qwen2", node_labels={"pool": "teachers"}, **options
-        )
+        return VLLMTeacher(name="qwen", model="/nonexistent", node_labels={"pool": "teachers"}, **options)
 
     pool = TeacherPool(teacher(tensor_parallel_size=2, replicas=4), "/nonexistent", True, 4, replica_class=WhereAmI)
     placed = pool.ready()

@@ -80,7 +80,6 @@ def test_the_saved_student_serves_in_vllm(demo_run, ray_cluster):
     student = VLLMTeacher(
         name="student",
         model=demo_run["student_dir"],
-        family="qwen2",
         sampling={"max_tokens": 8, "logprobs": 2},
         engine={"max_model_len": 256, "enforce_eager": True},
     )

@@ -13,8 +13,8 @@ import pytest
 import ray
 
 from avocado_ray import plan
-from avocado_ray.cli import config_path, main
-from avocado_ray.config import load_config
+from avocado_ray.cli import main
+from avocado_ray.config import config_path, load_config
 from avocado_ray.errors import RunError
 from avocado_ray.report import run_status
 

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from avocado_ray.cli import config_path
-from avocado_ray.config import ConfigError, load_config
+from avocado_ray.config import ConfigError, config_path, load_config
 from avocado_ray.routing.sandbox import run_python_tests
 
 PACKAGE = Path(__file__).resolve().parents[1] / "avocado_ray"
@@ -43,7 +42,7 @@ def test_no_module_of_the_package_evaluates_or_imports_strings():
                 ):
                     found.add((str(path.relative_to(PACKAGE)), name))
     assert found == {
-        ("config.py", "entry_points"),
+        ("config/routing.py", "entry_points"),
         ("routing/classifier.py", "entry_points"),
         ("teachers/engines.py", "entry_points"),
     }

@@ -16,11 +16,11 @@ import pytest
 import ray
 from vllm.logprobs import FlatLogprobs
 
-from avocado_ray.bench import labelled_prompts
 from avocado_ray.cli import main
 from avocado_ray.config import AutoscaleConfig
 from avocado_ray.dataplane.spill import ShardWriter, open_samples
 from avocado_ray.pipeline import Dispatcher
+from avocado_ray.resources.labelled import labelled_prompts
 from avocado_ray.teachers.control import request_scale, start_control
 from avocado_ray.teachers.engines import GUARD_ENV, end_processes, process_tree, wait_gone
 from avocado_ray.teachers.pool import TeacherPool

@@ -124,7 +124,7 @@ def test_gpu_workers_use_nccl_bf16_and_fused_adam_and_cpu_workers_gloo_fp32_and_
 
 
 def test_trainer_options_are_validated():
-    assert TrainerConfig().losses == {"supervised": 1.0}
+    assert TrainerConfig().loss_weights == {"supervised": 1.0}
     with pytest.raises(ValidationError, match="unknown losses"):
         TrainerConfig(losses={"fwd_kl": 1.0})
     with pytest.raises(ValidationError, match="at least one > 0"):

@@ -52,7 +52,6 @@ def vision_pool(tiny_models, ray_cluster):
     teacher = VLLMTeacher(
         name="vision",
         model="tiny:vision",
-        family="qwen2",
         vision=True,
         sampling=SamplingConfig(temperature=0.0, max_tokens=4, logprobs=5),
         engine=EngineConfig(max_model_len=512, enforce_eager=True, extra_args={"limit_mm_per_prompt": {"image": 2}}),

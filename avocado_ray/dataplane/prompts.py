@@ -25,8 +25,9 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
+from avocado_ray.config import MAX_PROMPT_BYTES
+
 BUILTIN_PREFIX = "builtin:"
-MAX_PROMPT_BYTES = 1 << 20  # default limit of one input row, as UTF-8 JSON: far beyond any teacher's context
 INPUT_SUFFIXES = (".jsonl", ".json", ".parquet")  # the files a folder of prompts contributes
 READ_BUFFER_BYTES = 1 << 20
 

@@ -19,17 +19,15 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from avocado_ray.config import HUB_SCHEME, TINY_SCHEME
+from avocado_ray.models.shape import HEAD_DIM, HEADS, HIDDEN, LAYERS, MAX_POSITIONS
 from avocado_ray.models.teach import TEACHER_MIX, TRAIN_STEPS, train_teacher, training_record
 
-TINY_SCHEME = "tiny:"
-HUB_SCHEME = "hf:"  # a hub model id, fetched where it runs (token from HF_TOKEN in the environment only)
 TINY_VERSION = "v4"  # bump when shapes, tokenizers, templates or teacher training change, so caches rebuild
 TRAINED = "-trained"  # suffix of a teacher's name for its trained variant
 # Set (to anything but empty) to serve every `tiny:NAME-trained` untrained, as `tiny:NAME`: the test suite does,
 # as its runs check the machinery, not what teachers know, and training costs about a minute per teacher.
 UNTRAINED_ENV = "AVOCADO_RAY_UNTRAINED_TEACHERS"
-
-HIDDEN, LAYERS, HEADS, HEAD_DIM, MAX_POSITIONS = 128, 2, 2, 64, 2048
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from avocado_ray.models.tiny import HEAD_DIM, HEADS, HIDDEN, LAYERS, MAX_POSITIONS
+from avocado_ray.models.shape import HEAD_DIM, HEADS, HIDDEN, LAYERS, MAX_POSITIONS
 
 IMAGE_SIZE, PATCH_SIZE, SCALE_FACTOR = 64, 16, 2  # a 4x4 patch grid, shuffled to 4 image tokens
 IMAGE_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2 // SCALE_FACTOR**2

@@ -24,6 +24,8 @@ from __future__ import annotations
 import re
 from typing import Protocol
 
+from avocado_ray.config import CLASSIFIER_ENTRY_POINTS
+
 # Chinese by script. A prompt is Chinese when Han ideographs are at least CHINESE_SHARE of its words: Han
 # characters, Latin-script words, Hangul syllables and kana letters, each counted as one. Digits, punctuation
 # (CJK, full-width or ASCII), box drawing, spaces of any kind and other layout characters count for nothing, so
@@ -297,7 +299,7 @@ def _math_rule(text: str, data: bytes, words: set[bytes]) -> str | None:
     return None
 
 
-ENTRY_POINT_GROUP = "avocado_ray.classifiers"
+ENTRY_POINT_GROUP = CLASSIFIER_ENTRY_POINTS  # declared in config, which checks a config's name against it
 
 
 def _installed() -> dict:

@@ -12,11 +12,12 @@ from __future__ import annotations
 import asyncio
 import re
 from collections import Counter
+from collections.abc import Awaitable, Callable
 
 import pyarrow as pa
 from ray.exceptions import RayActorError
 
-from avocado_ray.config import BestOfConfig
+from avocado_ray.config import SCORER_NAMES, BestOfConfig
 from avocado_ray.dataplane.schema import samples_to_batch
 from avocado_ray.routing.sandbox import run_python_tests
 
@@ -113,14 +114,7 @@ class Selector:
 
     async def _choose(self, expected: dict, rows: list[dict]) -> dict:
         config = self.best_of[expected["domain"]]
-        answers = [r["answer"] for r in rows]
-        if config.scorer == "agreement":
-            scored = score_agreement(answers)
-        elif config.scorer == "code_tests":
-            scored = await asyncio.to_thread(score_code_tests, answers, expected.get("tests"), config.sandbox_timeout_s)
-        else:
-            logprobs = await self._judge(config.judge, expected["messages"], answers)
-            scored = [(lp, f"mean token logprob under {config.judge}") for lp in logprobs]
+        scored = await SCORERS[config.scorer](self, config, expected, [r["answer"] for r in rows])
         best = max(range(len(rows)), key=lambda i: (scored[i][0], -i))
         winner = dict(rows[best])
         winner["scorer"] = config.scorer
@@ -129,3 +123,37 @@ class Selector:
             for r, (s, why) in zip(rows, scored)
         ]
         return winner
+
+
+Scorer = Callable[[Selector, BestOfConfig, dict, list[str]], Awaitable[list[tuple[float, str]]]]
+SCORERS: dict[str, Scorer] = {}  # by the name `routing.best_of.DOMAIN.scorer` gives
+
+
+def scorer(name: str) -> Callable[[Scorer], Scorer]:
+    """Add a scorer to `SCORERS` under `name`, declared in config/routing.py (SCORER_NAMES), which checks configs
+    without importing this module: (selector, the domain's BestOfConfig, the expected prompt, the answers) to a
+    (score, reason) per answer; the highest score wins."""
+    if name not in SCORER_NAMES:
+        raise ValueError(f"scorer {name!r} is not declared in avocado_ray.config (SCORER_NAMES {SCORER_NAMES})")
+
+    def add(fn: Scorer) -> Scorer:
+        SCORERS[name] = fn
+        return fn
+
+    return add
+
+
+@scorer("agreement")
+async def _agreement(selector: Selector, config: BestOfConfig, expected: dict, answers: list[str]):
+    return score_agreement(answers)
+
+
+@scorer("code_tests")
+async def _code_tests(selector: Selector, config: BestOfConfig, expected: dict, answers: list[str]):
+    return await asyncio.to_thread(score_code_tests, answers, expected.get("tests"), config.sandbox_timeout_s)
+
+
+@scorer("judge")
+async def _judge(selector: Selector, config: BestOfConfig, expected: dict, answers: list[str]):
+    logprobs = await selector._judge(config.judge, expected["messages"], answers)
+    return [(lp, f"mean token logprob under {config.judge}") for lp in logprobs]

@@ -23,7 +23,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from avocado_ray.config import VLLMTeacher
-from avocado_ray.teachers.replica import TeacherReplica
+from avocado_ray.teachers.backend import backend
 
 log = logging.getLogger(__name__)
 
@@ -120,12 +120,13 @@ class TeacherPool:
         use_gpu: bool,
         max_in_flight: int,
         seed: int = 0,
-        replica_class: type = TeacherReplica,
+        replica_class: type | None = None,
         start: bool = True,
     ):
         self.teacher, self.model_path, self.use_gpu, self.seed = teacher, model_path, use_gpu, seed
         self.max_in_flight = max_in_flight
-        self.remote_class = ray.remote(replica_class)  # a test double stands in where no GPU is
+        # the backend of the teacher's kind (teachers/backend.py); a test double stands in where no GPU is
+        self.remote_class = ray.remote(replica_class or backend(teacher.kind))
         self.replicas: dict[int, _Replica] = {}
         self.calls: dict[ray.ObjectRef, _Call] = {}
         self.next_index = 0

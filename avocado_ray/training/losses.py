@@ -73,11 +73,13 @@ import json
 import math
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from avocado_ray.config.training import LOSS_NAMES, LossSetting
 
 TAIL_EPS = 1e-6
 IGNORE_INDEX = -100  # a label the supervised loss ignores
@@ -98,7 +100,8 @@ class Targets:
 
 @dataclass(frozen=True)
 class LossOptions:
-    """Settings shared by the losses."""
+    """Settings of the losses: the chunk size, and the temperature and JSD beta a loss takes when its
+    `LossSetting` in the config (trainer.losses) does not set its own (`loss_setting`)."""
 
     temperature: float = 1.0
     jsd_beta: float = 0.5
@@ -180,13 +183,25 @@ LOSSES: dict[str, LossFn] = {}
 
 
 def register(name: str) -> Callable[[LossFn], LossFn]:
-    """Add a per-position loss to `LOSSES` under `name`, so that configs can weight it."""
+    """Add a per-position loss to `LOSSES` under `name`, so that configs can weight it (the name is declared in
+    config/training.py, LOSS_NAMES, so that a config is checked without importing torch)."""
+    if name not in LOSS_NAMES:
+        raise ValueError(f"loss {name!r} is not declared in avocado_ray.config (LOSS_NAMES {LOSS_NAMES})")
 
     def add(fn: LossFn) -> LossFn:
         LOSSES[name] = fn
         return fn
 
     return add
+
+
+def loss_setting(setting: float | LossSetting, options: LossOptions) -> tuple[float, LossOptions]:
+    """(weight, options) of one loss: a bare number is a weight with `options` as they are; a config's
+    `LossSetting` (config/training.py, LOSS_PARAMS) brings its own temperature and (jsd) beta."""
+    if not isinstance(setting, LossSetting):
+        return float(setting), options
+    own = {"temperature": getattr(setting, "temperature", None), "jsd_beta": getattr(setting, "beta", None)}
+    return setting.weight, replace(options, **{key: value for key, value in own.items() if value is not None})
 
 
 def _view(student: Student, targets: Targets) -> StudentView:
@@ -254,7 +269,11 @@ class MixedLoss(NamedTuple):
 
 
 def mix(
-    logits: torch.Tensor, targets: Targets, mask: torch.Tensor, weights: dict[str, float], options: LossOptions
+    logits: torch.Tensor,
+    targets: Targets,
+    mask: torch.Tensor,
+    weights: dict[str, float | LossSetting],
+    options: LossOptions,
 ) -> MixedLoss:
     """Sum over `mask` of sum_name weight * loss, a divergence replaced by the supervised loss where not `distill`.
 
@@ -268,11 +287,12 @@ def mix(
     fallback = supervised(student, targets, options)
     total = torch.zeros_like(fallback)
     terms = {}
-    for name, weight in weights.items():
+    for name, setting in weights.items():
+        weight, own = loss_setting(setting, options)
         if name == "supervised":
             loss, covered, applied = fallback, mask, fallback
         else:
-            loss, covered = LOSSES[name](student, targets, options), mask & targets.distill
+            loss, covered = LOSSES[name](student, targets, own), mask & targets.distill
             applied = torch.where(targets.distill, loss, fallback)
         total = total + weight * applied
         terms[name] = (torch.where(covered, loss, 0.0).sum().detach(), covered.sum())
@@ -343,7 +363,7 @@ def chunked_mix(
     weight: torch.Tensor,
     targets: Targets,
     mask: torch.Tensor,
-    weights: dict[str, float],
+    weights: dict[str, float | LossSetting],
     options: LossOptions,
 ) -> MixedLoss:
     """`mix` of the logits hidden @ weight^T ([N, H] @ [H, V]) with at most `options.chunk_tokens` rows of logits
@@ -387,7 +407,7 @@ class CausalLMLoss(torch.nn.Module):
         position_ids: torch.Tensor,
         rows: torch.Tensor,
         targets: Targets,
-        weights: dict[str, float],
+        weights: dict[str, float | LossSetting],
         options: LossOptions,
     ) -> MixedLoss:
         """`chunked_mix` over the hidden states at `rows` ([B, L] bool, in order), all of them masked in."""

@@ -6,8 +6,8 @@ student's chat format, over the answer's tokens (and its end token when the teac
 by the answer's UTF-8 bytes. `run_quality` (docs/training.md has the details):
 
 1. in one generation run through the real pipeline, every teacher answers held-out prompts of every domain
-   (the 'test' half of tests/data/router_heldout.jsonl, never used to train anything) and the routed teacher
-   answers the 'dev' prompts of tests/data, routed by the default table;
+   (the 'test' half of avocado_ray/resources/router_heldout.jsonl, never used to train anything) and the routed teacher
+   answers the 'dev' prompts of avocado_ray/resources, routed by the default table;
 2. measures the untrained student's bits per byte on each teacher's held-out answers, and for the teacher that
    shares the student's tokenizer the token-level KL from teacher to student (forward KL over the teacher's
    top-k and the tail bucket, as the `forward_kl` loss computes it);
@@ -25,10 +25,9 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from avocado_ray.bench import labelled_prompts
-from avocado_ray.cli import config_path
-from avocado_ray.config import DistillConfig, load_config
+from avocado_ray.config import DistillConfig, config_path, load_config
 from avocado_ray.dataplane.spill import open_samples
+from avocado_ray.resources.labelled import labelled_prompts
 
 DOMAINS = ("code", "chinese", "math", "general")
 PROMPT_CHARS = 160  # prompts are cut to this, so that every teacher's context holds them

@@ -359,9 +359,7 @@ class StudentTrainer:
         self.ds_config = deepspeed_config(trainer, world_size)
         self.accumulation = int(self.ds_config["gradient_accumulation_steps"])  # raw DeepSpeed keys may set it
         self.weights = dict(trainer.losses)
-        self.options = LossOptions(
-            temperature=trainer.temperature, jsd_beta=trainer.jsd_beta, chunk_tokens=trainer.loss_chunk_tokens
-        )
+        self.options = LossOptions(chunk_tokens=trainer.loss_chunk_tokens)  # temperature, beta: each loss's own
         # Ray Train made the torch process group; DeepSpeed's comm layer adopts it.
         deepspeed.init_distributed(dist_backend=comm_backend(trainer))
         # Keeping this object alive makes from_pretrained build the model under zero.Init (sharded from the start).
