@@ -16,8 +16,9 @@ import torch
 from avocado_ray.config import TrainerConfig
 from avocado_ray.teachers.pool import TeacherPool
 from avocado_ray.teachers.replica import ReasoningSplitter, answer_token_start
+from avocado_ray.training.batching import SampleEncoder
 from avocado_ray.training.losses import CausalLMLoss, LossOptions
-from avocado_ray.training.trainer import SampleEncoder, micro_loss
+from avocado_ray.training.student import micro_loss
 
 HARMONY_TURN = "<|channel|>analysis<|message|>{reasoning}<|end|><|start|>assistant<|channel|>final<|message|>{answer}"
 

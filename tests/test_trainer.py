@@ -24,20 +24,11 @@ from avocado_ray.config import TrainerConfig
 from avocado_ray.dataplane.rundir import RunDir
 from avocado_ray.dataplane.schema import samples_to_batch
 from avocado_ray.dataplane.stream import SampleStream
+from avocado_ray.training.batching import IGNORE, SampleEncoder, bucket, pack, padding_waste, plan_step
 from avocado_ray.training.feed import next_item, start_feeder
 from avocado_ray.training.losses import CausalLMLoss, LossOptions
-from avocado_ray.training.trainer import (
-    IGNORE,
-    SampleEncoder,
-    bucket,
-    comm_backend,
-    deepspeed_config,
-    make_trainer,
-    micro_loss,
-    pack,
-    padding_waste,
-    plan_step,
-)
+from avocado_ray.training.student import comm_backend, deepspeed_config, micro_loss
+from avocado_ray.training.trainer import make_trainer
 
 LOSSES = {"supervised": 1.0, "forward_kl": 1.0}
 TEACHERS = ("qwen", "gemma", "t")  # same tokenizer as the student, another tokenizer, unknown tokenizer

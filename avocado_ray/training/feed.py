@@ -25,7 +25,8 @@ from collections.abc import Iterator
 from avocado_ray.config import TrainerConfig
 from avocado_ray.dataplane.rundir import METRICS, TAKEN_SEQ, Log, RunDir
 from avocado_ray.dataplane.stream import SampleStream
-from avocado_ray.training.trainer import Encoded, SampleEncoder, _taken_but_not_trained
+from avocado_ray.training.batching import Encoded, SampleEncoder
+from avocado_ray.training.trainer import _taken_but_not_trained
 
 POLL_S = 1.0  # how long one `take` waits before a rank asks again
 

@@ -74,8 +74,9 @@ def measure(student_dir: str, samples: list[dict], teacher_tokenizers: dict[str,
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from avocado_ray.config import TrainerConfig
+    from avocado_ray.training.batching import IGNORE, SampleEncoder
     from avocado_ray.training.losses import CausalLMLoss, LossOptions
-    from avocado_ray.training.trainer import IGNORE, SampleEncoder, micro_loss
+    from avocado_ray.training.student import micro_loss
 
     tokenizer = AutoTokenizer.from_pretrained(student_dir)
     model = CausalLMLoss(AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)).eval()
