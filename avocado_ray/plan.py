@@ -4,7 +4,7 @@ Built from the config before anything starts, it is logged as one table at the s
 `run_dir/plan.json`, which `avocado-ray status` shows), and `avocado-ray plan` prints it without starting anything.
 A plan that does not fit fails the run at once, one line per missing resource, instead of leaving placement
 groups and Ray Train's worker group to wait for resources that never come (`ray.wait_for_resources_s` lets a run
-wait for an autoscaler instead). A teacher that no node could ever hold is down, as `pipeline.fall_back` has it:
+wait for an autoscaler instead). A teacher that no node could ever hold is down, as `pipeline.routes.Fallback` has it:
 the plan says so and leaves it out, its prompts going to `routing.fallback`.
 
 The parts: each teacher pool's placement groups (`teachers.pool.group_bundles`, all of a group on one node), the
@@ -219,7 +219,7 @@ def make_plan(
         if teachers and part.name in {t.name for t in config.teachers}:
             try:
                 check_fits(config.teacher(part.name), part.groups, use_gpu, nodes=shapes)
-            except PlacementError as error:  # pipeline.start_pools marks it down the same way
+            except PlacementError as error:  # pipeline.routes.start_pools marks it down the same way
                 part.down = str(error)
     down = {p.name for p in run if p.down}
     judges = {b.judge for b in config.routing.best_of.values() if b.judge}

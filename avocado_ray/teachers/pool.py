@@ -138,7 +138,7 @@ class TeacherPool:
 
     def reserve(self) -> list[PlacementGroup]:
         """The placement groups of the pool's replicas, asked of Ray without starting any engine (with
-        `start=False`), so that a run can reserve every pool's before one engine starts (`pipeline.start_pools`).
+        `start=False`), so that a run can reserve every pool's before one engine starts (`pipeline.routes.start_pools`).
         Raises PlacementError when the cluster cannot hold them."""
         groups = self._groups_needed(self.teacher.replicas)
         check_fits(self.teacher, groups, self.use_gpu, held=len(self.groups))
