@@ -26,13 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from avocado_ray.config import DistillConfig
-from avocado_ray.dataplane.rundir import RunDir
+from avocado_ray.dataplane.rundir import PLAN, RunDir
 from avocado_ray.errors import RunError
 from avocado_ray.teachers.pool import PlacementError, check_fits, group_bundles
 
 log = logging.getLogger(__name__)
 
-PLAN_FILE = "plan.json"  # in the run directory, for `avocado-ray status`
 WAIT_LOG_S = 10.0  # while waiting for an autoscaler, a line this often
 PLACE_S = 60.0  # how long Ray may take to place a plan that fits (it takes well under a second when nothing races)
 COLUMNS = ("GPU", "CPU")
@@ -351,7 +350,7 @@ def check(config: DistillConfig, run_dir: RunDir | Path, teachers: bool = True, 
         finally:
             request_resources(bundles=[])
         log.info("%s", plan.table())
-    RunDir.of(run_dir).write_text(PLAN_FILE, json.dumps(plan.to_json(), indent=2) + "\n")
+    RunDir.of(run_dir).write_text(PLAN, json.dumps(plan.to_json(), indent=2) + "\n")
     if not plan.fits:
         waited = f" after waiting {wait_s:g} s (ray.wait_for_resources_s)" if wait_s > 0 else ""
         raise RunError(

@@ -19,6 +19,8 @@ from avocado_ray.config import DistillConfig
 from avocado_ray.dataplane.prompts import IdSet, InputError, PromptReader
 from avocado_ray.dataplane.rundir import METRICS, SAMPLES, STUDENT, SUMMARY, TAKEN_SEQ, Log, RunDir
 from avocado_ray.dataplane.spill import (
+    CORRUPT,
+    SHARD_GLOB,
     Shard,
     ShardWriter,
     complete_shards,
@@ -243,7 +245,7 @@ def _damaged_answers(samples_dir: RunDir, reader: PromptReader, dead_letters: De
     are read whole, and the input is read again only when one was damaged."""
 
     def set_aside() -> int:
-        return sum(i.base_name.endswith(".corrupt") for i in samples_dir.list())
+        return sum(i.base_name.endswith(CORRUPT) for i in samples_dir.list())
 
     before = set_aside()
     whole = complete_shards(samples_dir)
@@ -291,7 +293,7 @@ def run_train(config: DistillConfig, data_dir: str | Path) -> dict:
     data = RunDir(data_dir, config.storage)
     shards = complete_shards(data)
     if not shards:
-        raise InputError(f"{data_dir}: no complete sample shards (shard-*.parquet)")
+        raise InputError(f"{data_dir}: no complete sample shards ({SHARD_GLOB})")
     log.info("ray: %s", cluster.connect(config))
     plan.check(config, run_dir, teachers=False)
     stream, training = _start_training(config, run_dir, data)

@@ -28,6 +28,7 @@ from pathlib import Path
 from avocado_ray.bench import labelled_prompts
 from avocado_ray.cli import config_path
 from avocado_ray.config import DistillConfig, load_config
+from avocado_ray.dataplane.rundir import SAMPLES
 from avocado_ray.dataplane.spill import open_samples
 
 DOMAINS = ("code", "chinese", "math", "general")
@@ -179,7 +180,7 @@ def run_quality(
     config = quality_config(out / "generate", prompts, overrides)
     start_local(local_cpus(config))
     generated = run_distill(config, train=False)
-    answers = open_samples(out / "generate" / "samples").to_table().to_pylist()
+    answers = open_samples(out / "generate" / SAMPLES).to_table().to_pylist()
     domain_of = {row["id"]: row["domain"] for row in heldout}
     samples = [
         {**row, "true_domain": domain_of[row["prompt_id"].rsplit("@", 1)[0]]}

@@ -18,7 +18,17 @@ import time
 from pathlib import Path
 
 from avocado_ray.config import TrainerConfig
-from avocado_ray.dataplane.rundir import METRICS, RAY_TRAIN, STUDENT, TAKEN_SEQ, TRAINED_IDS, Log, RunDir
+from avocado_ray.dataplane.rundir import (
+    CHECKPOINT_STATE,
+    METRICS,
+    RAY_TRAIN,
+    STUDENT,
+    TAKEN_SEQ,
+    TRAINED_IDS,
+    Log,
+    RunDir,
+    checkpoint_name,
+)
 from avocado_ray.dataplane.spill import complete_shards, samples_not_in, write_manifest
 from avocado_ray.dataplane.stream import SampleStream
 from avocado_ray.training.student import StudentTrainer, comm_backend
@@ -60,7 +70,7 @@ class _Lineage:
         self.run = run_dir
         self.step, self.ids = 0, []
         if checkpoint_dir is not None:
-            self.step = json.loads((checkpoint_dir / "state.json").read_text())["step"]
+            self.step = json.loads((checkpoint_dir / CHECKPOINT_STATE).read_text())["step"]
             self.ids = (checkpoint_dir / TRAINED_IDS).read_text().split()
         self.already_trained = set(self.ids)  # samples a rerun replays but must not train on again
         self.run.write_text(TRAINED_IDS, self.text())
@@ -73,7 +83,7 @@ class _Lineage:
         self.ids.extend(ids)
 
     def save(self, folder: Path) -> None:
-        (folder / "state.json").write_text(json.dumps({"step": self.step, "samples": len(self.ids)}))
+        (folder / CHECKPOINT_STATE).write_text(json.dumps({"step": self.step, "samples": len(self.ids)}))
         (folder / TRAINED_IDS).write_text(self.text())
         self.run.write_text(TRAINED_IDS, self.text())
 
@@ -89,7 +99,7 @@ def _checkpoint(
     """
     from ray import train
 
-    name = f"checkpoint-{step:06d}"
+    name = checkpoint_name(step)
     shards = []
     with tempfile.TemporaryDirectory(prefix="avocado-ckpt-") as folder:
         student.engine.save_checkpoint(folder, tag=DEEPSPEED_TAG)
