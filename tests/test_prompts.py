@@ -105,7 +105,8 @@ def test_a_folder_or_glob_of_jsonl_and_parquet_files_streams_in_bounded_batches_
 
 
 def test_ids_answered_before_are_passed_over_and_counted(tmp_path):
-    from avocado_ray.dataplane.prompts import IdSet, PromptReader
+    from avocado_ray.dataplane.idset import IdSet
+    from avocado_ray.dataplane.prompts import PromptReader
 
     path = tmp_path / "p.jsonl"
     path.write_text("".join(json.dumps({"id": f"q{i}", "prompt": "hi"}) + "\n" for i in range(10_000)))

@@ -8,7 +8,8 @@ import tempfile
 from collections import Counter
 
 from avocado_ray.config import DistillConfig
-from avocado_ray.dataplane.prompts import IdSet, PromptReader, Rejected
+from avocado_ray.dataplane.idset import IdSet
+from avocado_ray.dataplane.prompts import PromptReader, Rejected
 from avocado_ray.dataplane.rundir import REJECTED, RunDir
 from avocado_ray.pipeline.routes import Routed, plan_requests
 from avocado_ray.routing.router import RouterClient

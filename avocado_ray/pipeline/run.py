@@ -16,7 +16,8 @@ from ray.exceptions import RayTaskError
 
 from avocado_ray import cluster, plan
 from avocado_ray.config import DistillConfig
-from avocado_ray.dataplane.prompts import IdSet, InputError, PromptReader
+from avocado_ray.dataplane.idset import IdSet
+from avocado_ray.dataplane.prompts import InputError, PromptReader
 from avocado_ray.dataplane.rundir import METRICS, SAMPLES, STUDENT, SUMMARY, TAKEN_SEQ, Log, RunDir
 from avocado_ray.dataplane.spill import (
     CORRUPT,
