@@ -7,7 +7,7 @@ groups and Ray Train's worker group to wait for resources that never come (`ray.
 wait for an autoscaler instead). A teacher that no node could ever hold is down, as `pipeline.routes.Fallback` has it:
 the plan says so and leaves it out, its prompts going to `routing.fallback`.
 
-The parts: each teacher pool's placement groups (`teachers.pool.group_bundles`, all of a group on one node), the
+The parts: each teacher pool's placement groups (`teachers.placement.group_bundles`, all of a group on one node), the
 Ray Train worker group (a bundle per worker, PACK: spread when one node cannot take them all) and the actors that
 reserve nothing (`num_cpus=0`: router, shard writer, sample stream, control actor, best-of selector, and Ray
 Train's controller), listed so that the table shows the whole run.
@@ -28,7 +28,7 @@ from pathlib import Path
 from avocado_ray.config import DistillConfig
 from avocado_ray.dataplane.rundir import PLAN, RunDir
 from avocado_ray.errors import RunError
-from avocado_ray.teachers.pool import PlacementError, check_fits, group_bundles
+from avocado_ray.teachers.placement import PlacementError, check_fits, group_bundles
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from avocado_ray.dataplane.stream import SampleStream
 from avocado_ray.pipeline.feed import InputFeed
 from avocado_ray.pipeline.routes import Fallback, Request, Routed, TeacherQueue, Work
 from avocado_ray.progress import GenerationMonitor
-from avocado_ray.teachers.pool import PlacementError
+from avocado_ray.teachers.placement import PlacementError
 
 log = logging.getLogger("avocado_ray")
 

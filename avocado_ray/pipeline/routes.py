@@ -20,7 +20,8 @@ from avocado_ray.config import DistillConfig
 from avocado_ray.dataplane.prompts import Rejected
 from avocado_ray.errors import RunError
 from avocado_ray.models.tiny import resolve_model
-from avocado_ray.teachers.pool import PlacementError, TeacherPool
+from avocado_ray.teachers.placement import PlacementError
+from avocado_ray.teachers.pool import TeacherPool
 
 log = logging.getLogger("avocado_ray")
 
