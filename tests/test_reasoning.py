@@ -123,7 +123,7 @@ def test_a_gptoss_replica_stores_reasoning_and_answer_apart(tiny_models, ray_clu
         row = ray.get(ref).to_pylist()[0]
     finally:
         pool.shutdown()
-    assert report["rejected"] == []
+    assert report.rejected == []
     assert re.fullmatch(words, row["reasoning"]) and re.fullmatch(words, row["answer"]), row
     completion = gptoss_tokenizer.decode(row["token_ids"], skip_special_tokens=False)
     assert completion.removesuffix("<|return|>") == HARMONY_TURN.format(

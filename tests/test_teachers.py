@@ -256,9 +256,9 @@ def test_an_over_long_prompt_is_rejected_with_its_reason(teacher_pools):
     }
     ref = pool.submit([long])
     report, _ = pool.complete(ref)
-    assert report["samples"] == 0
-    assert report["rejected"][0]["prompt_id"] == "long"
-    assert "does not fit qwen's context of 512" in report["rejected"][0]["reason"]
+    assert report.samples == 0
+    assert report.rejected[0]["prompt_id"] == "long"
+    assert "does not fit qwen's context of 512" in report.rejected[0]["reason"]
 
 
 def test_scale_from_the_command_line_names_a_run_that_is_not_running(ray_cluster, tmp_path):

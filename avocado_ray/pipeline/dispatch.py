@@ -200,11 +200,11 @@ class Dispatcher:
                 self.retried_prompts += sum(map(len, retry))
                 if report is None:
                     continue
-                if report.get("failed"):  # a call that raised has no record batch: an empty one carries its
+                if report.failed:  # a call that raised has no record batch: an empty one carries its
                     ref = ray.put(samples_to_batch([]))  # rejections on (through the selector, for best-of)
-                self._log({"kind": "generate", "teacher": name, **{k: v for k, v in report.items() if k != "rejected"}})
+                self._log({"kind": "generate", "teacher": name, **report.record()})
                 monitor.answered(name, report)
-                batch_ref, rejected = ref, report["rejected"]
+                batch_ref, rejected = ref, report.rejected
                 if best_of:  # with the judge replicas serving now (one may have been replaced or scaled away)
                     judges = {judge: self.pools[judge].actors() for judge in self.judges}
                     batch_ref, rejected_ref = self.selector.add.options(num_returns=2).remote(

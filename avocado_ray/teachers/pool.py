@@ -62,6 +62,23 @@ class _Replica:
 
 
 @dataclass
+class CallReport:
+    """A finished call, as `TeacherPool.complete` gives it: what the replica reported, and which replica it was."""
+
+    rejected: list[dict]  # {prompt_id, reason, code} of the prompts the call did not answer
+    samples: int
+    tokens: int
+    batch_s: float
+    replica: int
+    failed: bool = False  # the call raised: it has no record batch, `rejected` holds the prompts out of attempts
+
+    def record(self) -> dict:
+        """The fields of the metrics' `generate` record: all but the rejections (`failed` only when set)."""
+        fields = {"samples": self.samples, "tokens": self.tokens, "batch_s": self.batch_s, "replica": self.replica}
+        return {**fields, "failed": True} if self.failed else fields
+
+
+@dataclass
 class _Call:
     replica: int
     requests: list[dict]
@@ -245,8 +262,8 @@ class TeacherPool:
         """Engines starting or restarting: the driver waits on these too, so a new replica is noticed."""
         return [r.probe for r in self.replicas.values() if r.probe is not None]
 
-    def complete(self, batch_ref: ray.ObjectRef) -> tuple[dict | None, list[list[dict]]]:
-        """A finished call: (report with `rejected`, `samples`, `tokens`, `replica`; no batches to send again).
+    def complete(self, batch_ref: ray.ObjectRef) -> tuple[CallReport | None, list[list[dict]]]:
+        """A finished call: (its report; no batches to send again).
         If the replica was lost: (None, [its requests]), to send again. If the call raised: each prompt goes
         again in a batch of its own (so one bad prompt cannot fail the others twice), and a prompt that raised
         `MAX_ATTEMPTS` times comes back rejected in a report with `failed` set (the call has no record batch)."""
@@ -275,9 +292,9 @@ class TeacherPool:
         if replica is not None:
             replica.in_flight -= 1
             self._retire_drained()
-        return {**report, "replica": call.replica}, []
+        return CallReport(**report, replica=call.replica), []
 
-    def _failed(self, call: _Call, error: RayTaskError) -> tuple[dict | None, list[list[dict]]]:
+    def _failed(self, call: _Call, error: RayTaskError) -> tuple[CallReport | None, list[list[dict]]]:
         cause = str(error.cause if error.cause is not None else error).strip().splitlines()[-1][:300]
         log.warning(
             "teacher %s replica %d raised on a call of %d prompts: %s",
@@ -296,14 +313,7 @@ class TeacherPool:
             for r in tried
             if r["attempts"] >= MAX_ATTEMPTS
         ]
-        report = {
-            "rejected": rejected,
-            "samples": 0,
-            "tokens": 0,
-            "batch_s": 0.0,
-            "replica": call.replica,
-            "failed": True,
-        }
+        report = CallReport(rejected, samples=0, tokens=0, batch_s=0.0, replica=call.replica, failed=True)
         return (report if rejected else None), [[r] for r in tried if r["attempts"] < MAX_ATTEMPTS]
 
     # -- elasticity ------------------------------------------------------------------------------------------
