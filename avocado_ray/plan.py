@@ -4,10 +4,10 @@ Built from the config before anything starts, it is logged as one table at the s
 `run_dir/plan.json`, which `avocado-ray status` shows), and `avocado-ray plan` prints it without starting anything.
 A plan that does not fit fails the run at once, one line per missing resource, instead of leaving placement
 groups and Ray Train's worker group to wait for resources that never come (`ray.wait_for_resources_s` lets a run
-wait for an autoscaler instead). A teacher that no node could ever hold is down, as `pipeline.fall_back` has it:
+wait for an autoscaler instead). A teacher that no node could ever hold is down, as `pipeline.routes.Fallback` has it:
 the plan says so and leaves it out, its prompts going to `routing.fallback`.
 
-The parts: each teacher pool's placement groups (`teachers.pool.group_bundles`, all of a group on one node), the
+The parts: each teacher pool's placement groups (`teachers.placement.group_bundles`, all of a group on one node), the
 Ray Train worker group (a bundle per worker, PACK: spread when one node cannot take them all) and the actors that
 reserve nothing (`num_cpus=0`: router, shard writer, sample stream, control actor, best-of selector, and Ray
 Train's controller), listed so that the table shows the whole run.
@@ -26,13 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from avocado_ray.config import DistillConfig
-from avocado_ray.dataplane.rundir import RunDir
+from avocado_ray.dataplane.rundir import PLAN, RunDir
 from avocado_ray.errors import RunError
-from avocado_ray.teachers.pool import PlacementError, check_fits, group_bundles
+from avocado_ray.teachers.placement import PlacementError, check_fits, group_bundles
 
 log = logging.getLogger(__name__)
 
-PLAN_FILE = "plan.json"  # in the run directory, for `avocado-ray status`
 WAIT_LOG_S = 10.0  # while waiting for an autoscaler, a line this often
 PLACE_S = 60.0  # how long Ray may take to place a plan that fits (it takes well under a second when nothing races)
 COLUMNS = ("GPU", "CPU")
@@ -219,7 +218,7 @@ def make_plan(
         if teachers and part.name in {t.name for t in config.teachers}:
             try:
                 check_fits(config.teacher(part.name), part.groups, use_gpu, nodes=shapes)
-            except PlacementError as error:  # pipeline.start_pools marks it down the same way
+            except PlacementError as error:  # pipeline.routes.start_pools marks it down the same way
                 part.down = str(error)
     down = {p.name for p in run if p.down}
     judges = {b.judge for b in config.routing.best_of.values() if b.judge}
@@ -351,7 +350,7 @@ def check(config: DistillConfig, run_dir: RunDir | Path, teachers: bool = True, 
         finally:
             request_resources(bundles=[])
         log.info("%s", plan.table())
-    RunDir.of(run_dir).write_text(PLAN_FILE, json.dumps(plan.to_json(), indent=2) + "\n")
+    RunDir.of(run_dir).write_text(PLAN, json.dumps(plan.to_json(), indent=2) + "\n")
     if not plan.fits:
         waited = f" after waiting {wait_s:g} s (ray.wait_for_resources_s)" if wait_s > 0 else ""
         raise RunError(

@@ -13,9 +13,12 @@ import sys
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from avocado_ray.metrics import GenerationMetrics, TrainMetrics
+
+if TYPE_CHECKING:
+    from avocado_ray.teachers.pool import CallReport
 
 LOG_EVERY_S = 10.0  # at most one line per this many seconds in a non-interactive log
 REDRAW_EVERY_S = 0.2  # a terminal's bar
@@ -136,12 +139,12 @@ class GenerationMonitor:
         self.log({"kind": "route", "per_domain": dict(self.routed_prompts), "per_teacher": per_teacher})
         self.route_logged = True
 
-    def answered(self, teacher: str, report: dict) -> None:
-        """A finished call's report (`samples`, `rejected`, `tokens`, `batch_s`, `replica`)."""
-        self.done[teacher] += report["samples"] + len(report["rejected"])
-        tokens, batch_s = report["tokens"], report["batch_s"]
+    def answered(self, teacher: str, report: CallReport) -> None:
+        """A finished call's report."""
+        self.done[teacher] += report.samples + len(report.rejected)
+        tokens, batch_s = report.tokens, report.batch_s
         self.rates.setdefault(teacher, Throughput()).add(tokens, batch_s)
-        self.replica_rates.setdefault((teacher, report["replica"]), Throughput()).add(tokens, batch_s)
+        self.replica_rates.setdefault((teacher, report.replica), Throughput()).add(tokens, batch_s)
 
     def tick(
         self,

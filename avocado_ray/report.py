@@ -19,9 +19,19 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow.fs as pafs
 
-from avocado_ray.dataplane.rundir import METRICS, PARTS, REPORT, REPORT_PLOTS, SAMPLES, SUMMARY, TRAINED_IDS, RunDir
+from avocado_ray.dataplane.rundir import (
+    METRICS,
+    PARTS,
+    PLAN,
+    REPORT,
+    REPORT_PLOTS,
+    SAMPLES,
+    SUMMARY,
+    TEMP_SUFFIX,
+    TRAINED_IDS,
+    RunDir,
+)
 from avocado_ray.dataplane.spill import committed, complete_shards, sample_counts, sidecar_name
-from avocado_ray.plan import PLAN_FILE
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -120,11 +130,11 @@ def run_status(run_dir: str | Path) -> dict:
         "last_loss": train[-1]["loss"] if train else None,
         "training_ended": trainer_log[-1:] == ["train_end"],
     }
-    if run_dir.exists(PLAN_FILE):  # the resource plan of the run's last start, as its log has it
-        status["plan"] = json.loads(run_dir.read_text(PLAN_FILE))
+    if run_dir.exists(PLAN):  # the resource plan of the run's last start, as its log has it
+        status["plan"] = json.loads(run_dir.read_text(PLAN))
     summary = json.loads(run_dir.read_text(SUMMARY)) if run_dir.exists(SUMMARY) else None
     # ShardWriter's shard in progress (on object storage an upload is invisible until complete)
-    open_shards = any(i.base_name.endswith(".tmp") for i in run_dir.list(SAMPLES))
+    open_shards = any(i.base_name.endswith(TEMP_SUFFIX) for i in run_dir.list(SAMPLES))
     if summary is not None and _matches_files(summary, status, open_shards):
         status.update(state="finished", summary=summary)
     elif last_write is not None and time.time() - last_write < ACTIVE_S:

@@ -131,8 +131,8 @@ def test_a_prompt_longer_than_every_teachers_context_is_dead_lettered_by_each_te
     }
     for name, pool in teacher_pools.items():
         report, _ = pool.complete(pool.submit([request]))
-        [rejected] = report["rejected"]
-        assert report["samples"] == 0 and (rejected["prompt_id"], rejected["code"]) == ("long", "too_long"), name
+        [rejected] = report.rejected
+        assert report.samples == 0 and (rejected["prompt_id"], rejected["code"]) == ("long", "too_long"), name
         assert f"does not fit {name}'s context of 512" in rejected["reason"]
 
 

@@ -27,7 +27,7 @@ from ray.exceptions import ActorDiedError
 
 from avocado_ray.dataplane.prompts import Prompt
 from avocado_ray.dataplane.spill import ShardWriter, complete_shards, open_samples
-from avocado_ray.pipeline import Dispatcher
+from avocado_ray.pipeline.dispatch import Dispatcher
 from avocado_ray.report import read_metrics
 from avocado_ray.resources.labelled import labelled_prompts
 from avocado_ray.routing.router import Router, RouterClient, start_router
@@ -134,8 +134,8 @@ def test_a_teacher_call_that_raises_is_retried_prompt_by_prompt_and_the_bad_prom
     ray.get(writer.close.remote())
     answered = open_samples(tmp_path / "samples").to_table(columns=["prompt_id"])["prompt_id"].to_pylist()
     assert sorted(answered) == sorted(f"p{i}" for i in range(11))  # the bad prompt's batch-mates, answered once
-    assert [(r["prompt_id"], r["code"]) for r in rejected] == [("p11", "teacher_error")]
-    assert f"raised {MAX_ATTEMPTS} times" in rejected[0]["reason"] and "injected fault" in rejected[0]["reason"]
+    assert [(r.id, r.code) for r in rejected] == [("p11", "teacher_error")]
+    assert f"raised {MAX_ATTEMPTS} times" in rejected[0].reason and "injected fault" in rejected[0].reason
     assert dispatcher.retried_prompts == 4 + (MAX_ATTEMPTS - 2)  # its batch once, then the bad prompt alone
 
 

@@ -16,11 +16,11 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from avocado_ray.training.alignment import TokenAligner
 from avocado_ray.training.losses import (
     CausalLMLoss,
     LossOptions,
     Targets,
-    TokenAligner,
     chunked_mix,
     forward_kl,
     jsd,

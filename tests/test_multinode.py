@@ -49,7 +49,8 @@ def scenario() -> dict:
     from ray.cluster_utils import Cluster
 
     from avocado_ray.config import VLLMTeacher
-    from avocado_ray.teachers.pool import PlacementError, TeacherPool
+    from avocado_ray.teachers.placement import PlacementError
+    from avocado_ray.teachers.pool import TeacherPool
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
     gpu_nodes = [cluster.add_node(num_cpus=8, num_gpus=4, labels={"pool": "teachers"}) for _ in range(2)]

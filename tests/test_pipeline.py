@@ -89,7 +89,7 @@ def test_the_saved_student_serves_in_vllm(demo_run, ray_cluster):
         request = {"prompt_id": "p", "domain": "general", "labels": [], "messages": [{"role": "user", "content": "hi"}]}
         batch_ref = pool.submit([request])
         batch = ray.get(batch_ref)
-        assert batch.num_rows == 1 and pool.complete(batch_ref)[0]["rejected"] == []
+        assert batch.num_rows == 1 and pool.complete(batch_ref)[0].rejected == []
         assert len(batch.column("token_ids")[0]) > 0
     finally:
         pool.shutdown()

@@ -15,6 +15,7 @@ import ray
 from avocado_ray import plan
 from avocado_ray.cli import main
 from avocado_ray.config import config_path, load_config
+from avocado_ray.dataplane.rundir import PLAN
 from avocado_ray.errors import RunError
 from avocado_ray.report import run_status
 
@@ -171,14 +172,14 @@ def test_a_run_the_cluster_cannot_hold_waits_as_configured_then_fails_naming_wha
     with pytest.raises(RunError, match=r"after waiting 0.5 s .*\n  " + missing):
         plan.check(config, tmp_path)
     assert "waiting for the cluster to hold the run" in caplog.text
-    kept = json.loads((tmp_path / plan.PLAN_FILE).read_text())
+    kept = json.loads((tmp_path / PLAN).read_text())
     assert not kept["fits"] and kept["missing"][0].startswith("needs 43 CPU")
     assert run_status(tmp_path)["plan"] == kept  # `avocado-ray status` shows it
 
 
 def test_a_run_that_fits_is_checked_against_what_the_cluster_has_free(ray_cluster, tmp_path):
     checked = plan.check(_config(), tmp_path)
-    assert checked.fits and json.loads((tmp_path / plan.PLAN_FILE).read_text())["fits"]
+    assert checked.fits and json.loads((tmp_path / PLAN).read_text())["fits"]
     assert sum(n.total["CPU"] for n in checked.nodes) == ray.cluster_resources()["CPU"]
 
 

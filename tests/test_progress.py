@@ -4,6 +4,7 @@ generation monitor adds to metrics.jsonl."""
 import io
 
 from avocado_ray.progress import GenerationMonitor, Progress, TrainMonitor
+from avocado_ray.teachers.pool import CallReport
 
 
 class Terminal(io.StringIO):
@@ -44,7 +45,7 @@ def test_the_generation_monitor_counts_routes_answers_and_teachers_in_metrics_js
     }
     monitor = GenerationMonitor(work, records.append, out)
     monitor.tick({("qwen", False): [work["qwen", False][4:]]}, [("qwen", False)])
-    answer = {"samples": 3, "rejected": [{"prompt_id": "p3"}], "tokens": 96, "batch_s": 2.0, "replica": 0}
+    answer = CallReport(samples=3, rejected=[{"prompt_id": "p3"}], tokens=96, batch_s=2.0, replica=0)
     monitor.answered("qwen", answer)
     monitor.tick({}, [], final=True)
     assert records[0] == {

@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 from avocado_ray.dataplane.prompts import read_prompts
-from avocado_ray.pipeline import _plan
+from avocado_ray.pipeline.routes import plan_requests
 from avocado_ray.routing.router import Route
 
 
@@ -69,7 +69,7 @@ def test_a_rows_sampling_overrides_go_with_its_request_to_the_teacher(tmp_path):
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     prompts = read_prompts(str(path)).prompts
     routes = [Route(p.id, "general", ["general"], "gemma") for p in prompts]
-    work, _, _ = _plan(prompts, routes)
+    work = plan_requests(prompts, routes)[0].work
     assert [r.get("sampling") for r in work[("gemma", False)]] == [{"max_tokens": 4, "temperature": 0}, None]
 
 
@@ -105,7 +105,8 @@ def test_a_folder_or_glob_of_jsonl_and_parquet_files_streams_in_bounded_batches_
 
 
 def test_ids_answered_before_are_passed_over_and_counted(tmp_path):
-    from avocado_ray.dataplane.prompts import IdSet, PromptReader
+    from avocado_ray.dataplane.idset import IdSet
+    from avocado_ray.dataplane.prompts import PromptReader
 
     path = tmp_path / "p.jsonl"
     path.write_text("".join(json.dumps({"id": f"q{i}", "prompt": "hi"}) + "\n" for i in range(10_000)))

@@ -16,8 +16,9 @@ import torch
 from avocado_ray.config import TrainerConfig
 from avocado_ray.teachers.pool import TeacherPool
 from avocado_ray.teachers.replica import ReasoningSplitter, answer_token_start
+from avocado_ray.training.batching import SampleEncoder
 from avocado_ray.training.losses import CausalLMLoss, LossOptions
-from avocado_ray.training.trainer import SampleEncoder, micro_loss
+from avocado_ray.training.student import micro_loss
 
 HARMONY_TURN = "<|channel|>analysis<|message|>{reasoning}<|end|><|start|>assistant<|channel|>final<|message|>{answer}"
 
@@ -122,7 +123,7 @@ def test_a_gptoss_replica_stores_reasoning_and_answer_apart(tiny_models, ray_clu
         row = ray.get(ref).to_pylist()[0]
     finally:
         pool.shutdown()
-    assert report["rejected"] == []
+    assert report.rejected == []
     assert re.fullmatch(words, row["reasoning"]) and re.fullmatch(words, row["answer"]), row
     completion = gptoss_tokenizer.decode(row["token_ids"], skip_special_tokens=False)
     assert completion.removesuffix("<|return|>") == HARMONY_TURN.format(

@@ -107,7 +107,7 @@ def test_weights_split_a_domain_within_tolerance_and_stably():
 
 
 def test_a_teacher_the_cluster_cannot_place_is_down_and_its_prompts_go_to_the_fallback(ray_cluster, local_config):
-    from avocado_ray.pipeline import check_down, reroute_down, start_pools
+    from avocado_ray.pipeline.routes import Fallback, Routed, start_pools
 
     unplaceable = local_config.teacher("qwen").model_copy(update={"node_labels": {"gpu": "h100"}})
     config = local_config.model_copy(update={"teachers": [unplaceable, *local_config.teachers[1:]]})
@@ -126,13 +126,13 @@ def test_a_teacher_the_cluster_cannot_place_is_down_and_its_prompts_go_to_the_fa
     }
     best_of = [{**request(4), "teachers": ["gptoss", "gemma"]}, {**request(5), "teachers": ["gptoss", "qwen"]}]
     down = {"qwen": "no h100", "gptoss": "no room"}
-    check_down(config, down)  # the fallback, gemma, is up: the run goes on
-    reroute_down(config, work, best_of, down)
+    fallback = Fallback(config, {"gemma": object()}, down)  # the fallback, gemma, is up (its pool: a stand-in)
+    fallback.admit(Routed(work, best_of))
     assert [r["prompt_id"] for r in work[("gemma", False)]] == ["p3", "p1", "p2", "p5"]  # p5 had no teacher left
     assert [(p["prompt_id"], p["teachers"]) for p in best_of] == [("p4", ["gemma"])]  # p4 keeps its other one
     assert set(work) == {("gemma", False), ("gemma", True)}
     with pytest.raises(RunError, match="the fallback or a judge"):
-        check_down(config, {"gemma": "no room"})
+        Fallback(config, {}, {"gemma": "no room"})
 
 
 def test_the_dry_run_writes_one_line_per_row_in_order_and_the_rejections(tmp_path, capsys):

@@ -19,7 +19,7 @@ from vllm.logprobs import FlatLogprobs
 from avocado_ray.cli import main
 from avocado_ray.config import AutoscaleConfig
 from avocado_ray.dataplane.spill import ShardWriter, open_samples
-from avocado_ray.pipeline import Dispatcher
+from avocado_ray.pipeline.dispatch import Dispatcher
 from avocado_ray.resources.labelled import labelled_prompts
 from avocado_ray.teachers.control import request_scale, start_control
 from avocado_ray.teachers.engines import GUARD_ENV, end_processes, process_tree, wait_gone
@@ -256,9 +256,9 @@ def test_an_over_long_prompt_is_rejected_with_its_reason(teacher_pools):
     }
     ref = pool.submit([long])
     report, _ = pool.complete(ref)
-    assert report["samples"] == 0
-    assert report["rejected"][0]["prompt_id"] == "long"
-    assert "does not fit qwen's context of 512" in report["rejected"][0]["reason"]
+    assert report.samples == 0
+    assert report.rejected[0]["prompt_id"] == "long"
+    assert "does not fit qwen's context of 512" in report.rejected[0]["reason"]
 
 
 def test_scale_from_the_command_line_names_a_run_that_is_not_running(ray_cluster, tmp_path):
@@ -287,7 +287,7 @@ def test_the_input_streams_through_the_router_while_the_teachers_answer_holding_
     12 prompts over 61 input rows read 4 at a time; teachers answer before the input is read to its end."""
     from avocado_ray.dataplane.prompts import PromptReader
     from avocado_ray.dataplane.rundir import RunDir
-    from avocado_ray.pipeline import DeadLetters, InputFeed
+    from avocado_ray.pipeline.feed import DeadLetters, InputFeed
     from avocado_ray.routing.router import RouterClient, start_router
 
     rows = [row for row in labelled_prompts() if row["domain"] in ("code", "general")][:60]
@@ -317,9 +317,9 @@ def test_the_input_streams_through_the_router_while_the_teachers_answer_holding_
             return work
 
     dead_letters = DeadLetters(RunDir(tmp_path))
-    feed = Watched(PromptReader(str(source), batch_rows=4), router, config, pools, {}, None, dead_letters)
+    feed = Watched(PromptReader(str(source), batch_rows=4), router, config, dead_letters)
     dispatcher = Dispatcher(config, pools, None, None, writer, None, tmp_path / "metrics.jsonl")
-    dead_letters.add_dispatched(dispatcher.run({}, feed))
+    dead_letters.add(dispatcher.run({}, feed))
     dead_letters.close()
     ray.get(writer.close.remote())
     ray.kill(router.router)

@@ -24,20 +24,11 @@ from avocado_ray.config import TrainerConfig
 from avocado_ray.dataplane.rundir import RunDir
 from avocado_ray.dataplane.schema import samples_to_batch
 from avocado_ray.dataplane.stream import SampleStream
+from avocado_ray.training.batching import IGNORE, SampleEncoder, bucket, pack, padding_waste, plan_step
 from avocado_ray.training.feed import next_item, start_feeder
 from avocado_ray.training.losses import CausalLMLoss, LossOptions
-from avocado_ray.training.trainer import (
-    IGNORE,
-    SampleEncoder,
-    bucket,
-    comm_backend,
-    deepspeed_config,
-    make_trainer,
-    micro_loss,
-    pack,
-    padding_waste,
-    plan_step,
-)
+from avocado_ray.training.student import comm_backend, deepspeed_config, micro_loss
+from avocado_ray.training.trainer import make_trainer
 
 LOSSES = {"supervised": 1.0, "forward_kl": 1.0}
 TEACHERS = ("qwen", "gemma", "t")  # same tokenizer as the student, another tokenizer, unknown tokenizer
@@ -327,7 +318,7 @@ def test_a_rerun_resumes_from_the_checkpoint_and_continues_the_loss_curve_and_th
 def test_a_restarted_trainer_reads_back_only_the_spilled_samples_its_checkpoint_did_not_count(tmp_path, monkeypatch):
     from avocado_ray.dataplane import spill
     from avocado_ray.dataplane.rundir import SAMPLES, TAKEN_SEQ, RunDir
-    from avocado_ray.training.trainer import _taken_but_not_trained
+    from avocado_ray.training.feed import _taken_but_not_trained
 
     monkeypatch.setattr(spill, "ROW_GROUP_ROWS", 4)  # row groups of one 4-sample batch: the unit skipped whole
     run_dir = RunDir(tmp_path)

@@ -36,8 +36,8 @@ def test_a_teacher_without_vision_rejects_an_image_prompt_with_its_reason(teache
         "sampling": {"max_tokens": 4},
     }
     report, _ = pool.complete(pool.submit([image_request("image"), text]))
-    assert report["samples"] == 1  # the text prompt of the same batch is answered
-    assert report["rejected"] == [
+    assert report.samples == 1  # the text prompt of the same batch is answered
+    assert report.rejected == [
         {
             "prompt_id": "image",
             "code": "no_vision",
@@ -73,7 +73,7 @@ def test_a_vision_teacher_answers_image_prompts_with_the_images_as_model_input(v
     report, _ = vision_pool.complete(ref)
     rows = {row["prompt_id"]: row for row in ray.get(ref).to_pylist()}
     assert sorted(rows) == ["black", "white"]
-    assert [(r["prompt_id"], r["code"]) for r in report["rejected"]] == [("broken", "bad_image")]
+    assert [(r["prompt_id"], r["code"]) for r in report.rejected] == [("broken", "bad_image")]
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["vision"])
     text_only = len(chat_prompt_ids(tokenizer, black["messages"]))  # one <image> placeholder
     assert rows["black"]["prompt_tokens"] == text_only - 1 + IMAGE_TOKENS + 3  # image tokens, two fences, global tag

@@ -32,9 +32,11 @@ def scale_driver(prompts_file: str, run_dir: str, answer_prompts: int) -> dict:
 
     from avocado_ray.config import DistillConfig
     from avocado_ray.dataplane.prompts import PromptReader
-    from avocado_ray.dataplane.rundir import RunDir
+    from avocado_ray.dataplane.rundir import METRICS, SAMPLES, RunDir
     from avocado_ray.dataplane.spill import ShardWriter, complete_shards, sample_counts
-    from avocado_ray.pipeline import READ_BATCH_ROWS, DeadLetters, Dispatcher, InputFeed, routed_teachers, start_pools
+    from avocado_ray.pipeline.dispatch import Dispatcher
+    from avocado_ray.pipeline.feed import READ_BATCH_ROWS, DeadLetters, InputFeed
+    from avocado_ray.pipeline.routes import Fallback, Routed, routed_teachers, start_pools
     from avocado_ray.routing.router import RouterClient, start_router
 
     process_start = psutil.Process().create_time()
@@ -67,26 +69,28 @@ def scale_driver(prompts_file: str, run_dir: str, answer_prompts: int) -> dict:
         sent = routed = 0
         first_routed_at: float | None = None
 
-        def next(self) -> dict:
-            work = super().next()
-            prompts = len({r["prompt_id"] for requests in work.values() for r in requests})
+        def next(self) -> Routed:
+            routed = super().next()
+            prompts = len({r["prompt_id"] for requests in routed.work.values() for r in requests})
             self.routed += prompts
             if prompts and self.first_routed_at is None:
                 self.first_routed_at = time.time()
             if self.sent >= answer_prompts:
-                return {}
+                return Routed()
             self.sent += prompts
-            return work
+            return routed
 
     start_local(4, log_to_driver=False)
     pools, down = start_pools(config, routed_teachers(config))
-    writer = ray.remote(ShardWriter).options(num_cpus=0).remote(str(folder / "samples"), 8192)
+    writer = ray.remote(ShardWriter).options(num_cpus=0).remote(str(folder / SAMPLES), 8192)
     dead_letters = DeadLetters(RunDir(folder))
     reader = PromptReader(prompts_file, batch_rows=READ_BATCH_ROWS)
     router = RouterClient(start_router(config.routing, ["qwen"]), compiled=False)
-    feed = AnswerFirst(reader, router, config, pools, down, None, dead_letters)
-    dispatcher = Dispatcher(config, pools, None, None, writer, None, folder / "metrics.jsonl")
-    dead_letters.add_dispatched(dispatcher.run({}, feed))
+    feed = AnswerFirst(reader, router, config, dead_letters)
+    dispatcher = Dispatcher(
+        config, pools, None, None, writer, None, folder / METRICS, fallback=Fallback(config, pools, down)
+    )
+    dead_letters.add(dispatcher.run({}, feed))
     dead_letters.close()
     ray.get(writer.close.remote())
     for pool in pools.values():
@@ -94,7 +98,7 @@ def scale_driver(prompts_file: str, run_dir: str, answer_prompts: int) -> dict:
     return {
         "prompts": reader.valid + reader.rejected,
         "routed": feed.routed,
-        "answered": sample_counts(complete_shards(folder / "samples"))["samples"],
+        "answered": sample_counts(complete_shards(folder / SAMPLES))["samples"],
         "rejected": dead_letters.count,
         "first_routed_s": round(feed.first_routed_at - process_start, 2),
         "first_request_s": round(dispatcher.first_request_at - process_start, 2),

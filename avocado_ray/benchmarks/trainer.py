@@ -70,8 +70,9 @@ def _bench_trainer(
     from transformers import AutoModelForCausalLM
 
     from avocado_ray.config import TrainerConfig
+    from avocado_ray.training.batching import SampleEncoder, padding_waste
     from avocado_ray.training.losses import CausalLMLoss
-    from avocado_ray.training.trainer import SampleEncoder, StudentTrainer, micro_loss, padding_waste
+    from avocado_ray.training.student import StudentTrainer, micro_loss
 
     texts = [row["prompt"] for row in labelled_prompts()]
     count = (warmup + steps) * batch_size

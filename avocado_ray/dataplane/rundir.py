@@ -36,6 +36,9 @@ TRAINED_IDS = "trained_ids.txt"  # the sample ids the student has been trained o
 TAKEN_SEQ = "trainer_taken_seq"  # the highest writer seq the trainer's feeder took from the stream in this run
 REPORT = "report.html"
 REPORT_PLOTS = "report"
+PLAN = "plan.json"  # the resource plan of the run's last start, for `avocado-ray status`
+CHECKPOINT_STATE = "state.json"  # in a checkpoint folder (ray_train/student/checkpoint-N), beside TRAINED_IDS
+TEMP_SUFFIX = ".tmp"  # a file still being written locally (`.NAME.tmp`), or a sample shard still open
 PARTS = ".parts"  # suffix of the folder of a log's part objects on object storage
 PART_BYTES = 8 << 20  # a log part this large is final: the next lines go to a new part (no upload grows forever)
 
@@ -79,6 +82,11 @@ def discard(fs: pafs.FileSystem, stream, path: str) -> None:
         fs.delete_file(path)
     except (FileNotFoundError, OSError):
         pass
+
+
+def checkpoint_name(step: int) -> str:
+    """The folder of the checkpoint taken after `step` in ray_train/student."""
+    return f"checkpoint-{step:06d}"
 
 
 class RunDir:
@@ -160,7 +168,9 @@ class RunDir:
         """A stream whose file appears whole once the block ends, and not at all if it raises: locally written
         under a temporary name and renamed; on object storage an upload completed only at close."""
         final = self.path(name)
-        target = str(PurePosixPath(final).with_name(f".{PurePosixPath(final).name}.tmp")) if self.local else final
+        target = (
+            str(PurePosixPath(final).with_name(f".{PurePosixPath(final).name}{TEMP_SUFFIX}")) if self.local else final
+        )
         if self.local:
             self.fs.create_dir(str(PurePosixPath(final).parent))
         stream = self.fs.open_output_stream(target)

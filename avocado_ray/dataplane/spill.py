@@ -27,10 +27,11 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from avocado_ray.dataplane.rundir import MANIFEST, RunDir, discard
+from avocado_ray.dataplane.rundir import MANIFEST, TEMP_SUFFIX, RunDir, discard
 from avocado_ray.dataplane.schema import SAMPLE_SCHEMA, SCHEMA_VERSION, check_schema_version
 
 SHARD_GLOB = "shard-*.parquet"
+CORRUPT = ".corrupt"  # suffix of a shard set aside as damaged
 _SHARD = re.compile(r"shard-(\d+)\.parquet")
 _NUMBERED = re.compile(r"\.?shard-(\d+)\.")  # shards, sidecars, set-aside and temporary files: never reused
 ROW_GROUP_ROWS = 1024  # batches are gathered into row groups this large: better compression, fewer pages
@@ -131,7 +132,7 @@ class ShardWriter:
     def _target(self) -> str:
         """Where the open shard is written: a temporary name locally, its own name on object storage (an upload
         is visible only once complete, and uncommitted until its sidecar exists)."""
-        return self.folder.path(f".{self._name()}.tmp" if self.folder.local else self._name())
+        return self.folder.path(f".{self._name()}{TEMP_SUFFIX}" if self.folder.local else self._name())
 
     @contextmanager
     def _naming_the_shard(self):
@@ -229,7 +230,7 @@ def _checked(folder: RunDir, name: str, commit: bool) -> dict | None:
     except (pa.ArrowInvalid, OSError) as error:
         log.warning("setting aside damaged shard %s: %s", folder.uri(name), error)
         folder.delete(sidecar_name(name))
-        folder.move(name, name + ".corrupt")
+        folder.move(name, name + CORRUPT)
         return None
     if commit:
         _commit(folder, name, facts)

@@ -122,8 +122,9 @@ def train_teacher(folder: Path, mix: dict[str, int], steps: int, seed: int) -> d
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from avocado_ray.config import TrainerConfig
+    from avocado_ray.training.batching import SampleEncoder
     from avocado_ray.training.losses import CausalLMLoss, LossOptions
-    from avocado_ray.training.trainer import SampleEncoder, micro_loss
+    from avocado_ray.training.student import micro_loss
 
     torch.manual_seed(seed)
     rng = random.Random(seed)

@@ -57,7 +57,7 @@ def pick_weighted(weights: dict[str, float], prompt_id: str) -> str:
 
 class Router:
     """Routing table plus classifier: the teacher (or the best-of teachers) of each prompt. Run as a Ray actor
-    for the driver; pools that turn out to be down are the pipeline's to handle (`pipeline.reroute_down`)."""
+    for the driver; pools that turn out to be down are the pipeline's to handle (`pipeline.routes.Fallback`)."""
 
     def __init__(self, routing: RoutingConfig, teachers: list[str], classifier: DomainClassifier | None = None):
         self.routing = routing

@@ -24,12 +24,9 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from avocado_ray.config import VLLMTeacher
 from avocado_ray.teachers.backend import backend
+from avocado_ray.teachers.placement import check_fits, group_bundles
 
 log = logging.getLogger(__name__)
-
-
-class PlacementError(RuntimeError):
-    """The cluster cannot hold the pool the config asks for; the message says what is missing."""
 
 
 class PoolDown(RuntimeError):
@@ -49,43 +46,6 @@ def replica_env(teacher: VLLMTeacher) -> dict[str, str]:
     return env
 
 
-def group_bundles(teacher: VLLMTeacher, use_gpu: bool) -> list[dict[str, float]]:
-    """The bundles of one of the pool's placement groups: `replicas_per_node` x `tensor_parallel_size`, each a GPU
-    (with a CPU for its vLLM worker) or, on CPU, the replica's CPUs."""
-    bundle = {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": teacher.num_cpus}
-    return [dict(bundle) for _ in range(teacher.tensor_parallel_size * teacher.replicas_per_node)]
-
-
-def check_fits(
-    teacher: VLLMTeacher, groups: int, use_gpu: bool, held: int = 0, nodes: list[dict] | None = None
-) -> None:
-    """Fail early, before any placement group waits forever, when no layout of the cluster's alive nodes holds
-    `groups` more placement groups of the pool (each `replicas_per_node` x `tensor_parallel_size` bundles, on one
-    node, with the node labels asked for) beside the `held` ones it has. (Other pools' groups are not counted: the
-    run's resource plan, avocado_ray/plan.py, counts them.) `nodes`: as `ray.nodes()` gives them (the default),
-    with `Resources` and `Labels`, e.g. a cluster the plan describes."""
-    unit = "GPU" if use_gpu else "CPU"
-    size = sum(b[unit] for b in group_bundles(teacher, use_gpu))
-    nodes = [n for n in ray.nodes() if n["Alive"]] if nodes is None else nodes
-    matching = [n for n in nodes if all(n.get("Labels", {}).get(k) == v for k, v in teacher.node_labels.items())]
-    per_node = [n["Resources"].get(unit, 0) for n in matching]
-    fits = sum(int(have // size) for have in per_node)
-    if fits - held >= groups:
-        return
-    where = f"nodes labelled {teacher.node_labels}" if teacher.node_labels else "nodes"
-    what = (
-        f"{groups} replicas of {size:g} {unit} each"
-        if teacher.replicas_per_node == 1
-        else f"{groups} groups of {teacher.replicas_per_node} replicas, {size:g} {unit} each group"
-    )
-    raise PlacementError(
-        f"teacher {teacher.name!r} asks for {what}, all on one node; "
-        f"the cluster's {len(matching)} {where} (of {len(nodes)} alive) have {unit} {per_node}, which hold "
-        f"{fits}{f' ({held} of them this pool has already)' if held else ''}: missing {groups - fits + held} x "
-        f"{size:g} {unit} on one node"
-    )
-
-
 MAX_ATTEMPTS = 3  # calls that raised, per prompt, before the prompt is dead-lettered
 
 
@@ -99,6 +59,23 @@ class _Replica:
     in_flight: int = 0
     draining: bool = False
     served: bool = False  # its engine came up once: a later death is a crash, not a failed start
+
+
+@dataclass
+class CallReport:
+    """A finished call, as `TeacherPool.complete` gives it: what the replica reported, and which replica it was."""
+
+    rejected: list[dict]  # {prompt_id, reason, code} of the prompts the call did not answer
+    samples: int
+    tokens: int
+    batch_s: float
+    replica: int
+    failed: bool = False  # the call raised: it has no record batch, `rejected` holds the prompts out of attempts
+
+    def record(self) -> dict:
+        """The fields of the metrics' `generate` record: all but the rejections (`failed` only when set)."""
+        fields = {"samples": self.samples, "tokens": self.tokens, "batch_s": self.batch_s, "replica": self.replica}
+        return {**fields, "failed": True} if self.failed else fields
 
 
 @dataclass
@@ -139,7 +116,7 @@ class TeacherPool:
 
     def reserve(self) -> list[PlacementGroup]:
         """The placement groups of the pool's replicas, asked of Ray without starting any engine (with
-        `start=False`), so that a run can reserve every pool's before one engine starts (`pipeline.start_pools`).
+        `start=False`), so that a run can reserve every pool's before one engine starts (`pipeline.routes.start_pools`).
         Raises PlacementError when the cluster cannot hold them."""
         groups = self._groups_needed(self.teacher.replicas)
         check_fits(self.teacher, groups, self.use_gpu, held=len(self.groups))
@@ -286,8 +263,8 @@ class TeacherPool:
         """Engines starting or restarting: the driver waits on these too, so a new replica is noticed."""
         return [r.probe for r in self.replicas.values() if r.probe is not None]
 
-    def complete(self, batch_ref: ray.ObjectRef) -> tuple[dict | None, list[list[dict]]]:
-        """A finished call: (report with `rejected`, `samples`, `tokens`, `replica`; no batches to send again).
+    def complete(self, batch_ref: ray.ObjectRef) -> tuple[CallReport | None, list[list[dict]]]:
+        """A finished call: (its report; no batches to send again).
         If the replica was lost: (None, [its requests]), to send again. If the call raised: each prompt goes
         again in a batch of its own (so one bad prompt cannot fail the others twice), and a prompt that raised
         `MAX_ATTEMPTS` times comes back rejected in a report with `failed` set (the call has no record batch)."""
@@ -316,9 +293,9 @@ class TeacherPool:
         if replica is not None:
             replica.in_flight -= 1
             self._retire_drained()
-        return {**report, "replica": call.replica}, []
+        return CallReport(**report, replica=call.replica), []
 
-    def _failed(self, call: _Call, error: RayTaskError) -> tuple[dict | None, list[list[dict]]]:
+    def _failed(self, call: _Call, error: RayTaskError) -> tuple[CallReport | None, list[list[dict]]]:
         cause = str(error.cause if error.cause is not None else error).strip().splitlines()[-1][:300]
         log.warning(
             "teacher %s replica %d raised on a call of %d prompts: %s",
@@ -337,14 +314,7 @@ class TeacherPool:
             for r in tried
             if r["attempts"] >= MAX_ATTEMPTS
         ]
-        report = {
-            "rejected": rejected,
-            "samples": 0,
-            "tokens": 0,
-            "batch_s": 0.0,
-            "replica": call.replica,
-            "failed": True,
-        }
+        report = CallReport(rejected, samples=0, tokens=0, batch_s=0.0, replica=call.replica, failed=True)
         return (report if rejected else None), [[r] for r in tried if r["attempts"] < MAX_ATTEMPTS]
 
     # -- elasticity ------------------------------------------------------------------------------------------

@@ -24,10 +24,37 @@ from collections.abc import Iterator
 
 from avocado_ray.config import TrainerConfig
 from avocado_ray.dataplane.rundir import METRICS, TAKEN_SEQ, Log, RunDir
+from avocado_ray.dataplane.spill import complete_shards, samples_not_in
 from avocado_ray.dataplane.stream import SampleStream
-from avocado_ray.training.trainer import Encoded, SampleEncoder, _taken_but_not_trained
+from avocado_ray.training.batching import Encoded, SampleEncoder
 
 POLL_S = 1.0  # how long one `take` waits before a rank asks again
+
+
+def _seal_spill(writer, seq: int, poll_s: float = 0.05) -> list[str]:
+    """Wait until the shard writer has made every batch up to `seq` durable; returns the complete shards.
+
+    A checkpoint may only count samples as trained once they are on disk: otherwise a killed run would
+    regenerate (and train again on) samples whose open shard it lost.
+    """
+    import ray
+
+    while (shards := ray.get(writer.seal.remote(seq))) is None:
+        time.sleep(poll_s)
+    return shards
+
+
+def _taken_but_not_trained(
+    writer, samples_dir: RunDir, run_dir: RunDir, columns: list[str], trained: set[str]
+) -> list[dict]:
+    """After a worker restart within a run: the samples a lost attempt took from the stream without a checkpoint
+    counting them. The stream hands each batch out once, but the spill keeps every batch, so they are read back
+    from there (with any spilled sample not yet trained; the caller skips those when the stream brings them):
+    row group by row group, the sample ids first, so only the batches taken since the last checkpoint are read
+    whole (`samples_not_in`)."""
+    if writer is not None:
+        _seal_spill(writer, int(run_dir.read_text(TAKEN_SEQ)))
+    return samples_not_in(complete_shards(samples_dir), trained, columns)
 
 
 class Feeder:

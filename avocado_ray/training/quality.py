@@ -26,6 +26,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from avocado_ray.config import DistillConfig, config_path, load_config
+from avocado_ray.dataplane.rundir import SAMPLES
 from avocado_ray.dataplane.spill import open_samples
 from avocado_ray.resources.labelled import labelled_prompts
 
@@ -73,8 +74,9 @@ def measure(student_dir: str, samples: list[dict], teacher_tokenizers: dict[str,
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from avocado_ray.config import TrainerConfig
+    from avocado_ray.training.batching import IGNORE, SampleEncoder
     from avocado_ray.training.losses import CausalLMLoss, LossOptions
-    from avocado_ray.training.trainer import IGNORE, SampleEncoder, micro_loss
+    from avocado_ray.training.student import micro_loss
 
     tokenizer = AutoTokenizer.from_pretrained(student_dir)
     model = CausalLMLoss(AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)).eval()
@@ -177,7 +179,7 @@ def run_quality(
     config = quality_config(out / "generate", prompts, overrides)
     start_local(local_cpus(config))
     generated = run_distill(config, train=False)
-    answers = open_samples(out / "generate" / "samples").to_table().to_pylist()
+    answers = open_samples(out / "generate" / SAMPLES).to_table().to_pylist()
     domain_of = {row["id"]: row["domain"] for row in heldout}
     samples = [
         {**row, "true_domain": domain_of[row["prompt_id"].rsplit("@", 1)[0]]}
