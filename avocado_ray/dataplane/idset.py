@@ -37,11 +37,22 @@ class IdSet:
             self.add(prompt_id)
 
     def _settle(self) -> None:
-        run = np.sort(np.fromiter(self.pending, dtype=np.uint64, count=len(self.pending)))
+        run = np.fromiter(self.pending, dtype=np.uint64, count=len(self.pending))
+        run.sort()
         self.pending = set()
         while self.runs and len(self.runs[-1]) <= 2 * len(run):
-            run = np.union1d(self.runs.pop(), run)
+            run = _merged(self.runs.pop(), run)
         self.runs.append(run)
+
+
+def _merged(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The union of two sorted runs, with one new array and an in-place sort: `np.union1d` makes several copies
+    of the whole run (72 MB at peak for a million ids against 20 MB so; `bench scale`)."""
+    merged = np.concatenate((a, b))
+    merged.sort(kind="stable")  # two sorted halves: a merge
+    if (merged[1:] == merged[:-1]).any():  # an id added twice (rare): kept once
+        merged = np.unique(merged)
+    return merged
 
 
 def _in_sorted(run: np.ndarray, key: int) -> bool:
