@@ -78,9 +78,14 @@ def test_a_router_dead_for_good_fails_the_next_call_instead_of_waiting_for_a_res
     client = RouterClient(router, restart_timeout_s=600)
     prompts = [Prompt(id=str(i), messages=[{"role": "user", "content": "What is 2 + 2?"}], line=i) for i in range(3)]
     assert [r.teacher for r in client.route(prompts)] == ["gptoss"] * 3
+    pid = state.actor_table(router._actor_id.hex())["Pid"]
     ray.kill(router, no_restart=True)
-    while state.actor_table(router._actor_id.hex())["State"] != "DEAD":  # the kill is asynchronous: a call sent
-        time.sleep(0.05)  # before the process is gone may still be answered by it
+    # The kill is asynchronous, and the actor is marked DEAD before its process is gone: a call sent while the
+    # process lives may still be answered by it, so wait for the process itself.
+    gone_by = time.monotonic() + 30
+    while state.actor_table(router._actor_id.hex())["State"] != "DEAD" or psutil.pid_exists(pid):
+        assert time.monotonic() < gone_by, "the killed router's process did not exit"
+        time.sleep(0.05)
     started = time.monotonic()
     with pytest.raises(ActorDiedError):
         client.route(prompts)

@@ -55,7 +55,7 @@ def answers(teacher_pools):
     for name, pool in teacher_pools.items():
         batch_ref = pool.submit([request])
         batches[name] = batch_ref
-        assert pool.complete(batch_ref)[0]["rejected"] == []
+        assert pool.complete(batch_ref)[0].rejected == []
     return batches
 
 
