@@ -204,8 +204,9 @@ class TeacherPool:
             if self.down or replica.probe is None or not ray.wait([replica.probe], timeout=0)[0]:
                 continue
             try:
-                ray.get(replica.probe)
+                ready = ray.get(replica.probe)  # the replica's info: its PID and its engine's (teachers.engines)
                 replica.probe, replica.served, self.start_failures = None, True, 0
+                log.info("teacher %s ready: %s", self.teacher.name, ready)
             except RayActorError as error:  # dead for good (killed, out of restarts, or never started)
                 self.lost_replicas += 1
                 if not replica.served:
