@@ -4,6 +4,7 @@ import pytest
 
 from avocado_ray.config import config_path, load_config
 from avocado_ray.dataplane.prompts import Prompt
+from avocado_ray.dataplane.requests import BestOfPrompt, Request
 from avocado_ray.errors import RunError
 from avocado_ray.routing.classifier import RuleClassifier
 from avocado_ray.routing.router import Router
@@ -115,7 +116,7 @@ def test_a_teacher_the_cluster_cannot_place_is_down_and_its_prompts_go_to_the_fa
     assert pools == {} and "nodes labelled {'gpu': 'h100'}" in down["qwen"]
 
     def request(i):
-        return {"prompt_id": f"p{i}", "domain": "math", "labels": ["math"], "messages": []}
+        return Request(f"p{i}", "math", ["math"], [])
 
     work = {
         ("qwen", False): [request(1), request(2)],
@@ -124,12 +125,12 @@ def test_a_teacher_the_cluster_cannot_place_is_down_and_its_prompts_go_to_the_fa
         ("qwen", True): [request(5)],
         ("gemma", True): [request(4)],
     }
-    best_of = [{**request(4), "teachers": ["gptoss", "gemma"]}, {**request(5), "teachers": ["gptoss", "qwen"]}]
+    best_of = [BestOfPrompt(request(4), ["gptoss", "gemma"]), BestOfPrompt(request(5), ["gptoss", "qwen"])]
     down = {"qwen": "no h100", "gptoss": "no room"}
     fallback = Fallback(config, {"gemma": object()}, down)  # the fallback, gemma, is up (its pool: a stand-in)
     fallback.admit(Routed(work, best_of))
-    assert [r["prompt_id"] for r in work[("gemma", False)]] == ["p3", "p1", "p2", "p5"]  # p5 had no teacher left
-    assert [(p["prompt_id"], p["teachers"]) for p in best_of] == [("p4", ["gemma"])]  # p4 keeps its other one
+    assert [r.prompt_id for r in work[("gemma", False)]] == ["p3", "p1", "p2", "p5"]  # p5 had no teacher left
+    assert [(p.request.prompt_id, p.teachers) for p in best_of] == [("p4", ["gemma"])]  # p4 keeps its other one
     assert set(work) == {("gemma", False), ("gemma", True)}
     with pytest.raises(RunError, match="the fallback or a judge"):
         Fallback(config, {}, {"gemma": "no room"})
