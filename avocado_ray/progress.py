@@ -125,9 +125,9 @@ class GenerationMonitor:
         prompts: dict[str, set[str]] = {}
         for (teacher, _), requests in work.items():
             for request in requests:
-                self.routed[request["domain"], teacher] += 1
-                prompts.setdefault(request["domain"], set()).add(request["prompt_id"])
-                self.metrics.routed.inc(1, tags={"domain": request["domain"], "teacher": teacher})
+                self.routed[request.domain, teacher] += 1
+                prompts.setdefault(request.domain, set()).add(request.prompt_id)
+                self.metrics.routed.inc(1, tags={"domain": request.domain, "teacher": teacher})
         for domain, ids in prompts.items():
             self.routed_prompts[domain] += len(ids)
         self.progress.total = sum(self.routed.values())

@@ -19,6 +19,7 @@ import yaml
 from avocado_ray.cli import main
 from avocado_ray.config import ConfigError, _apply_override, config_path, load_config
 from avocado_ray.dataplane.prompts import MAX_PROMPT_BYTES, read_prompts
+from avocado_ray.dataplane.requests import Request
 
 LOCAL = config_path("builtin:local")
 TEN_MB = 10 * 1024 * 1024
@@ -123,17 +124,12 @@ def test_the_dry_run_routes_or_dead_letters_every_row_exactly_once_without_a_tra
 
 @pytest.mark.slow
 def test_a_prompt_longer_than_every_teachers_context_is_dead_lettered_by_each_teacher(teacher_pools):
-    request = {
-        "prompt_id": "long",
-        "domain": "general",
-        "labels": ["general"],
-        "messages": [{"role": "user", "content": "word " * 2000}],
-    }
+    request = Request("long", "general", ["general"], [{"role": "user", "content": "word " * 2000}])
     for name, pool in teacher_pools.items():
         report, _ = pool.complete(pool.submit([request]))
         [rejected] = report.rejected
-        assert report.samples == 0 and (rejected["prompt_id"], rejected["code"]) == ("long", "too_long"), name
-        assert f"does not fit {name}'s context of 512" in rejected["reason"]
+        assert report.samples == 0 and (rejected.id, rejected.code) == ("long", "too_long"), name
+        assert f"does not fit {name}'s context of 512" in rejected.reason
 
 
 def test_a_parquet_input_with_bad_rows_is_read_like_jsonl(tmp_path):

@@ -26,6 +26,7 @@ from ray._private.state import state
 from ray.exceptions import ActorDiedError
 
 from avocado_ray.dataplane.prompts import Prompt
+from avocado_ray.dataplane.requests import Request
 from avocado_ray.dataplane.spill import ShardWriter, complete_shards, open_samples
 from avocado_ray.pipeline.dispatch import Dispatcher
 from avocado_ray.report import read_metrics
@@ -100,8 +101,8 @@ class RaisingReplica(TeacherReplica):
     """Fault injector: the real replica and vLLM engine, except that answering a prompt containing `RAISE` raises,
     as an engine does on an input it cannot handle."""
 
-    async def _answer(self, request: dict, started: float) -> dict:
-        if "RAISE" in request["messages"][-1]["content"]:
+    async def _answer(self, request: Request, started: float) -> dict:
+        if "RAISE" in request.messages[-1]["content"]:
             raise RuntimeError("injected fault: the engine raised")
         return await super()._answer(request, started)
 
@@ -120,13 +121,7 @@ def test_a_teacher_call_that_raises_is_retried_prompt_by_prompt_and_the_bad_prom
     pool.ready()
     texts = [row["prompt"][:200] for row in labelled_prompts() if row["domain"] == "code"][:11] + ["RAISE please"]
     requests = [
-        {
-            "prompt_id": f"p{i}",
-            "domain": "code",
-            "labels": ["code"],
-            "sampling": {"max_tokens": 8},
-            "messages": [{"role": "user", "content": text}],
-        }
+        Request(f"p{i}", "code", ["code"], [{"role": "user", "content": text}], sampling={"max_tokens": 8})
         for i, text in enumerate(texts)
     ]
     writer = ray.remote(ShardWriter).options(num_cpus=0).remote(str(tmp_path / "samples"), 4096)
@@ -153,13 +148,7 @@ def test_a_full_disk_under_the_spill_stops_the_dispatch_at_once_naming_the_file(
     tmpfs(samples, "64k")  # a few shards of 4 answers fit
     texts = [row["prompt"][:200] for row in labelled_prompts() if row["domain"] == "code"][:160]
     requests = [
-        {
-            "prompt_id": f"p{i}",
-            "domain": "code",
-            "labels": ["code"],
-            "sampling": {"max_tokens": 8},
-            "messages": [{"role": "user", "content": text}],
-        }
+        Request(f"p{i}", "code", ["code"], [{"role": "user", "content": text}], sampling={"max_tokens": 8})
         for i, text in enumerate(texts)
     ]
     writer = ray.remote(ShardWriter).options(num_cpus=0).remote(str(samples), 4)

@@ -8,6 +8,7 @@ import pytest
 import ray
 
 from avocado_ray.config import VLLMTeacher
+from avocado_ray.dataplane.requests import Request
 from avocado_ray.dataplane.spill import open_samples
 from avocado_ray.teachers.pool import TeacherPool
 
@@ -86,7 +87,7 @@ def test_the_saved_student_serves_in_vllm(demo_run, ray_cluster):
     pool = TeacherPool(student, student.model, use_gpu=False, max_in_flight=1)
     try:
         pool.ready()
-        request = {"prompt_id": "p", "domain": "general", "labels": [], "messages": [{"role": "user", "content": "hi"}]}
+        request = Request("p", "general", [], [{"role": "user", "content": "hi"}])
         batch_ref = pool.submit([request])
         batch = ray.get(batch_ref)
         assert batch.num_rows == 1 and pool.complete(batch_ref)[0].rejected == []

@@ -3,6 +3,8 @@ generation monitor adds to metrics.jsonl."""
 
 import io
 
+from avocado_ray.dataplane.prompts import Rejected
+from avocado_ray.dataplane.requests import Request
 from avocado_ray.progress import GenerationMonitor, Progress, TrainMonitor
 from avocado_ray.teachers.pool import CallReport
 
@@ -39,13 +41,15 @@ def test_a_terminal_gets_one_bar_redrawn_in_place():
 def test_the_generation_monitor_counts_routes_answers_and_teachers_in_metrics_jsonl():
     records, out = [], io.StringIO()
     work = {
-        ("qwen", False): [{"prompt_id": f"p{i}", "domain": "code"} for i in range(6)],
-        ("gptoss", True): [{"prompt_id": "m", "domain": "math"}],  # a best-of prompt goes to two teachers
-        ("gemma", True): [{"prompt_id": "m", "domain": "math"}],
+        ("qwen", False): [Request(f"p{i}", "code", ["code"], []) for i in range(6)],
+        ("gptoss", True): [Request("m", "math", ["math"], [])],  # a best-of prompt goes to two teachers
+        ("gemma", True): [Request("m", "math", ["math"], [])],
     }
     monitor = GenerationMonitor(work, records.append, out)
     monitor.tick({("qwen", False): [work["qwen", False][4:]]}, [("qwen", False)])
-    answer = CallReport(samples=3, rejected=[{"prompt_id": "p3"}], tokens=96, batch_s=2.0, replica=0)
+    answer = CallReport(
+        samples=3, rejected=[Rejected(0, "p3", "too long", "too_long")], tokens=96, batch_s=2.0, replica=0
+    )
     monitor.answered("qwen", answer)
     monitor.tick({}, [], final=True)
     assert records[0] == {

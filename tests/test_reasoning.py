@@ -14,6 +14,7 @@ import ray
 import torch
 
 from avocado_ray.config import TrainerConfig
+from avocado_ray.dataplane.requests import Request
 from avocado_ray.teachers.pool import TeacherPool
 from avocado_ray.teachers.replica import ReasoningSplitter, answer_token_start
 from avocado_ray.training.batching import SampleEncoder
@@ -115,7 +116,7 @@ def test_a_gptoss_replica_stores_reasoning_and_answer_apart(tiny_models, ray_clu
         "regex": re.escape(HARMONY_TURN).replace(re.escape("{reasoning}"), words).replace(re.escape("{answer}"), words),
         "max_tokens": 80,
     }
-    request = {"prompt_id": "p", "domain": "math", "labels": ["math"], "messages": MESSAGES, "sampling": steer}
+    request = Request("p", "math", ["math"], MESSAGES, sampling=steer)
     try:
         pool.ready()
         ref = pool.submit([request])

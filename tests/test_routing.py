@@ -4,6 +4,7 @@ import pytest
 
 from avocado_ray.config import config_path, load_config
 from avocado_ray.dataplane.prompts import Prompt
+from avocado_ray.dataplane.requests import BestOfPrompt, Request
 from avocado_ray.errors import RunError
 from avocado_ray.routing.classifier import RuleClassifier
 from avocado_ray.routing.router import Router
@@ -74,6 +75,53 @@ def test_fractions_in_words_are_numbers():
     assert classify("One half of the audience left before the end.") == ["general"]
 
 
+def test_e_mail_addresses_dates_and_issue_numbers_of_a_changelog_are_not_code_or_math():
+    authors = (
+        "Thanks to everyone who sent patches for this release:\nAda Lovelace <ada.lovelace@example.org>\n"
+        "Grace Hopper <grace_hopper@navy.example.mil>\nLinus Example <linus.t@kernel.example.org>\n"
+        "王小明 <xiaoming.wang@example.cn>\nKen Thompson <ken@bell-labs.example.com>"
+    )
+    assert classify(authors) == ["general"]
+    commit = (
+        "commit 3f1c2a9b7d\nAuthor:     Kim Minsu <minsu.kim@example.kr>\nAuthorDate: Tue Mar 3 10:15:42 2020 +0900\n"
+        "Commit:     Jane Doe <jane.doe@example.com>\nCommitDate: Wed Mar 4 08:01:09 2020 -0800\n\n"
+        "    Fix the spelling of a few names in the credits."
+    )
+    assert classify(commit) == ["general"]
+    changelog = (
+        "* Add a Korean translation (Closes: #1012345)\n* Bump Standards-Version to 4.6.2, no changes needed\n"
+        "* Add libfoo2 to the build dependencies for the tests, see #998877"
+    )
+    assert classify(changelog) == ["general"]
+    assert classify("What is -3 + 17 - 4?") == ["math"]
+    assert classify("Subtract 42 from 100.") == ["math"]
+
+
+def test_path_patterns_package_names_and_legal_terms_are_not_code_or_math():
+    copyright_file = (
+        "Files: debian/*\nCopyright: 2019-2023, Ada Lovelace\nLicense: MIT\n\n"
+        "Files: src/*\nCopyright: 2015, The Example Authors\nLicense: GPL-2+"
+    )
+    assert classify(copyright_file) == ["general"]
+    assert classify("Build with g++ 12 and link against libstdc++ from the same release; it works :-)") == ["general"]
+    assert classify("for (i = 0; i < n; i++) {\n  /* count the users */\n  total++;\n}") == ["code"]
+    assert "math" not in classify("オプション -r1.1 -r1.2 を指定すると、リビジョン 1.1 と 1.2 を比較します。")
+    names = (
+        "The python-apt package now depends on the new libapt, and its files moved to /usr/share/java/ for no reason."
+    )
+    assert classify(names) == ["general"]  # a language's name inside a package or path name
+    assert classify("Which Python version should I use for this project?") == ["code"]
+    assert classify("You may distribute derivative works of the Software under the same terms.") == ["general"]
+    assert classify("Find the derivative of x**3 + 2*x.") == ["math"]
+
+
+def test_a_programming_name_in_korean_or_chinese_prose_is_code_only_in_a_request_for_code():
+    assert classify("자세한 내용은 ANALYZE SQL 명령어 설명서를 참조하십시오.") == ["general"]
+    assert classify("Python으로 두 수의 최대공약수를 구하는 함수를 작성해 주세요.") == ["code"]
+    assert classify("JSON 格式的配置文件") == ["chinese"]
+    assert set(classify("请用 Java 实现一个线程安全的单例。")) == {"code", "chinese"}
+
+
 def test_the_routing_table_picks_the_teacher_by_priority():
     route = router()
     assert route.route_one(prompt("请介绍一下长城的历史。")).teacher == "qwen"
@@ -115,7 +163,7 @@ def test_a_teacher_the_cluster_cannot_place_is_down_and_its_prompts_go_to_the_fa
     assert pools == {} and "nodes labelled {'gpu': 'h100'}" in down["qwen"]
 
     def request(i):
-        return {"prompt_id": f"p{i}", "domain": "math", "labels": ["math"], "messages": []}
+        return Request(f"p{i}", "math", ["math"], [])
 
     work = {
         ("qwen", False): [request(1), request(2)],
@@ -124,12 +172,12 @@ def test_a_teacher_the_cluster_cannot_place_is_down_and_its_prompts_go_to_the_fa
         ("qwen", True): [request(5)],
         ("gemma", True): [request(4)],
     }
-    best_of = [{**request(4), "teachers": ["gptoss", "gemma"]}, {**request(5), "teachers": ["gptoss", "qwen"]}]
+    best_of = [BestOfPrompt(request(4), ["gptoss", "gemma"]), BestOfPrompt(request(5), ["gptoss", "qwen"])]
     down = {"qwen": "no h100", "gptoss": "no room"}
     fallback = Fallback(config, {"gemma": object()}, down)  # the fallback, gemma, is up (its pool: a stand-in)
     fallback.admit(Routed(work, best_of))
-    assert [r["prompt_id"] for r in work[("gemma", False)]] == ["p3", "p1", "p2", "p5"]  # p5 had no teacher left
-    assert [(p["prompt_id"], p["teachers"]) for p in best_of] == [("p4", ["gemma"])]  # p4 keeps its other one
+    assert [r.prompt_id for r in work[("gemma", False)]] == ["p3", "p1", "p2", "p5"]  # p5 had no teacher left
+    assert [(p.request.prompt_id, p.teachers) for p in best_of] == [("p4", ["gemma"])]  # p4 keeps its other one
     assert set(work) == {("gemma", False), ("gemma", True)}
     with pytest.raises(RunError, match="the fallback or a judge"):
         Fallback(config, {}, {"gemma": "no room"})
@@ -165,8 +213,9 @@ def test_the_dry_run_writes_one_line_per_row_in_order_and_the_rejections(tmp_pat
 def test_the_classifier_is_accurate_on_held_out_real_text_of_each_domain():
     """The test halves of avocado_ray/resources/router_heldout.jsonl and router_heldout_cjk.jsonl: real prompts from
     other files, modules, seeds and corpora than those the rules were tuned on (see scripts/build_router_eval.py), never
-    used to tune them. Chinese meets the 98% target; code precision and general recall were measured at 95.8% and
-    96.8% (docs/usage.md, "Routing"), below it, and are held at 95% so that they cannot fall unseen."""
+    used to tune them. Chinese meets the 98% target; code and general were measured at 97.4 / 97.9% and 98.6 / 97.6%
+    (precision / recall, docs/usage.md, "Routing"), code precision and recall and general recall below it, and are
+    held at 97% so that they cannot fall unseen."""
     from avocado_ray.benchmarks.router import classifier_quality
     from avocado_ray.resources.labelled import labelled_prompts
 
@@ -174,7 +223,7 @@ def test_the_classifier_is_accurate_on_held_out_real_text_of_each_domain():
     assert all(quality[domain]["n"] >= 290 for domain in ("code", "chinese", "math", "general")), quality
     assert quality["chinese"]["precision"] >= 0.98 and quality["chinese"]["recall"] >= 0.98, quality["chinese"]
     for domain in ("code", "general", "math"):
-        assert quality[domain]["precision"] >= 0.95 and quality[domain]["recall"] >= 0.95, (domain, quality[domain])
+        assert quality[domain]["precision"] >= 0.97 and quality[domain]["recall"] >= 0.97, (domain, quality[domain])
     assert quality["ja_ko_as_chinese"]["n"] >= 200 and quality["ja_ko_as_chinese"]["share"] <= 0.02, quality
 
 

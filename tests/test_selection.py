@@ -9,6 +9,7 @@ import ray
 from ray import cloudpickle
 
 from avocado_ray.config import BestOfConfig
+from avocado_ray.dataplane.requests import BestOfPrompt, Request
 from avocado_ray.dataplane.schema import samples_to_batch
 from avocado_ray.routing.sandbox import run_python_tests
 from avocado_ray.routing.selection import Selector, final_answer, score_agreement
@@ -50,7 +51,7 @@ MESSAGES = [{"role": "user", "content": "Write a Python function add(a, b) that 
 @pytest.fixture(scope="module")
 def answers(teacher_pools):
     """Real answers of the tiny qwen and gemma teachers to one prompt."""
-    request = {"prompt_id": "p1", "domain": "code", "labels": ["code"], "messages": MESSAGES}
+    request = Request("p1", "code", ["code"], MESSAGES)
     batches = {}
     for name, pool in teacher_pools.items():
         batch_ref = pool.submit([request])
@@ -62,11 +63,7 @@ def answers(teacher_pools):
 def select(best_of, batches, judges=None, tests=None):
     selector = ray.remote(Selector).options(num_cpus=0).remote({"code": best_of}, judges or {})
     teachers = list(batches)
-    ray.get(
-        selector.expect.remote(
-            [{"prompt_id": "p1", "domain": "code", "teachers": teachers, "tests": tests, "messages": MESSAGES}]
-        )
-    )
+    ray.get(selector.expect.remote([BestOfPrompt(Request("p1", "code", ["code"], MESSAGES), teachers, tests)]))
     emitted = [selector.add.options(num_returns=2).remote(batches[t], [], t) for t in teachers]
     winners = [ray.get(batch_ref).to_pylist() for batch_ref, _ in emitted]
     ray.kill(selector)

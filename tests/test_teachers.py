@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from dataclasses import replace
 
 import psutil
 import pytest
@@ -18,6 +19,7 @@ from vllm.logprobs import FlatLogprobs
 
 from avocado_ray.cli import main
 from avocado_ray.config import AutoscaleConfig
+from avocado_ray.dataplane.requests import Request
 from avocado_ray.dataplane.spill import ShardWriter, open_samples
 from avocado_ray.pipeline.dispatch import Dispatcher
 from avocado_ray.resources.labelled import labelled_prompts
@@ -79,13 +81,9 @@ def run_work(tmp_path, teacher_pools, local_config):
 def requests_for(count, max_tokens=32):
     texts = [row["prompt"][:200] for row in labelled_prompts() if row["domain"] != "chinese"][:count]  # all fit
     return [
-        {
-            "prompt_id": f"p{i}",
-            "domain": "general",
-            "labels": ["general"],
-            "sampling": {"max_tokens": max_tokens},
-            "messages": [{"role": "user", "content": text}],
-        }
+        Request(
+            f"p{i}", "general", ["general"], [{"role": "user", "content": text}], sampling={"max_tokens": max_tokens}
+        )
         for i, text in enumerate(texts)
     ]
 
@@ -106,7 +104,7 @@ def wait_for(condition, metrics, timeout_s=300):
 
 def assert_each_answered_once(table, requests):
     ids = table["prompt_id"].to_pylist()
-    assert sorted(ids) == sorted(r["prompt_id"] for r in requests)  # nothing lost, nothing twice
+    assert sorted(ids) == sorted(r.prompt_id for r in requests)  # nothing lost, nothing twice
 
 
 @pytest.mark.slow
@@ -115,9 +113,9 @@ def test_a_rows_repetition_penalty_reaches_the_engine_and_breaks_greedy_loops(ru
     row, as from the config) makes it use more distinct tokens per answer."""
     requests = requests_for(8, max_tokens=24)
     for request in requests:
-        request["sampling"].update(temperature=0.0, repetition_penalty=1.0)
+        request.sampling.update(temperature=0.0, repetition_penalty=1.0)
     penalised = [
-        {**r, "prompt_id": r["prompt_id"] + "-penalised", "sampling": {**r["sampling"], "repetition_penalty": 3.0}}
+        replace(r, prompt_id=r.prompt_id + "-penalised", sampling={**r.sampling, "repetition_penalty": 3.0})
         for r in requests
     ]
     table, rejected, _, _ = run_work(requests + penalised)
@@ -126,8 +124,8 @@ def test_a_rows_repetition_penalty_reaches_the_engine_and_breaks_greedy_loops(ru
         sample_id: len(set(ids)) / max(len(ids), 1)
         for sample_id, ids in zip(table["prompt_id"].to_pylist(), table["token_ids"].to_pylist())
     }
-    plain_share = sum(distinct[r["prompt_id"]] for r in requests) / len(requests)
-    penalised_share = sum(distinct[r["prompt_id"]] for r in penalised) / len(penalised)
+    plain_share = sum(distinct[r.prompt_id] for r in requests) / len(requests)
+    penalised_share = sum(distinct[r.prompt_id] for r in penalised) / len(penalised)
     assert penalised_share > plain_share + 0.2, (plain_share, penalised_share)
 
 
@@ -248,17 +246,12 @@ def test_a_teacher_whose_model_cannot_load_goes_down_and_its_prompts_go_to_the_f
 @pytest.mark.slow
 def test_an_over_long_prompt_is_rejected_with_its_reason(teacher_pools):
     pool = teacher_pools["qwen"]
-    long = {
-        "prompt_id": "long",
-        "domain": "general",
-        "labels": [],
-        "messages": [{"role": "user", "content": "word " * 2000}],
-    }
+    long = Request("long", "general", [], [{"role": "user", "content": "word " * 2000}])
     ref = pool.submit([long])
     report, _ = pool.complete(ref)
     assert report.samples == 0
-    assert report.rejected[0]["prompt_id"] == "long"
-    assert "does not fit qwen's context of 512" in report.rejected[0]["reason"]
+    assert report.rejected[0].id == "long"
+    assert "does not fit qwen's context of 512" in report.rejected[0].reason
 
 
 def test_scale_from_the_command_line_names_a_run_that_is_not_running(ray_cluster, tmp_path):

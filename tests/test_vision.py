@@ -4,6 +4,7 @@ import pytest
 import ray
 
 from avocado_ray.config import EngineConfig, SamplingConfig, VLLMTeacher
+from avocado_ray.dataplane.requests import Request
 from avocado_ray.models.chat import chat_prompt_ids
 from avocado_ray.models.tiny_vision import IMAGE_TOKENS
 from avocado_ray.teachers.pool import TeacherPool
@@ -13,14 +14,9 @@ from avocado_ray.teachers.pool import TeacherPool
 def image_request(image_part):
     """Makes a multimodal request: an image of one colour and a question about it."""
 
-    def make(prompt_id: str, color: tuple[int, int, int] = (200, 10, 10)) -> dict:
+    def make(prompt_id: str, color: tuple[int, int, int] = (200, 10, 10)) -> Request:
         content = [image_part(color), {"type": "text", "text": "What colour is this?"}]
-        return {
-            "prompt_id": prompt_id,
-            "domain": "multimodal",
-            "labels": ["multimodal"],
-            "messages": [{"role": "user", "content": content}],
-        }
+        return Request(prompt_id, "multimodal", ["multimodal"], [{"role": "user", "content": content}])
 
     return make
 
@@ -28,21 +24,13 @@ def image_request(image_part):
 @pytest.mark.slow
 def test_a_teacher_without_vision_rejects_an_image_prompt_with_its_reason(teacher_pools, image_request):
     pool = teacher_pools["gemma"]
-    text = {
-        "prompt_id": "text",
-        "domain": "general",
-        "labels": ["general"],
-        "messages": [{"role": "user", "content": "Name a colour."}],
-        "sampling": {"max_tokens": 4},
-    }
+    text = Request(
+        "text", "general", ["general"], [{"role": "user", "content": "Name a colour."}], sampling={"max_tokens": 4}
+    )
     report, _ = pool.complete(pool.submit([image_request("image"), text]))
     assert report.samples == 1  # the text prompt of the same batch is answered
-    assert report.rejected == [
-        {
-            "prompt_id": "image",
-            "code": "no_vision",
-            "reason": "teacher gemma has no vision (vision: false); the prompt holds 1 image(s)",
-        }
+    assert [(r.id, r.code, r.reason) for r in report.rejected] == [
+        ("image", "no_vision", "teacher gemma has no vision (vision: false); the prompt holds 1 image(s)")
     ]
 
 
@@ -68,14 +56,14 @@ def test_a_vision_teacher_answers_image_prompts_with_the_images_as_model_input(v
 
     black, white = image_request("black", (0, 0, 0)), image_request("white", (255, 255, 255))
     broken = image_request("broken")
-    broken["messages"][0]["content"][0]["image_url"]["url"] = "data:image/png;base64,bm90IGFuIGltYWdl"
+    broken.messages[0]["content"][0]["image_url"]["url"] = "data:image/png;base64,bm90IGFuIGltYWdl"
     ref = vision_pool.submit([black, white, broken])
     report, _ = vision_pool.complete(ref)
     rows = {row["prompt_id"]: row for row in ray.get(ref).to_pylist()}
     assert sorted(rows) == ["black", "white"]
-    assert [(r["prompt_id"], r["code"]) for r in report.rejected] == [("broken", "bad_image")]
+    assert [(r.id, r.code) for r in report.rejected] == [("broken", "bad_image")]
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["vision"])
-    text_only = len(chat_prompt_ids(tokenizer, black["messages"]))  # one <image> placeholder
+    text_only = len(chat_prompt_ids(tokenizer, black.messages))  # one <image> placeholder
     assert rows["black"]["prompt_tokens"] == text_only - 1 + IMAGE_TOKENS + 3  # image tokens, two fences, global tag
     # the pixels reach the model: the same text with another image gets other next-token logprobs
     assert rows["black"]["topk_logprobs"][0] != rows["white"]["topk_logprobs"][0]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from avocado_ray.benchmarks.common import Benchmark, _synthetic_samples
 from avocado_ray.cluster import start_local
+from avocado_ray.dataplane.requests import Request
 from avocado_ray.resources.labelled import labelled_prompts
 
 
@@ -97,12 +98,7 @@ def _real_answers_topk(prompts: int, tokens: int, k: int) -> dict:
     for pool in pools:
         pool.ready()
         requests = [
-            {
-                "prompt_id": f"{pool.teacher.name}{i}",
-                "domain": "general",
-                "labels": ["general"],
-                "messages": [{"role": "user", "content": text}],
-            }
+            Request(f"{pool.teacher.name}{i}", "general", ["general"], [{"role": "user", "content": text}])
             for i, text in enumerate(texts)
         ]
         refs = [pool.submit(requests[i : i + 32]) for i in range(0, len(requests), 32)]

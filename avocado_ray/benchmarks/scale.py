@@ -71,7 +71,7 @@ def scale_driver(prompts_file: str, run_dir: str, answer_prompts: int) -> dict:
 
         def next(self) -> Routed:
             routed = super().next()
-            prompts = len({r["prompt_id"] for requests in routed.work.values() for r in requests})
+            prompts = len({r.prompt_id for requests in routed.work.values() for r in requests})
             self.routed += prompts
             if prompts and self.first_routed_at is None:
                 self.first_routed_at = time.time()

@@ -6,6 +6,7 @@ import time
 
 from avocado_ray.benchmarks.common import Benchmark, _stdout_on_stderr
 from avocado_ray.cluster import start_local
+from avocado_ray.dataplane.requests import Request
 from avocado_ray.resources.labelled import labelled_prompts
 
 
@@ -64,12 +65,9 @@ def _bench_teachers(prompts: int = 200, max_tokens: int = 16, batch: int = 25, i
     finally:
         client.close()
     route_s = time.perf_counter() - started
-    requests = [
-        {"prompt_id": r.prompt_id, "domain": r.domain, "labels": r.labels, "messages": p.messages}
-        for p, r in zip(rows, routes)
-    ]
+    requests = [Request(r.prompt_id, r.domain, r.labels, p.messages) for p, r in zip(rows, routes)]
 
-    def through_pool(selected: list[dict]) -> int:
+    def through_pool(selected: list[Request]) -> int:
         pending = [selected[i : i + batch] for i in range(0, len(selected), batch)]
         flying, tokens = {}, 0
         while pending or flying:

@@ -16,11 +16,12 @@ from ray.exceptions import RayTaskError
 
 from avocado_ray.config import DistillConfig
 from avocado_ray.dataplane.prompts import Rejected
+from avocado_ray.dataplane.requests import Request
 from avocado_ray.dataplane.rundir import Log, RunDir
 from avocado_ray.dataplane.schema import samples_to_batch
 from avocado_ray.dataplane.stream import SampleStream
 from avocado_ray.pipeline.feed import InputFeed
-from avocado_ray.pipeline.routes import Fallback, Request, Routed, TeacherQueue, Work
+from avocado_ray.pipeline.routes import Fallback, Routed, TeacherQueue, Work
 from avocado_ray.progress import GenerationMonitor
 from avocado_ray.teachers.placement import PlacementError
 
@@ -146,13 +147,6 @@ class Dispatcher:
         for key, requests in work.items():
             queues.setdefault(key, []).extend(requests[i : i + size] for i in range(0, len(requests), size))
 
-    def _rejections(self, rejected: list[dict], requests: list[Request]) -> list[Rejected]:
-        """Dead letters for a call's rejected prompts ({prompt_id, reason, code} from the replica or the selector),
-        with the input file and line their requests carry."""
-        origin = {r["prompt_id"]: {"file": r.get("file"), "line": r.get("line", 0)} for r in requests}
-        records = [{**origin.get(item["prompt_id"], {}), **item} for item in rejected]
-        return [Rejected(r.get("line", 0), r["prompt_id"], r["reason"], r["code"], r.get("file")) for r in records]
-
     def _submit(self, queues: dict, in_flight: dict, in_flight_prompts: dict) -> None:
         """Send queued batches to the pools that have room for another call."""
         for (name, best_of), queue in queues.items():
@@ -199,7 +193,6 @@ class Dispatcher:
                     continue
                 name, best_of = in_flight.pop(ref)
                 del in_flight_prompts[ref]
-                requests = self.pools[name].calls[ref].requests
                 report, retry = self.pools[name].complete(ref)
                 queues.setdefault(TeacherQueue(self.fallback.answering(name), best_of), [])[:0] = retry
                 self.retried_prompts += sum(map(len, retry))
@@ -216,7 +209,7 @@ class Dispatcher:
                         ref, rejected, name, judges
                     )
                     rejected = ray.get(rejected_ref)
-                self.rejected += self._rejections(rejected, requests)
+                self.rejected += rejected  # dead letters at the input rows their requests came from
                 seq += 1
                 writes.append(self.writer.write.remote(batch_ref, seq))
                 if self.stream is not None:

@@ -2,8 +2,8 @@
 prompts of a teacher that is down go.
 
 Work travels as `Work`: requests per `TeacherQueue` (a teacher, and whether the requests are best-of requests,
-whose answers the selector compares). A request is a plain dict (`Request`): it goes to the teacher replica and,
-for best-of prompts, to the selector, both Ray actors.
+whose answers the selector compares) of `Request`s (dataplane.requests); a best-of prompt also goes to the selector
+as a `BestOfPrompt`.
 """
 
 from __future__ import annotations
@@ -11,13 +11,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NamedTuple, TypedDict
+from typing import NamedTuple
 
 import ray
 
 from avocado_ray import plan
 from avocado_ray.config import DistillConfig
 from avocado_ray.dataplane.prompts import Rejected
+from avocado_ray.dataplane.requests import BestOfPrompt, Request
 from avocado_ray.errors import RunError
 from avocado_ray.models.tiny import resolve_model
 from avocado_ray.teachers.placement import PlacementError
@@ -33,19 +34,6 @@ class TeacherQueue(NamedTuple):
     best_of: bool
 
 
-class Request(TypedDict, total=False):
-    """One prompt asked of one teacher, as the replica reads it."""
-
-    prompt_id: str
-    domain: str
-    labels: list[str]
-    messages: list[dict]
-    file: str | None  # the dead letter's origin, if a teacher rejects it
-    line: int
-    sampling: dict  # the row's sampling overrides
-    attempts: int  # calls that raised on it so far (teachers.pool)
-
-
 Work = dict[TeacherQueue, list[Request]]
 
 
@@ -55,7 +43,7 @@ class Routed:
     `teachers` and `tests`) that the selector waits for."""
 
     work: Work = field(default_factory=dict)
-    best_of_prompts: list[dict] = field(default_factory=list)
+    best_of_prompts: list[BestOfPrompt] = field(default_factory=list)
 
 
 def plan_requests(prompts: list, routes: list) -> tuple[Routed, list[Rejected]]:
@@ -65,18 +53,11 @@ def plan_requests(prompts: list, routes: list) -> tuple[Routed, list[Rejected]]:
         if route.teacher is None:
             rejected.append(route.rejection(prompt))
             continue
-        request: Request = {
-            "prompt_id": prompt.id,
-            "domain": route.domain,
-            "labels": route.labels,
-            "messages": prompt.messages,
-            "file": prompt.file,
-            "line": prompt.line,
-        }
-        if prompt.sampling:
-            request["sampling"] = prompt.sampling
+        request = Request(
+            prompt.id, route.domain, route.labels, prompt.messages, prompt.file, prompt.line, prompt.sampling or None
+        )
         if route.candidates:
-            routed.best_of_prompts.append({**request, "teachers": route.candidates, "tests": prompt.tests})
+            routed.best_of_prompts.append(BestOfPrompt(request, route.candidates, prompt.tests))
             for teacher in route.candidates:
                 routed.work.setdefault(TeacherQueue(teacher, True), []).append(request)
         else:
@@ -86,7 +67,7 @@ def plan_requests(prompts: list, routes: list) -> tuple[Routed, list[Rejected]]:
 
 def judges(config: DistillConfig, best_of) -> set[str]:
     """The judge teachers that the scorers of best-of prompts (or of best-of domains: {domain: ...}) call."""
-    domains = best_of if isinstance(best_of, dict) else {p["domain"] for p in best_of}
+    domains = best_of if isinstance(best_of, dict) else {p.request.domain for p in best_of}
     return {config.routing.best_of[domain].judge for domain in domains} - {None}
 
 
@@ -173,16 +154,16 @@ class Fallback:
         if not self.down:
             return
         for item in routed.best_of_prompts:
-            item["teachers"] = [t for t in item["teachers"] if t not in self.down]
-        alone = {p["prompt_id"] for p in routed.best_of_prompts if not p["teachers"]}  # every best-of teacher down
-        routed.best_of_prompts[:] = [p for p in routed.best_of_prompts if p["teachers"]]
+            item.teachers = [t for t in item.teachers if t not in self.down]
+        alone = {p.request.prompt_id for p in routed.best_of_prompts if not p.teachers}  # every best-of teacher down
+        routed.best_of_prompts[:] = [p for p in routed.best_of_prompts if p.teachers]
         moved = []
         for name in self.down:
             plain, best_of = routed.work.pop((name, False), []), routed.work.pop((name, True), [])
-            moved += plain + [r for r in best_of if r["prompt_id"] in alone]
+            moved += plain + [r for r in best_of if r.prompt_id in alone]
         if moved:
             to = routed.work.setdefault(TeacherQueue(self.name, False), [])
-            to.extend({r["prompt_id"]: r for r in moved}.values())
+            to.extend({r.prompt_id: r for r in moved}.values())
         self._start_fallback(routed.work)
 
     def take_over(self, queues: dict, on_down: Callable[[str, str], None]) -> None:

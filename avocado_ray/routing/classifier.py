@@ -9,8 +9,12 @@ Chinese text uses too. Why rules are the default rather than a language-identifi
 set they are as accurate as Lingua and more accurate than CLD2, and faster than both (`avocado-ray bench router`
 measures all three on the same prompts; the figures are in docs/usage.md, "Routing"). The libraries are there as
 the `cld2` and `lingua` classifiers (avocado_ray/routing/langid.py); a trained classifier plugs in through the
-`DomainClassifier` protocol. Code and math are recognised by their symbols and vocabulary, and a command line
-of ASCII in a CJK prompt is code (a manual page around a shell command gets both labels).
+`DomainClassifier` protocol. Code and math are recognised by their symbols and vocabulary (the math rule is
+avocado_ray/routing/mathrule.py), and a command line of ASCII in a CJK prompt is code (a manual page around a
+shell command gets both labels). What only looks like code or math is left out: links and e-mail addresses
+(a changelog's authors), a language's name inside a package or path name (python3-apt, /usr/share/java), a
+programming name in CJK prose that asks for no code, a path pattern (debian/*), issue numbers, versions and
+times of day with their zone.
 
 Why it is fast (tens of microseconds at most for a prompt of a few hundred characters on one core): the rules but
 the script ones look at one ASCII encoding of the prompt, and each step is one C-level pass (bytes.translate to
@@ -25,6 +29,9 @@ import re
 from typing import Protocol
 
 from avocado_ray.config import CLASSIFIER_ENTRY_POINTS
+from avocado_ray.routing.mathrule import MATH_VOCABULARY, math_rule
+from avocado_ray.routing.textbytes import count
+from avocado_ray.routing.textbytes import unlinked as _unlinked
 
 # Chinese by script. A prompt is Chinese when Han ideographs are at least CHINESE_SHARE of its words: Han
 # characters, Latin-script words, Hangul syllables and kana letters, each counted as one. Digits, punctuation
@@ -53,11 +60,16 @@ KANA_LETTER = re.compile(rb"\xe3(?:\x81[\x81-\xbf]|\x82[\x80-\x96\xa1-\xbf]|\x83
 CODE_SYMBOLS = b"{}[];<>_|&#$\\"
 CODE_SYMBOL_DENSITY = 0.03
 CODE_SYMBOL_MIN = 4
+# The # of an issue or bug number ("Closes: #947043", "PR #12") is prose: not counted as a symbol.
+ISSUE_REFERENCE = re.compile(rb"#\d")
 # Substrings (of the lower-cased ASCII) that are almost never prose. Every branch starts with a symbol that is
 # rare in prose (what comes before it is checked by a look-behind), so the regex engine only stops at those.
-# ('", line 3' is a Python traceback's frame line; '("' must follow a name, as in f("x"), not a space.)
+# ('", line 3' is a Python traceback's frame line; '("' must follow a name, as in f("x"), not a space. A comment's
+# /* and */ stand apart, not in a path pattern as in "debian/*"; ++ ends a statement or starts an operand, not a
+# name as in g++; Prolog's :- is followed by a space, a smiley's :-( is not.)
 CODE_SYMBOL_MARKERS = re.compile(
-    rb'```|#include|#!/|=>|==|!=|\(\);|\) ?\{|\};|</|/>|::|:-|\+\+|/\*|\*/|// (?<= // )|", line \d'
+    rb"```|#include|#!/|=>|==|!=|\(\);|\) ?\{|\};|</|/>|::|:-(?=\s)|\+\+(?=[a-z(])|\+\+(?<=[\w)\]]\+\+)(?=[;)\]])"
+    rb"|/\*(?<![\w.*-]/\*)|\*/(?<=\s\*/)(?![\w*])|// (?<= // )|\", line \d"
     rb'|\((?<=print\()|\((?<=\.log\()|\("(?<=[\w)]\(")'
 )
 # Language names, keywords and programming vocabulary, checked against the prompt's set of words.
@@ -89,6 +101,14 @@ CODE_FUNCTION = re.compile(
 # ASCII text with lower-case letters mapped to a and upper-case to A. Prose has a few (McDonald, e.g.).
 CODE_IDENTIFIERS = 4
 CODE_HAN = re.compile("代码|函数|编程|脚本|算法|源程序")  # code, function, programming, script, algorithm
+# In prose written in a CJK script (more CJK characters than Latin words), a programming name is a name ("SQL
+# 명령어 설명서", the SQL command's manual; "JSON 格式的文件"), not a request for code: the word rule takes a word
+# of programming of those scripts with it (code, program, function, script, algorithm, implement, compile...).
+CODE_CJK = re.compile(
+    "代码|代碼|程式|程序|函数|函式|编程|編程|脚本|腳本|算法|编写|編寫|实现|實現|编译|編譯"
+    "|코드|함수|프로그램|스크립트|알고리즘|구현|쿼리|컴파일|디버그"
+    "|コード|関数|プログラム|スクリプト|アルゴリズム|実装|コンパイル"
+)
 # A shell command on a line of its own, as manuals show them: after a $ or # prompt, or a lower-case command
 # name followed by an option (`tar -xvf a.tar`, `ls --all`); searched for only when the prompt has " -", "$ "
 # or "# ".
@@ -102,86 +122,13 @@ CODE_LINE_ENDS = ("{", "}", ")", "(", "=", "[", "]", " then", " do", "end")
 CODE_LINE_STARTS = ("#", "//", "!", "}", "<", "@", "end", "if ", "let ", "open ", "import ", "return")
 CODE_LINE_SHARE = 0.5
 PROSE_BULLETS = ("- ", "* ", "• ")  # a list item that ends in ")" is prose: "- Update Czech translation (Adam)"
-# Links: their words ("index.html", "bug-python") are not the prompt's vocabulary.
-URL = re.compile(rb"[a-z][a-z0-9+.-]*://\S*")
-
-# Words that make a prompt mathematical on their own, and words that do so only next to numbers.
-MATH_WORDS = frozenset(b"derivative integral equation theorem polynomial prob composite".split())
-MATH_PHRASES = (
-    b"without replacement",
-    b"ascending order",
-    b"descending order",
-    b"decreasing order",
-    b"increasing order",
-    b"(base ",
-    b" base ",
-)
-MATH_PHRASE_WORDS = frozenset(b"replacement order base".split())
-MATH_HAN = re.compile("方程|证明|求解|概率")
-MATH_WORDS_WITH_NUMBERS = frozenset(
-    b"solve simplify calculate compute evaluate expand factor prime divisor multiple remainder divide divided sum "
-    b"product round convert sequence percent average biggest smallest greater smaller sort determine total multiply "
-    b"subtract add equal proof prove probability closest nearest bigger denominator numerator".split()
-)
-MATH_PHRASES_WITH_NUMBERS = (
-    b"what is",
-    b"how many",
-    b"how much",
-    b"put together",
-    b"work out",
-    b"what comes next",
-    b"as big as",
-)
-MATH_PHRASE_WITH_NUMBERS_WORDS = frozenset(b"what how put work big".split())
-MATH_HAN_WITH_NUMBERS = re.compile("计算|等于|多少")
-# Fractions in words ("three fifths of a centimetre") are numbers too.
-MATH_FRACTION_WORDS = frozenset(
-    b"half halves third thirds quarter quarters fifth fifths sixth sixths seventh sevenths eighth eighths ninth "
-    b"ninths tenth tenths hundredth hundredths thousandth thousandths".split()
-)
-MATH_WORDED_FRACTION = re.compile(
-    rb"(?:one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|thirteen|fourteen|fifteen|sixteen"
-    rb"|seventeen|eighteen|nineteen|twenty|thirty|forty|fifty|sixty|seventy|eighty|ninety) (?:half|halves|third"
-    rb"|quarter|fifth|sixth|seventh|eighth|ninth|tenth|hundredth|thousandth)"
-)
-MATH_DIGIT_SHARE = 0.02  # numbers must be a visible part of the prompt, not one date in a story
-# Operator words between two numbers ("3 times 4"; not "3 times a day").
-MATH_OPERATOR_WORDS = frozenset(b"times plus minus".split())
-MATH_WORDED_ARITHMETIC = re.compile(rb"\d (?:times|plus|minus) -?\d")
-# Arithmetic between numbers, brackets and one-letter variables, over the prompt's ASCII shape (digits -> 0,
-# letters -> a, white space -> space): few kinds of characters, and every branch starts with a literal, so the
-# regex engine skips to the candidates.
-_OPERAND = rb"-?(?:[0(]|a(?!a))"  # a number, a bracket, or a one-letter variable (not a word)
-MATH_ARITHMETIC = re.compile(
-    rb"0 *[+*^=<>] *"
-    + _OPERAND  # 3 + x, 2^4, 1 = 1, 2 < 3
-    + rb"|0(?: +-|- ) *"
-    + _OPERAND  # 3 - 4; not the ranges 1939-1945 or 6-12
-    + rb"|0(?: +/|/ ) *-?[0(]|0 */ *-?(?:\(|a(?!a))"  # 6 / 3, 6/x; not a fraction on its own (1/2 oz)
-    + rb"|\*\* *0|\^ *0"  # powers
-)
-
 # The words any rule looks at: a prompt's words are intersected with it once, and the rules test that small set.
-VOCABULARY = (
-    CODE_WORDS
-    | CODE_PHRASE_WORDS
-    | {b"function"}
-    | MATH_WORDS
-    | MATH_PHRASE_WORDS
-    | MATH_WORDS_WITH_NUMBERS
-    | MATH_PHRASE_WITH_NUMBERS_WORDS
-    | MATH_OPERATOR_WORDS
-    | MATH_FRACTION_WORDS
-)
+VOCABULARY = CODE_WORDS | CODE_PHRASE_WORDS | {b"function"} | MATH_VOCABULARY
 # bytes.translate keeps letters, digits, + and #, and turns everything else into a space: a fast word split.
 _WORD_BYTES = bytes(c if chr(c).isalnum() or chr(c) in "+#" else 32 for c in range(128)) + b" " * 128
-_SHAPE_BYTES = (
-    bytes(48 if chr(c).isdigit() else 97 if chr(c).isalpha() else 32 if chr(c).isspace() else c for c in range(128))
-    + b"." * 128
-)
 _LETTER_BYTES = bytes(c if chr(c).isalpha() else 32 for c in range(128)) + b" " * 128
+_NAME_PARTS = [bytes([c]) for c in b"abcdefghijklmnopqrstuvwxyz0123456789-/"]  # what joins a word into a name
 _LETTERS = bytes(c for c in range(128) if chr(c).isalpha())
-_DIGITS = b"0123456789"
 _CASE_BYTES = (
     bytes(97 if chr(c).islower() else 65 if chr(c).isupper() else 46 if c == 46 else 32 for c in range(128))
     + b" " * 128
@@ -194,11 +141,6 @@ class DomainClassifier(Protocol):
     def labels(self, text: str, has_image: bool = False) -> list[str]: ...
 
 
-def _count(data: bytes, characters: bytes) -> int:
-    """How many bytes of `data` are among `characters` (bytes.translate runs in C)."""
-    return len(data) - len(data.translate(None, characters))
-
-
 def _chinese_share(text: str, ascii_text: bytes, utf8: bytes) -> float:
     """Share of Han characters among the words of the prompt (see CHINESE_SHARE); 0 for Japanese (kana) text."""
     kana = 0
@@ -207,30 +149,64 @@ def _chinese_share(text: str, ascii_text: bytes, utf8: bytes) -> float:
         if found and KANA_LETTER.search(utf8, found.end()):  # two: no need to count them all
             return 0.0
         kana = 1 if found else 0
-    han = _count(utf8, HAN_LEAD_BYTES)
-    others = len(ascii_text.translate(_LETTER_BYTES).split()) + _count(utf8, HANGUL_LEAD_BYTES) + kana
+    han = count(utf8, HAN_LEAD_BYTES)
+    others = len(ascii_text.translate(_LETTER_BYTES).split()) + count(utf8, HANGUL_LEAD_BYTES) + kana
     if han < CHINESE_MIN_HAN or han < CHINESE_SHARE * (han + others):  # the rare blocks may still tip it
         han += len(RARE_HAN.findall(text)) if RARE_HAN.search(text) else 0
     return han / (han + others) if han >= CHINESE_MIN_HAN else 0.0
 
 
-def _code_line_share(text: str) -> float:
-    """Share of lines shaped like code: ending in a bracket or separator, or opening with a comment or keyword."""
+def _cjk_prose(ascii_text: bytes, utf8_length: int) -> bool:
+    """Whether CJK characters (two bytes more than their "?" each, in most blocks) outnumber the Latin words."""
+    return utf8_length - len(ascii_text) > 2 * len(ascii_text.translate(_LETTER_BYTES).split())
+
+
+def _standalone(data: bytes, word: bytes) -> bool:
+    """Whether `word` stands on its own somewhere in `data`, not as a part of a package, file or path name
+    (python3-apt, /usr/share/java/, git-man, script.sh): those are names, not a language."""
+    start = data.find(word)
+    while start >= 0:
+        end = start + len(word)
+        before, after = data[start - 1 : start] if start else b" ", data[end : end + 2]
+        if (
+            before not in _NAME_PARTS
+            and (not after or after[:1] not in _NAME_PARTS)
+            and not (after[:1] == b"." and after[1:2].isalnum())
+        ):
+            return True
+        start = data.find(word, end)
+    return False
+
+
+def _code_lines(text: str) -> bool:
+    """Whether CODE_LINE_SHARE of the (at least 3) non-empty lines are shaped like code: ending in a bracket or
+    separator, or opening with a comment or keyword. Stops as soon as the share can no longer be reached."""
     lines = [line for line in map(str.strip, text.split("\n")) if line]
     if len(lines) < 3:
-        return 0.0
-    return sum(
-        1
-        for line in lines
-        if (line.endswith(CODE_LINE_ENDS) and not line.startswith(PROSE_BULLETS)) or line.startswith(CODE_LINE_STARTS)
-    ) / len(lines)
+        return False
+    allowed = len(lines) * (1 - CODE_LINE_SHARE)  # prose lines there may be
+    prose = 0
+    for line in lines:
+        if not (
+            line.startswith(CODE_LINE_STARTS) or (line.endswith(CODE_LINE_ENDS) and not line.startswith(PROSE_BULLETS))
+        ):
+            prose += 1
+            if prose > allowed:
+                return False
+    return True
 
 
 def _code_rule(text: str, ascii_text: bytes, data: bytes, words: set[bytes], utf8_length: int) -> str | None:
     """The name of the first code rule that fires (to tell why a prompt was labelled code), or None."""
-    if not words.isdisjoint(CODE_WORDS):
+    if (
+        not words.isdisjoint(CODE_WORDS)
+        and (text.isascii() or not _cjk_prose(ascii_text, utf8_length) or CODE_CJK.search(text))
+        and any(_standalone(data, word) for word in words & CODE_WORDS)
+    ):
         return "word"
-    if _count(data, CODE_SYMBOLS) >= max(CODE_SYMBOL_DENSITY * utf8_length, CODE_SYMBOL_MIN):
+    symbols = count(data, CODE_SYMBOLS)
+    needed = max(CODE_SYMBOL_DENSITY * utf8_length, CODE_SYMBOL_MIN)
+    if symbols >= needed and (b"#" not in data or symbols - len(ISSUE_REFERENCE.findall(data)) >= needed):
         return "symbols"
     if not words.isdisjoint(CODE_PHRASE_WORDS) and any(phrase in data for phrase in CODE_PHRASES):
         return "phrase"
@@ -243,59 +219,21 @@ def _code_rule(text: str, ascii_text: bytes, data: bytes, words: set[bytes], utf
         return "identifiers"
     if CODE_SYMBOL_MARKERS.search(data):
         return "marker"
-    if (b" -" in ascii_text or b"$ " in ascii_text or b"# " in ascii_text) and CODE_COMMAND_LINE.search(
-        b"\n" + ascii_text
-    ):
+    if (  # a one-byte search (memchr) first: b" -" alone is slow on text with many spaces
+        (b"-" in ascii_text and b" -" in ascii_text)
+        or (b"$" in ascii_text and b"$ " in ascii_text)
+        or (b"#" in ascii_text and b"# " in ascii_text)
+    ) and CODE_COMMAND_LINE.search(b"\n" + ascii_text):
         return "command"
     if (
-        utf8_length > len(text)
+        not text.isascii()
         and "\n" in text
-        and utf8_length - len(ascii_text) > _count(ascii_text, _LETTERS)
+        and utf8_length - len(ascii_text) > count(ascii_text, _LETTERS)
         and CJK_ASCII_LINE.search("\n" + text)
     ):  # more CJK (2 extra bytes each) than ASCII letters
         return "command"
-    if "\n" in text and _code_line_share(text) >= CODE_LINE_SHARE:
+    if "\n" in text and _code_lines(text):
         return "lines"
-    return None
-
-
-def _asks_with_numbers(text: str, data: bytes, words: set[bytes], han: bool) -> bool:
-    """Whether the prompt has a word or phrase that makes numbers next to it mathematical ("sum", "how many")."""
-    return bool(
-        not words.isdisjoint(MATH_WORDS_WITH_NUMBERS)
-        or (
-            not words.isdisjoint(MATH_PHRASE_WITH_NUMBERS_WORDS)
-            and any(phrase in data for phrase in MATH_PHRASES_WITH_NUMBERS)
-        )
-        or (han and MATH_HAN_WITH_NUMBERS.search(text))
-    )
-
-
-def _math_rule(text: str, data: bytes, words: set[bytes]) -> str | None:
-    """The name of the first math rule that fires (to tell why a prompt was labelled math), or None."""
-    han = not text.isascii()
-    if not words.isdisjoint(MATH_WORDS):
-        return "word"
-    if not words.isdisjoint(MATH_PHRASE_WORDS) and any(phrase in data for phrase in MATH_PHRASES):
-        return "phrase"
-    if han and MATH_HAN.search(text):
-        return "han"
-    if (
-        not words.isdisjoint(MATH_FRACTION_WORDS)
-        and MATH_WORDED_FRACTION.search(data)
-        and _asks_with_numbers(text, data, words, han)
-    ):
-        return "worded fraction"
-    digits = _count(data, _DIGITS)
-    if not digits:
-        return None
-    if digits >= MATH_DIGIT_SHARE * len(text) and _asks_with_numbers(text, data, words, han):
-        return "numbers+word"
-    if not words.isdisjoint(MATH_OPERATOR_WORDS) and MATH_WORDED_ARITHMETIC.search(data):
-        return "arithmetic"
-    shape = text.replace("×", "*").replace("÷", "/").encode("ascii", "replace") if han else data
-    if MATH_ARITHMETIC.search(shape.translate(_SHAPE_BYTES)):
-        return "arithmetic"
     return None
 
 
@@ -336,15 +274,16 @@ class RuleClassifier:
         # The rules but the script ones look at ASCII only; other characters become "?", a separator, so that
         # the words on either side of a Han character stay apart.
         ascii_text = text.encode("ascii", "replace")
-        data = ascii_text.lower()
-        unlinked = URL.sub(b" ", data) if b"://" in data else data
-        words = VOCABULARY.intersection(unlinked.translate(_WORD_BYTES).split())
+        unlinked = _unlinked(ascii_text)
+        data = unlinked.lower()
+        words = VOCABULARY.intersection(data.translate(_WORD_BYTES).split())
         found = ["multimodal"] if has_image else []
         utf8 = None if text.isascii() else text.encode()
-        if _code_rule(text, ascii_text, data, words, len(text) if utf8 is None else len(utf8)):
+        length = (len(text) if utf8 is None else len(utf8)) - (len(ascii_text) - len(unlinked))
+        if _code_rule(text, unlinked, data, words, length):
             found.append("code")
         if utf8 is not None and self.is_chinese(text, ascii_text, utf8):
             found.append("chinese")
-        if _math_rule(text, data, words):
+        if math_rule(text, data, words):
             found.append("math")
         return found or ["general"]

@@ -18,6 +18,8 @@ import pyarrow as pa
 from ray.exceptions import RayActorError
 
 from avocado_ray.config import SCORER_NAMES, BestOfConfig
+from avocado_ray.dataplane.prompts import Rejected
+from avocado_ray.dataplane.requests import BestOfPrompt
 from avocado_ray.dataplane.schema import samples_to_batch
 from avocado_ray.routing.sandbox import run_python_tests
 
@@ -60,19 +62,19 @@ class Selector:
     def __init__(self, best_of: dict[str, BestOfConfig], judges: dict[str, list]):
         self.best_of = best_of
         self.judges = judges
-        self.expected: dict[str, dict] = {}  # prompt_id -> {"teachers": [...], "tests": ..., "domain": ...}
+        self.expected: dict[str, BestOfPrompt] = {}  # by prompt id
         self.arrived: dict[str, dict[str, dict | None]] = {}  # prompt_id -> teacher -> row (None: rejected)
         self.judge_calls = 0
 
-    def expect(self, items: list[dict]) -> None:
-        """Announce best-of prompts: {prompt_id, domain, teachers, tests}."""
+    def expect(self, items: list[BestOfPrompt]) -> None:
+        """Announce best-of prompts."""
         for item in items:
-            self.expected[item["prompt_id"]] = item
-            self.arrived[item["prompt_id"]] = {}
+            self.expected[item.request.prompt_id] = item
+            self.arrived[item.request.prompt_id] = {}
 
     async def add(
-        self, batch: pa.RecordBatch, rejected: list[dict], teacher: str, judges: dict[str, list] | None = None
-    ) -> tuple[pa.RecordBatch, list[dict]]:
+        self, batch: pa.RecordBatch, rejected: list[Rejected], teacher: str, judges: dict[str, list] | None = None
+    ) -> tuple[pa.RecordBatch, list[Rejected]]:
         """Add one teacher's answers; returns (winners of completed prompts, prompts every teacher rejected)."""
         if judges is not None:
             self.judges = judges
@@ -81,20 +83,16 @@ class Selector:
             self.arrived[row["prompt_id"]][teacher] = row
             touched.append(row["prompt_id"])
         for item in rejected:
-            self.arrived[item["prompt_id"]][teacher] = None
-            touched.append(item["prompt_id"])
-        complete = [p for p in dict.fromkeys(touched) if len(self.arrived[p]) == len(self.expected[p]["teachers"])]
+            self.arrived[item.id][teacher] = None
+            touched.append(item.id)
+        complete = [p for p in dict.fromkeys(touched) if len(self.arrived[p]) == len(self.expected[p].teachers)]
         winners, all_rejected = [], []
         for prompt_id in complete:
             expected, arrived = self.expected.pop(prompt_id), self.arrived.pop(prompt_id)
-            rows = [arrived[t] for t in expected["teachers"] if arrived[t] is not None]
+            rows = [arrived[t] for t in expected.teachers if arrived[t] is not None]
             if not rows:
                 all_rejected.append(
-                    {
-                        "prompt_id": prompt_id,
-                        "reason": "every best-of teacher rejected the prompt",
-                        "code": "all_rejected",
-                    }
+                    expected.request.rejected("every best-of teacher rejected the prompt", "all_rejected")
                 )
                 continue
             winners.append(await self._choose(expected, rows))
@@ -112,8 +110,8 @@ class Selector:
                 if attempt == len(replicas) - 1:
                     raise
 
-    async def _choose(self, expected: dict, rows: list[dict]) -> dict:
-        config = self.best_of[expected["domain"]]
+    async def _choose(self, expected: BestOfPrompt, rows: list[dict]) -> dict:
+        config = self.best_of[expected.request.domain]
         scored = await SCORERS[config.scorer](self, config, expected, [r["answer"] for r in rows])
         best = max(range(len(rows)), key=lambda i: (scored[i][0], -i))
         winner = dict(rows[best])
@@ -125,7 +123,7 @@ class Selector:
         return winner
 
 
-Scorer = Callable[[Selector, BestOfConfig, dict, list[str]], Awaitable[list[tuple[float, str]]]]
+Scorer = Callable[[Selector, BestOfConfig, BestOfPrompt, list[str]], Awaitable[list[tuple[float, str]]]]
 SCORERS: dict[str, Scorer] = {}  # by the name `routing.best_of.DOMAIN.scorer` gives
 
 
@@ -144,16 +142,16 @@ def scorer(name: str) -> Callable[[Scorer], Scorer]:
 
 
 @scorer("agreement")
-async def _agreement(selector: Selector, config: BestOfConfig, expected: dict, answers: list[str]):
+async def _agreement(selector: Selector, config: BestOfConfig, expected: BestOfPrompt, answers: list[str]):
     return score_agreement(answers)
 
 
 @scorer("code_tests")
-async def _code_tests(selector: Selector, config: BestOfConfig, expected: dict, answers: list[str]):
-    return await asyncio.to_thread(score_code_tests, answers, expected.get("tests"), config.sandbox_timeout_s)
+async def _code_tests(selector: Selector, config: BestOfConfig, expected: BestOfPrompt, answers: list[str]):
+    return await asyncio.to_thread(score_code_tests, answers, expected.tests, config.sandbox_timeout_s)
 
 
 @scorer("judge")
-async def _judge(selector: Selector, config: BestOfConfig, expected: dict, answers: list[str]):
-    logprobs = await selector._judge(config.judge, expected["messages"], answers)
+async def _judge(selector: Selector, config: BestOfConfig, expected: BestOfPrompt, answers: list[str]):
+    logprobs = await selector._judge(config.judge, expected.request.messages, answers)
     return [(lp, f"mean token logprob under {config.judge}") for lp in logprobs]

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
     from avocado_ray.config import VLLMTeacher
+    from avocado_ray.dataplane.requests import Request
 
 
 class TeacherBackend(Protocol):
@@ -35,7 +36,7 @@ class TeacherBackend(Protocol):
     async def warm_up(self) -> dict:
         """The start probe: returns once the engine serves (an error here counts as a failed start)."""
 
-    async def generate(self, requests: list[dict]) -> tuple[pa.RecordBatch, dict]:
+    async def generate(self, requests: list[Request]) -> tuple[pa.RecordBatch, dict]:
         """Answer a batch of requests: the samples as an Arrow batch of the sample schema, and a report (counts,
         rejections); the pool calls it with num_returns=2."""
 

@@ -23,6 +23,8 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from avocado_ray.config import VLLMTeacher
+from avocado_ray.dataplane.prompts import Rejected
+from avocado_ray.dataplane.requests import Request
 from avocado_ray.teachers.backend import backend
 from avocado_ray.teachers.placement import check_fits, group_bundles
 
@@ -65,7 +67,7 @@ class _Replica:
 class CallReport:
     """A finished call, as `TeacherPool.complete` gives it: what the replica reported, and which replica it was."""
 
-    rejected: list[dict]  # {prompt_id, reason, code} of the prompts the call did not answer
+    rejected: list[Rejected]  # the prompts the call did not answer
     samples: int
     tokens: int
     batch_s: float
@@ -81,7 +83,7 @@ class CallReport:
 @dataclass
 class _Call:
     replica: int
-    requests: list[dict]
+    requests: list[Request]
     report: ray.ObjectRef = field(repr=False)
 
 
@@ -248,7 +250,7 @@ class TeacherPool:
         self.check_probes()
         return any(r.in_flight < self.max_in_flight for r in self._serving())
 
-    def submit(self, requests: list[dict]) -> ray.ObjectRef:
+    def submit(self, requests: list[Request]) -> ray.ObjectRef:
         """Send a batch to the least-loaded serving replica; returns the reference of its record batch."""
         replica = min(self._serving(), key=lambda r: r.in_flight)
         replica.in_flight += 1
@@ -264,7 +266,7 @@ class TeacherPool:
         """Engines starting or restarting: the driver waits on these too, so a new replica is noticed."""
         return [r.probe for r in self.replicas.values() if r.probe is not None]
 
-    def complete(self, batch_ref: ray.ObjectRef) -> tuple[CallReport | None, list[list[dict]]]:
+    def complete(self, batch_ref: ray.ObjectRef) -> tuple[CallReport | None, list[list[Request]]]:
         """A finished call: (its report; no batches to send again).
         If the replica was lost: (None, [its requests]), to send again. If the call raised: each prompt goes
         again in a batch of its own (so one bad prompt cannot fail the others twice), and a prompt that raised
@@ -296,7 +298,7 @@ class TeacherPool:
             self._retire_drained()
         return CallReport(**report, replica=call.replica), []
 
-    def _failed(self, call: _Call, error: RayTaskError) -> tuple[CallReport | None, list[list[dict]]]:
+    def _failed(self, call: _Call, error: RayTaskError) -> tuple[CallReport | None, list[list[Request]]]:
         cause = str(error.cause if error.cause is not None else error).strip().splitlines()[-1][:300]
         log.warning(
             "teacher %s replica %d raised on a call of %d prompts: %s",
@@ -305,18 +307,11 @@ class TeacherPool:
             len(call.requests),
             cause,
         )
-        tried = [{**r, "attempts": r.get("attempts", 0) + 1} for r in call.requests]
-        rejected = [
-            {
-                "prompt_id": r["prompt_id"],
-                "code": "teacher_error",
-                "reason": f"teacher {self.teacher.name} raised {MAX_ATTEMPTS} times: {cause}",
-            }
-            for r in tried
-            if r["attempts"] >= MAX_ATTEMPTS
-        ]
+        tried = [r.tried() for r in call.requests]
+        reason = f"teacher {self.teacher.name} raised {MAX_ATTEMPTS} times: {cause}"
+        rejected = [r.rejected(reason, "teacher_error") for r in tried if r.attempts >= MAX_ATTEMPTS]
         report = CallReport(rejected, samples=0, tokens=0, batch_s=0.0, replica=call.replica, failed=True)
-        return (report if rejected else None), [[r] for r in tried if r["attempts"] < MAX_ATTEMPTS]
+        return (report if rejected else None), [[r] for r in tried if r.attempts < MAX_ATTEMPTS]
 
     # -- elasticity ------------------------------------------------------------------------------------------
 

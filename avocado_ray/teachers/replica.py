@@ -27,6 +27,7 @@ import pyarrow as pa
 
 from avocado_ray.config import SamplingConfig, VLLMTeacher
 from avocado_ray.dataplane.prompts import image_urls
+from avocado_ray.dataplane.requests import Request
 from avocado_ray.dataplane.schema import samples_to_batch
 from avocado_ray.models.chat import openai_messages
 from avocado_ray.teachers.engines import GUARD_ENV, end_processes, guard_missing, process_tree
@@ -288,20 +289,18 @@ class TeacherReplica:
             return {"rejected": reason, "code": "too_long"}
         return prompt
 
-    async def _answer(self, request: dict, started: float) -> dict:
-        engine_input = await self._engine_input(request["messages"])
+    async def _answer(self, request: Request, started: float) -> dict:
+        engine_input = await self._engine_input(request.messages)
         if "rejected" in engine_input:
             return engine_input
-        params, k = self._sampling_params(request.get("sampling"))
+        params, k = self._sampling_params(request.sampling)
         try:
             output = await self._final_output(engine_input, params)
         except ValueError as error:  # vLLM refused this input (e.g. too long once its images are expanded)
             return {"rejected": f"vLLM refused the prompt: {error}"[:500], "code": "refused"}
         completion = output.outputs[0]
         reasoning, answer = (
-            (None, completion.text)
-            if self.splitter is None
-            else self.splitter.split(completion.text, request["messages"])
+            (None, completion.text) if self.splitter is None else self.splitter.split(completion.text, request.messages)
         )
         token_ids = list(completion.token_ids)
         token_logprobs, topk_ids, topk_logprobs = [], [], []
@@ -312,13 +311,13 @@ class TeacherReplica:
                 topk_ids.append(ids)
                 topk_logprobs.append(logprobs)
         return {
-            "sample_id": f"{request['prompt_id']}:{self.teacher.name}",
-            "prompt_id": request["prompt_id"],
-            "domain": request["domain"],
-            "labels": request["labels"],
+            "sample_id": f"{request.prompt_id}:{self.teacher.name}",
+            "prompt_id": request.prompt_id,
+            "domain": request.domain,
+            "labels": request.labels,
             "teacher": self.teacher.name,
             "replica": self.index,
-            "messages": json.dumps(request["messages"], ensure_ascii=False),
+            "messages": json.dumps(request.messages, ensure_ascii=False),
             "answer": answer,
             "reasoning": reasoning,
             "token_ids": token_ids,
@@ -351,11 +350,9 @@ class TeacherReplica:
 
         return list(await asyncio.gather(*(score(a) for a in answers)))
 
-    async def generate(self, requests: list[dict]) -> tuple[pa.RecordBatch, dict]:
-        """Answer a batch: (record batch of samples, report). The report holds `rejected` ({prompt_id, reason, code}),
-        `samples`, `tokens` and `batch_s`, so the driver learns progress without fetching the batch.
-
-        Each request holds prompt_id, domain, labels, messages and optional sampling overrides.
+    async def generate(self, requests: list[Request]) -> tuple[pa.RecordBatch, dict]:
+        """Answer a batch: (record batch of samples, report). The report holds `rejected` (a `Rejected` per prompt
+        not answered), `samples`, `tokens` and `batch_s`, so the driver learns progress without fetching the batch.
         Call with `num_returns=2` so the record batch is an object of its own in the object store.
         """
         from vllm.v1.engine.exceptions import EngineDeadError
@@ -368,11 +365,7 @@ class TeacherReplica:
                 raise
             os._exit(1)
         samples = [a for a in answers if "rejected" not in a]
-        rejected = [
-            {"prompt_id": r["prompt_id"], "reason": a["rejected"], "code": a["code"]}
-            for r, a in zip(requests, answers)
-            if "rejected" in a
-        ]
+        rejected = [r.rejected(a["rejected"], a["code"]) for r, a in zip(requests, answers) if "rejected" in a]
         report = {
             "rejected": rejected,
             "samples": len(samples),
