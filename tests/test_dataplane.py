@@ -107,3 +107,22 @@ def test_a_slow_trainer_holds_the_object_store_at_the_stream_bound(ray_cluster):
     assert measured["samples"] == 640
     assert measured["producer_blocked_s"] > 1  # backpressure: the producer waited for the trainer
     assert 3 <= measured["peak_batches"] <= 3 + 3  # the buffer fills, and never holds more than its bound
+
+
+def test_a_stream_read_to_its_end_ends_at_once_for_a_later_reader(ray_cluster):
+    """A trainer worker group restarted after the stream ended (its batches come back from the spill) must
+    find the end, not wait for it forever."""
+    import ray
+
+    from avocado_ray.dataplane.stream import SampleStream
+
+    @ray.remote(num_cpus=0)
+    def rows_read(stream: SampleStream) -> int:
+        return sum(batch.num_rows for batch, *_ in stream.batches())
+
+    stream = SampleStream(4)
+    stream.put(ray.put(samples_to_batch([sample(i) for i in range(3)])), seq=1)
+    stream.close()
+    assert ray.get(rows_read.remote(stream), timeout=60) == 3
+    assert ray.get(rows_read.remote(stream), timeout=10) == 0  # the lost attempt took the end; the next finds it
+    stream.shutdown()

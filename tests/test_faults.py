@@ -18,6 +18,7 @@ from collections import deque
 from pathlib import Path
 
 import psutil
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
@@ -314,14 +315,26 @@ def damage_a_shard(run: FaultRun) -> str:
     if not run.after("generate", calls) or not run.wait_until(shards):
         return "run ended first"
     shard = run.rng.choice(shards())
-    data_end = shard.stat().st_size - 8 - pq.ParquetFile(shard).metadata.serialized_size
-    offset = run.rng.randrange(4, data_end - 16)
+    data = shard.read_bytes()
+    data_end = len(data) - 8 - pq.ParquetFile(shard).metadata.serialized_size
+    while True:  # a flip that changes what the shard holds: one in a page header's statistics changes nothing read
+        offset = run.rng.randrange(4, data_end - 16)
+        damaged = bytes(b ^ 0xFF for b in data[offset : offset + 16])
+        if _reads_differently(data, data[:offset] + damaged + data[offset + 16 :]):
+            break
     with open(shard, "r+b") as f:
-        f.seek(offset)
-        damaged = bytes(b ^ 0xFF for b in f.read(16))
         f.seek(offset)
         f.write(damaged)
     return f"16 bytes at offset {offset} of {shard.name} flipped after {calls} answered calls"
+
+
+def _reads_differently(data: bytes, damaged: bytes) -> bool:
+    """Whether the damaged Parquet bytes read back (with no checksum checked) as other samples, or not at all."""
+    try:
+        read = pq.read_table(pa.BufferReader(damaged))
+    except (pa.ArrowInvalid, OSError):
+        return True
+    return not read.equals(pq.read_table(pa.BufferReader(data)))
 
 
 FAULTS = {

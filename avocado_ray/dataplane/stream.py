@@ -42,11 +42,16 @@ class SampleStream:
         self.queue.put(_END)
 
     def batches(self) -> Iterator[tuple[pa.RecordBatch, float, int]]:
-        """Yield (record batch, seconds waited for it, its writer seq) until the producer closes the stream."""
+        """Yield (record batch, seconds waited for it, its writer seq) until the producer closes the stream; every
+        later reader finds the stream closed too."""
         while True:
             started = time.monotonic()
             item = self.queue.get()
             if item == _END:
+                # the end stays in the stream for the next reader: a trainer worker group that Ray Train
+                # restarts after the stream ended reads its lost attempt's samples back from the spill, then
+                # must find the end here rather than wait for it forever
+                self.queue.put(_END)
                 return
             batch = ray.get(item[0])
             check_schema_version(batch.schema, "sample stream")
