@@ -70,7 +70,7 @@ def test_a_rows_sampling_overrides_go_with_its_request_to_the_teacher(tmp_path):
     prompts = read_prompts(str(path)).prompts
     routes = [Route(p.id, "general", ["general"], "gemma") for p in prompts]
     work = plan_requests(prompts, routes)[0].work
-    assert [r.get("sampling") for r in work[("gemma", False)]] == [{"max_tokens": 4, "temperature": 0}, None]
+    assert [r.sampling for r in work[("gemma", False)]] == [{"max_tokens": 4, "temperature": 0}, None]
 
 
 def test_a_folder_or_glob_of_jsonl_and_parquet_files_streams_in_bounded_batches_naming_each_rows_file(tmp_path):
