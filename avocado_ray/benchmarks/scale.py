@@ -93,6 +93,7 @@ def scale_driver(prompts_file: str, run_dir: str, answer_prompts: int) -> dict:
     dead_letters.add(dispatcher.run({}, feed))
     dead_letters.close()
     ray.get(writer.close.remote())
+    engine_start = ray.get(pools["qwen"].actors()[0].info.remote())["start_s"]
     for pool in pools.values():
         pool.shutdown()
     return {
@@ -102,6 +103,7 @@ def scale_driver(prompts_file: str, run_dir: str, answer_prompts: int) -> dict:
         "rejected": dead_letters.count,
         "first_routed_s": round(feed.first_routed_at - process_start, 2),
         "first_request_s": round(dispatcher.first_request_at - process_start, 2),
+        "engine_start_s": engine_start,
         "wall_s": round(time.time() - process_start, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
@@ -148,6 +150,7 @@ def _bench_scale(
         "first_routed_s_large": large["first_routed_s"],
         "first_request_s_small": small["first_request_s"],
         "first_request_s_large": large["first_request_s"],
+        "engine_start_s_large": large["engine_start_s"],  # the replica's start by phase (`TeacherReplica.info`)
         "answered_small": small["answered"],
         "answered_large": large["answered"],
         "routed_large": large["routed"],

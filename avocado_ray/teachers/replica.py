@@ -23,6 +23,7 @@ import os
 import time
 import uuid
 
+import psutil
 import pyarrow as pa
 
 from avocado_ray.config import SamplingConfig, VLLMTeacher
@@ -165,10 +166,12 @@ class TeacherReplica:
     """Hosts one vLLM engine for one teacher; `generate` answers a batch of routed prompts."""
 
     def __init__(self, teacher: VLLMTeacher, model_path: str, index: int, seed: int = 0):
+        entered = time.time()
         from transformers import AutoTokenizer
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        imported = time.time()
         self.teacher = teacher
         self.index = index
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -187,6 +190,14 @@ class TeacherReplica:
             )
         self.stopping = False
         self.engine = AsyncLLM.from_engine_args(args)
+        # where an engine start goes (the ready line and `bench scale` show it): the actor's process until this
+        # constructor ran, vLLM's imports here, the engine (its own process, imports again, model, KV cache), and
+        # `warm_up`
+        self.start_s = {
+            "actor_process": round(entered - psutil.Process().create_time(), 2),
+            "imports": round(imported - entered, 2),
+            "engine": round(time.time() - imported, 2),
+        }
 
     def info(self) -> dict:
         """Facts about the engine (answers while the actor lives), with the PIDs of the actor and of its engine's
@@ -197,6 +208,7 @@ class TeacherReplica:
             "max_model_len": self.teacher.engine.max_model_len,
             "pid": os.getpid(),
             "engine_pids": self.engine_pids(),
+            "start_s": self.start_s,
         }
 
     def engine_pids(self) -> list[int]:
@@ -226,6 +238,7 @@ class TeacherReplica:
         """Ready check: a batch of short generations with the teacher's own sampling and logprobs first, so that
         the slow first batches (kernels set up per batch shape and sampling path: several seconds on CPU) are
         not routed ones and least-loaded dispatch sees the replica's real speed from the start."""
+        started = time.time()
         params, _ = self._sampling_params({"max_tokens": 16})
         prompts = [
             await self._render([{"role": "user", "content": "hello " * (1 + 7 * i)}])
@@ -233,6 +246,7 @@ class TeacherReplica:
         ]
         for batch in (prompts[:1], prompts):  # one alone, then all at once
             await asyncio.gather(*(self._final_output(ids, params) for ids in batch))
+        self.start_s["warm_up"] = round(time.time() - started, 2)
         return self.info()
 
     def _sampling_params(self, overrides: dict | None):
