@@ -26,7 +26,7 @@ from avocado_ray.resources.labelled import labelled_prompts
 from avocado_ray.teachers.control import request_scale, start_control
 from avocado_ray.teachers.engines import GUARD_ENV, end_processes, process_tree, wait_gone
 from avocado_ray.teachers.pool import TeacherPool
-from avocado_ray.teachers.replica import topk_at_position
+from avocado_ray.teachers.replica import engine_args, topk_at_position
 
 
 def test_topk_is_ranked_and_free_of_the_repeated_sampled_token():
@@ -250,6 +250,18 @@ def test_a_ready_replica_says_where_its_start_went(teacher_pools):
     info = ray.get(teacher_pools["qwen"].actors()[0].info.remote())
     assert set(info["start_s"]) == {"actor_process", "imports", "engine", "warm_up"}
     assert all(seconds > 0 for seconds in info["start_s"].values()), info
+
+
+def test_auto_dtype_is_float32_without_a_gpu_and_an_explicit_dtype_is_kept(local_config):
+    """vLLM's own `auto` would run a float32 checkpoint in bf16, which a CPU without bf16 instructions does slowly."""
+    import torch
+
+    qwen = local_config.teacher("qwen")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU keeps vLLM's choice")
+    assert engine_args(qwen, "m", seed=0)["dtype"] == "float32"
+    explicit = qwen.model_copy(update={"engine": qwen.engine.model_copy(update={"dtype": "bfloat16"})})
+    assert engine_args(explicit, "m", seed=0)["dtype"] == "bfloat16"
 
 
 def test_an_over_long_prompt_is_rejected_with_its_reason(teacher_pools):

@@ -70,7 +70,11 @@ class EngineConfig(Strict):
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1.0, description="Share of GPU memory vLLM may take.")
     max_num_seqs: int = Field(64, gt=0, description="Most sequences one engine batches together.")
     enforce_eager: bool = Field(False, description="Skip torch.compile and graphs: faster start, slower steps.")
-    dtype: str = Field("auto", description="Weights dtype; 'auto' is bf16 on GPU and fp32 on CPU.")
+    dtype: str = Field(
+        "auto",
+        description="Weights dtype; 'auto' is vLLM's choice on a GPU (bf16 for a float32 checkpoint) and float32 where "
+        "no GPU is visible.",
+    )
     extra_args: dict[str, Any] = Field(
         default_factory=dict,
         description="Further vLLM AsyncEngineArgs passed through as given; only the data-only tuning keys in "

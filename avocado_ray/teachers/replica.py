@@ -56,6 +56,14 @@ def vllm_sampling_params(sampling: SamplingConfig, **options):
     )
 
 
+def _engine_dtype(dtype: str) -> str:
+    """`auto` is float32 where no GPU is visible: vLLM's own `auto` turns a float32 checkpoint into bfloat16, which a
+    CPU without bf16 instructions runs through a slow fallback (the tiny Qwen answered 64 prompts 5.3x slower)."""
+    import torch
+
+    return "float32" if dtype == "auto" and not torch.cuda.is_available() else dtype
+
+
 def engine_args(teacher: VLLMTeacher, model_path: str, seed: int) -> dict:
     """vLLM engine arguments of a teacher's replica: the one set, for the replicas and for the bare-vLLM side of
     `bench teachers`."""
@@ -65,7 +73,7 @@ def engine_args(teacher: VLLMTeacher, model_path: str, seed: int) -> dict:
         max_model_len=teacher.engine.max_model_len,
         max_num_seqs=teacher.engine.max_num_seqs,
         gpu_memory_utilization=teacher.engine.gpu_memory_utilization,
-        dtype=teacher.engine.dtype,
+        dtype=_engine_dtype(teacher.engine.dtype),
         enforce_eager=teacher.engine.enforce_eager,
         seed=seed,
         allowed_media_domains=teacher.image_url_domains or None,  # http(s) image hosts; never local files
