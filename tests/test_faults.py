@@ -317,10 +317,11 @@ def damage_a_shard(run: FaultRun) -> str:
     shard = run.rng.choice(shards())
     data = shard.read_bytes()
     data_end = len(data) - 8 - pq.ParquetFile(shard).metadata.serialized_size
+    samples = pq.read_table(pa.BufferReader(data))
     while True:  # a flip that changes what the shard holds: one in a page header's statistics changes nothing read
         offset = run.rng.randrange(4, data_end - 16)
         damaged = bytes(b ^ 0xFF for b in data[offset : offset + 16])
-        if _reads_differently(data, data[:offset] + damaged + data[offset + 16 :]):
+        if _reads_differently(samples, data[:offset] + damaged + data[offset + 16 :]):
             break
     with open(shard, "r+b") as f:
         f.seek(offset)
@@ -328,13 +329,13 @@ def damage_a_shard(run: FaultRun) -> str:
     return f"16 bytes at offset {offset} of {shard.name} flipped after {calls} answered calls"
 
 
-def _reads_differently(data: bytes, damaged: bytes) -> bool:
-    """Whether the damaged Parquet bytes read back (with no checksum checked) as other samples, or not at all."""
+def _reads_differently(samples: pa.Table, damaged: bytes) -> bool:
+    """Whether the damaged Parquet bytes read back (with no checksum checked) as other than `samples`, or not at all."""
     try:
         read = pq.read_table(pa.BufferReader(damaged))
     except (pa.ArrowInvalid, OSError):
         return True
-    return not read.equals(pq.read_table(pa.BufferReader(data)))
+    return not read.equals(samples)
 
 
 FAULTS = {

@@ -246,7 +246,7 @@ def test_a_teacher_whose_model_cannot_load_goes_down_and_its_prompts_go_to_the_f
 @pytest.mark.slow
 def test_a_ready_replica_says_where_its_start_went(teacher_pools):
     """The ready line and `bench scale` show an engine start by phase: the actor's process, vLLM's imports, the
-    engine (its own process, model, KV cache) and the warm-up batches."""
+    tokenizer and the engine (its own processes, model, KV cache) and the warm-up batches."""
     info = ray.get(teacher_pools["qwen"].actors()[0].info.remote())
     assert set(info["start_s"]) == {"actor_process", "imports", "engine", "warm_up"}
     assert all(seconds > 0 for seconds in info["start_s"].values()), info
@@ -264,6 +264,7 @@ def test_auto_dtype_is_float32_without_a_gpu_and_an_explicit_dtype_is_kept(local
     assert engine_args(explicit, "m", seed=0)["dtype"] == "bfloat16"
 
 
+@pytest.mark.slow
 def test_an_over_long_prompt_is_rejected_with_its_reason(teacher_pools):
     pool = teacher_pools["qwen"]
     long = Request("long", "general", [], [{"role": "user", "content": "word " * 2000}])

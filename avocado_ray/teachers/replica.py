@@ -199,8 +199,8 @@ class TeacherReplica:
         self.stopping = False
         self.engine = AsyncLLM.from_engine_args(args)
         # where an engine start goes (the ready line and `bench scale` show it): the actor's process until this
-        # constructor ran, vLLM's imports here, the engine (its own process, imports again, model, KV cache), and
-        # `warm_up`
+        # constructor ran, vLLM's imports here, the tokenizer and the engine (its own processes, which import vLLM
+        # again, the model, the KV cache), and `warm_up`
         self.start_s = {
             "actor_process": round(entered - psutil.Process().create_time(), 2),
             "imports": round(imported - entered, 2),
