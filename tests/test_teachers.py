@@ -25,7 +25,7 @@ from avocado_ray.pipeline.dispatch import Dispatcher
 from avocado_ray.resources.labelled import labelled_prompts
 from avocado_ray.teachers.control import request_scale, start_control
 from avocado_ray.teachers.engines import GUARD_ENV, end_processes, process_tree, wait_gone
-from avocado_ray.teachers.pool import TeacherPool
+from avocado_ray.teachers.pool import TeacherPool, replica_env
 from avocado_ray.teachers.replica import engine_args, topk_at_position
 
 
@@ -250,6 +250,20 @@ def test_a_ready_replica_says_where_its_start_went(teacher_pools):
     info = ray.get(teacher_pools["qwen"].actors()[0].info.remote())
     assert set(info["start_s"]) == {"actor_process", "imports", "engine", "warm_up"}
     assert all(seconds > 0 for seconds in info["start_s"].values()), info
+
+
+def test_a_replica_without_a_gpu_runs_its_model_in_the_engine_process_unless_configured(teacher_pools, local_config):
+    """One process and one vLLM import fewer per replica on CPU (`engine.cpu_worker_process`, default false)."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("vLLM's GPU executors are set by the teacher's tensor parallelism")
+    info = ray.get(teacher_pools["qwen"].actors()[0].info.remote())
+    assert len(info["engine_pids"]) == 1, info  # the EngineCore, no Worker beside it
+    qwen = local_config.teacher("qwen")
+    worker = qwen.model_copy(update={"engine": qwen.engine.model_copy(update={"cpu_worker_process": True})})
+    assert replica_env(qwen)["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    assert replica_env(worker)["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"
 
 
 def test_auto_dtype_is_float32_without_a_gpu_and_an_explicit_dtype_is_kept(local_config):

@@ -138,13 +138,12 @@ def _bench_load(prompts: int = 100_000, replicas: int = 2, run_dir: str = "runs/
     watcher.join()
     counted = ray.get(trainers[0].counter.count.remote())
     early = next(s for s in samples if s["counted"] >= min(10_000, prompts // 10))
-    last = samples[-1]
 
     def rate(first: dict, second: dict) -> float:
         return round((second["counted"] - first["counted"]) / max(second["s"] - first["s"], 1e-9), 1)
 
     tenth = [next(s for s in samples if s["counted"] >= k * counted / 10) for k in (1, 9)]
-    final = next((s for s in samples if s["counted"] == counted), last)  # when the last sample was counted
+    final = next((s for s in samples if s["counted"] == counted), samples[-1])  # when the last sample was counted
     return {
         "benchmark": "load",
         "prompts": prompts,
@@ -157,10 +156,11 @@ def _bench_load(prompts: int = 100_000, replicas: int = 2, run_dir: str = "runs/
         # from the first answer on: engine start-up is not throughput
         "prompts_per_s_first_tenth": rate(next(s for s in samples if s["counted"]), tenth[0]),
         "prompts_per_s_last_tenth": rate(tenth[1], final),
-        "driver_rss_mb": {"at_10k": round(early["driver_mb"], 1), "at_end": round(last["driver_mb"], 1)},
-        "router_rss_mb": {"at_10k": round(early["router_mb"], 1), "at_end": round(last["router_mb"], 1)},
-        "driver_growth_mb": round(last["driver_mb"] - early["driver_mb"], 1),
-        "router_growth_mb": round(last["router_mb"] - early["router_mb"], 1),
+        # at the end: when the last sample was counted (the router actor is gone once the run has returned)
+        "driver_rss_mb": {"at_10k": round(early["driver_mb"], 1), "at_end": round(final["driver_mb"], 1)},
+        "router_rss_mb": {"at_10k": round(early["router_mb"], 1), "at_end": round(final["router_mb"], 1)},
+        "driver_growth_mb": round(final["driver_mb"] - early["driver_mb"], 1),
+        "router_growth_mb": round(final["router_mb"] - early["router_mb"], 1),
         "end_of_run": {
             "s": round(returned["s"] - final["s"], 2),
             "driver_read_mb": round(returned["read_mb"] - final["read_mb"], 1),

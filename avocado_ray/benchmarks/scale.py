@@ -23,8 +23,9 @@ def _scale_prompts(path: Path, count: int) -> None:
 def scale_driver(prompts_file: str, run_dir: str, answer_prompts: int) -> dict:
     """One driver process of `bench scale`: the run's own parts (pools started first, the streaming reader, the
     router actor, the dispatcher, a tiny Qwen pool and the shard writer) over the whole input, where the teachers
-    answer the first `answer_prompts` prompts and the rest is read and routed but not sent (a 2-core machine
-    cannot answer a million prompts in a benchmark). Returns the process's peak resident memory and timings."""
+    answer the first `answer_prompts` prompts and, once those are answered, the rest is read and routed but not
+    sent (a 2-core machine cannot answer a million prompts in a benchmark). Returns the process's peak resident
+    memory and timings."""
     import resource
 
     import psutil
@@ -64,10 +65,20 @@ def scale_driver(prompts_file: str, run_dir: str, answer_prompts: int) -> dict:
     )
 
     class AnswerFirst(InputFeed):
-        """Sends the first `answer_prompts` prompts' work on; routes the rest and counts it."""
+        """Sends the first `answer_prompts` prompts' work on; routes the rest and counts it. Like a run's feed, it
+        reads no further while the prompts it sent are pending: routing the rest at once would take both cores
+        from the engine starting beside it, which a run's bounded window never does."""
 
         sent = routed = 0
         first_routed_at: float | None = None
+
+        @property
+        def window(self) -> int:
+            return self.full_window if self.sent < answer_prompts else 1  # reads on once nothing is pending
+
+        @window.setter
+        def window(self, prompts: int) -> None:
+            self.full_window = prompts
 
         def next(self) -> Routed:
             routed = super().next()

@@ -75,6 +75,14 @@ class EngineConfig(Strict):
         description="Weights dtype; 'auto' is vLLM's choice on a GPU (bf16 for a float32 checkpoint) and float32 where "
         "no GPU is visible.",
     )
+    cpu_worker_process: bool = Field(
+        False,
+        description="Where no GPU is visible: run the model in a worker process of its own, as vLLM's CPU platform "
+        "does by default (long answers decode ~20% faster: 64 answers of 32 tokens 0.60 s against 0.76 s on the tiny "
+        "Qwen), instead of in the engine's own process (one process and one vLLM import fewer per replica: the engine "
+        "starts in 11.3 s instead of 18.7 s). Sets VLLM_ENABLE_V1_MULTIPROCESSING, which only the CPU platform reads "
+        "for an async engine.",
+    )
     extra_args: dict[str, Any] = Field(
         default_factory=dict,
         description="Further vLLM AsyncEngineArgs passed through as given; only the data-only tuning keys in "

@@ -40,6 +40,7 @@ def replica_env(teacher: VLLMTeacher) -> dict[str, str]:
     env = {
         "VLLM_CPU_KVCACHE_SPACE": str(teacher.engine.kv_cache_gib),
         "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),  # keep job logs readable
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "1" if teacher.engine.cpu_worker_process else "0",
     }
     # Hub tokens (HF_TOKEN) are not passed on here: Ray's runtime-env agent logs a runtime env and the dashboard
     # shows it. Replicas read the token from their node's environment (docs/security.md).
