@@ -400,7 +400,7 @@ def test_ray_stop_force_during_a_job_leaves_none_of_its_engine_processes_and_sta
     head.submit("generate", tmp_path / "run", "generate")
     engines = _wait_for(lambda: _engine_pids(head.ray("job", "logs", "generate")), "the teachers' engines", 600)
     engine_pids = [pid for pids in engines.values() for pid in pids]
-    assert engine_pids and all(len(pids) >= 2 for pids in engines.values())  # EngineCore and Worker, each replica
+    assert engine_pids and all(pids for pids in engines.values())  # each replica's EngineCore (runs the model on CPU)
     status = [sys.executable, "-m", "avocado_ray", "status"]
     listed = json.loads(subprocess.run(status, check=True, capture_output=True, text=True).stdout)["unowned_engines"]
     assert not {e["pid"] for e in listed} & set(engine_pids)  # owned by live replicas

@@ -169,13 +169,14 @@ def test_a_replica_sigkilled_mid_run_takes_its_engine_along_and_loses_and_duplic
     def kill(metrics):
         wait_for(lambda rs: sum(1 for r in rs if r["kind"] == "generate") >= 5, metrics)
         killed.update(ray.get(pool.actors()[0].info.remote()))
-        engines = process_tree(killed["engine_pids"])  # as reported: EngineCore and its Worker, under the actor
+        engines = process_tree(killed["engine_pids"])  # as reported, under the actor: the EngineCore (and its Worker
+        # where the model has a process of its own, engine.cpu_worker_process or a GPU)
         killed["found"] = sorted(p.pid for p in engines)
         os.kill(killed["pid"], signal.SIGKILL)  # its calls are lost; the pool replaces it (or Ray restarts it)
         killed["left"] = wait_gone(engines, timeout_s=10)
 
     table, _, _, dispatcher = run_work(requests, during=kill)
-    assert len(killed["engine_pids"]) >= 2 and killed["found"] == killed["engine_pids"]
+    assert len(killed["engine_pids"]) >= 1 and killed["found"] == killed["engine_pids"]
     assert killed["left"] == [], "engine processes outlived their replica by 10 s"
     assert_each_answered_once(table, requests)
     assert dispatcher.retried_prompts > 0

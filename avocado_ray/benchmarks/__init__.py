@@ -9,16 +9,27 @@ from __future__ import annotations
 
 from avocado_ray.benchmarks.common import Benchmark
 
-MODULES = ("router", "dataplane", "teachers", "trainer", "quality", "load", "accounting", "scale", "loss")
+MODULES = ("router", "dataplane", "teachers", "trainer", "quality", "load", "accounting", "scale", "loss", "engine")
 
 
 def benchmarks() -> dict[str, Benchmark]:
     """Every benchmark by name, in `MODULES` order (their modules are imported here, not when the CLI starts)."""
-    from avocado_ray.benchmarks import accounting, dataplane, load, loss, quality, router, scale, teachers, trainer
+    from avocado_ray.benchmarks import (
+        accounting,
+        dataplane,
+        engine,
+        load,
+        loss,
+        quality,
+        router,
+        scale,
+        teachers,
+        trainer,
+    )
 
     found = {
         m.__name__.rpartition(".")[2]: m.BENCHMARK
-        for m in (router, dataplane, teachers, trainer, quality, load, accounting, scale, loss)
+        for m in (router, dataplane, teachers, trainer, quality, load, accounting, scale, loss, engine)
     }
     assert all(found[name].name == name for name in found), "a module's BENCHMARK is named after its module"
     return {name: found[name] for name in MODULES}

@@ -1,7 +1,8 @@
 """A replica's vLLM engine processes end with the replica, however it ends.
 
 vLLM starts an `AsyncLLM`'s engine in processes of its own (multiprocessing `spawn`, as it must inside a Ray
-actor): `VLLM::EngineCore`, and on CPU (and with tensor parallelism on one node) its `VLLM::Worker` processes.
+actor): `VLLM::EngineCore`, and with tensor parallelism on one node (or `engine.cpu_worker_process` on CPU) its
+`VLLM::Worker` processes.
 vLLM ends them from `AsyncLLM.shutdown` or a finalizer at interpreter exit, and a Worker watches its EngineCore
 through a death pipe; nothing watches the actor. So when the actor's process is SIGKILLed, `ray.kill`ed or ends
 with `ray stop --force` or its node's raylet, the EngineCore is re-parented to PID 1 and keeps its memory (and
