@@ -12,15 +12,20 @@ from avocado_ray.resources.labelled import labelled_prompts
 
 def _bench_teachers(prompts: int = 200, max_tokens: int = 16, batch: int = 25, in_flight: int = 8) -> dict:
     """Output tokens/s of the tiny Qwen teacher through replica actor + Arrow batches, the prompts routed first
-    by the router actor as the pipeline routes them (`route_s`, apart), against a bare `vllm.LLM.generate` on the
-    same model, prompts and sampling, measured one after the other in this run. Both engines take the replica's
-    engine arguments and environment (`engine_args`, `replica_env`): the ratio is what Ray and the data plane
-    cost, not a difference of engine settings."""
-    import gc
+    by the router actor as the pipeline routes them (`route_s`, apart), against vLLM's `AsyncLLM` (the engine a
+    replica hosts) driven bare from this process on the same model, prompts and sampling, measured one after the
+    other in this run. Both engines take the replica's engine arguments and environment (`engine_args`,
+    `replica_env`): the ratio is what Ray and the data plane cost, not a difference of engine settings or of
+    process layout (the synchronous `vllm.LLM` runs its engine inside the caller when the replica's environment
+    keeps the model in the engine's process, which no replica can)."""
+    import asyncio
     import os
+    import uuid
 
     import ray
-    from vllm import LLM
+    from transformers import AutoTokenizer
+    from vllm import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
 
     from avocado_ray.config import config_path, load_config
     from avocado_ray.dataplane.prompts import Prompt
@@ -35,22 +40,36 @@ def _bench_teachers(prompts: int = 200, max_tokens: int = 16, batch: int = 25, i
     teacher = teacher.model_copy(update={"sampling": teacher.sampling.model_copy(update={"max_tokens": max_tokens})})
     model = resolve_model(teacher.model)
     texts = [row["prompt"] for row in labelled_prompts() if row["domain"] in ("code", "chinese")][:prompts]
-    messages = [[{"role": "user", "content": text[:400]}] for text in texts]
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    fits = teacher.engine.max_model_len - max_tokens  # a longer prompt is a dead letter, not a benchmark answer
+    messages = [
+        m
+        for m in ([{"role": "user", "content": text[:400]}] for text in texts)
+        if len(chat_prompt_ids(tokenizer, m)) <= fits
+    ]
 
     env = replica_env(teacher)
     os.environ.update(env)  # the engine process starts with the replicas' environment
-    llm = LLM(**engine_args(teacher, model, seed=0))
     params = vllm_sampling_params(teacher.sampling, flat_logprobs=True)  # as the replica asks, max_tokens as above
-    tokenizer = llm.get_tokenizer()
     token_prompts = [{"prompt_token_ids": chat_prompt_ids(tokenizer, m)} for m in messages]
-    llm.generate(token_prompts[:batch], params, use_tqdm=False)  # warm-up
-    started = time.perf_counter()
-    outputs = llm.generate(token_prompts, params, use_tqdm=False)
-    bare_s = time.perf_counter() - started
-    bare_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-    llm.llm_engine.engine_core.shutdown()
-    del llm
-    gc.collect()
+
+    async def bare() -> tuple[float, int]:
+        """All prompts at once, as `LLM.generate` would: seconds and output tokens, after a warm-up batch."""
+        engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args(teacher, model, seed=0)))
+
+        async def answer(prompt: dict):
+            async for output in engine.generate(prompt, params, uuid.uuid4().hex):
+                final = output
+            return final
+
+        await asyncio.gather(*(answer(p) for p in token_prompts[:batch]))  # warm-up
+        started = time.perf_counter()
+        outputs = await asyncio.gather(*(answer(p) for p in token_prompts))
+        seconds = time.perf_counter() - started
+        engine.shutdown()
+        return seconds, sum(len(o.outputs[0].token_ids) for o in outputs)
+
+    bare_s, bare_tokens = asyncio.run(bare())
 
     start_local(num_cpus=4, log_to_driver=False)
     router = start_router(config.routing, [t.name for t in config.teachers])
