@@ -49,6 +49,22 @@ def _synthetic_samples(count: int, tokens: int, k: int, vocab: int, seed: int = 
     return samples
 
 
+def in_fresh_process(function: Callable[..., dict], *args, **kwargs) -> dict:
+    """`function(*args, **kwargs)` (JSON-able arguments) in a fresh Python process, for figures that are a
+    process's own (peak memory, imports, an environment read once): the dict it returns, from the last line of its
+    stdout."""
+    import subprocess
+    import sys
+
+    code = (
+        f"import json, sys; from {function.__module__} import {function.__name__}; "
+        f"args, kwargs = json.loads(sys.argv[1]); print(json.dumps({function.__name__}(*args, **kwargs)))"
+    )
+    call = json.dumps([args, kwargs])
+    done = subprocess.run([sys.executable, "-c", code, call], stdout=subprocess.PIPE, check=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def _stdout_on_stderr(bench):
     """`bench` with file descriptor 1 on stderr: DeepSpeed's logs and op builds (and vLLM's) print to stdout,
     which stays for the one JSON object."""

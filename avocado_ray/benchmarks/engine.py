@@ -3,10 +3,9 @@ worker process of its own (`engine.cpu_worker_process`), side by side in one run
 
 from __future__ import annotations
 
-import json
 import time
 
-from avocado_ray.benchmarks.common import Benchmark, _stdout_on_stderr
+from avocado_ray.benchmarks.common import Benchmark, _stdout_on_stderr, in_fresh_process
 
 ANSWERS = 64  # prompts per timed batch
 ROUNDS = 3  # timed batches per answer length; the fastest counts
@@ -18,12 +17,11 @@ def engine_probe(cpu_worker_process: bool) -> dict:
     `ANSWERS` answers of 2 and of 32 tokens."""
     import asyncio
     import os
-    import uuid
 
     from avocado_ray.config import config_path, load_config
     from avocado_ray.models.tiny import resolve_model
     from avocado_ray.teachers.pool import replica_env
-    from avocado_ray.teachers.replica import engine_args
+    from avocado_ray.teachers.replica import engine_args, final_output
 
     config = load_config(config_path("builtin:local"))
     teacher = config.teacher("qwen")
@@ -44,9 +42,7 @@ def engine_probe(cpu_worker_process: bool) -> dict:
 
         async def answer(i: int, tokens: int) -> None:
             params = SamplingParams(max_tokens=tokens, min_tokens=tokens, logprobs=5)
-            prompt = {"prompt": "hello " * (1 + i % 30)}
-            async for _ in engine.generate(prompt, params, uuid.uuid4().hex):
-                pass
+            await final_output(engine, {"prompt": "hello " * (1 + i % 30)}, params)
 
         begun = time.perf_counter()
         await answer(0, 2)
@@ -67,18 +63,7 @@ def engine_probe(cpu_worker_process: bool) -> dict:
 def _bench_engine() -> dict:
     """`engine_probe` for each setting, each in a fresh process (vLLM's imports are counted, and the environment
     variable is read once per process)."""
-    import subprocess
-    import sys
-
-    code = (
-        "import json, sys; from avocado_ray.benchmarks.engine import engine_probe; "
-        "print(json.dumps(engine_probe(sys.argv[1] == 'worker')))"
-    )
-    results = {}
-    for setting in ("engine_process", "worker"):
-        done = subprocess.run([sys.executable, "-c", code, setting], stdout=subprocess.PIPE, check=True, text=True)
-        results[setting] = json.loads(done.stdout.strip().splitlines()[-1])
-    in_engine, worker = results["engine_process"], results["worker"]
+    in_engine, worker = (in_fresh_process(engine_probe, cpu_worker_process) for cpu_worker_process in (False, True))
     return {
         "benchmark": "engine",
         "model": "tiny:qwen (builtin:local engine settings)",

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import time
 
-from avocado_ray.benchmarks.common import Benchmark
+from avocado_ray.benchmarks.common import Benchmark, in_fresh_process
 
 LOSS_WEIGHTS = {"supervised": 1.0, "forward_kl": 1.0}  # the bench's loss: top-k distillation, supervised fallback
 
@@ -60,9 +59,9 @@ def _tracked_peak_mb(side: str, tokens: int, vocab: int, hidden: int, k: int, ch
     return (peak - inputs) / 2**20
 
 
-def _loss_side(side: str, tokens: int, vocab: int, hidden: int, k: int, chunk_tokens: int, out: str) -> None:
-    """One side for real in this (fresh) process: prints the peak RSS delta and seconds of its loss + backward as
-    JSON, and saves the loss and gradients to `out`."""
+def _loss_side(side: str, tokens: int, vocab: int, hidden: int, k: int, chunk_tokens: int, out: str) -> dict:
+    """One side for real in this (fresh) process: returns the peak RSS delta and seconds of its loss + backward,
+    and saves the loss and gradients to `out`."""
     import resource
 
     import torch
@@ -74,7 +73,7 @@ def _loss_side(side: str, tokens: int, vocab: int, hidden: int, k: int, chunk_to
     seconds = time.perf_counter() - started
     peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024  # ru_maxrss is in KiB
     torch.save({"loss": loss.detach(), "h": case[0].grad, "w": case[1].grad}, out)
-    print(json.dumps({"rss_mb": round(peak_mb), "s": round(seconds, 2)}))
+    return {"rss_mb": round(peak_mb), "s": round(seconds, 2)}
 
 
 def _bench_loss(
@@ -94,8 +93,6 @@ def _bench_loss(
     The loss's memory is its peak beyond the inputs (hidden states, weight) and the gradients it returns for them,
     which any implementation holds; the ratio with those included is reported too.
     """
-    import subprocess
-    import sys
     import tempfile
 
     import torch
@@ -107,9 +104,7 @@ def _bench_loss(
     with tempfile.TemporaryDirectory(prefix="avocado-bench-loss-") as folder:
         for side in ("naive", "chunked"):
             out = f"{folder}/{side}.pt"
-            call = f"from avocado_ray.benchmarks.loss import _loss_side; _loss_side({side!r}, **{check!r}, out={out!r})"
-            done = subprocess.run([sys.executable, "-c", call], check=True, capture_output=True, text=True)
-            real[side] = json.loads(done.stdout.strip().splitlines()[-1])
+            real[side] = in_fresh_process(_loss_side, side, **check, out=out)
             real[side]["tracked_mb"] = round(_tracked_peak_mb(side, **check))
             results[side] = torch.load(out)
     inputs_mb = (tokens + vocab) * hidden * 4 / 2**20  # float32 hidden states and weight; their gradients alike

@@ -6,7 +6,7 @@ import json
 import time
 from pathlib import Path
 
-from avocado_ray.benchmarks.common import Benchmark, _stdout_on_stderr
+from avocado_ray.benchmarks.common import Benchmark, _stdout_on_stderr, in_fresh_process
 from avocado_ray.cluster import start_local
 from avocado_ray.resources.labelled import labelled_prompts
 
@@ -72,14 +72,6 @@ def scale_driver(prompts_file: str, run_dir: str, answer_prompts: int) -> dict:
         sent = routed = 0
         first_routed_at: float | None = None
 
-        @property
-        def window(self) -> int:
-            return self.full_window if self.sent < answer_prompts else 1  # reads on once nothing is pending
-
-        @window.setter
-        def window(self, prompts: int) -> None:
-            self.full_window = prompts
-
         def next(self) -> Routed:
             routed = super().next()
             prompts = len({r.prompt_id for requests in routed.work.values() for r in requests})
@@ -89,6 +81,8 @@ def scale_driver(prompts_file: str, run_dir: str, answer_prompts: int) -> dict:
             if self.sent >= answer_prompts:
                 return Routed()
             self.sent += prompts
+            if self.sent >= answer_prompts:
+                self.window = 1  # the dispatcher reads on once nothing is pending
             return routed
 
     start_local(4, log_to_driver=False)
@@ -126,8 +120,6 @@ def _bench_scale(
     """Driver memory against input size: the same run on `prompts // small_ratio` and on `prompts` real-text
     prompts, each driver a fresh process (`scale_driver`), so the peak resident memory of each is its own."""
     import shutil
-    import subprocess
-    import sys
 
     folder = Path(run_dir).resolve()
     shutil.rmtree(folder, ignore_errors=True)
@@ -137,17 +129,7 @@ def _bench_scale(
         count = prompts // small_ratio if size == "small" else prompts
         source = folder / f"prompts-{size}.jsonl"
         _scale_prompts(source, count)
-        code = (
-            "import json, sys; from avocado_ray.benchmarks.scale import scale_driver; "
-            "print(json.dumps(scale_driver(sys.argv[1], sys.argv[2], int(sys.argv[3]))))"
-        )
-        done = subprocess.run(
-            [sys.executable, "-c", code, str(source), str(folder / size), str(answer_prompts)],
-            stdout=subprocess.PIPE,
-            check=True,
-            text=True,
-        )
-        results[size] = json.loads(done.stdout.strip().splitlines()[-1])
+        results[size] = in_fresh_process(scale_driver, str(source), str(folder / size), answer_prompts)
         source.unlink()
     small, large = results["small"], results["large"]
     return {

@@ -20,7 +20,6 @@ def _bench_teachers(prompts: int = 200, max_tokens: int = 16, batch: int = 25, i
     keeps the model in the engine's process, which no replica can)."""
     import asyncio
     import os
-    import uuid
 
     import ray
     from transformers import AutoTokenizer
@@ -33,7 +32,7 @@ def _bench_teachers(prompts: int = 200, max_tokens: int = 16, batch: int = 25, i
     from avocado_ray.models.tiny import resolve_model
     from avocado_ray.routing.router import RouterClient, start_router
     from avocado_ray.teachers.pool import TeacherPool, replica_env
-    from avocado_ray.teachers.replica import engine_args, vllm_sampling_params
+    from avocado_ray.teachers.replica import engine_args, final_output, vllm_sampling_params
 
     config = load_config(config_path("builtin:local"), ["routing.best_of={}"])
     teacher = config.teacher("qwen")
@@ -42,29 +41,20 @@ def _bench_teachers(prompts: int = 200, max_tokens: int = 16, batch: int = 25, i
     texts = [row["prompt"] for row in labelled_prompts() if row["domain"] in ("code", "chinese")][:prompts]
     tokenizer = AutoTokenizer.from_pretrained(model)
     fits = teacher.engine.max_model_len - max_tokens  # a longer prompt is a dead letter, not a benchmark answer
-    messages = [
-        m
-        for m in ([{"role": "user", "content": text[:400]}] for text in texts)
-        if len(chat_prompt_ids(tokenizer, m)) <= fits
-    ]
+    rendered = [(m, chat_prompt_ids(tokenizer, m)) for m in ([{"role": "user", "content": t[:400]}] for t in texts)]
+    kept = [(m, ids) for m, ids in rendered if len(ids) <= fits]
+    messages, token_prompts = [m for m, _ in kept], [ids for _, ids in kept]  # token ids: as the replica sends them
 
     env = replica_env(teacher)
     os.environ.update(env)  # the engine process starts with the replicas' environment
     params = vllm_sampling_params(teacher.sampling, flat_logprobs=True)  # as the replica asks, max_tokens as above
-    token_prompts = [{"prompt_token_ids": chat_prompt_ids(tokenizer, m)} for m in messages]
 
     async def bare() -> tuple[float, int]:
         """All prompts at once, as `LLM.generate` would: seconds and output tokens, after a warm-up batch."""
         engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args(teacher, model, seed=0)))
-
-        async def answer(prompt: dict):
-            async for output in engine.generate(prompt, params, uuid.uuid4().hex):
-                final = output
-            return final
-
-        await asyncio.gather(*(answer(p) for p in token_prompts[:batch]))  # warm-up
+        await asyncio.gather(*(final_output(engine, ids, params) for ids in token_prompts[:batch]))  # warm-up
         started = time.perf_counter()
-        outputs = await asyncio.gather(*(answer(p) for p in token_prompts))
+        outputs = await asyncio.gather(*(final_output(engine, ids, params) for ids in token_prompts))
         seconds = time.perf_counter() - started
         engine.shutdown()
         return seconds, sum(len(o.outputs[0].token_ids) for o in outputs)

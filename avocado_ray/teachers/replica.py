@@ -170,6 +170,16 @@ def answer_token_start(tokenizer, token_ids: list[int], answer: str) -> int:
     return low
 
 
+async def final_output(engine, prompt: list[int] | dict, params):
+    """Run one request (prompt token ids, or a vLLM prompt dict) through an `AsyncLLM`; return its finished output
+    (the replicas' one way to ask the engine, and the benchmarks' that drive it bare)."""
+    final = None
+    prompt = {"prompt_token_ids": prompt} if isinstance(prompt, list) else prompt
+    async for output in engine.generate(prompt, params, uuid.uuid4().hex):
+        final = output
+    return final
+
+
 class TeacherReplica:
     """Hosts one vLLM engine for one teacher; `generate` answers a batch of routed prompts."""
 
@@ -253,7 +263,7 @@ class TeacherReplica:
             for i in range(self.WARM_UP_PROMPTS)
         ]
         for batch in (prompts[:1], prompts):  # one alone, then all at once
-            await asyncio.gather(*(self._final_output(ids, params) for ids in batch))
+            await asyncio.gather(*(final_output(self.engine, ids, params) for ids in batch))
         self.start_s["warm_up"] = round(time.time() - started, 2)
         return self.info()
 
@@ -268,14 +278,6 @@ class TeacherReplica:
             output_kind=RequestOutputKind.FINAL_ONLY,
             skip_special_tokens=self.splitter is None,  # the reasoning parser reads the special-token markers
         ), sampling.logprobs
-
-    async def _final_output(self, prompt: list[int] | dict, params):
-        """Run one request (prompt token ids, or a vLLM prompt dict) through the engine; return its finished output."""
-        final = None
-        prompt = {"prompt_token_ids": prompt} if isinstance(prompt, list) else prompt
-        async for output in self.engine.generate(prompt, params, uuid.uuid4().hex):
-            final = output
-        return final
 
     async def _render(self, messages: list[dict]) -> dict:
         """The vLLM prompt of a chat as the engine's renderer makes it: token ids in the model's chat template, and
@@ -317,7 +319,7 @@ class TeacherReplica:
             return engine_input
         params, k = self._sampling_params(request.sampling)
         try:
-            output = await self._final_output(engine_input, params)
+            output = await final_output(self.engine, engine_input, params)
         except ValueError as error:  # vLLM refused this input (e.g. too long once its images are expanded)
             return {"rejected": f"vLLM refused the prompt: {error}"[:500], "code": "refused"}
         completion = output.outputs[0]
@@ -366,7 +368,7 @@ class TeacherReplica:
             ids = (prompt_ids + answer_ids)[-(self.teacher.engine.max_model_len - 1) :]
             if not answer_ids:
                 return float("-inf")
-            final = await self._final_output(ids, params)
+            final = await final_output(self.engine, ids, params)
             positions = range(len(ids) - len(answer_ids), len(ids))
             return sum(final.prompt_logprobs[i][ids[i]].logprob for i in positions) / len(answer_ids)
 
