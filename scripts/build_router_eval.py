@@ -16,10 +16,11 @@ is what ``build --heldout`` now writes: the Chinese step still draws its seed,
 so the other rows are unchanged).  The held-out Chinese, and the Japanese,
 Korean and English-with-Han-names text that must not be called Chinese, is
 router_heldout_cjk.jsonl (``build-cjk``, sources below), whose ``split`` is a
-hash of the SOURCE FILE (a poetry file, a manual page, a .mo catalogue), so no
-file feeds both halves.  Rules may be tuned on router_eval.jsonl and the dev
-halves; the test halves are only reported (``avocado-ray bench router``,
-``quality_heldout``) and tested (tests/test_routing.py).
+hash of its SOURCE (a manual page, a .mo catalogue, a poet, a section of the
+Debian Reference in all its languages), so no source feeds both halves.
+Rules may be tuned on router_eval.jsonl and the dev halves; the test halves
+are only reported (``avocado-ray bench router``, ``quality_heldout``) and
+tested (tests/test_routing.py).
 
 router_heldout_cjk.jsonl records add ``"lang"`` (zh-Hans, zh-Hant, ja, ko,
 en), ``"labels": ["code", "chinese"]`` for Chinese manual text around a
@@ -73,12 +74,11 @@ code     pygments 2.21.0 sdist (PyPI, BSD-2-Clause)
 
 Sources of router_heldout_cjk.jsonl (``build-cjk``)
 ---------------------------------------------------
-chinese  github.com/chinese-poetry/chinese-poetry at commit
-         99ebbef7e1345c0985c44b9fd96a3f9e776f117b (MIT License, (c) 2016
-         JackeyGao): 全唐诗/poet.tang.*.json and poet.song.*.json (traditional
-         characters), 宋词/ci.song.*.json, 元曲/yuanqu.json (titles with ・),
-         诗经, 楚辞, 纳兰性德, 曹操诗集, 五代诗词/huajianji, 论语, 幽梦影
-         (POETRY_GROUPS); a prompt is 《title》 author and the lines.
+chinese  Debian 12 ``fortunes-zh`` 2.98 (GPL-3.0+, see its copyright file)
+         fortunes-zh_2.98_all.deb  211c5ddee59d0ae74ce01cbfd02f7c8714740bae1835d5661eb2254edd739105
+         tang300 and song100 (Tang and Song poems: title, often with ・, author and lines), split by author;
+         200 entries of ``chinese`` (sayings, classics, some in traditional characters; its excerpts of the
+         Debian Reference are left out), split by entry.
          Debian 12 ``manpages-zh`` 1.6.4.0-1 (GFDL-1.2+; kill.1 GPL-2.0, see
          its copyright file)  manpages-zh_1.6.4.0-1_all.deb
          81bae29495f6445db290e3f329f1203eb19b651c2a7ea165b74ebdc853a32ac1
@@ -89,19 +89,27 @@ chinese  github.com/chinese-poetry/chinese-poetry at commit
          installed (each record's source names package=version and file; each
          package's licence is in /usr/share/doc/<package>/copyright: GPL,
          LGPL, BSD or MIT-style, all DFSG-free).
-code     the manpages-zh chunks around a command line of their page (labels
-         code + chinese), and manpages-ja chunks around one.
+         Debian 12 ``debian-reference-zh-cn`` and ``-zh-tw`` 2.100 (GPL-2.0+)
+         debian-reference-zh-cn_2.100_all.deb  6d2d8d9a646397e28b04cdff23d2e4374101ebf9be348e35961af62c8a2d0977
+         debian-reference-zh-tw_2.100_all.deb  d2785bbfcb9c3eb6343a37520df595a720bb30fa634d4cf0750d1c04a0226057
+         the text edition (debian-reference.<lang>.txt.gz) cut into sections of up to CHUNK_CHARS, split by
+         section number (1.5, 10.2, ...) in every language, so that a section and its translations are in
+         one half: technical prose with tables, paths and configuration files.
+code     the manpages-zh and Debian Reference chunks around a command line (labels code + chinese), and
+         manpages-ja and debian-reference-ja chunks around one.
 general  Debian 12 ``manpages-ja`` 0.5.0.0.20221215+dfsg-1 (JM Project; each
          page under its original page's licence, DFSG-free, see its copyright
          file)  manpages-ja_0.5.0.0.20221215+dfsg-1_all.deb
          4d270e9a1e83be4de0c072a110892a17dc9caa4b501257324006ac28d82c5743
          ja man1/man8 pages, as above (Japanese: must not be labelled Chinese).
+         Debian 12 ``debian-reference-ja`` 2.100 (GPL-2.0+), as the Chinese editions above
+         debian-reference-ja_2.100_all.deb  f67140e0b994409413bd5fcc8dfcce832445c99d724401f0275fa238daf30325
          Korean sentences of the ko .mo catalogues of the installed Debian 12
          packages (licences as above).
          English paragraphs naming people in CJK script from the installed
          Debian 12 packages' /usr/share/doc (changelogs, NEWS, THANKS,
          copyright; licences as above), and EN_NAME_TEMPLATES (requests written
-         for this set) filled with poets and titles from chinese-poetry,
+         for this set) filled with poets and titles of fortunes-zh's poems,
          marked ``+template``.
 
 How to rerun (Debian 12, Python 3.11)
@@ -133,10 +141,9 @@ How to rerun (Debian 12, Python 3.11)
 
     # 4) the CJK held-out set (needs man, col and dpkg; the .mo files and
     #    /usr/share/doc are those of the Debian 12 machine it runs on):
-    git clone https://github.com/chinese-poetry/chinese-poetry /tmp/corpora/chinese-poetry
-    git -C /tmp/corpora/chinese-poetry checkout 99ebbef7e1345c0985c44b9fd96a3f9e776f117b
-    apt-get download manpages-zh=1.6.4.0-1 manpages-ja=0.5.0.0.20221215+dfsg-1
-    dpkg-deb -x manpages-zh_*.deb x_manpages-zh && dpkg-deb -x manpages-ja_*.deb x_manpages-ja
+    apt-get download manpages-zh=1.6.4.0-1 manpages-ja=0.5.0.0.20221215+dfsg-1 fortunes-zh=2.98 \
+        debian-reference-zh-cn=2.100 debian-reference-zh-tw=2.100 debian-reference-ja=2.100
+    for deb in *.deb; do dpkg-deb -x "$deb" "x_${deb%%_*}"; done
     python3 /work/main/scripts/build_router_eval.py build-cjk /tmp/corpora
 
 The build is deterministic (random.Random(SEED), sorted file lists).  The math
@@ -893,7 +900,7 @@ MO_NOT_PROSE = re.compile(r"%|^\s*-|[<\[{]", re.M)
 # Debian documentation paragraphs with code-like content (paths, markup, assignments) are left out of the
 # English-with-names items, whose true domain is general.
 DOC_NOT_PROSE = re.compile(r"[{}=;$`\\|]|\(\)|::|\.(?:c|h|py|sh|so)\b")
-# English requests around the name of a poet or the title of a poem (from chinese-poetry): the kind of English
+# English requests around the name of a poet or the title of a poem (from fortunes-zh): the kind of English
 # prompt with a few Han characters in it that real users write. Each template's items go to one split.
 EN_NAME_TEMPLATES = [
     "Who was {name}, and which of their poems are best known?",
@@ -907,21 +914,13 @@ EN_NAME_TEMPLATES = [
 ]
 # Manual languages: the script tag of the records.
 MAN_LANGS = {"zh_CN": "zh-Hans", "zh_TW": "zh-Hant", "ja": "ja"}
-
-# (files under chinese-poetry, tag, script, how many poems)
-POETRY_GROUPS = [
-    ("全唐诗/poet.tang.*.json", "tang", "zh-Hant", 150),
-    ("全唐诗/poet.song.*.json", "song-shi", "zh-Hant", 80),
-    ("宋词/ci.song.*.json", "song-ci", "zh-Hans", 120),
-    ("元曲/yuanqu.json", "yuanqu", "zh-Hans", 90),
-    ("诗经/shijing.json", "shijing", "zh-Hans", 20),
-    ("楚辞/chuci.json", "chuci", "zh-Hans", 20),
-    ("纳兰性德/纳兰性德诗集.json", "nalan", "zh-Hans", 20),
-    ("曹操诗集/caocao.json", "caocao", "zh-Hans", 15),
-    ("五代诗词/huajianji/huajianji-*-juan.json", "huajianji", "zh-Hans", 30),
-    ("论语/lunyu.json", "lunyu", "zh-Hans", 20),
-    ("幽梦影/youmengying.json", "youmengying", "zh-Hans", 20),
-]
+# Debian Reference translations: (language code of its file names, script tag, manual language of the checks).
+REFERENCE_LANGS = [("zh-cn", "zh-Hans", "zh_CN"), ("zh-tw", "zh-Hant", "zh_TW"), ("ja", "ja", "ja")]
+FORTUNE_POETRY = ("tang300", "song100")  # fortunes-zh: Three Hundred Tang Poems, a hundred Song poems
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+POEM_AUTHOR = re.compile(r"^作者[:：]\s*([^（(\s]+)", re.M)
+POEM_TITLE = re.compile(r"《([^》]+)》")
+SECTION_NUMBER = re.compile(r"^(?:[0-9]+|[A-Z])\.[0-9]+\.")
 
 
 def han_count(text: str) -> int:
@@ -929,53 +928,93 @@ def han_count(text: str) -> int:
 
 
 def split_by_source(source: str) -> str:
-    """'dev' or 'test' by a hash of the source FILE (a .mo file, a manual page, a poetry file): no file gives
-    prompts to both halves."""
+    """'dev' or 'test' by a hash of the source (a .mo file, a manual page, a poet, a section of the Debian
+    Reference): no source gives prompts to both halves."""
     return split_of(source)
 
 
-def poem_prompt(poem: dict) -> str | None:
-    """A poem as the corpus holds it: 《title》 (or the tune name of a ci), the author, the lines."""
-    title = poem.get("title") or poem.get("rhythmic") or poem.get("chapter") or ""
-    lines = poem.get("paragraphs") or poem.get("content") or poem.get("para") or []
-    if isinstance(lines, str):
-        lines = [lines]
-    body = "\n".join(line.strip() for line in lines if line.strip())
-    head = f"《{title}》" + (f" {poem['author']}" if poem.get("author") else "") if title else ""
-    text = f"{head}\n{body}".strip()
-    return text if 12 <= len(text) <= MAX_CHARS and han_count(body) >= 10 else None
+def fortune_entries(path: Path) -> list[str]:
+    """The entries of a fortune file (separated by lines of %), without the terminal colour codes."""
+    text = ANSI_ESCAPE.sub("", path.read_text(encoding="utf-8"))
+    return [entry.strip() for entry in re.split(r"(?m)^%\n", text) if entry.strip()]
 
 
-def poetry_items(poetry: Path, rng: random.Random) -> list[tuple]:
+def poetry_items(fortunes: Path) -> list[tuple]:
+    """The poems of fortunes-zh as the files hold them (title, author, lines), split by AUTHOR: no poet's
+    poems are in both halves (the source names the file and the author)."""
     items = []
-    for pattern, tag, script, n in POETRY_GROUPS:
-        by_file = []
-        for path in sorted(poetry.glob(pattern)):
-            data = json.loads(path.read_text(encoding="utf-8"))
-            poems = data if isinstance(data, list) else data.get("content", [])
-            texts = sorted({t for t in map(poem_prompt, poems) if t})
-            rng.shuffle(texts)
-            source = f"chinese-poetry/{path.relative_to(poetry).as_posix()}"
-            by_file.append([("chinese", f"poetry-{tag}", t, source, script) for t in texts])
-        rng.shuffle(by_file)
-        items += round_robin(by_file, n)
+    for name in FORTUNE_POETRY:
+        for poem in fortune_entries(fortunes / name):
+            author = POEM_AUTHOR.search(poem)
+            if author and 12 <= len(poem) <= MAX_CHARS and han_count(poem) >= 20:
+                items.append(("chinese", f"poetry-{name}", poem, f"fortunes-zh/{name}#{author.group(1)}", "zh-Hans"))
     return items
 
 
-def english_with_names_template_items(poetry: Path, rng: random.Random, n: int) -> list[tuple]:
-    """EN_NAME_TEMPLATES filled with poets and titles of the Tang and Song poems of chinese-poetry."""
-    poems = []
-    for path in sorted(poetry.glob("全唐诗/poet.*.json"))[::20]:
-        poems += [
-            (p["author"], p["title"])
-            for p in json.loads(path.read_text(encoding="utf-8"))
-            if p.get("author") and 2 <= len(p.get("title", "")) <= 8 and han_count(p["title"]) == len(p["title"])
-        ]
+def chinese_fortune_items(fortunes: Path, rng: random.Random, n: int) -> list[tuple]:
+    """Chinese prose of fortunes-zh's `chinese` file (sayings, classics, the Debian code of conduct, jokes; some
+    in traditional characters), split by entry. Its excerpts of the Debian Reference and its reference card are
+    left out: the Reference is a source of its own, split by section (`reference_items`)."""
+    entries = [
+        entry
+        for entry in fortune_entries(fortunes / "chinese")
+        if 30 <= len(entry) <= MAX_CHARS
+        and han_count(entry) >= 20
+        and not KANA_CHAR.search(entry)
+        and "Debian 参考" not in entry
+    ]
+    return [
+        (
+            "chinese",
+            "fortunes-zh",
+            entry,
+            f"fortunes-zh/chinese#{hashlib.blake2b(entry.encode(), digest_size=6).hexdigest()}",
+            "zh-Hant" if set(entry) & TRADITIONAL else "zh-Hans",
+        )
+        for entry in rng.sample(entries, n)
+    ]
+
+
+def english_with_names_template_items(fortunes: Path, rng: random.Random, n: int) -> list[tuple]:
+    """EN_NAME_TEMPLATES filled with the poets and titles of fortunes-zh's poems."""
+    poems = set()
+    for name in FORTUNE_POETRY:
+        for poem in fortune_entries(fortunes / name):
+            author, title = POEM_AUTHOR.search(poem), POEM_TITLE.search(poem)
+            if author and title and 2 <= len(title.group(1)) <= 8:
+                poems.add((author.group(1), title.group(1)))
     items = []
-    for i, (name, title) in enumerate(rng.sample(sorted(set(poems)), n)):
+    for i, (name, title) in enumerate(rng.sample(sorted(poems), n)):
         template = i % len(EN_NAME_TEMPLATES)
         prompt = EN_NAME_TEMPLATES[template].format(name=name, title=f"《{title}》")
-        items.append(("general", "poets-en+template", prompt, f"chinese-poetry/全唐诗+template-{template}", "en"))
+        items.append(("general", "poets-en+template", prompt, f"fortunes-zh+template-{template}", "en"))
+    return items
+
+
+def reference_items(corpora: Path, rng: random.Random, counts: dict[str, tuple[int, int]]) -> list[tuple]:
+    """Chunks of the Debian Reference in Chinese (simplified, traditional) and Japanese: a section's text up to
+    CHUNK_CHARS, labelled as manual chunks are (around a command line after a $ or # prompt: code; else the
+    language's domain), split by SECTION NUMBER, so that a section and its translations are in one half.
+    `counts`: language code to (prose chunks, chunks around commands)."""
+    items = []
+    for code, script, lang in REFERENCE_LANGS:
+        path = corpora / f"x_debian-reference-{code}/usr/share/debian-reference/debian-reference.{code}.txt.gz"
+        import gzip  # noqa: PLC0415
+
+        text = gzip.open(path, "rt", encoding="utf-8").read()
+        prose, commands = [], []
+        for chunk in man_chunks(text):
+            section = SECTION_NUMBER.match(chunk)
+            if not section or len(chunk) > MAX_CHARS or len(chunk) < 40:
+                continue
+            domain = chunk_domain(chunk, "", lang)
+            if domain is not None:
+                source = f"debian-reference-{code}/section-{section.group(0).rstrip('.')}"
+                (commands if domain == "code" else prose).append(
+                    (domain, f"debian-reference-{code}", chunk, source, script)
+                )
+        n_prose, n_commands = counts[code]
+        items += rng.sample(prose, min(n_prose, len(prose))) + rng.sample(commands, min(n_commands, len(commands)))
     return items
 
 
@@ -1012,6 +1051,25 @@ def is_command_line(line: str, name: str) -> bool:
     return words[0] == name or (words[0] in ("$", "#") and re.fullmatch(r"[a-z][\w.+-]*", words[1]) is not None)
 
 
+def chunk_domain(chunk: str, command: str, lang: str) -> str | None:
+    """The domain of a manual's chunk: code around a command line (`command`, the page's own command, or one
+    after a $ or # prompt), else the language's (chinese, or general for Japanese); None when the chunk is not
+    in its manual's language (Chinese: 15 Han characters, 8 around a command, and 30% of the letters of its
+    prose lines; Japanese: 10 kana)."""
+    lines = chunk.splitlines()
+    commands = [line for line in lines if is_command_line(line, command)]
+    prose = "\n".join(line for line in lines if line not in commands)
+    if lang.startswith("zh"):
+        han = han_count(prose)
+        letters = han + sum(map(len, ASCII_WORD.findall(prose)))
+        if han < (8 if commands else 15) or han < 0.3 * letters or KANA_CHAR.search(chunk):
+            return None
+        return "code" if commands else "chinese"
+    if len(KANA_CHAR.findall(chunk)) < 10:
+        return None
+    return "code" if commands else "general"
+
+
 def man_chunks(text: str) -> list[str]:
     """A rendered page cut into chunks: a section heading and its paragraphs, up to CHUNK_CHARS each."""
     chunks, heading, paragraph, body = [], "", [], []
@@ -1044,32 +1102,16 @@ def man_chunks(text: str) -> list[str]:
 def manual_items(
     pages: list[Path], rng: random.Random, lang: str, cache: Path, per_page: int
 ) -> tuple[list[list[tuple]], list[list[tuple]]]:
-    """Chunks of translated manual pages: (prose, around commands), one group per page each. A chunk around a
-    command of the page (an example, a command line after a prompt) is labelled code too; a chunk must be in the
-    page's language (Chinese: 15 Han characters, 8 around a command, and 30% of the letters of its prose lines;
-    Japanese: 10 kana)."""
+    """Chunks of translated manual pages (`chunk_domain`): (prose, around commands), one group per page each."""
     prose_groups, command_groups = [], []
     for page in pages:
         name = page.name.split(".")[0]
         source = page.as_posix().split("/usr/share/man/", 1)[1]
         group = []
         for chunk in man_chunks(render_man(page, cache)):
-            if len(chunk) > MAX_CHARS or len(chunk) < 40:
-                continue
-            lines = chunk.splitlines()
-            commands = [line for line in lines if is_command_line(line, name)]
-            prose = "\n".join(line for line in lines if line not in commands)
-            if lang.startswith("zh"):
-                han = han_count(prose)
-                letters = han + sum(map(len, ASCII_WORD.findall(prose)))
-                if han < (8 if commands else 15) or han < 0.3 * letters or KANA_CHAR.search(chunk):
-                    continue
-                domain = "code" if commands else "chinese"
-            elif len(KANA_CHAR.findall(chunk)) < 10:
-                continue
-            else:
-                domain = "code" if commands else "general"
-            group.append((domain, f"manpages-{lang}", chunk, f"manpages-{lang}/{source}", MAN_LANGS[lang]))
+            domain = chunk_domain(chunk, name, lang) if 40 <= len(chunk) <= MAX_CHARS else None
+            if domain is not None:
+                group.append((domain, f"manpages-{lang}", chunk, f"manpages-{lang}/{source}", MAN_LANGS[lang]))
         rng.shuffle(group)
         prose_groups.append([item for item in group if item[0] != "code"][:per_page])
         command_groups.append([item for item in group if item[0] == "code"][:per_page])
@@ -1173,7 +1215,9 @@ def build_cjk(corpora: Path, out: Path, dev: Path) -> None:
     taken = {norm_key(json.loads(line)["prompt"]) for line in dev.read_text(encoding="utf-8").splitlines()}
     rng = random.Random(CJK_SEED)
     cache = corpora / "rendered-man"
-    raw = poetry_items(corpora / "chinese-poetry", random.Random(rng.random()))
+    fortunes = corpora / "x_fortunes-zh/usr/share/games/fortunes"
+    raw = poetry_items(fortunes)
+    rng.random()  # the draw of the poetry step before it took none: the manual, catalogue and doc items as they were
     # (language, folder, pages, prose chunks, chunks around commands)
     for lang, folder, n_pages, n_prose, n_commands in (
         ("zh_CN", "x_manpages-zh/usr/share/man/zh_CN", 400, 200, 150),
@@ -1188,16 +1232,23 @@ def build_cjk(corpora: Path, out: Path, dev: Path) -> None:
     for lang, n in (("zh_CN", 60), ("zh_TW", 40), ("ko", 200)):
         raw += round_robin(mo_items(Path("/usr/share/locale"), lang, random.Random(rng.random())), n)
     raw += english_with_names_items(Path("/usr/share/doc"), random.Random(rng.random()))[:150]
-    raw += english_with_names_template_items(corpora / "chinese-poetry", random.Random(rng.random()), 120)
+    raw += english_with_names_template_items(fortunes, random.Random(rng.random()), 120)
+    raw += chinese_fortune_items(fortunes, random.Random(rng.random()), 200)
+    raw += reference_items(
+        corpora, random.Random(rng.random()), {"zh-cn": (150, 100), "zh-tw": (100, 80), "ja": (100, 60)}
+    )
 
     records = []
     for record, (lang,) in unique_records(raw, taken, "hc-"):
         record.update(lang=lang, split=split_by_source(record["source"]))
         if record["domain"] == "code" and lang.startswith("zh"):
             record["labels"] = ["code", "chinese"]
-        if record["id"].startswith(f"hc-{record['domain']}-manpages") and record["domain"] != "code":
-            # A manual section that names commands, options and languages without showing a command line: code
-            # as a second label is not wrong, so routing it as code counts as right (bench reports how often).
+        if record["domain"] != "code" and record["id"].startswith(
+            (f"hc-{record['domain']}-manpages", f"hc-{record['domain']}-debian_reference")
+        ):
+            # A manual section that names commands, options and languages (or shows a configuration file) without
+            # a command line: code as a second label is not wrong, so routing it as code counts as right (bench
+            # reports how often).
             record["accept"] = ["code"]
         records.append(record)
     write_records(records, out)
@@ -1290,7 +1341,7 @@ def main() -> None:
     b.add_argument("--dev", type=Path, default=DATA / "router_eval.jsonl")
     b.add_argument("--include", type=Path, help="with --heldout: CPython 3.11.7 Include/ directory")
     c = sub.add_parser("build-cjk", help="build router_heldout_cjk.jsonl (needs man, col and dpkg)")
-    c.add_argument("corpora", type=Path, help="folder with chinese-poetry/ and the extracted manpages-zh/-ja")
+    c.add_argument("corpora", type=Path, help="folder with the extracted fortunes-zh, manpages and Debian Reference")
     c.add_argument("--out", type=Path, default=DATA / "router_heldout_cjk.jsonl")
     c.add_argument("--dev", type=Path, default=DATA / "router_eval.jsonl")
     args = ap.parse_args()

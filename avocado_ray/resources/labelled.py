@@ -12,10 +12,10 @@ def labelled_prompts(split: str = "dev") -> list[dict]:
     """Real prompts of every domain with their true domain.
 
     'dev': router_eval.jsonl, which the rules were written against, and the dev halves of router_heldout.jsonl
-    (code, math, general) and router_heldout_cjk.jsonl (Chinese poetry, manuals and phrases; Japanese, Korean and
-    English with Han names), used to tune them since. 'test': the other halves (other files, modules, seeds and
-    request wordings than router_eval.jsonl, other source files than the dev halves), never used to tune the
-    rules, only to report them.
+    (code, math, general) and router_heldout_cjk.jsonl (Chinese poetry, sayings, manuals, the Debian Reference and
+    UI phrases; Japanese, Korean and English with Han names), used to tune them since. 'test': the other halves
+    (other files, modules, seeds and request wordings than router_eval.jsonl, other sources than the dev halves),
+    never used to tune the rules, only to report them.
     """
     if split not in ("dev", "test"):
         raise ValueError(f"split must be 'dev' or 'test', not {split!r}")
