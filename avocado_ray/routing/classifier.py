@@ -7,11 +7,12 @@ Chinese is identified by its script: Han ideographs of every CJK block, traditio
 prompt's Latin words, Hangul and kana (CHINESE_SHARE); Japanese by its kana letters, not by the ・ or ー that
 Chinese text uses too. Why rules are the default rather than a language-identification library: on the held-out
 set they are as accurate as Lingua and more accurate than CLD2, and faster than both (`avocado-ray bench router`
-measures all three on the same prompts; the figures are in docs/usage.md, "Routing"). The libraries are there as
-the `cld2` and `lingua` classifiers (avocado_ray/routing/langid.py); a trained classifier plugs in through the
-`DomainClassifier` protocol. Code and math are recognised by their symbols and vocabulary (the math rule is
-avocado_ray/routing/mathrule.py), and a command line of ASCII in a CJK prompt is code (a manual page around a
-shell command gets both labels). What only looks like code or math is left out: links and e-mail addresses
+measures them on the same prompts; the figures are in docs/usage.md, "Routing"). The libraries are there as the
+`cld2` and `lingua` classifiers (avocado_ray/routing/langid.py); a trained model of code, math and prose, more
+accurate on the held-out set but at half the rate, is the `linear` classifier (avocado_ray/routing/linear.py);
+others plug in through the `DomainClassifier` protocol. Code and math are recognised by their symbols and
+vocabulary (the math rule is avocado_ray/routing/mathrule.py), and a command line of ASCII in a CJK prompt is
+code (a manual page around a shell command gets both labels). What only looks like code or math is left out: links and e-mail addresses
 (a changelog's authors), a language's name inside a package or path name (python3-apt, /usr/share/java), a
 programming name in CJK prose that asks for no code, a path pattern (debian/*), issue numbers, versions and
 times of day with their zone.
@@ -196,24 +197,33 @@ def _code_lines(text: str) -> bool:
     return True
 
 
-def _code_rule(text: str, ascii_text: bytes, data: bytes, words: set[bytes], utf8_length: int) -> str | None:
-    """The name of the first code rule that fires (to tell why a prompt was labelled code), or None."""
+def _code_request(text: str, ascii_text: bytes, data: bytes, words: set[bytes], utf8_length: int) -> str | None:
+    """The name of the first rule that finds code asked for in words (a language, a programming word or phrase,
+    "function" in a request, a Chinese word for code), or None."""
     if (
         not words.isdisjoint(CODE_WORDS)
         and (text.isascii() or not _cjk_prose(ascii_text, utf8_length) or CODE_CJK.search(text))
         and any(_standalone(data, word) for word in words & CODE_WORDS)
     ):
         return "word"
-    symbols = count(data, CODE_SYMBOLS)
-    needed = max(CODE_SYMBOL_DENSITY * utf8_length, CODE_SYMBOL_MIN)
-    if symbols >= needed and (b"#" not in data or symbols - len(ISSUE_REFERENCE.findall(data)) >= needed):
-        return "symbols"
     if not words.isdisjoint(CODE_PHRASE_WORDS) and any(phrase in data for phrase in CODE_PHRASES):
         return "phrase"
     if b"function" in words and CODE_FUNCTION.search(data):
         return "function"
     if not text.isascii() and CODE_HAN.search(text):
         return "han"
+    return None
+
+
+def _code_rule(text: str, ascii_text: bytes, data: bytes, words: set[bytes], utf8_length: int) -> str | None:
+    """The name of the first code rule that fires (to tell why a prompt was labelled code), or None."""
+    asked = _code_request(text, ascii_text, data, words, utf8_length)
+    if asked:
+        return asked
+    symbols = count(data, CODE_SYMBOLS)
+    needed = max(CODE_SYMBOL_DENSITY * utf8_length, CODE_SYMBOL_MIN)
+    if symbols >= needed and (b"#" not in data or symbols - len(ISSUE_REFERENCE.findall(data)) >= needed):
+        return "symbols"
     cased = ascii_text.translate(_CASE_BYTES)
     if cased.count(b"aA") >= CODE_IDENTIFIERS or cased.count(b"a.a") + cased.count(b"A.a") >= CODE_IDENTIFIERS:
         return "identifiers"
@@ -271,19 +281,32 @@ class RuleClassifier:
         return _chinese_share(text, ascii_text, utf8) >= CHINESE_SHARE
 
     def labels(self, text: str, has_image: bool = False) -> list[str]:
-        # The rules but the script ones look at ASCII only; other characters become "?", a separator, so that
-        # the words on either side of a Han character stay apart.
-        ascii_text = text.encode("ascii", "replace")
-        unlinked = _unlinked(ascii_text)
-        data = unlinked.lower()
-        words = VOCABULARY.intersection(data.translate(_WORD_BYTES).split())
+        surface = _Surface(text)
         found = ["multimodal"] if has_image else []
-        utf8 = None if text.isascii() else text.encode()
-        length = (len(text) if utf8 is None else len(utf8)) - (len(ascii_text) - len(unlinked))
-        if _code_rule(text, unlinked, data, words, length):
+        if _code_rule(text, surface.unlinked, surface.data, surface.words, surface.length):
             found.append("code")
-        if utf8 is not None and self.is_chinese(text, ascii_text, utf8):
+        if surface.utf8 is not None and self.is_chinese(text, surface.ascii_text, surface.utf8):
             found.append("chinese")
-        if math_rule(text, data, words):
+        if math_rule(text, surface.data, surface.words):
             found.append("math")
         return found or ["general"]
+
+    def asks_for_code(self, text: str) -> bool:
+        """Whether the prompt asks for code in words (for a classifier that recognises code by its shape)."""
+        surface = _Surface(text)
+        return _code_request(text, surface.unlinked, surface.data, surface.words, surface.length) is not None
+
+
+class _Surface:
+    """What the rules read of a prompt. The rules but the script ones look at ASCII only; other characters become
+    "?", a separator, so that the words on either side of a Han character stay apart."""
+
+    __slots__ = ("ascii_text", "unlinked", "data", "words", "utf8", "length")
+
+    def __init__(self, text: str) -> None:
+        self.ascii_text = text.encode("ascii", "replace")
+        self.unlinked = _unlinked(self.ascii_text)
+        self.data = self.unlinked.lower()
+        self.words = VOCABULARY.intersection(self.data.translate(_WORD_BYTES).split())
+        self.utf8 = None if text.isascii() else text.encode()
+        self.length = (len(text) if self.utf8 is None else len(self.utf8)) - (len(self.ascii_text) - len(self.unlinked))
