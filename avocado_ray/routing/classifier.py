@@ -12,10 +12,10 @@ measures them on the same prompts; the figures are in docs/usage.md, "Routing").
 accurate on the held-out set but at half the rate, is the `linear` classifier (avocado_ray/routing/linear.py);
 others plug in through the `DomainClassifier` protocol. Code and math are recognised by their symbols and
 vocabulary (the math rule is avocado_ray/routing/mathrule.py), and a command line of ASCII in a CJK prompt is
-code (a manual page around a shell command gets both labels). What only looks like code or math is left out: links and e-mail addresses
-(a changelog's authors), a language's name inside a package or path name (python3-apt, /usr/share/java), a
-programming name in CJK prose that asks for no code, a path pattern (debian/*), issue numbers, versions and
-times of day with their zone.
+code (a manual page around a shell command gets both labels). What only looks like code or math is left out:
+links and e-mail addresses (a changelog's authors), a language's name inside a package or path name
+(python3-apt, /usr/share/java), a programming name in CJK prose that asks for no code, a path pattern (debian/*),
+issue numbers, versions and times of day with their zone.
 
 Why it is fast (tens of microseconds at most for a prompt of a few hundred characters on one core): the rules but
 the script ones look at one ASCII encoding of the prompt, and each step is one C-level pass (bytes.translate to
