@@ -996,18 +996,16 @@ def reference_items(corpora: Path, rng: random.Random, counts: dict[str, tuple[i
     CHUNK_CHARS, labelled as manual chunks are (around a command line after a $ or # prompt: code; else the
     language's domain), split by SECTION NUMBER, so that a section and its translations are in one half.
     `counts`: language code to (prose chunks, chunks around commands)."""
+    import gzip  # noqa: PLC0415
+
     items = []
     for code, script, lang in REFERENCE_LANGS:
         path = corpora / f"x_debian-reference-{code}/usr/share/debian-reference/debian-reference.{code}.txt.gz"
-        import gzip  # noqa: PLC0415
-
         text = gzip.open(path, "rt", encoding="utf-8").read()
         prose, commands = [], []
         for chunk in man_chunks(text):
             section = SECTION_NUMBER.match(chunk)
-            if not section or len(chunk) > MAX_CHARS or len(chunk) < 40:
-                continue
-            domain = chunk_domain(chunk, "", lang)
+            domain = chunk_domain(chunk, "", lang) if section else None
             if domain is not None:
                 source = f"debian-reference-{code}/section-{section.group(0).rstrip('.')}"
                 (commands if domain == "code" else prose).append(
@@ -1055,7 +1053,9 @@ def chunk_domain(chunk: str, command: str, lang: str) -> str | None:
     """The domain of a manual's chunk: code around a command line (`command`, the page's own command, or one
     after a $ or # prompt), else the language's (chinese, or general for Japanese); None when the chunk is not
     in its manual's language (Chinese: 15 Han characters, 8 around a command, and 30% of the letters of its
-    prose lines; Japanese: 10 kana)."""
+    prose lines; Japanese: 10 kana) or not 40 to MAX_CHARS characters long."""
+    if not 40 <= len(chunk) <= MAX_CHARS:
+        return None
     lines = chunk.splitlines()
     commands = [line for line in lines if is_command_line(line, command)]
     prose = "\n".join(line for line in lines if line not in commands)
@@ -1109,7 +1109,7 @@ def manual_items(
         source = page.as_posix().split("/usr/share/man/", 1)[1]
         group = []
         for chunk in man_chunks(render_man(page, cache)):
-            domain = chunk_domain(chunk, name, lang) if 40 <= len(chunk) <= MAX_CHARS else None
+            domain = chunk_domain(chunk, name, lang)
             if domain is not None:
                 group.append((domain, f"manpages-{lang}", chunk, f"manpages-{lang}/{source}", MAN_LANGS[lang]))
         rng.shuffle(group)

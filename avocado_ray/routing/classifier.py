@@ -281,23 +281,26 @@ class RuleClassifier:
         return _chinese_share(text, ascii_text, utf8) >= CHINESE_SHARE
 
     def labels(self, text: str, has_image: bool = False) -> list[str]:
-        surface = _Surface(text)
+        surface = Surface(text)
         found = ["multimodal"] if has_image else []
         if _code_rule(text, surface.unlinked, surface.data, surface.words, surface.length):
             found.append("code")
-        if surface.utf8 is not None and self.is_chinese(text, surface.ascii_text, surface.utf8):
+        if self.chinese(text, surface):
             found.append("chinese")
         if math_rule(text, surface.data, surface.words):
             found.append("math")
         return found or ["general"]
 
-    def asks_for_code(self, text: str) -> bool:
+    def chinese(self, text: str, surface: Surface) -> bool:
+        """Whether the prompt is mainly Chinese (ASCII text never is)."""
+        return surface.utf8 is not None and self.is_chinese(text, surface.ascii_text, surface.utf8)
+
+    def asks_for_code(self, text: str, surface: Surface) -> bool:
         """Whether the prompt asks for code in words (for a classifier that recognises code by its shape)."""
-        surface = _Surface(text)
         return _code_request(text, surface.unlinked, surface.data, surface.words, surface.length) is not None
 
 
-class _Surface:
+class Surface:
     """What the rules read of a prompt. The rules but the script ones look at ASCII only; other characters become
     "?", a separator, so that the words on either side of a Han character stay apart."""
 

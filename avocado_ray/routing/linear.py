@@ -4,7 +4,8 @@ half of the labelled prompts only (scripts/train_router_linear.py), selected by 
 Why it is there: the rules were tuned on the dev half and make about twice as many errors on the held-out test
 half as on text like it (`avocado-ray bench router` measures both side by side; docs/usage.md, "Routing"); a model
 of which byte sequences code, math and prose are made of generalises beyond the cases someone wrote a rule for.
-Why it is not the default: it costs about three times the rules' time per prompt (numpy calls per prompt).
+Why it is not the default: it costs about two and a half times the rules' time per prompt (numpy calls per
+prompt), below the rate the default must keep.
 
 Features (one definition, used by training and inference): the prompt's UTF-8 bytes without its links and e-mail
 addresses (as the rules see it: a changelog's authors are not code), ASCII lower-cased, the
@@ -22,10 +23,10 @@ from importlib import resources
 
 import numpy as np
 
-from avocado_ray.routing.classifier import RuleClassifier
+from avocado_ray.routing.classifier import RuleClassifier, Surface
 from avocado_ray.routing.textbytes import unlinked
 
-WEIGHTS = "router_linear.npz"  # in avocado_ray/resources: weights (buckets x classes), intercept, classes, shape
+WEIGHTS = "router_linear.npz"  # in avocado_ray/resources: weights (buckets x classes), intercept, classes
 MAX_GRAM = 4
 BUCKET_BITS = 16
 _HASH_MULTIPLIER = np.uint32(0x9E3779B1)  # Fibonacci hashing: the top bits of key * this are the bucket
@@ -83,12 +84,13 @@ class LinearClassifier(RuleClassifier):
         return self._classes[int(np.argmax(scores))]
 
     def labels(self, text: str, has_image: bool = False) -> list[str]:
+        surface = Surface(text)
         found = ["multimodal"] if has_image else []
         domain = self.domain(text)
-        if domain == "code" or self.asks_for_code(text):
+        if domain == "code" or self.asks_for_code(text, surface):
             found.append("code")
         if domain == "math":
             found.append("math")
-        if not text.isascii() and self.is_chinese(text, text.encode("ascii", "replace"), text.encode()):
+        if self.chinese(text, surface):
             found.append("chinese")
         return found or ["general"]
