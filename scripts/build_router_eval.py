@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Build avocado_ray/resources/router_eval.jsonl, avocado_ray/resources/router_heldout.jsonl and
-avocado_ray/resources/router_heldout_cjk.jsonl: labelled sets of REAL text for the
+"""Build avocado_ray/resources/router_eval.jsonl, router_heldout.jsonl, router_heldout_cjk.jsonl and
+router_heldout_requests.jsonl: labelled sets of REAL text for the
 domain router (domains: code, chinese, math, general).
 
 router_eval.jsonl is the set the classifier's rules were first written
@@ -18,6 +18,15 @@ Korean and English-with-Han-names text that must not be called Chinese, is
 router_heldout_cjk.jsonl (``build-cjk``, sources below), whose ``split`` is a
 hash of its SOURCE (a manual page, a .mo catalogue, a poet, a section of the
 Debian Reference in all its languages), so no source feeds both halves.
+The code of those sets is snippets; short requests and questions written in
+words are router_heldout_requests.jsonl (``build-requests``, sources below),
+of both kinds: code ("How do I sort a hash by value?", perlfaq and the Python
+FAQ) and general ("Who is the caller of this meeting?", "How do I calibrate my
+printer?", "Change your timezone": WordNet's example questions and
+the GNOME Help's page titles).  Its ``split`` is fixed per source file: per FAQ
+file (``REQUEST_SPLITS``), per WordNet lexicographer file
+(``WORDNET_TEST_LEXNAMES``) and per GNOME Help topic
+(``GNOME_HELP_FIRST_TEST_TOPIC``), so no file feeds both halves.
 Rules may be tuned on router_eval.jsonl and the dev halves; the test halves
 are only reported (``avocado-ray bench router``, ``quality_heldout``) and
 tested (tests/test_routing.py).
@@ -38,7 +47,7 @@ with ``"source": "...+template"``).  Output format, one JSON object per line::
     {"id": "<domain>-<source tag>-<n>", "prompt": "...", "domain": "...",
      "source": "<package>/<file>"}
 
-(held-out ids start with "h-", and held-out records add "split").
+(held-out ids start with "h-", "hc-" or "hr-", and held-out records add "split").
 
 Sources (all redistributable; sha256 of the archives used)
 -----------------------------------------------------------
@@ -112,6 +121,49 @@ general  Debian 12 ``manpages-ja`` 0.5.0.0.20221215+dfsg-1 (JM Project; each
          for this set) filled with poets and titles of fortunes-zh's poems,
          marked ``+template``.
 
+Sources of router_heldout_requests.jsonl (``build-requests``)
+-------------------------------------------------------------
+code     requests for code in words: perlfaq and the Python FAQ.
+         Debian 12 ``perl-doc`` 5.36.0-7+deb12u3 (perlfaq: GPL-1+ or Artistic,
+         code examples public domain; see usr/share/doc/perl-doc/copyright)
+         perl-doc_5.36.0-7+deb12u3_all.deb  e9e3564ff5ade27de0585835f2acad769bcc545c0a0045a9f55d5401f27f7591
+         every =head2 (a question) of usr/share/perl/5.36.0/pod/perlfaq3-9.pod.
+         Debian 12 ``python3.11-doc`` 3.11.2-6+deb12u8 (PSF License, see
+         usr/share/doc/python3.11-doc/copyright)
+         python3.11-doc_3.11.2-6+deb12u8_all.deb  50eb63e7f636c4281e9ce1b8f10386f1def42159eddce34fc1f41c46261df71b
+         the section titles ending in '?' of the Python FAQ's programming,
+         library, design, extending, windows and gui pages
+         (html/_sources/faq/*.rst.txt).
+         Only questions about programming: perlfaq1/2 (Perl the project:
+         versions, books, where to get it) and the Python FAQ's general and
+         installed pages are left out.  POD codes (C<>, I<>, B<>, F<>, L<>,
+         E<gt>, ...) and rst markup (roles, ``literals``, *emphasis*) become
+         plain text; questions under 15 characters and repeats are dropped.
+         Split by file: perlfaq4, 6, 8 and programming in dev, the rest in test.
+general  questions and requests in words about everything else (using a desktop
+         is not programming).
+         Debian 12 ``wordnet-base`` 1:3.0-37 (WordNet 3.0, Princeton WordNet
+         licence: permissive, BSD-like; see usr/share/doc/wordnet-base/copyright)
+         wordnet-base_1%3a3.0-37_all.deb  61060d960f9ada8fa120872312eccd3ecebfbab8c4579e4f5a74e1cf67620752
+         the example sentences of the glosses (in double quotes after " | ") of
+         usr/share/wordnet/data.{noun,verb,adj,adv} that are questions (end in
+         '?'), first letter capitalised; those with digits (arithmetic: "How
+         many times does 18 go into 54?") are left out, the rest kept as they
+         are.  Split by lexicographer file (the synset's lex_filenum: noun.person,
+         verb.social, ...), as data.verb holds two thirds of them: every noun,
+         adj and adv file and verb.change, cognition, emotion and weather in
+         dev, the other verb files in test.  Source "wordnet-base/data.verb#verb.social".
+         Debian 12 ``gnome-user-docs`` 43.0-2 (GNOME Help, CC-BY-SA-3.0, see
+         usr/share/doc/gnome-user-docs/copyright)
+         gnome-user-docs_43.0-2_all.deb  0d635a840747958ca84da778b40d341f1155603851f922c9a171f5a181d6a39f
+         the title of each page of usr/share/help/C/gnome-help/*.page (Mallard:
+         the <page>'s <title>, not those of its <info>), entities decoded,
+         markup dropped, curly quotes made ASCII.  Split by topic, the page id
+         before its first '-' (a11y, color, net, power, ...): topics sorted
+         before "net" in dev, the rest in test.
+         For both: questions under 15 characters and repeats (of any row
+         before, the code ones first) are dropped.
+
 How to rerun (Debian 12, Python 3.11)
 -------------------------------------
     mkdir -p /tmp/corpora && cd /tmp/corpora
@@ -145,6 +197,12 @@ How to rerun (Debian 12, Python 3.11)
         debian-reference-zh-cn=2.100 debian-reference-zh-tw=2.100 debian-reference-ja=2.100
     for deb in *.deb; do dpkg-deb -x "$deb" "x_${deb%%_*}"; done
     python3 /work/main/scripts/build_router_eval.py build-cjk /tmp/corpora
+
+    # 5) the requests and questions in words (needs dpkg-deb; the .debs are
+    #    checked against the sha256s above and extracted to a temp dir):
+    apt-get download perl-doc=5.36.0-7+deb12u3 python3.11-doc=3.11.2-6+deb12u8 \
+        wordnet-base=1:3.0-37 gnome-user-docs=43.0-2
+    python3 /work/main/scripts/build_router_eval.py build-requests /tmp/corpora
 
 The build is deterministic (random.Random(SEED), sorted file lists).  The math
 questions were generated once; the committed files are the
@@ -1255,6 +1313,252 @@ def build_cjk(corpora: Path, out: Path, dev: Path) -> None:
 
 
 # --------------------------------------------------------------------------
+# requests and questions in words (router_heldout_requests.jsonl): code, the
+# questions of perlfaq and the Python FAQ, with no code in them but about
+# writing code; general, WordNet's example questions and GNOME Help's titles
+# --------------------------------------------------------------------------
+
+# The Debian 12 packages (file name, sha256); their licences are in the module docstring.
+REQUEST_DEBS = {
+    "perl-doc": (
+        "perl-doc_5.36.0-7+deb12u3_all.deb",
+        "e9e3564ff5ade27de0585835f2acad769bcc545c0a0045a9f55d5401f27f7591",
+    ),
+    "python3.11-doc": (
+        "python3.11-doc_3.11.2-6+deb12u8_all.deb",
+        "50eb63e7f636c4281e9ce1b8f10386f1def42159eddce34fc1f41c46261df71b",
+    ),
+    "wordnet-base": (
+        "wordnet-base_1%3a3.0-37_all.deb",
+        "61060d960f9ada8fa120872312eccd3ecebfbab8c4579e4f5a74e1cf67620752",
+    ),
+    "gnome-user-docs": (
+        "gnome-user-docs_43.0-2_all.deb",
+        "0d635a840747958ca84da778b40d341f1155603851f922c9a171f5a181d6a39f",
+    ),
+}
+PERLFAQ_DIR = "usr/share/perl/5.36.0/pod"
+PYTHON_FAQ_DIR = "usr/share/doc/python3.11/html/_sources/faq"
+# The FAQ files about programming (source of the records) and the half each goes to: all the questions of a
+# file in one half, about as many in each. perlfaq1/2 (Perl the project: versions, books, mailing lists), the
+# Python FAQ's general (the language's history and uses) and installed ("Why is Python installed on my
+# computer?") are left out.
+REQUEST_SPLITS = {
+    "perl-doc/perlfaq3.pod": "test",
+    "perl-doc/perlfaq4.pod": "dev",
+    "perl-doc/perlfaq5.pod": "test",
+    "perl-doc/perlfaq6.pod": "dev",
+    "perl-doc/perlfaq7.pod": "test",
+    "perl-doc/perlfaq8.pod": "dev",
+    "perl-doc/perlfaq9.pod": "test",
+    "python3.11-doc/faq/programming.rst": "dev",
+    "python3.11-doc/faq/library.rst": "test",
+    "python3.11-doc/faq/design.rst": "test",
+    "python3.11-doc/faq/extending.rst": "test",
+    "python3.11-doc/faq/windows.rst": "test",
+    "python3.11-doc/faq/gui.rst": "test",
+}
+MIN_REQUEST_CHARS = 15
+# General questions and requests in words (the other side of the same file): the example questions of WordNet's
+# glosses and the page titles of the GNOME Help.
+WORDNET_DIR = "usr/share/wordnet"
+WORDNET_FILES = ("data.noun", "data.verb", "data.adj", "data.adv")
+# WordNet's lexicographer files (its source files, by the lex_filenum of each synset line of the data.* files).
+WORDNET_LEXNAMES = (
+    "adj.all adj.pert adv.all noun.Tops noun.act noun.animal noun.artifact noun.attribute noun.body noun.cognition "
+    "noun.communication noun.event noun.feeling noun.food noun.group noun.location noun.motive noun.object "
+    "noun.person noun.phenomenon noun.plant noun.possession noun.process noun.quantity noun.relation noun.shape "
+    "noun.state noun.substance noun.time verb.body verb.change verb.cognition verb.communication verb.competition "
+    "verb.consumption verb.contact verb.creation verb.emotion verb.motion verb.perception verb.possession "
+    "verb.social verb.stative verb.weather adj.ppl"
+).split()
+# The half of each lexicographer file's questions: data.verb holds two thirds of them, so a split by data.* file
+# cannot be even; these verb files are in test, every other (all noun, adj and adv ones) in dev.
+WORDNET_TEST_LEXNAMES = frozenset(
+    "verb.body verb.communication verb.competition verb.consumption verb.contact verb.creation verb.motion "
+    "verb.perception verb.possession verb.social verb.stative".split()
+)
+GNOME_HELP_DIR = "usr/share/help/C/gnome-help"
+MALLARD = "{http://projectmallard.org/1.0/}"
+# The GNOME Help pages are split by topic, the page id before its first '-' ("color", "net", "power"): the topics
+# sorted before this one are in dev, the others in test.
+GNOME_HELP_FIRST_TEST_TOPIC = "net"
+ASCII_QUOTES = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201a": "'", "\u201c": '"', "\u201d": '"', "\u201e": '"'})
+# Titles printed for a look when built: pages about the terminal or scripts (kept, labelled general all the same).
+SHELL_WORDS = re.compile(r"terminal|command|script|shell", re.I)
+POD_ESCAPES = {"lt": "<", "gt": ">", "verbar": "|", "sol": "/", "quot": '"', "amp": "&", "apos": "'"}
+# Stand-ins for the < and > of E<lt> and E<gt> while the formatting codes around them are taken apart.
+POD_LT, POD_GT = "\ue000", "\ue001"
+RST_UNDERLINE = re.compile(r"([=\-~^\"'`*+#:.])\1+\s*")
+
+
+def extract_deb(corpora: Path, package: str, into: Path) -> Path:
+    """Extract `package`'s .deb (in `corpora` or `corpora`/debs, checked against its sha256) under `into`."""
+    import subprocess  # noqa: PLC0415
+
+    name, sha256 = REQUEST_DEBS[package]
+    deb = next((p for p in (corpora / name, corpora / "debs" / name) if p.is_file()), None)
+    if deb is None:
+        sys.exit(f"{name} not found in {corpora} or {corpora / 'debs'}")
+    if hashlib.sha256(deb.read_bytes()).hexdigest() != sha256:
+        sys.exit(f"{deb}: sha256 is not {sha256}")
+    target = into / package
+    subprocess.run(["dpkg-deb", "-x", str(deb), str(target)], check=True)
+    return target
+
+
+def pod_text(text: str) -> str:
+    """A POD paragraph as plain text: E<...> escapes decoded, the C<>, I<>, B<>, F<>, S<>, L<> codes (also in their
+    C<< ... >> form) replaced by their text, X<> and Z<> dropped."""
+
+    def escape(m: re.Match) -> str:
+        name = m[1]
+        if name.isdigit() or name.lower().startswith("0x"):
+            char = chr(int(name, 0))
+        else:
+            char = POD_ESCAPES.get(name, m[0])
+        return {"<": POD_LT, ">": POD_GT}.get(char, char)
+
+    def code(m: re.Match) -> str:
+        letter, body = m[1], m[2]
+        if letter in "XZ":
+            return ""
+        if letter == "L":  # L<text|target>, L<name/"section">, L</section>, L<name>
+            text, bar, _ = body.partition("|")
+            if bar:
+                return text
+            name, slash, section = body.partition("/")
+            if slash and "://" not in body:
+                section = section.strip('"')
+                return f'"{section}" in {name}' if name else f'"{section}"'
+        return body
+
+    text = re.sub(r"E<([^<>]+)>", escape, text)
+    for n in (4, 3, 2):
+        text = re.sub(rf"([A-Z]){'<' * n}\s+(.*?)\s+{'>' * n}", code, text, flags=re.S)
+    while True:
+        plain = re.sub(r"([A-Z])<([^<>]*)>", code, text)
+        if plain == text:
+            break
+        text = plain
+    return re.sub(r"\s+", " ", text.replace(POD_LT, "<").replace(POD_GT, ">")).strip()
+
+
+def rst_text(text: str) -> str:
+    """An rst title as plain text: ``literals`` and roles (:func:`len`, :mod:`~os.path`) by their text,
+    *emphasis*, **strong** and `interpreted text` without their marks, backslash escapes resolved."""
+
+    def role(m: re.Match) -> str:
+        body = re.sub(r"\s*<[^<>]*>$", "", m[1]).lstrip("!")
+        return body[1:].rsplit(".", 1)[-1] if body.startswith("~") else body
+
+    parts = re.split(r"``(.+?)``", text)
+    for i in range(0, len(parts), 2):  # outside the literals
+        part = re.sub(r":[\w:.+-]+:`([^`]+)`", role, parts[i])
+        part = re.sub(r"`([^`]+)`_{0,2}", r"\1", part)
+        part = re.sub(r"(?<![\w*])(\*\*?)(\S(?:.*?\S)?)\1(?![\w*])", r"\2", part)
+        parts[i] = re.sub(r"\\(.)", r"\1", part)
+    return re.sub(r"\s+", " ", "".join(parts)).strip()
+
+
+def perlfaq_questions(path: Path) -> list[str]:
+    """The questions of a perlfaq pod: every =head2 paragraph (with its X<> index entries dropped)."""
+    paragraphs = re.split(r"\n\s*\n", path.read_text(encoding="utf-8"))
+    return [pod_text(p.removeprefix("=head2")) for p in paragraphs if p.startswith("=head2 ")]
+
+
+def rst_questions(path: Path) -> list[str]:
+    """The questions of a Python FAQ page: its section titles (a line at the margin over an underline at least as
+    long) that end in '?'; titles inside comments or blocks are indented, so not taken."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    titles = [
+        rst_text(line)
+        for line, under in zip(lines, lines[1:])
+        if line.strip()
+        and not line[0].isspace()
+        and RST_UNDERLINE.fullmatch(under)
+        and len(under.rstrip()) >= len(line.rstrip())
+    ]
+    return [title for title in titles if title.endswith("?")]
+
+
+def wordnet_questions(path: Path) -> list[tuple[str, str]]:
+    """(lexicographer file, question) for the example sentences of a WordNet data.* file's glosses (in double
+    quotes after the " | ") that are questions: capitalised, those with digits (arithmetic) left out."""
+    questions = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("  "):  # the licence at the top
+            continue
+        head, bar, gloss = line.partition(" | ")
+        if not bar:
+            continue
+        lexname = WORDNET_LEXNAMES[int(head.split()[1])]
+        for example in re.findall(r'"([^"]*)"', gloss):
+            example = " ".join(example.split())
+            if example.endswith("?") and not re.search(r"\d", example):
+                questions.append((lexname, example[:1].upper() + example[1:]))
+    return questions
+
+
+def gnome_help_title(path: Path) -> str:
+    """A Mallard page's title (the <title> of the <page>, not those of its <info>) as plain text: entities
+    decoded by the parser, markup inside it dropped, curly quotes made ASCII, spaces collapsed."""
+    import xml.etree.ElementTree as ET  # noqa: PLC0415
+
+    title = ET.parse(path).getroot().find(f"{MALLARD}title")
+    return " ".join("".join(title.itertext()).translate(ASCII_QUOTES).split()) if title is not None else ""
+
+
+def build_requests(corpora: Path, out: Path) -> None:
+    """router_heldout_requests.jsonl: questions and requests in words of both kinds. Code: the questions of the
+    FAQ files in REQUEST_SPLITS, in their order, each file's in the half REQUEST_SPLITS names. General, after them:
+    the example questions of WordNet's data.noun, .verb, .adj and .adv, each lexicographer file's in one half
+    (WORDNET_TEST_LEXNAMES), then the titles of the GNOME Help's pages, each topic's in one half
+    (GNOME_HELP_FIRST_TEST_TOPIC)."""
+    import tempfile  # noqa: PLC0415
+
+    raw = []
+    with tempfile.TemporaryDirectory() as tmp:
+        roots = {package: extract_deb(corpora, package, Path(tmp)) for package in REQUEST_DEBS}
+        for source in REQUEST_SPLITS:
+            package, file = source.split("/", 1)
+            if package == "perl-doc":
+                questions, tag = perlfaq_questions(roots[package] / PERLFAQ_DIR / file), Path(file).stem
+            else:
+                path = roots[package] / PYTHON_FAQ_DIR / Path(file).name
+                questions, tag = rst_questions(path.with_name(path.name + ".txt")), f"python-faq-{Path(file).stem}"
+            raw += [("code", tag, q, source, REQUEST_SPLITS[source]) for q in questions if len(q) >= MIN_REQUEST_CHARS]
+        for file in WORDNET_FILES:
+            for lexname, question in wordnet_questions(roots["wordnet-base"] / WORDNET_DIR / file):
+                if len(question) >= MIN_REQUEST_CHARS:
+                    split = "test" if lexname in WORDNET_TEST_LEXNAMES else "dev"
+                    tag = f"wordnet_{file.removeprefix('data.')}"
+                    raw.append(("general", tag, question, f"wordnet-base/{file}#{lexname}", split))
+        shell_titles = []
+        for path in sorted((roots["gnome-user-docs"] / GNOME_HELP_DIR).glob("*.page")):
+            title, topic = gnome_help_title(path), path.stem.split("-")[0]
+            if len(title) >= MIN_REQUEST_CHARS:
+                split = "test" if topic >= GNOME_HELP_FIRST_TEST_TOPIC else "dev"
+                source = f"gnome-user-docs/gnome-help/{path.name}"
+                raw.append(("general", f"gnome_help_{topic}", title, source, split))
+                if SHELL_WORDS.search(title):
+                    shell_titles.append(f"{source}: {title}")
+    records = []
+    for record, (split,) in unique_records(raw, set(), "hr-"):
+        record["split"] = split
+        records.append(record)
+    write_records(records, out)
+    counts = {}
+    for record in records:
+        key = (record["split"], record["domain"], re.sub(r"#.*|/gnome-help/.*", "", record["source"]))
+        counts[key] = counts.get(key, 0) + 1
+    for (split, domain, source), n in sorted(counts.items()):
+        print(f"  {split:4} {domain:7} {n:4}  {source}")
+    for title in shell_titles:
+        print(f"  about the terminal or scripts (kept as general): {title}")
+
+
+# --------------------------------------------------------------------------
 # build
 # --------------------------------------------------------------------------
 
@@ -1344,11 +1648,16 @@ def main() -> None:
     c.add_argument("corpora", type=Path, help="folder with the extracted fortunes-zh, manpages and Debian Reference")
     c.add_argument("--out", type=Path, default=DATA / "router_heldout_cjk.jsonl")
     c.add_argument("--dev", type=Path, default=DATA / "router_eval.jsonl")
+    r = sub.add_parser("build-requests", help="build router_heldout_requests.jsonl (needs dpkg-deb)")
+    r.add_argument("corpora", type=Path, help="folder with the .deb files of REQUEST_DEBS (or its debs/)")
+    r.add_argument("--out", type=Path, default=DATA / "router_heldout_requests.jsonl")
     args = ap.parse_args()
     if args.cmd == "gen-math":
         gen_math(args.corpora, args.heldout)
     elif args.cmd == "build-cjk":
         build_cjk(args.corpora, args.out, args.dev)
+    elif args.cmd == "build-requests":
+        build_requests(args.corpora, args.out)
     elif args.heldout:
         if args.include is None:
             ap.error("--heldout needs --include")

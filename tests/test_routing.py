@@ -245,6 +245,31 @@ def test_the_dev_and_test_prompts_are_disjoint():
     assert not {row["prompt"] for row in dev} & {row["prompt"] for row in test}
 
 
+def test_the_requests_in_words_are_split_by_source_file_and_hold_code_and_general():
+    from avocado_ray.resources.labelled import requests_in_words
+
+    dev, test = requests_in_words("dev"), requests_in_words("test")
+    assert not {row["source"] for row in dev} & {row["source"] for row in test}
+    assert not {row["prompt"] for row in dev} & {row["prompt"] for row in test}
+    for half in (dev, test):
+        assert {row["domain"] for row in half} == {"code", "general"}
+        assert all(len(row["prompt"]) < 300 and "\n" not in row["prompt"] for row in half)
+
+
+def test_a_batch_is_labelled_as_its_prompts_are_one_by_one():
+    """The router classifies each batch it is sent in one call (`labels_of`); the linear model hashes a batch's
+    prompts together, so no n-gram may run from one prompt into the next, nor an empty prompt upset the rest."""
+    from avocado_ray.resources.labelled import labelled_prompts
+    from avocado_ray.routing.linear import BATCH_ROWS, LinearClassifier
+
+    texts = [row["prompt"] for row in labelled_prompts("test")[::7]][: BATCH_ROWS + 40]
+    texts[3:3] = ["", "a", "", "x = 1;"]
+    images = [i % 5 == 0 for i in range(len(texts))]
+    for classifier in (RuleClassifier(), LinearClassifier()):
+        assert classifier.labels_of(texts, images) == [classifier.labels(t, i) for t, i in zip(texts, images)]
+        assert classifier.labels_of([]) == []
+
+
 def test_a_config_can_only_select_installed_classifier_entry_points():
     from avocado_ray.routing.classifier import load_classifier
     from avocado_ray.routing.langid import Cld2Classifier, LinguaClassifier
@@ -286,12 +311,14 @@ def test_the_linear_classifier_recognises_code_math_and_prose_by_their_shape():
     assert classifier.labels(author) == ["general"]  # links and e-mail addresses are not features
 
 
-def test_the_linear_classifier_learned_from_the_dev_half_and_is_measured_on_the_test_half():
-    """Trained on the dev half only (scripts/train_router_linear.py): it answers the dev prompts as it was trained
-    to (so training and inference see the same features), and on the test half it was measured at code 97.4 /
-    100%, general 100 / 98.3%, chinese 100 / 99.5% (precision / recall; docs/usage.md, "Routing")."""
+def test_the_linear_classifier_learned_from_the_dev_halves_and_is_measured_on_the_test_halves():
+    """Trained on the dev halves only (scripts/train_router_linear.py): it answers the dev prompts as it was trained
+    to (so training and inference see the same features). Measured on the labelled test half at chinese 100 / 99.5,
+    code 98.1 / 100, general 99.8 / 98.6, math 99.3 / 99.7, and on the test half of the requests and questions in
+    words at code 89.3 / 76.8 and general 87.9 / 94.8 (precision / recall), where the rules find 38% of the
+    requests for code (docs/usage.md, "Routing")."""
     from avocado_ray.benchmarks.router import classifier_quality
-    from avocado_ray.resources.labelled import labelled_prompts
+    from avocado_ray.resources.labelled import labelled_prompts, requests_in_words
     from avocado_ray.routing.linear import LinearClassifier
 
     routing = load_config(config_path("builtin:local")).routing
@@ -300,10 +327,33 @@ def test_the_linear_classifier_learned_from_the_dev_half_and_is_measured_on_the_
     for domain in ("code", "chinese", "math", "general"):
         assert dev[domain]["precision"] >= 0.99 and dev[domain]["recall"] >= 0.99, (domain, dev[domain])
     test = classifier_quality(labelled_prompts("test"), routing, classifier)
-    assert test["code"]["precision"] >= 0.97 and test["code"]["recall"] >= 0.98, test["code"]
-    for domain in ("chinese", "general", "math"):
+    for domain in ("code", "chinese", "math", "general"):
         assert test[domain]["precision"] >= 0.98 and test[domain]["recall"] >= 0.98, (domain, test[domain])
     assert test["ja_ko_as_chinese"]["share"] <= 0.02, test["ja_ko_as_chinese"]
+    requests = classifier_quality(requests_in_words("dev"), routing, classifier)
+    assert all(requests[domain]["recall"] >= 0.99 for domain in ("code", "general")), requests
+    test = classifier_quality(requests_in_words("test"), routing, classifier)
+    assert test["code"]["precision"] >= 0.88 and test["code"]["recall"] >= 0.75, test["code"]
+    assert test["general"]["precision"] >= 0.86 and test["general"]["recall"] >= 0.93, test["general"]
+    rules = classifier_quality(requests_in_words("test"), routing, RuleClassifier())
+    assert test["code"]["recall"] > 1.5 * rules["code"]["recall"], (test["code"], rules["code"])
+
+
+def test_a_question_is_judged_by_what_it_asks_about_not_by_how_it_opens():
+    """Most programming FAQs open with "how do I"; the model does not read a question's opening words."""
+    from avocado_ray.routing.linear import LinearClassifier
+
+    labels = LinearClassifier().labels_of(
+        [
+            "How do I get to the train station?",
+            "How can I improve my sleep?",
+            "What is the capital of France?",
+            "How do I sort a dictionary by value?",
+            "How can I remove duplicates from a list?",
+            "How do I read a CSV file in Python?",
+        ]
+    )
+    assert labels == [["general"]] * 3 + [["code"]] * 3
 
 
 def test_the_classifier_comparison_measures_every_installed_classifier_on_the_same_prompts():

@@ -9,7 +9,7 @@ import numpy as np
 
 from avocado_ray.benchmarks.common import Benchmark
 from avocado_ray.cluster import start_local
-from avocado_ray.resources.labelled import labelled_prompts
+from avocado_ray.resources.labelled import labelled_prompts, requests_in_words
 
 if TYPE_CHECKING:
     from avocado_ray.config import RoutingConfig
@@ -18,11 +18,11 @@ if TYPE_CHECKING:
 
 def classifier_quality(rows: list[dict], routing: RoutingConfig, classifier: DomainClassifier | None = None) -> dict:
     """Per-domain precision and recall of the routing domain (`routing.domain_of` the labels), and the share of
-    the Japanese and Korean prompts labelled Chinese (`ja_ko_as_chinese`)."""
-    from avocado_ray.routing.classifier import RuleClassifier
+    the Japanese and Korean prompts labelled Chinese (`ja_ko_as_chinese`). `classifier`: the config's by default."""
+    from avocado_ray.routing.classifier import load_classifier
 
-    classifier = classifier or RuleClassifier()
-    labels = [classifier.labels(row["prompt"]) for row in rows]
+    classifier = classifier or load_classifier(routing.classifier)
+    labels = classifier.labels_of([row["prompt"] for row in rows])
     routed = [routing.domain_of(found) for found in labels]
     # A row may accept a second domain (a manual section routed as code): it counts as its own domain then.
     predicted = [row["domain"] if p in row.get("accept", ()) else p for row, p in zip(rows, routed)]
@@ -46,24 +46,28 @@ def classifier_quality(rows: list[dict], routing: RoutingConfig, classifier: Dom
 
 
 def _classification_rates(classifier: DomainClassifier, texts: list[str], seconds: float) -> list[float]:
-    """Prompts per CPU second of `classifier.labels` over `texts`, one figure per pass, passes for `seconds` of
-    wall time. CPU time of this process (one thread), so that other work on a shared machine does not count."""
+    """Prompts per CPU second of `classifier.labels_of` over `texts` in the batches the pipeline routes
+    (READ_BATCH_ROWS prompts a router call), one figure per pass, passes for `seconds` of wall time. CPU time of
+    this process (one thread), so that other work on a shared machine does not count."""
+    from avocado_ray.pipeline.feed import READ_BATCH_ROWS
+
     rates, started = [], time.perf_counter()
     while time.perf_counter() - started < seconds:
         round_started = time.process_time()
-        for text in texts:
-            classifier.labels(text)
+        for first in range(0, len(texts), READ_BATCH_ROWS):
+            classifier.labels_of(texts[first : first + READ_BATCH_ROWS])
         rates.append(len(texts) / (time.process_time() - round_started))
     return rates
 
 
 def compare_classifiers(routing: RoutingConfig, seconds: float = 3.0) -> dict:
     """Every installed classifier of the `avocado_ray.classifiers` entry points on the same prompts: its rate on
-    one core (`prompts_per_s`: the best pass over the dev prompts, `prompts_per_s_median`) and its per-domain
-    quality on the dev and the held-out test prompts."""
+    one core (`prompts_per_s`: the best pass over the dev prompts, `prompts_per_s_median`), its per-domain
+    quality on the dev and the held-out test prompts, and on the test half of the requests and questions in words
+    (`quality_requests`, see `requests_in_words`)."""
     from avocado_ray.routing.classifier import installed_classifiers, load_classifier
 
-    dev, test = labelled_prompts("dev"), labelled_prompts("test")
+    dev, test, requests = labelled_prompts("dev"), labelled_prompts("test"), requests_in_words("test")
     texts = [row["prompt"] for row in dev]
     compared = {}
     for name in installed_classifiers():
@@ -74,6 +78,7 @@ def compare_classifiers(routing: RoutingConfig, seconds: float = 3.0) -> dict:
             "prompts_per_s_median": round(float(np.median(rates))),
             "quality_dev": classifier_quality(dev, routing, classifier),
             "quality_heldout": classifier_quality(test, routing, classifier),
+            "quality_requests": classifier_quality(requests, routing, classifier),
         }
     return compared
 
@@ -134,10 +139,11 @@ def bench_router(
     """Classification rate on one core, routing-decision latency through the router actor under load, and
     per-domain precision and recall on the dev prompts and on the held-out test prompts.
 
-    Rate: `RuleClassifier.labels` over the dev prompts in rounds of one pass, for `seconds`, in CPU time of this
-    process. `prompts_per_s` is the best round, as timeit reports the best (other work on a shared machine only
-    slows rounds down), and `prompts_per_s_median` the median round. `classifiers`: the same figures and the quality
-    of every installed classifier (the rules, CLD2, Lingua) on the same prompts, side by side.
+    Rate: the config's classifier (`default_classifier`) over the dev prompts in the pipeline's batches, in rounds
+    of one pass, for `seconds`, in CPU time of this process. `prompts_per_s` is the best round, as timeit reports
+    the best (other work on a shared machine only slows rounds down), and `prompts_per_s_median` the median round.
+    `classifiers`: the same figures and the quality of every installed classifier (the rules, the linear model,
+    CLD2, Lingua) on the same prompts, side by side.
     Latency: one-prompt routing calls to a Router actor started as the pipeline starts it (a sync actor), `calls`
     calls with `in_flight` of them kept in flight, through a RouterClient as the pipeline routes (its compiled
     graph); `p99_ms` is at `load` in flight. Side by side: the same loop with plain actor calls to the same
@@ -150,13 +156,13 @@ def bench_router(
 
     from avocado_ray.config import config_path, load_config
     from avocado_ray.dataplane.prompts import Prompt
-    from avocado_ray.routing.classifier import RuleClassifier
+    from avocado_ray.routing.classifier import load_classifier
     from avocado_ray.routing.router import RouterClient, start_router
 
     rows = labelled_prompts("dev")
     texts = [row["prompt"] for row in rows]
-    rates = _classification_rates(RuleClassifier(), texts, seconds)
     config = load_config(config_path("builtin:local"), check_paths=False)
+    rates = _classification_rates(load_classifier(config.routing.classifier), texts, seconds)
     classifiers = compare_classifiers(config.routing, seconds)
 
     start_local(num_cpus=2, log_to_driver=False)
@@ -198,6 +204,7 @@ def bench_router(
         "machine": {"cpus": os.cpu_count(), "load_avg_1m": round(load_avg, 2)},
         "quality_dev": classifier_quality(rows, config.routing),
         "quality_heldout": classifier_quality(labelled_prompts("test"), config.routing),
+        "quality_requests": classifier_quality(requests_in_words("test"), config.routing),
         "classifiers": classifiers,
         "default_classifier": config.routing.classifier,
     }

@@ -58,10 +58,11 @@ class RoutingConfig(Strict):
     )
     classifier: str = Field(
         "rules",
-        description="Domain classifier: `rules` (built in), `cld2` or `lingua` (the rules with a language "
-        "identifier deciding the Chinese label; `langid` extra), `linear` (a linear model over byte n-grams, trained "
-        "on the labelled dev prompts, deciding code, math or general: fewer errors on the held-out prompts, about "
-        "40% of the rules' rate), all compared in `bench router`; or the name of an entry point in the "
+        description="Domain classifier: `rules` (built in: scripts, symbols and vocabulary, no model), `linear` (a "
+        "linear model over byte n-grams, trained on the labelled dev prompts, deciding code, math or general, with "
+        "the rules for Chinese: fewer errors on the held-out prompts at the rules' rate, but it routes some everyday "
+        "questions as code), `cld2` or `lingua` (the rules with a language identifier deciding the Chinese label; "
+        "`langid` extra), all compared in `bench router`; or the name of an entry point in the "
         "`avocado_ray.classifiers` group of an installed package (the only code a config can select).",
     )
     best_of: dict[Domain, BestOfConfig] = Field(

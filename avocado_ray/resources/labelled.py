@@ -17,17 +17,25 @@ def labelled_prompts(split: str = "dev") -> list[dict]:
     (other files, modules, seeds and request wordings than router_eval.jsonl, other sources than the dev halves),
     never used to tune the rules, only to report them.
     """
+    heldout = [row for name in ("router_heldout.jsonl", "router_heldout_cjk.jsonl") for row in _split(name, split)]
+    return (_read("router_eval.jsonl") if split == "dev" else []) + heldout
+
+
+def requests_in_words(split: str = "dev") -> list[dict]:
+    """Short requests and questions written in words, as people type them to a chat model
+    (router_heldout_requests.jsonl): code (the questions of perlfaq3-9 and the Python FAQ) and general (WordNet's
+    example questions, the GNOME Help's page titles), split by source file. Kept apart from `labelled_prompts`,
+    whose test half the router's accuracy targets were set on; reported on their own by `bench router`. Many of
+    the code ones name no language ("How do I find yesterday's date?"): code only beside their FAQ."""
+    return _split("router_heldout_requests.jsonl", split)
+
+
+def _split(name: str, split: str) -> list[dict]:
     if split not in ("dev", "test"):
         raise ValueError(f"split must be 'dev' or 'test', not {split!r}")
+    return [row for row in _read(name) if row["split"] == split]
 
-    def read(name: str) -> list[dict]:
-        text = resources.files(__package__).joinpath(name).read_text(encoding="utf-8")
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
 
-    heldout = [
-        row
-        for name in ("router_heldout.jsonl", "router_heldout_cjk.jsonl")
-        for row in read(name)
-        if row["split"] == split
-    ]
-    return (read("router_eval.jsonl") if split == "dev" else []) + heldout
+def _read(name: str) -> list[dict]:
+    text = resources.files(__package__).joinpath(name).read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]

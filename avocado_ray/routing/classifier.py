@@ -5,17 +5,18 @@ decides which label routes it, and `general` is given when no other label fires.
 
 Chinese is identified by its script: Han ideographs of every CJK block, traditional or simplified, against the
 prompt's Latin words, Hangul and kana (CHINESE_SHARE); Japanese by its kana letters, not by the ・ or ー that
-Chinese text uses too. Why rules are the default rather than a language-identification library: on the held-out
-set they are as accurate as Lingua and more accurate than CLD2, and faster than both (`avocado-ray bench router`
-measures them on the same prompts; the figures are in docs/usage.md, "Routing"). The libraries are there as the
-`cld2` and `lingua` classifiers (avocado_ray/routing/langid.py); a trained model of code, math and prose, more
-accurate on the held-out set but at half the rate, is the `linear` classifier (avocado_ray/routing/linear.py);
-others plug in through the `DomainClassifier` protocol. Code and math are recognised by their symbols and
-vocabulary (the math rule is avocado_ray/routing/mathrule.py), and a command line of ASCII in a CJK prompt is
-code (a manual page around a shell command gets both labels). What only looks like code or math is left out:
-links and e-mail addresses (a changelog's authors), a language's name inside a package or path name
-(python3-apt, /usr/share/java), a programming name in CJK prose that asks for no code, a path pattern (debian/*),
-issue numbers, versions and times of day with their zone.
+Chinese text uses too. Why the Chinese rule rather than a language-identification library: on the held-out set
+it is as accurate as Lingua and more accurate than CLD2, and faster than both (`avocado-ray bench router` measures
+them on the same prompts; the figures are in docs/usage.md, "Routing"). The libraries are there as the `cld2` and
+`lingua` classifiers (avocado_ray/routing/langid.py). The `linear` classifier (avocado_ray/routing/linear.py)
+keeps the Chinese rule and the vocabulary of requests for code and decides code, math and prose by a trained model:
+fewer errors on the held-out set at the same rate, but it routes some everyday questions as code, so these rules
+stay the default; others plug in through the `DomainClassifier` protocol. Here code and math are
+recognised by their symbols and vocabulary (the math rule is avocado_ray/routing/mathrule.py), and a command line
+of ASCII in a CJK prompt is code (a manual page around a shell command gets both labels). What only looks like
+code or math is left out: links and e-mail addresses (a changelog's authors), a language's name inside a package
+or path name (python3-apt, /usr/share/java), a programming name in CJK prose that asks for no code, a path pattern
+(debian/*), issue numbers, versions and times of day with their zone.
 
 Why it is fast (tens of microseconds at most for a prompt of a few hundred characters on one core): the rules but
 the script ones look at one ASCII encoding of the prompt, and each step is one C-level pass (bytes.translate to
@@ -137,9 +138,12 @@ _CASE_BYTES = (
 
 
 class DomainClassifier(Protocol):
-    """What the router needs from a classifier: the labels of one prompt."""
+    """What the router needs from a classifier: the labels of one prompt, and of a batch (the router classifies the
+    batches it is sent in one call, so that a classifier can work on many prompts at once)."""
 
     def labels(self, text: str, has_image: bool = False) -> list[str]: ...
+
+    def labels_of(self, texts: list[str], has_images: list[bool] | None = None) -> list[list[str]]: ...
 
 
 def _chinese_share(text: str, ascii_text: bytes, utf8: bytes) -> float:
@@ -258,7 +262,7 @@ def _installed() -> dict:
 
 
 def installed_classifiers() -> list[str]:
-    """The names a config can select (avocado-ray registers `rules`, `cld2` and `lingua`)."""
+    """The names a config can select (avocado-ray registers `linear`, `rules`, `cld2` and `lingua`)."""
     return sorted(_installed())
 
 
@@ -290,6 +294,10 @@ class RuleClassifier:
         if math_rule(text, surface.data, surface.words):
             found.append("math")
         return found or ["general"]
+
+    def labels_of(self, texts: list[str], has_images: list[bool] | None = None) -> list[list[str]]:
+        """The labels of each prompt of a batch (the rules look at one prompt at a time)."""
+        return [self.labels(text, has_image) for text, has_image in zip(texts, has_images or [False] * len(texts))]
 
     def chinese(self, text: str, surface: Surface) -> bool:
         """Whether the prompt is mainly Chinese (ASCII text never is)."""

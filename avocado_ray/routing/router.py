@@ -65,7 +65,14 @@ class Router:
         self.classifier = classifier or load_classifier(routing.classifier)
 
     def route_one(self, prompt: Prompt) -> Route:
-        labels = self.classifier.labels(prompt.text, prompt.has_image)
+        return self.route([prompt])[0]
+
+    def route(self, prompts: list[Prompt]) -> list[Route]:
+        """Route a batch; one actor call and one classifier call per batch keep the per-prompt cost low."""
+        labels = self.classifier.labels_of([p.text for p in prompts], [p.has_image for p in prompts])
+        return [self._route(prompt, found) for prompt, found in zip(prompts, labels)]
+
+    def _route(self, prompt: Prompt, labels: list[str]) -> Route:
         domain = self.routing.domain_of(labels)
         if prompt.teacher is not None:
             if prompt.teacher not in self.teachers:
@@ -76,10 +83,6 @@ class Router:
         if best_of is not None:
             return Route(prompt.id, domain, labels, best_of.teachers[0], candidates=list(best_of.teachers))
         return Route(prompt.id, domain, labels, pick_weighted(self.routing.teachers_of(domain), prompt.id))
-
-    def route(self, prompts: list[Prompt]) -> list[Route]:
-        """Route a batch; one actor call per batch keeps the per-prompt cost low."""
-        return [self.route_one(p) for p in prompts]
 
 
 def start_router(routing: RoutingConfig, teachers: list[str]) -> ray.actor.ActorHandle:
