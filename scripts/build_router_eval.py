@@ -22,11 +22,14 @@ The code of those sets is snippets; short requests and questions written in
 words are router_heldout_requests.jsonl (``build-requests``, sources below),
 of both kinds: code ("How do I sort a hash by value?", perlfaq and the Python
 FAQ) and general ("Who is the caller of this meeting?", "How do I calibrate my
-printer?", "Change your timezone": WordNet's example questions and
-the GNOME Help's page titles).  Its ``split`` is fixed per source file: per FAQ
-file (``REQUEST_SPLITS``), per WordNet lexicographer file
+printer?", "Change your timezone", "What's on the agenda today?": WordNet's
+example questions, the GNOME Help's page titles and the Ding dictionary's
+English questions).  Its ``split`` is fixed per source file: per FAQ file
+(``REQUEST_SPLITS``), per WordNet lexicographer file
 (``WORDNET_TEST_LEXNAMES``) and per GNOME Help topic
-(``GNOME_HELP_FIRST_TEST_TOPIC``), so no file feeds both halves.
+(``GNOME_HELP_FIRST_TEST_TOPIC``), so no file feeds both halves; the Ding
+questions, all of one file, by a hash of each question (``ding_split``), with
+the half in their source, so no source and no question is in both.
 Rules may be tuned on router_eval.jsonl and the dev halves; the test halves
 are only reported (``avocado-ray bench router``, ``quality_heldout``) and
 tested (tests/test_routing.py).
@@ -161,8 +164,20 @@ general  questions and requests in words about everything else (using a desktop
          markup dropped, curly quotes made ASCII.  Split by topic, the page id
          before its first '-' (a11y, color, net, power, ...): topics sorted
          before "net" in dev, the rest in test.
-         For both: questions under 15 characters and repeats (of any row
-         before, the code ones first) are dropped.
+         Debian 12 ``trans-de-en`` 1.9-6 (Ding German-English dictionary, (c)
+         Frank Richter, GPL-2+, see usr/share/doc/trans-de-en/copyright)
+         trans-de-en_1.9-6_all.deb  45f6b4cf1c434776fba6811d7bc522efabb5425c43ba8afd0e289bf9e2e53df4
+         usr/share/trans/de-en ("german :: english", alternatives separated
+         by " | "): the English alternatives that are whole questions, taken
+         as they are (curly quotes made ASCII): a capital letter first, '?'
+         last, at most 200 characters; those with ';' (synonyms), {f}, [Br.]
+         or (...) annotations and optional words, digits or a "…" gap to fill
+         are left out ("Are you busy / occupied?" is kept).  Split by a hash
+         of the question: dev when the first byte of its blake2b is even; the
+         source names the half, "trans-de-en/de-en#dev-bucket" or
+         "#test-bucket", so no source is in both.
+         For all three: questions under 15 characters and repeats (of any row
+         before, the code ones first, case-insensitive) are dropped.
 
 How to rerun (Debian 12, Python 3.11)
 -------------------------------------
@@ -201,7 +216,7 @@ How to rerun (Debian 12, Python 3.11)
     # 5) the requests and questions in words (needs dpkg-deb; the .debs are
     #    checked against the sha256s above and extracted to a temp dir):
     apt-get download perl-doc=5.36.0-7+deb12u3 python3.11-doc=3.11.2-6+deb12u8 \
-        wordnet-base=1:3.0-37 gnome-user-docs=43.0-2
+        wordnet-base=1:3.0-37 gnome-user-docs=43.0-2 trans-de-en=1.9-6
     python3 /work/main/scripts/build_router_eval.py build-requests /tmp/corpora
 
 The build is deterministic (random.Random(SEED), sorted file lists).  The math
@@ -1315,7 +1330,7 @@ def build_cjk(corpora: Path, out: Path, dev: Path) -> None:
 # --------------------------------------------------------------------------
 # requests and questions in words (router_heldout_requests.jsonl): code, the
 # questions of perlfaq and the Python FAQ, with no code in them but about
-# writing code; general, WordNet's example questions and GNOME Help's titles
+# writing code; general, WordNet's example questions, GNOME Help's titles and Ding's questions
 # --------------------------------------------------------------------------
 
 # The Debian 12 packages (file name, sha256); their licences are in the module docstring.
@@ -1335,6 +1350,10 @@ REQUEST_DEBS = {
     "gnome-user-docs": (
         "gnome-user-docs_43.0-2_all.deb",
         "0d635a840747958ca84da778b40d341f1155603851f922c9a171f5a181d6a39f",
+    ),
+    "trans-de-en": (
+        "trans-de-en_1.9-6_all.deb",
+        "45f6b4cf1c434776fba6811d7bc522efabb5425c43ba8afd0e289bf9e2e53df4",
     ),
 }
 PERLFAQ_DIR = "usr/share/perl/5.36.0/pod"
@@ -1383,6 +1402,14 @@ MALLARD = "{http://projectmallard.org/1.0/}"
 # The GNOME Help pages are split by topic, the page id before its first '-' ("color", "net", "power"): the topics
 # sorted before this one are in dev, the others in test.
 GNOME_HELP_FIRST_TEST_TOPIC = "net"
+# The Ding German-English dictionary: "german :: english" lines, alternatives separated by " | " on both sides.
+# Its English sides' alternatives that are whole questions are taken (DING_QUESTION), each in the half of a hash
+# of its text (ding_split): one file, so no file split, but no entry is in both halves.
+DING_FILE = "usr/share/trans/de-en"
+MAX_DING_CHARS = 200
+# A capital letter, '?' at the end; no ';' (synonyms), no {f} / [Br.] / (...) annotations or optional words, no
+# digits, no "…" (a gap to fill: "Would you like to comment on …?").
+DING_QUESTION = re.compile(r"[A-Z][^;{}\[\]()\d…]*\?")
 ASCII_QUOTES = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201a": "'", "\u201c": '"', "\u201d": '"', "\u201e": '"'})
 # Titles printed for a look when built: pages about the terminal or scripts (kept, labelled general all the same).
 SHELL_WORDS = re.compile(r"terminal|command|script|shell", re.I)
@@ -1509,12 +1536,34 @@ def gnome_help_title(path: Path) -> str:
     return " ".join("".join(title.itertext()).translate(ASCII_QUOTES).split()) if title is not None else ""
 
 
+def ding_questions(path: Path) -> list[str]:
+    """The alternatives of the English sides of a Ding dictionary file that are whole questions (DING_QUESTION),
+    curly quotes made ASCII and spaces collapsed, 15 to MAX_DING_CHARS characters, in the file's order."""
+    questions = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("#"):  # the version, copyright and licence at the top
+            continue
+        _, sep, english = line.partition(" :: ")
+        for alternative in english.split(" | ") if sep else ():
+            question = " ".join(alternative.translate(ASCII_QUOTES).split())
+            if DING_QUESTION.fullmatch(question) and MIN_REQUEST_CHARS <= len(question) <= MAX_DING_CHARS:
+                questions.append(question)
+    return questions
+
+
+def ding_split(question: str) -> str:
+    """The half of a Ding question: dev when the first byte of the blake2b of its text is even."""
+    return "test" if hashlib.blake2b(question.encode("utf-8")).digest()[0] % 2 else "dev"
+
+
 def build_requests(corpora: Path, out: Path) -> None:
     """router_heldout_requests.jsonl: questions and requests in words of both kinds. Code: the questions of the
     FAQ files in REQUEST_SPLITS, in their order, each file's in the half REQUEST_SPLITS names. General, after them:
     the example questions of WordNet's data.noun, .verb, .adj and .adv, each lexicographer file's in one half
     (WORDNET_TEST_LEXNAMES), then the titles of the GNOME Help's pages, each topic's in one half
-    (GNOME_HELP_FIRST_TEST_TOPIC)."""
+    (GNOME_HELP_FIRST_TEST_TOPIC), then the questions of the Ding German-English dictionary's English side, each in
+    the half of a hash of its text (ding_split), their source naming the half ("trans-de-en/de-en#dev-bucket"),
+    so that no source is in both. Repeats of any row before are dropped, which leaves the rows before unchanged."""
     import tempfile  # noqa: PLC0415
 
     raw = []
@@ -1543,6 +1592,9 @@ def build_requests(corpora: Path, out: Path) -> None:
                 raw.append(("general", f"gnome_help_{topic}", title, source, split))
                 if SHELL_WORDS.search(title):
                     shell_titles.append(f"{source}: {title}")
+        for question in ding_questions(roots["trans-de-en"] / DING_FILE):
+            split = ding_split(question)
+            raw.append(("general", "ding", question, f"trans-de-en/de-en#{split}-bucket", split))
     records = []
     for record, (split,) in unique_records(raw, set(), "hr-"):
         record["split"] = split
