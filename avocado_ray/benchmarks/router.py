@@ -162,7 +162,8 @@ def bench_router(
     rows = labelled_prompts("dev")
     texts = [row["prompt"] for row in rows]
     config = load_config(config_path("builtin:local"), check_paths=False)
-    rates = _classification_rates(load_classifier(config.routing.classifier), texts, seconds)
+    default = load_classifier(config.routing.classifier)
+    rates = _classification_rates(default, texts, seconds)
     classifiers = compare_classifiers(config.routing, seconds)
 
     start_local(num_cpus=2, log_to_driver=False)
@@ -202,9 +203,9 @@ def bench_router(
         "p99_ratio_plain_to_client": round(plain[load]["p99_ms"] / by_in_flight[load]["p99_ms"], 2),
         "router_cpu_share": {"graph_up_idle": cpu_with_graph, "after_close": cpu_closed},
         "machine": {"cpus": os.cpu_count(), "load_avg_1m": round(load_avg, 2)},
-        "quality_dev": classifier_quality(rows, config.routing),
-        "quality_heldout": classifier_quality(labelled_prompts("test"), config.routing),
-        "quality_requests": classifier_quality(requests_in_words("test"), config.routing),
+        "quality_dev": classifier_quality(rows, config.routing, default),
+        "quality_heldout": classifier_quality(labelled_prompts("test"), config.routing, default),
+        "quality_requests": classifier_quality(requests_in_words("test"), config.routing, default),
         "classifiers": classifiers,
         "default_classifier": config.routing.classifier,
     }

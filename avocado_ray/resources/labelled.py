@@ -24,7 +24,8 @@ def labelled_prompts(split: str = "dev") -> list[dict]:
 def requests_in_words(split: str = "dev") -> list[dict]:
     """Short requests and questions written in words, as people type them to a chat model
     (router_heldout_requests.jsonl): code (the questions of perlfaq3-9 and the Python FAQ) and general (WordNet's
-    example questions, the GNOME Help's page titles), split by source file. Kept apart from `labelled_prompts`,
+    example questions, the GNOME Help's page titles, the Ding dictionary's questions), split by source file (Ding by
+    a hash of the entry). Kept apart from `labelled_prompts`,
     whose test half the router's accuracy targets were set on; reported on their own by `bench router`. Many of
     the code ones name no language ("How do I find yesterday's date?"): code only beside their FAQ."""
     return _split("router_heldout_requests.jsonl", split)

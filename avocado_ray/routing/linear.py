@@ -152,14 +152,20 @@ class LinearClassifier(RuleClassifier):
         return self.labels_of([text], [has_image])[0]
 
     def labels_of(self, texts: list[str], has_images: list[bool] | None = None) -> list[list[str]]:
-        found = []
-        for text, domain, has_image in zip(texts, self.domains(texts), has_images or [False] * len(texts)):
-            labels = ["multimodal"] if has_image else []
-            if domain == "code" or (one_line_request(text) and self.asks_for_code(text, Surface(text))):
-                labels.append("code")
-            if domain == "math":
-                labels.append("math")
-            if not text.isascii() and self.is_chinese(text, text.encode("ascii", "replace"), text.encode()):
-                labels.append("chinese")
-            found.append(labels or ["general"])
-        return found
+        images = has_images or [False] * len(texts)
+        return [self.labels_given(*each) for each in zip(texts, self.domains(texts), images)]
+
+    def labels_given(
+        self, text: str, domain: str, has_image: bool = False, vocabulary: bool | None = None
+    ) -> list[str]:
+        """A prompt's labels once the model gave its domain. `vocabulary`: whether the rules' vocabulary of requests
+        for code is asked (by default in a one-line request; training's cross-validation compares the choices)."""
+        labels = ["multimodal"] if has_image else []
+        asks = one_line_request(text) if vocabulary is None else vocabulary
+        if domain == "code" or (asks and self.asks_for_code(text, Surface(text))):
+            labels.append("code")
+        if domain == "math":
+            labels.append("math")
+        if not text.isascii() and self.is_chinese(text, text.encode("ascii", "replace"), text.encode()):
+            labels.append("chinese")
+        return labels or ["general"]
