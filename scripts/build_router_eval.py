@@ -176,8 +176,26 @@ general  questions and requests in words about everything else (using a desktop
          of the question: dev when the first byte of its blake2b is even; the
          source names the half, "trans-de-en/de-en#dev-bucket" or
          "#test-bucket", so no source is in both.
-         For all three: questions under 15 characters and repeats (of any row
+         TruthfulQA (Lin, Hilton and Evans 2021, Apache-2.0; upstream
+         github.com/sylinrl/TruthfulQA), taken from the copy in
+         github.com/benedictflorance/truthfulqa_experiments at commit
+         6fdfd38288e86296582a584694df5cf43d1f634a, datasets/TruthfulQA.csv
+         TruthfulQA.csv  99d6ae7755e3b435eade956068c9de7c0c474770344237aeb66b56519ba4b697
+         the Question column: 817 everyday questions people ask a chat model
+         (health, law, misconceptions, fiction, ...), as they are.  Split by
+         its Category column: a category is in test when the first byte of the
+         blake2b of its name is odd; source "TruthfulQA.csv#<category>".
+         For all four: questions under 15 characters and repeats (of any row
          before, the code ones first, case-insensitive) are dropped.
+math     word problems, as people ask them: GSM8K (Cobbe et al. 2021, MIT
+         License, (c) 2021 OpenAI), github.com/openai/grade-school-math at
+         commit 3101c7d5072418e28b9008a6636bde82a006892c,
+         grade_school_math/data/{train,test}.jsonl, saved as
+         gsm8k_train.jsonl  17f347dc51477c50d4efb83959dbb7c56297aba886e5544ee2aaed3024813465
+         gsm8k_test.jsonl   3730d312f6e3440559ace48831e51066acaca737f6eabec99bccb9e4b3c39d14
+         the "question" of the first GSM8K_ROWS lines of each (answers
+         dropped): train.jsonl's in dev, test.jsonl's in test; source
+         "grade-school-math/gsm8k_train.jsonl#<line // GSM8K_CHUNK>".
 
 How to rerun (Debian 12, Python 3.11)
 -------------------------------------
@@ -217,6 +235,12 @@ How to rerun (Debian 12, Python 3.11)
     #    checked against the sha256s above and extracted to a temp dir):
     apt-get download perl-doc=5.36.0-7+deb12u3 python3.11-doc=3.11.2-6+deb12u8 \
         wordnet-base=1:3.0-37 gnome-user-docs=43.0-2 trans-de-en=1.9-6
+    #    and the files of CHAT_FILES in /tmp/corpora/chat (git show COMMIT:PATH
+    #    in clones of the repositories named above):
+    mkdir -p chat
+    git -C truthfulqa_experiments show 6fdfd382:datasets/TruthfulQA.csv > chat/TruthfulQA.csv
+    git -C grade-school-math show 3101c7d5:grade_school_math/data/train.jsonl > chat/gsm8k_train.jsonl
+    git -C grade-school-math show 3101c7d5:grade_school_math/data/test.jsonl > chat/gsm8k_test.jsonl
     python3 /work/main/scripts/build_router_eval.py build-requests /tmp/corpora
 
 The build is deterministic (random.Random(SEED), sorted file lists).  The math
@@ -228,6 +252,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import csv
 import hashlib
 import json
 import os
@@ -960,6 +985,11 @@ def code_items(
 # --------------------------------------------------------------------------
 
 CJK_SEED = 20261204
+DOCS_SEED = 20261206
+DOCS_ROWS = 400
+DOCS_PER_FILE = 2
+DOCS_FILES = ("changelog", "NEWS")  # a project's history in prose (its copyright and README files are left out)
+DEBIAN_PACKAGE = re.compile(r"debian:([^=:]+)=")
 MAN_WIDTH = "80"
 CHUNK_CHARS = 600  # a manual chunk: a section's paragraphs up to this many characters
 HAN_CHAR = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f]")
@@ -1247,9 +1277,10 @@ def mo_items(locale_dir: Path, lang: str, rng: random.Random) -> list[list[tuple
     return groups
 
 
-def english_with_names_items(doc_dir: Path, rng: random.Random) -> list[tuple]:
-    """English paragraphs of installed Debian documentation (changelogs, NEWS, THANKS, copyright) that name a
-    person or a thing in CJK script: 1-12 CJK characters among at least 8 English words; labelled general."""
+def doc_paragraphs(doc_dir: Path, keep) -> list[tuple[str, str]]:
+    """(source, paragraph) for the dedented paragraphs of installed Debian documentation (doc_dir/<package>/<file>:
+    changelogs, NEWS, THANKS, copyright; plain or gzipped, no PDF or HTML) for which keep(paragraph) holds; the
+    source names the package and version that installed the file, "debian:<package>=<version>:<path>"."""
     import gzip  # noqa: PLC0415
 
     found = []
@@ -1266,21 +1297,74 @@ def english_with_names_items(doc_dir: Path, rng: random.Random) -> list[tuple]:
             continue
         for paragraph in re.split(r"\n\s*\n", raw):
             paragraph = textwrap.dedent(paragraph).strip()
-            cjk = han_count(paragraph) + len(KANA_CHAR.findall(paragraph)) + len(HANGUL_CHAR.findall(paragraph))
-            if (
-                1 <= cjk <= 12
-                and len(ASCII_WORD.findall(paragraph)) >= 8
-                and 40 <= len(paragraph) <= MAX_CHARS
-                and not DOC_NOT_PROSE.search(paragraph)
-            ):
-                found.append(("general", "debian-doc-names", paragraph, f"debian-doc:{path}", "en"))
-    packages = mo_packages(sorted({Path(item[3].split(":", 1)[1]) for item in found}))
+            if keep(paragraph):
+                found.append((path, paragraph))
+    packages = mo_packages(sorted({path for path, _ in found}))
+    return [(f"debian:{packages.get(str(path), 'unknown')}:{path}", paragraph) for path, paragraph in found]
+
+
+def cjk_characters(text: str) -> int:
+    return han_count(text) + len(KANA_CHAR.findall(text)) + len(HANGUL_CHAR.findall(text))
+
+
+def doc_prose(paragraph: str, min_cjk: int) -> bool:
+    """An English paragraph of a document: at least 8 English words, min_cjk to 12 CJK characters (names),
+    40 to MAX_CHARS characters, none of DOC_NOT_PROSE's code syntax."""
+    return (
+        min_cjk <= cjk_characters(paragraph) <= 12
+        and len(ASCII_WORD.findall(paragraph)) >= 8
+        and 40 <= len(paragraph) <= MAX_CHARS
+        and not DOC_NOT_PROSE.search(paragraph)
+    )
+
+
+def english_with_names_items(doc_dir: Path, rng: random.Random) -> list[tuple]:
+    """English paragraphs of installed Debian documentation (changelogs, NEWS, THANKS, copyright) that name a
+    person or a thing in CJK script: 1-12 CJK characters among at least 8 English words; labelled general."""
     found = [
-        (*item[:3], f"debian:{packages.get(item[3].split(':', 1)[1], 'unknown')}:{item[3].split(':', 1)[1]}", item[4])
-        for item in found
+        ("general", "debian-doc-names", paragraph, source, "en")
+        for source, paragraph in doc_paragraphs(doc_dir, lambda paragraph: doc_prose(paragraph, 1))
     ]
     rng.shuffle(found)
     return found
+
+
+def build_docs(out: Path, doc_dir: Path = Path("/usr/share/doc")) -> None:
+    """router_dev_docs.jsonl: English paragraphs of the changelogs and NEWS of the installed Debian packages
+    (doc_prose: no CJK needed), labelled general, all in dev (training and tuning only). No file that
+    router_heldout_cjk.jsonl took from and no package that any test half names; at most DOCS_PER_FILE paragraphs
+    of a file, files in turn."""
+    names = [f"router_{name}.jsonl" for name in ("eval", "heldout", "heldout_cjk", "heldout_requests")]
+    rows = [json.loads(line) for name in names for line in (DATA / name).read_text(encoding="utf-8").splitlines()]
+    taken = {norm_key(row["prompt"]) for row in rows}
+    used_files = {row["source"].split(":")[-1] for row in rows if row["source"].startswith("debian:")}
+    test_packages = {
+        DEBIAN_PACKAGE.match(row["source"])[1]
+        for row in rows
+        if row.get("split") == "test" and DEBIAN_PACKAGE.match(row["source"])
+    }
+    by_file = {}
+    for source, paragraph in doc_paragraphs(doc_dir, lambda paragraph: doc_prose(paragraph, 0)):
+        package = DEBIAN_PACKAGE.match(source)  # None for a file no package installed: left out
+        path = source.split(":")[-1]
+        if (
+            package
+            and Path(path).name.startswith(DOCS_FILES)
+            and path not in used_files
+            and package[1] not in test_packages
+        ):
+            by_file.setdefault(source, []).append(("general", "debian-doc", paragraph, source, "dev"))
+    rng = random.Random(DOCS_SEED)
+    groups = [by_file[source] for source in sorted(by_file)]
+    for group in groups:
+        rng.shuffle(group)
+    rng.shuffle(groups)
+    raw = round_robin([group[:DOCS_PER_FILE] for group in groups], DOCS_ROWS)
+    records = []
+    for record, (split,) in unique_records(raw, taken, "hd-"):
+        record["split"], record["lang"] = split, "en"
+        records.append(record)
+    write_records(records, out)
 
 
 def build_cjk(corpora: Path, out: Path, dev: Path) -> None:
@@ -1410,6 +1494,16 @@ MAX_DING_CHARS = 200
 # A capital letter, '?' at the end; no ';' (synonyms), no {f} / [Br.] / (...) annotations or optional words, no
 # digits, no "…" (a gap to fill: "Would you like to comment on …?").
 DING_QUESTION = re.compile(r"[A-Z][^;{}\[\]()\d…]*\?")
+# Files taken from GitHub repositories (see the module docstring), in `corpora` or `corpora`/chat: name, sha256.
+CHAT_FILES = {
+    "truthfulqa": ("TruthfulQA.csv", "99d6ae7755e3b435eade956068c9de7c0c474770344237aeb66b56519ba4b697"),
+    "gsm8k-dev": ("gsm8k_train.jsonl", "17f347dc51477c50d4efb83959dbb7c56297aba886e5544ee2aaed3024813465"),
+    "gsm8k-test": ("gsm8k_test.jsonl", "3730d312f6e3440559ace48831e51066acaca737f6eabec99bccb9e4b3c39d14"),
+}
+GSM8K_ROWS = {"dev": 600, "test": 400}
+# GSM8K's lines are in no order: a chunk of GSM8K_CHUNK lines is a source of its own ("gsm8k_train.jsonl#3"), so that
+# a cross-validation grouped by source holds word problems on both sides.
+GSM8K_CHUNK = 50
 ASCII_QUOTES = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201a": "'", "\u201c": '"', "\u201d": '"', "\u201e": '"'})
 # Titles printed for a look when built: pages about the terminal or scripts (kept, labelled general all the same).
 SHELL_WORDS = re.compile(r"terminal|command|script|shell", re.I)
@@ -1419,16 +1513,21 @@ POD_LT, POD_GT = "\ue000", "\ue001"
 RST_UNDERLINE = re.compile(r"([=\-~^\"'`*+#:.])\1+\s*")
 
 
+def checked_file(corpora: Path, folder: str, name: str, sha256: str) -> Path:
+    """`name` in `corpora` or `corpora`/`folder`, checked against its sha256."""
+    found = next((p for p in (corpora / name, corpora / folder / name) if p.is_file()), None)
+    if found is None:
+        sys.exit(f"{name} not found in {corpora} or {corpora / folder}")
+    if hashlib.sha256(found.read_bytes()).hexdigest() != sha256:
+        sys.exit(f"{found}: sha256 is not {sha256}")
+    return found
+
+
 def extract_deb(corpora: Path, package: str, into: Path) -> Path:
     """Extract `package`'s .deb (in `corpora` or `corpora`/debs, checked against its sha256) under `into`."""
     import subprocess  # noqa: PLC0415
 
-    name, sha256 = REQUEST_DEBS[package]
-    deb = next((p for p in (corpora / name, corpora / "debs" / name) if p.is_file()), None)
-    if deb is None:
-        sys.exit(f"{name} not found in {corpora} or {corpora / 'debs'}")
-    if hashlib.sha256(deb.read_bytes()).hexdigest() != sha256:
-        sys.exit(f"{deb}: sha256 is not {sha256}")
+    deb = checked_file(corpora, "debs", *REQUEST_DEBS[package])
     target = into / package
     subprocess.run(["dpkg-deb", "-x", str(deb), str(target)], check=True)
     return target
@@ -1556,6 +1655,23 @@ def ding_split(question: str) -> str:
     return "test" if hashlib.blake2b(question.encode("utf-8")).digest()[0] % 2 else "dev"
 
 
+def truthfulqa_questions(path: Path) -> list[tuple[str, str]]:
+    """(category, question) of each row of TruthfulQA.csv, in its order."""
+    with path.open(encoding="utf-8", newline="") as fh:
+        return [(row["Category"], " ".join(row["Question"].split())) for row in csv.DictReader(fh)]
+
+
+def truthfulqa_split(category: str) -> str:
+    """The half of a TruthfulQA category: test when the first byte of the blake2b of its name is odd."""
+    return "test" if hashlib.blake2b(category.encode("utf-8")).digest()[0] % 2 else "dev"
+
+
+def gsm8k_questions(path: Path, rows: int) -> list[str]:
+    """The questions of the first `rows` lines of a GSM8K jsonl file (the answers are left out)."""
+    with path.open(encoding="utf-8") as fh:
+        return [" ".join(json.loads(line)["question"].split()) for line, _ in zip(fh, range(rows))]
+
+
 def build_requests(corpora: Path, out: Path) -> None:
     """router_heldout_requests.jsonl: questions and requests in words of both kinds. Code: the questions of the
     FAQ files in REQUEST_SPLITS, in their order, each file's in the half REQUEST_SPLITS names. General, after them:
@@ -1595,6 +1711,13 @@ def build_requests(corpora: Path, out: Path) -> None:
         for question in ding_questions(roots["trans-de-en"] / DING_FILE):
             split = ding_split(question)
             raw.append(("general", "ding", question, f"trans-de-en/de-en#{split}-bucket", split))
+    for category, question in truthfulqa_questions(checked_file(corpora, "chat", *CHAT_FILES["truthfulqa"])):
+        raw.append(("general", "truthfulqa", question, f"TruthfulQA.csv#{category}", truthfulqa_split(category)))
+    for split in ("dev", "test"):
+        path = checked_file(corpora, "chat", *CHAT_FILES[f"gsm8k-{split}"])
+        for line, question in enumerate(gsm8k_questions(path, GSM8K_ROWS[split])):
+            source = f"grade-school-math/{path.name}#{line // GSM8K_CHUNK}"
+            raw.append(("math", f"gsm8k_{split}", question, source, split))
     records = []
     for record, (split,) in unique_records(raw, set(), "hr-"):
         record["split"] = split
@@ -1700,6 +1823,7 @@ def main() -> None:
     c.add_argument("corpora", type=Path, help="folder with the extracted fortunes-zh, manpages and Debian Reference")
     c.add_argument("--out", type=Path, default=DATA / "router_heldout_cjk.jsonl")
     c.add_argument("--dev", type=Path, default=DATA / "router_eval.jsonl")
+    sub.add_parser("build-docs", help="build router_dev_docs.jsonl from this machine's /usr/share/doc")
     r = sub.add_parser("build-requests", help="build router_heldout_requests.jsonl (needs dpkg-deb)")
     r.add_argument("corpora", type=Path, help="folder with the .deb files of REQUEST_DEBS (or its debs/)")
     r.add_argument("--out", type=Path, default=DATA / "router_heldout_requests.jsonl")
@@ -1708,6 +1832,8 @@ def main() -> None:
         gen_math(args.corpora, args.heldout)
     elif args.cmd == "build-cjk":
         build_cjk(args.corpora, args.out, args.dev)
+    elif args.cmd == "build-docs":
+        build_docs(DATA / "router_dev_docs.jsonl")
     elif args.cmd == "build-requests":
         build_requests(args.corpora, args.out)
     elif args.heldout:

@@ -23,12 +23,21 @@ def labelled_prompts(split: str = "dev") -> list[dict]:
 
 def requests_in_words(split: str = "dev") -> list[dict]:
     """Short requests and questions written in words, as people type them to a chat model
-    (router_heldout_requests.jsonl): code (the questions of perlfaq3-9 and the Python FAQ) and general (WordNet's
-    example questions, the GNOME Help's page titles, the Ding dictionary's questions), split by source file (Ding by
-    a hash of the entry). Kept apart from `labelled_prompts`,
-    whose test half the router's accuracy targets were set on; reported on their own by `bench router`. Many of
-    the code ones name no language ("How do I find yesterday's date?"): code only beside their FAQ."""
+    (router_heldout_requests.jsonl): code (the questions of perlfaq3-9 and the Python FAQ), general (WordNet's
+    example questions, the GNOME Help's page titles, the Ding dictionary's questions, TruthfulQA's questions) and
+    math (GSM8K's word problems), split by source file (Ding by a hash of the entry, TruthfulQA by category, GSM8K
+    by its train and test files). Kept apart from `labelled_prompts`, whose test half the router's accuracy
+    targets were set on; reported on their own by `bench router`. Many of the code ones name no language ("How do
+    I find yesterday's date?"): code only beside their FAQ."""
     return _split("router_heldout_requests.jsonl", split)
+
+
+def changelogs() -> list[dict]:
+    """English paragraphs of Debian changelogs and NEWS files (router_dev_docs.jsonl), labelled general: a project's
+    history told in prose around the names of its files, options and people, which a classifier of code by its
+    shape may take for code. Dev only, for training and tuning (no package of any test half); the test half of
+    such text is in `labelled_prompts("test")`."""
+    return _read("router_dev_docs.jsonl")
 
 
 def _split(name: str, split: str) -> list[dict]:

@@ -8,10 +8,10 @@ prompt's Latin words, Hangul and kana (CHINESE_SHARE); Japanese by its kana lett
 Chinese text uses too. Why the Chinese rule rather than a language-identification library: on the held-out set
 it is as accurate as Lingua and more accurate than CLD2, and faster than both (`avocado-ray bench router` measures
 them on the same prompts; the figures are in docs/usage.md, "Routing"). The libraries are there as the `cld2` and
-`lingua` classifiers (avocado_ray/routing/langid.py). The `linear` classifier (avocado_ray/routing/linear.py)
-keeps the Chinese rule and the vocabulary of requests for code and decides code, math and prose by a trained model:
-fewer errors on the held-out set at the same rate, but it routes some everyday questions as code, so these rules
-stay the default; others plug in through the `DomainClassifier` protocol. Here code and math are
+`lingua` classifiers (avocado_ray/routing/langid.py). The default, `linear` (avocado_ray/routing/linear.py),
+keeps the Chinese rule and the vocabulary of requests for code and decides code, math and prose by a trained model,
+which makes fewer errors on the held-out set than the code and math rules here; others plug in through the
+`DomainClassifier` protocol. Here code and math are
 recognised by their symbols and vocabulary (the math rule is avocado_ray/routing/mathrule.py), and a command line
 of ASCII in a CJK prompt is code (a manual page around a shell command gets both labels). What only looks like
 code or math is left out: links and e-mail addresses (a changelog's authors), a language's name inside a package
