@@ -303,6 +303,11 @@ class RuleClassifier:
         """Whether the prompt is mainly Chinese (ASCII text never is)."""
         return surface.utf8 is not None and self.is_chinese(text, surface.ascii_text, surface.utf8)
 
+    def shows_code(self, surface: Surface) -> bool:
+        """Whether the prompt holds a substring that is almost never prose (CODE_SYMBOL_MARKERS: a code fence,
+        #include, =>, ==, ...), for a classifier that recognises code by its shape."""
+        return CODE_SYMBOL_MARKERS.search(surface.data) is not None
+
     def asks_for_code(self, text: str, surface: Surface) -> bool:
         """Whether the prompt asks for code in words (for a classifier that recognises code by its shape)."""
         return _code_request(text, surface.unlinked, surface.data, surface.words, surface.length) is not None

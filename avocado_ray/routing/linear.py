@@ -156,6 +156,11 @@ class LinearClassifier(RuleClassifier):
         images = has_images or [False] * len(texts)
         return [self.labels_given(*each) for each in zip(texts, self.domains(texts), images)]
 
+    def _code_by_rules(self, text: str, surface: Surface, asks: bool) -> bool:
+        """Code the model did not see: a substring that is almost never prose (a code fence, `=>`, `#include`), or
+        in a request, code asked for in words."""
+        return self.shows_code(surface) or (asks and self.asks_for_code(text, surface))
+
     def labels_given(
         self, text: str, domain: str, has_image: bool = False, vocabulary: bool | None = None
     ) -> list[str]:
@@ -163,7 +168,7 @@ class LinearClassifier(RuleClassifier):
         for code is asked (by default in a one-line request; training's cross-validation compares the choices)."""
         labels = ["multimodal"] if has_image else []
         asks = one_line_request(text) if vocabulary is None else vocabulary
-        if domain == "code" or (asks and self.asks_for_code(text, Surface(text))):
+        if domain == "code" or self._code_by_rules(text, Surface(text), asks):
             labels.append("code")
         if domain == "math":
             labels.append("math")
