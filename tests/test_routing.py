@@ -270,7 +270,7 @@ def test_a_batch_is_labelled_as_its_prompts_are_one_by_one():
     """The router classifies each batch it is sent in one call (`labels_of`); the linear model hashes a batch's
     prompts together, so no n-gram may run from one prompt into the next, nor an empty prompt upset the rest."""
     from avocado_ray.resources.labelled import labelled_prompts
-    from avocado_ray.routing.linear import BATCH_ROWS, LinearClassifier
+    from avocado_ray.routing.linear import BATCH_ROWS, LinearClassifier, batch_features
 
     texts = [row["prompt"] for row in labelled_prompts("test")[::7]][: BATCH_ROWS + 40]
     texts[3:3] = ["", "a", "", "x = 1;"]
@@ -278,6 +278,7 @@ def test_a_batch_is_labelled_as_its_prompts_are_one_by_one():
     for classifier in (RuleClassifier(), LinearClassifier()):
         assert classifier.labels_of(texts, images) == [classifier.labels(t, i) for t, i in zip(texts, images)]
         assert classifier.labels_of([]) == []
+    assert [part.size for part in batch_features([])] == [0, 0, 0]
 
 
 def test_a_config_can_only_select_installed_classifier_entry_points():

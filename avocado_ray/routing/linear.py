@@ -77,7 +77,7 @@ def batch_features(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray
         for text in texts
     ]
     rows = len(texts)
-    joined = _PADDING.join(reduced) + _PADDING
+    joined = b"".join(prompt + _PADDING for prompt in reduced)
     lengths = np.fromiter(map(len, reduced), np.int64, rows)
     bounds = np.empty(2 * rows, np.int64)
     bounds[0::2] = np.arange(rows) * (MAX_GRAM - 1) + np.cumsum(lengths) - lengths
@@ -87,7 +87,7 @@ def batch_features(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray
     singles = np.zeros((rows, 128), bool)
     singles.ravel()[owner | data] = True
     singles[:, _PADDING[0]] = False  # the padding is no byte of the prompts
-    starts = len(joined) - (MAX_GRAM - 1)
+    starts = max(len(joined) - (MAX_GRAM - 1), 0)
     grams = np.ndarray((starts,), "<u4", joined, 0, (1,))  # the 4 bytes from each position (unaligned reads)
     buckets = np.empty((MAX_GRAM - 1, starts), np.uint32)
     for n, mask in enumerate(_GRAM_MASKS):
