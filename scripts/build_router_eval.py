@@ -985,10 +985,12 @@ def code_items(
 # --------------------------------------------------------------------------
 
 CJK_SEED = 20261204
-DOCS_SEED = 20261206
-DOCS_ROWS = 400
-DOCS_PER_FILE = 2
-DOCS_FILES = ("changelog", "NEWS")  # a project's history in prose (its copyright and README files are left out)
+CHANGELOG_SEED = 20261206
+CHANGELOG_ROWS = 400
+CHANGELOGS_PER_PACKAGE = 2
+# Test-half projects that are not Debian binary packages, by their Debian source package.
+PROJECT_PACKAGES = {"cpython": "python3.11", "manpages-zh_CN": "manpages-zh", "manpages-zh_TW": "manpages-zh"}
+CHANGELOG_FILES = ("changelog", "NEWS")  # a project's history in prose (its copyright and README files are left out)
 DEBIAN_PACKAGE = re.compile(r"debian:([^=:]+)=")
 MAN_WIDTH = "80"
 CHUNK_CHARS = 600  # a manual chunk: a section's paragraphs up to this many characters
@@ -1329,42 +1331,76 @@ def english_with_names_items(doc_dir: Path, rng: random.Random) -> list[tuple]:
     return found
 
 
-def build_docs(out: Path, doc_dir: Path = Path("/usr/share/doc")) -> None:
-    """router_dev_docs.jsonl: English paragraphs of the changelogs and NEWS of the installed Debian packages
-    (doc_prose: no CJK needed), labelled general, all in dev (training and tuning only). No file that
-    router_heldout_cjk.jsonl took from and no package that any test half names; at most DOCS_PER_FILE paragraphs
-    of a file, files in turn."""
+def source_packages(names: list[str]) -> dict[str, str]:
+    """The Debian source package of each binary package name that apt knows (installed or not), by `apt-cache
+    show`; a name it does not know maps to itself."""
+    import subprocess  # noqa: PLC0415
+
+    found = {name: name for name in names}
+    shown = subprocess.run(["apt-cache", "show", *names], capture_output=True, text=True, check=False).stdout
+    for stanza in shown.split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in stanza.splitlines() if ": " in line and not line[0].isspace())
+        if fields.get("Package") in found:
+            found[fields["Package"]] = fields.get("Source", fields["Package"]).split()[0]
+    return found
+
+
+def test_half_projects(rows: list[dict]) -> set[str]:
+    """The Debian source packages (and projects) that any test-half row comes from: a `debian:` row's package, or
+    the first part of another row's source without its version ("perl-doc", "pygments", "cpython"), mapped to
+    its Debian source package ("perl", "pygments", "python3.11")."""
+    names = set()
+    for row in rows:
+        if row.get("split") != "test":
+            continue
+        package = DEBIAN_PACKAGE.match(row["source"])
+        names.add(package[1] if package else re.sub(r"-\d[\w.+~-]*$", "", re.split(r"[/#]", row["source"])[0]))
+    names = {PROJECT_PACKAGES.get(name, name) for name in names}
+    return set(source_packages(sorted(names)).values()) | names
+
+
+def build_changelogs(out: Path, doc_dir: Path = Path("/usr/share/doc")) -> None:
+    """router_dev_changelogs.jsonl: English paragraphs of the changelogs and NEWS of the installed Debian packages
+    (doc_prose: no CJK needed), labelled general, all in dev (training and tuning only). One file per Debian
+    source package (its binary packages often ship the same changelog), none of a source package that any test
+    half comes from (test_half_projects) and no file that another set took from; at most CHANGELOGS_PER_PACKAGE
+    paragraphs of a file, source packages in turn. Each record names its source package (`debian_source`)."""
+    import subprocess  # noqa: PLC0415
+
     names = [f"router_{name}.jsonl" for name in ("eval", "heldout", "heldout_cjk", "heldout_requests")]
     rows = [json.loads(line) for name in names for line in (DATA / name).read_text(encoding="utf-8").splitlines()]
     taken = {norm_key(row["prompt"]) for row in rows}
     used_files = {row["source"].split(":")[-1] for row in rows if row["source"].startswith("debian:")}
-    test_packages = {
-        DEBIAN_PACKAGE.match(row["source"])[1]
-        for row in rows
-        if row.get("split") == "test" and DEBIAN_PACKAGE.match(row["source"])
-    }
+    excluded = test_half_projects(rows)
+    listing = subprocess.run(
+        ["dpkg-query", "-W", "-f=${Package} ${source:Package}\n"], capture_output=True, text=True, check=True
+    ).stdout
+    source_of = dict(line.split() for line in listing.splitlines())
     by_file = {}
     for source, paragraph in doc_paragraphs(doc_dir, lambda paragraph: doc_prose(paragraph, 0)):
         package = DEBIAN_PACKAGE.match(source)  # None for a file no package installed: left out
         path = source.split(":")[-1]
-        if (
-            package
-            and Path(path).name.startswith(DOCS_FILES)
-            and path not in used_files
-            and package[1] not in test_packages
-        ):
-            by_file.setdefault(source, []).append(("general", "debian-doc", paragraph, source, "dev"))
-    rng = random.Random(DOCS_SEED)
-    groups = [by_file[source] for source in sorted(by_file)]
+        if package and Path(path).name.startswith(CHANGELOG_FILES) and path not in used_files:
+            by_file.setdefault(source, []).append(paragraph)
+    by_package = {}
+    for source in sorted(by_file):
+        debian_source = source_of.get(DEBIAN_PACKAGE.match(source)[1])
+        if debian_source and debian_source not in excluded and debian_source not in by_package:
+            by_package[debian_source] = [
+                ("general", "debian-changelog", p, source, debian_source) for p in by_file[source]
+            ]
+    rng = random.Random(CHANGELOG_SEED)
+    groups = [by_package[name] for name in sorted(by_package)]
     for group in groups:
         rng.shuffle(group)
     rng.shuffle(groups)
-    raw = round_robin([group[:DOCS_PER_FILE] for group in groups], DOCS_ROWS)
+    raw = round_robin([group[:CHANGELOGS_PER_PACKAGE] for group in groups], CHANGELOG_ROWS)
     records = []
-    for record, (split,) in unique_records(raw, taken, "hd-"):
-        record["split"], record["lang"] = split, "en"
+    for record, (debian_source,) in unique_records(raw, taken, "hd-"):
+        record.update(split="dev", lang="en", debian_source=debian_source)
         records.append(record)
     write_records(records, out)
+    print(f"  from {len({r['debian_source'] for r in records})} source packages; excluded: {sorted(excluded)}")
 
 
 def build_cjk(corpora: Path, out: Path, dev: Path) -> None:
@@ -1823,7 +1859,7 @@ def main() -> None:
     c.add_argument("corpora", type=Path, help="folder with the extracted fortunes-zh, manpages and Debian Reference")
     c.add_argument("--out", type=Path, default=DATA / "router_heldout_cjk.jsonl")
     c.add_argument("--dev", type=Path, default=DATA / "router_eval.jsonl")
-    sub.add_parser("build-docs", help="build router_dev_docs.jsonl from this machine's /usr/share/doc")
+    sub.add_parser("build-changelogs", help="build router_dev_changelogs.jsonl from this machine's /usr/share/doc")
     r = sub.add_parser("build-requests", help="build router_heldout_requests.jsonl (needs dpkg-deb)")
     r.add_argument("corpora", type=Path, help="folder with the .deb files of REQUEST_DEBS (or its debs/)")
     r.add_argument("--out", type=Path, default=DATA / "router_heldout_requests.jsonl")
@@ -1832,8 +1868,8 @@ def main() -> None:
         gen_math(args.corpora, args.heldout)
     elif args.cmd == "build-cjk":
         build_cjk(args.corpora, args.out, args.dev)
-    elif args.cmd == "build-docs":
-        build_docs(DATA / "router_dev_docs.jsonl")
+    elif args.cmd == "build-changelogs":
+        build_changelogs(DATA / "router_dev_changelogs.jsonl")
     elif args.cmd == "build-requests":
         build_requests(args.corpora, args.out)
     elif args.heldout:

@@ -33,11 +33,11 @@ def requests_in_words(split: str = "dev") -> list[dict]:
 
 
 def changelogs() -> list[dict]:
-    """English paragraphs of Debian changelogs and NEWS files (router_dev_docs.jsonl), labelled general: a project's
-    history told in prose around the names of its files, options and people, which a classifier of code by its
-    shape may take for code. Dev only, for training and tuning (no package of any test half); the test half of
-    such text is in `labelled_prompts("test")`."""
-    return _read("router_dev_docs.jsonl")
+    """English paragraphs of Debian changelogs and NEWS files (router_dev_changelogs.jsonl), labelled general: a
+    project's history told in prose around the names of its files, options and people, which a classifier of code by
+    its shape may take for code. Dev only, for training and tuning: one file per Debian source package, none of a source
+    package that a test half comes from (the test halves hold a few such paragraphs, with Han names)."""
+    return _read("router_dev_changelogs.jsonl")
 
 
 def _split(name: str, split: str) -> list[dict]:

@@ -219,6 +219,12 @@ def _code_request(text: str, ascii_text: bytes, data: bytes, words: set[bytes], 
     return None
 
 
+def has_code_marker(data: bytes) -> bool:
+    """Whether the lower-cased ASCII of a prompt holds a substring that is almost never prose (CODE_SYMBOL_MARKERS:
+    a code fence, #include, =>, ==, !=, ::, </, ...)."""
+    return CODE_SYMBOL_MARKERS.search(data) is not None
+
+
 def _code_rule(text: str, ascii_text: bytes, data: bytes, words: set[bytes], utf8_length: int) -> str | None:
     """The name of the first code rule that fires (to tell why a prompt was labelled code), or None."""
     asked = _code_request(text, ascii_text, data, words, utf8_length)
@@ -231,7 +237,7 @@ def _code_rule(text: str, ascii_text: bytes, data: bytes, words: set[bytes], utf
     cased = ascii_text.translate(_CASE_BYTES)
     if cased.count(b"aA") >= CODE_IDENTIFIERS or cased.count(b"a.a") + cased.count(b"A.a") >= CODE_IDENTIFIERS:
         return "identifiers"
-    if CODE_SYMBOL_MARKERS.search(data):
+    if has_code_marker(data):
         return "marker"
     if (  # a one-byte search (memchr) first: b" -" alone is slow on text with many spaces
         (b"-" in ascii_text and b" -" in ascii_text)
@@ -303,11 +309,6 @@ class RuleClassifier:
         """Whether the prompt is mainly Chinese (ASCII text never is)."""
         return surface.utf8 is not None and self.is_chinese(text, surface.ascii_text, surface.utf8)
 
-    def shows_code(self, surface: Surface) -> bool:
-        """Whether the prompt holds a substring that is almost never prose (CODE_SYMBOL_MARKERS: a code fence,
-        #include, =>, ==, ...), for a classifier that recognises code by its shape."""
-        return CODE_SYMBOL_MARKERS.search(surface.data) is not None
-
     def asks_for_code(self, text: str, surface: Surface) -> bool:
         """Whether the prompt asks for code in words (for a classifier that recognises code by its shape)."""
         return _code_request(text, surface.unlinked, surface.data, surface.words, surface.length) is not None
@@ -324,5 +325,5 @@ class Surface:
         self.unlinked = _unlinked(self.ascii_text)
         self.data = self.unlinked.lower()
         self.words = VOCABULARY.intersection(self.data.translate(_WORD_BYTES).split())
-        self.utf8 = None if text.isascii() else text.encode()
+        self.utf8 = None if text.isascii() else text.encode("utf-8", "surrogatepass")  # a lone surrogate too
         self.length = (len(text) if self.utf8 is None else len(self.utf8)) - (len(self.ascii_text) - len(self.unlinked))

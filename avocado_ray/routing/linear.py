@@ -31,11 +31,11 @@ from importlib import resources
 
 import numpy as np
 
-from avocado_ray.routing.classifier import RuleClassifier, Surface
+from avocado_ray.routing.classifier import RuleClassifier, Surface, has_code_marker
 from avocado_ray.routing.textbytes import unlinked
 
 WEIGHTS = "router_linear.npz"  # in avocado_ray/resources: weights (FEATURES x classes), intercept, classes
-MAX_GRAM = 4
+MAX_GRAM = 4  # the bytes of the uint32 word that batch_features reads at each position: its longest gram
 BUCKET_BITS = 16
 FEATURES = (1 << BUCKET_BITS) + 128  # the hashed 2-4-gram buckets, then one column per single byte
 _HASH_MULTIPLIER = np.uint32(0x9E3779B1)  # Fibonacci hashing: the top bits of key * this are the bucket
@@ -46,7 +46,8 @@ _REDUCE = bytes(
     c + 32 if 65 <= c <= 90 else next((group for low, high, group in _SCRIPT_GROUPS if low <= c <= high), c)
     for c in range(256)
 )
-_CONTINUATION = bytes(range(0x80, 0xC0))
+# Dropped: UTF-8 continuation bytes, and NUL and DEL (a 3-gram ending in NUL would be its 2-gram; DEL pads).
+_DROPPED = b"\x00\x7f" + bytes(range(0x80, 0xC0))
 
 
 BATCH_ROWS = 256  # prompts hashed together: as fast as 512 or 1000 (measured; 64: 8% slower), smaller arrays
@@ -57,15 +58,14 @@ _QUESTION_FRAME = re.compile(
     rb"^\s*(?:(?:how|what|why|where|when|which|who|can|could|is|are|am|do|does|did|should|would|will|have|has|"
     rb"i|you|we|one|there|it|my|the|a|an|doesn't|don't|can't|isn't|aren't|won't|i'm|what's)(?:\s+|(?=[?]))){2,}"
 )
-_PADDING = b"\x7f" * (MAX_GRAM - 1)  # after each prompt (DEL, no text's byte): no gram runs into the next one
+_PADDING = b"\x7f" * (MAX_GRAM - 1)  # after each prompt (DEL, dropped from the text): no gram runs into the next
 _GRAM_MASKS = [np.uint32((1 << 8 * n) - 1) for n in range(2, MAX_GRAM + 1)]  # the first n bytes of a 4-byte word
-_BUCKET_MASK = np.uint32((1 << BUCKET_BITS) - 1)
 
 
 def batch_features(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The features of a batch of prompts, computed at once: the bucket of every 2-, 3- and 4-gram starting at each
-    byte of the batch (a (MAX_GRAM - 1) x bytes array), where each prompt's bytes start and end (`bounds`: start,
-    end, start, end, ...), and which of the 128 single bytes each prompt holds (a rows x 128 bool array).
+    position of the joined batch (a (MAX_GRAM - 1) x positions array), where each prompt's positions start and end
+    (`bounds`: start, end, start, end, ...), and which of the 128 single bytes each prompt holds (rows x 128 bool).
 
     The prompts' bytes are joined, each followed by MAX_GRAM - 1 bytes of _PADDING; the four bytes from each
     position, read as one little-endian uint32, are its 4-gram, and masked to two or three bytes its 2- and 3-grams.
@@ -73,7 +73,7 @@ def batch_features(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray
     padding are not the prompt's and lie outside its bounds. Grams are counted, not deduplicated, so no sort is
     needed: numpy's cost is a few passes over the batch's bytes, once per batch instead of once per prompt."""
     reduced = [
-        _QUESTION_FRAME.sub(b"", unlinked(text.encode("utf-8", "surrogatepass")).translate(_REDUCE, _CONTINUATION))
+        _QUESTION_FRAME.sub(b"", unlinked(text.encode("utf-8", "surrogatepass")).translate(_REDUCE, _DROPPED))
         for text in texts
     ]
     rows = len(texts)
@@ -87,11 +87,11 @@ def batch_features(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray
     singles = np.zeros((rows, 128), bool)
     singles.ravel()[owner | data] = True
     singles[:, _PADDING[0]] = False  # the padding is no byte of the prompts
-    starts = max(len(joined) - (MAX_GRAM - 1), 0)
-    grams = np.ndarray((starts,), "<u4", joined, 0, (1,))  # the 4 bytes from each position (unaligned reads)
-    buckets = np.empty((MAX_GRAM - 1, starts), np.uint32)
-    for n, mask in enumerate(_GRAM_MASKS):
-        np.bitwise_and(grams, mask, out=buckets[n])
+    positions = max(len(joined) - (MAX_GRAM - 1), 0)
+    words = np.ndarray((positions,), "<u4", joined, 0, (1,))  # the 4 bytes from each position (unaligned reads)
+    buckets = np.empty((MAX_GRAM - 1, positions), np.uint32)
+    for mask, row in zip(_GRAM_MASKS, buckets):
+        np.bitwise_and(words, mask, out=row)
     buckets *= _HASH_MULTIPLIER
     buckets >>= np.uint32(32 - BUCKET_BITS)
     return buckets, bounds, singles
@@ -139,8 +139,8 @@ class LinearClassifier(RuleClassifier):
             margins = np.zeros((len(batch), len(self._classes)), np.float32)
             for column, gram_margins in enumerate(self._gram_margins, 1):
                 per_position = gram_margins.take(buckets[0])
-                for grams in buckets[1:]:
-                    per_position += gram_margins.take(grams)
+                for longer_grams in buckets[1:]:
+                    per_position += gram_margins.take(longer_grams)
                 if len(per_position):
                     margins[:, column] = np.add.reduceat(per_position, edges)[0::2] * (lengths > 0)
             margins[:, 1:] += singles.astype(np.float32) @ self._single_margins
@@ -159,7 +159,7 @@ class LinearClassifier(RuleClassifier):
     def _code_by_rules(self, text: str, surface: Surface, asks: bool) -> bool:
         """Code the model did not see: a substring that is almost never prose (a code fence, `=>`, `#include`), or
         in a request, code asked for in words."""
-        return self.shows_code(surface) or (asks and self.asks_for_code(text, surface))
+        return has_code_marker(surface.data) or (asks and self.asks_for_code(text, surface))
 
     def labels_given(
         self, text: str, domain: str, has_image: bool = False, vocabulary: bool | None = None
@@ -172,6 +172,8 @@ class LinearClassifier(RuleClassifier):
             labels.append("code")
         if domain == "math":
             labels.append("math")
-        if not text.isascii() and self.is_chinese(text, text.encode("ascii", "replace"), text.encode()):
+        if not text.isascii() and self.is_chinese(
+            text, text.encode("ascii", "replace"), text.encode("utf-8", "surrogatepass")
+        ):
             labels.append("chinese")
         return labels or ["general"]
