@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Build avocado_ray/resources/router_eval.jsonl, router_heldout.jsonl, router_heldout_cjk.jsonl and
-router_heldout_requests.jsonl: labelled sets of REAL text for the
+"""Build avocado_ray/resources/router_eval.jsonl, router_heldout.jsonl, router_heldout_cjk.jsonl,
+router_heldout_requests.jsonl and router_dev_changelogs.jsonl: labelled sets of REAL text for the
 domain router (domains: code, chinese, math, general).
 
 router_eval.jsonl is the set the classifier's rules were first written
@@ -197,6 +197,15 @@ math     word problems, as people ask them: GSM8K (Cobbe et al. 2021, MIT
          dropped): train.jsonl's in dev, test.jsonl's in test; source
          "grade-school-math/gsm8k_train.jsonl#<line // GSM8K_CHUNK>".
 
+Source of router_dev_changelogs.jsonl (``build-changelogs``, dev only)
+-------------------------------------------------------------------
+general  English paragraphs (doc_prose) of /usr/share/doc/<package>/changelog*
+         and NEWS* of the Debian 12 packages installed on the build machine
+         (licences in each package's copyright file), one file per Debian
+         source package, none of a source package that a test half comes from
+         (test_half_projects), labelled general; source "debian:<binary>=
+         <version>:<path>", and "debian_source".  Training and tuning only.
+
 How to rerun (Debian 12, Python 3.11)
 -------------------------------------
     mkdir -p /tmp/corpora && cd /tmp/corpora
@@ -242,6 +251,11 @@ How to rerun (Debian 12, Python 3.11)
     git -C grade-school-math show 3101c7d5:grade_school_math/data/train.jsonl > chat/gsm8k_train.jsonl
     git -C grade-school-math show 3101c7d5:grade_school_math/data/test.jsonl > chat/gsm8k_test.jsonl
     python3 /work/main/scripts/build_router_eval.py build-requests /tmp/corpora
+
+    # 6) the changelog paragraphs that train the linear classifier (dev only; from
+    #    the packages installed on the machine it runs on, mapped to their Debian
+    #    source packages by dpkg-query and apt-cache):
+    python3 /work/main/scripts/build_router_eval.py build-changelogs
 
 The build is deterministic (random.Random(SEED), sorted file lists).  The math
 questions were generated once; the committed files are the
