@@ -222,14 +222,13 @@ def test_the_classifier_is_accurate_on_held_out_real_text_of_each_domain():
     from avocado_ray.benchmarks.router import classifier_quality
     from avocado_ray.resources.labelled import labelled_prompts
 
-    quality = classifier_quality(labelled_prompts("test"), load_config(config_path("builtin:local")).routing)
+    test, routing = labelled_prompts("test"), load_config(config_path("builtin:local")).routing
+    quality = classifier_quality(test, routing)
     assert all(quality[domain]["n"] >= 290 for domain in ("code", "chinese", "math", "general")), quality
     for domain in ("chinese", "code", "general", "math"):
         assert quality[domain]["precision"] >= 0.98 and quality[domain]["recall"] >= 0.98, (domain, quality[domain])
     assert quality["ja_ko_as_chinese"]["n"] >= 200 and quality["ja_ko_as_chinese"]["share"] <= 0.02, quality
-    rules = classifier_quality(
-        labelled_prompts("test"), load_config(config_path("builtin:local")).routing, RuleClassifier()
-    )
+    rules = classifier_quality(test, routing, RuleClassifier())
     assert rules["chinese"]["precision"] >= 0.98 and rules["chinese"]["recall"] >= 0.98, rules["chinese"]
     for domain in ("code", "general", "math"):  # the rules: 97.9 / 98.3, 98.7 / 97.7, 97.7 / 99.3, held at 97%
         assert rules[domain]["precision"] >= 0.97 and rules[domain]["recall"] >= 0.97, (domain, rules[domain])
